@@ -1,0 +1,1 @@
+//! QUEL front end (being written).
