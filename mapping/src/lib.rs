@@ -19,6 +19,7 @@
 mod error;
 pub mod ir;
 pub mod quel;
+pub mod sql;
 
 pub use error::{Error, Result};
 pub use ir::{Language, Statement};
