@@ -16,6 +16,7 @@
 //! Architecture invariant: this crate does no I/O — no SQLite, no network, no
 //! proto types. It turns a statement and a mapping into a plan.
 
+pub mod decompose;
 mod error;
 pub mod ir;
 pub mod quel;
