@@ -19,6 +19,7 @@
 pub mod decompose;
 mod error;
 pub mod ir;
+pub mod mapping;
 pub mod quel;
 pub mod sql;
 
