@@ -21,7 +21,11 @@ mod error;
 pub mod ir;
 pub mod mapping;
 pub mod quel;
+pub mod rewrite;
 pub mod sql;
 
 pub use error::{Error, Result};
 pub use ir::{Language, Statement};
+pub use mapping::SiteMapping;
+pub use rewrite::{GlobalQuery, Plan, plan};
+

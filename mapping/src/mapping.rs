@@ -414,6 +414,19 @@ impl SiteMapping {
         Ok(SiteMapping { relations })
     }
 
+    /// Builds the mapping from the text of the mapping and
+    /// mapping-qualification files (see [`parse_mapping_rows`]).
+    pub fn from_text(
+        mapping: &str,
+        qualification: &str,
+        local: &Catalog,
+        global: &Catalog,
+    ) -> Result<SiteMapping> {
+        let rows = parse_mapping_rows(mapping)?;
+        let quals = parse_qualification_rows(qualification)?;
+        SiteMapping::new(&rows, &quals, local, global)
+    }
+
     /// The mapping of local relation `name`, if it is mapped.
     pub fn relation(&self, name: &str) -> Option<&RelationMapping> {
         self.relations.get(name)
