@@ -18,6 +18,7 @@
 
 pub mod decompose;
 mod error;
+pub mod eval;
 pub mod ir;
 pub mod mapping;
 pub mod quel;

@@ -72,6 +72,9 @@ pub struct GlobalTable {
     pub reassembly: Reassembly,
     /// Mapped selections, over the parts' variables (conjuncts).
     pub selection: Vec<Expr>,
+    /// The same selections as the site wrote them (what a snapshot
+    /// definition records).
+    pub local_selection: Vec<Expr>,
     /// The null-supplying side of a `LEFT JOIN`: its selections belong in the
     /// join's `ON`, and its partners are returned whether it matches or not.
     pub outer: bool,
@@ -86,6 +89,8 @@ pub struct GlobalJoin {
     pub right: Expr,
     /// The local variable of the null-supplying table for a `LEFT JOIN`.
     pub outer: Option<String>,
+    /// The join clause as the site wrote it.
+    pub local: JoinClause,
 }
 
 /// Tables connected by join clauses, evaluated together.
@@ -211,11 +216,15 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
             parts,
             reassembly,
             selection: Vec::new(),
+            local_selection: Vec::new(),
             outer: r.left_join_on.is_some(),
         };
         for s in d.selections.get(&r.var).into_iter().flatten() {
             match map_expr(s, &[(&table, rm)]) {
-                Ok(e) => table.selection.push(e),
+                Ok(e) => {
+                    table.selection.push(e);
+                    table.local_selection.push(s.clone());
+                }
                 Err(why) => dropped.push(format!("selection {s} dropped: {why}")),
             }
         }
@@ -312,7 +321,7 @@ fn map_join(
             _ => Err(format!("{v} is not mapped")),
         }
     };
-    Ok(GlobalJoin { left: side(&j.left)?, right: side(&j.right)?, outer: j.outer.clone() })
+    Ok(GlobalJoin { left: side(&j.left)?, right: side(&j.right)?, outer: j.outer.clone(), local: j.clone() })
 }
 
 /// The global expression a local attribute reads as: the part's column, or

@@ -289,6 +289,16 @@ fn lower_expr(e: &ast::Expr) -> Result<Expr> {
             Expr::Like { expr: b(expr)?, pattern: b(pattern)?, negated: *negated }
         }
         ast::Expr::Function(f) => lower_function(f)?,
+        ast::Expr::Substring { expr, substring_from: Some(from), substring_for, .. } => {
+            let mut args = vec![lower_expr(expr)?, lower_expr(from)?];
+            if let Some(n) = substring_for {
+                args.push(lower_expr(n)?);
+            }
+            Expr::Function { name: "substr".into(), args, distinct: false }
+        }
+        ast::Expr::Trim { expr, trim_where: None, trim_what: None, trim_characters: None } => {
+            Expr::Function { name: "trim".into(), args: vec![lower_expr(expr)?], distinct: false }
+        }
         ast::Expr::Subquery(_) | ast::Expr::InSubquery { .. } | ast::Expr::Exists { .. } => {
             return unsupported("a subquery");
         }
