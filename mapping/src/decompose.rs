@@ -18,14 +18,14 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use snaps_schema::Catalog;
 
 use crate::ir::{BinOp, ColumnRef, Expr, Range, Select, Target};
 use crate::{Error, Result};
 
 /// An equality between attributes of two range variables.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinClause {
     /// Left attribute (qualified).
     pub left: ColumnRef,

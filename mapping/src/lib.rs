@@ -21,6 +21,7 @@ mod error;
 pub mod eval;
 pub mod ir;
 pub mod mapping;
+pub mod performed;
 pub mod quel;
 pub mod rewrite;
 pub mod sql;
@@ -30,3 +31,13 @@ pub use ir::{Language, Statement};
 pub use mapping::SiteMapping;
 pub use rewrite::{GlobalQuery, Plan, plan};
 
+
+/// Parses a statement, telling SQL from QUEL by its first word (see
+/// [`quel::looks_like_quel`]).
+pub fn parse(text: &str) -> Result<(Language, Vec<Statement>)> {
+    if quel::looks_like_quel(text) {
+        Ok((Language::Quel, quel::parse(text)?))
+    } else {
+        Ok((Language::Sql, sql::parse(text)?))
+    }
+}
