@@ -632,4 +632,77 @@ mod tests {
         // Unknown current projections are never assumed empty.
         assert!(!performed(&q, &BTreeMap::new(), &local, &defs).covered());
     }
+
+    mod soundness {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A random atom over patient's `age` (i2), `dob` (i4) and `name` (c20)
+        /// with constants from small domains, so implications are often true.
+        fn atom() -> impl Strategy<Value = String> {
+            let num = || -3i64..6;
+            let attr = prop_oneof![Just("age"), Just("dob")];
+            let name = prop_oneof![Just("'a'"), Just("'b'"), Just("'ab'"), Just("'B'")];
+            prop_oneof![
+                (attr.clone(), prop_oneof![Just("="), Just("<>"), Just("<"), Just("<="), Just(">"), Just(">=")], num())
+                    .prop_map(|(a, op, v)| format!("{a} {op} {v}")),
+                (attr.clone(), num(), num()).prop_map(|(a, l, h)| format!("{a} BETWEEN {l} AND {h}")),
+                (attr.clone(), proptest::collection::vec(num(), 1..4), any::<bool>()).prop_map(|(a, vs, neg)| {
+                    let list: Vec<String> = vs.iter().map(|v| v.to_string()).collect();
+                    format!("{a} {}IN ({})", if neg { "NOT " } else { "" }, list.join(", "))
+                }),
+                (attr.clone(), any::<bool>()).prop_map(|(a, n)| format!("{a} IS {}NULL", if n { "NOT " } else { "" })),
+                (prop_oneof![Just("="), Just("<"), Just(">=")], name.clone()).prop_map(|(op, v)| format!("name {op} {v}")),
+                name.clone().prop_map(|v| format!("name LIKE {v}")),
+                (num(), attr.clone()).prop_map(|(v, a)| format!("{v} < {a}")),
+                (atom_pair()).prop_map(|(x, y)| format!("({x} OR {y})")),
+            ]
+        }
+
+        fn atom_pair() -> impl Strategy<Value = (String, String)> {
+            let simple = (prop_oneof![Just("age"), Just("dob")], -3i64..6).prop_map(|(a, v)| format!("{a} = {v}"));
+            (simple.clone(), simple)
+        }
+
+        fn value(domain: &[Value]) -> impl Strategy<Value = Value> + use<> {
+            proptest::sample::select(domain.to_vec())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// Whenever a query is judged covered by a snapshot, every tuple
+            /// satisfying the query satisfies the snapshot's selection.
+            #[test]
+            fn subsumption_is_sound(
+                q in proptest::collection::vec(atom(), 1..4),
+                d in proptest::collection::vec(atom(), 1..3),
+                tuples in proptest::collection::vec(
+                    (value(&[Value::Null, Value::Int(-3), Value::Int(0), Value::Int(1), Value::Int(2), Value::Int(3), Value::Int(5), Value::Int(6)]),
+                     value(&[Value::Null, Value::Int(-1), Value::Int(1), Value::Int(4), Value::Int(5)]),
+                     value(&[Value::Null, Value::text("a"), Value::text("ab"), Value::text("B"), Value::text("b")])),
+                    64),
+            ) {
+                let query = format!("SELECT * FROM patient WHERE {}", q.join(" AND "));
+                let snapshot = format!("SELECT * FROM patient WHERE {}", d.join(" AND "));
+                if covered_by(&query, &snapshot) {
+                    let qp = planned(&query);
+                    let dp = planned(&snapshot);
+                    let qsel = Expr::conjunction(qp.decomposition.selections["patient"].clone()).unwrap();
+                    let dsel = Expr::conjunction(dp.decomposition.selections["patient"].clone()).unwrap();
+                    for (age, dob, name) in &tuples {
+                        let row = |c: &ColumnRef| Some(match c.attr.as_str() {
+                            "age" => age.clone(),
+                            "dob" => dob.clone(),
+                            "name" => name.clone(),
+                            _ => Value::Null,
+                        });
+                        if eval::holds(&qsel, &row).unwrap() {
+                            prop_assert!(eval::holds(&dsel, &row).unwrap(),
+                                "{query} judged covered by {snapshot}, but ({age}, {dob}, {name}) breaks it");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
