@@ -375,10 +375,11 @@ impl fmt::Display for Expr {
                 f.write_str("NOT ")?;
                 e.fmt_child(f, 4, false)
             }
-            Expr::Neg(e) => {
-                f.write_str("-")?;
-                e.fmt_child(f, 9, false)
-            }
+            // `--x` would start an SQL comment: parenthesise all but a column.
+            Expr::Neg(e) => match e.as_ref() {
+                Expr::Column(c) => write!(f, "-{c}"),
+                other => write!(f, "-({other})"),
+            },
             Expr::IsNull { expr, negated } => {
                 expr.fmt_child(f, 5, false)?;
                 write!(f, " IS {}NULL", not(*negated))
@@ -569,9 +570,9 @@ impl fmt::Display for Target {
 impl fmt::Display for Range {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.var == self.relation {
-            f.write_str(&self.relation)
+            f.write_str(&ident(&self.relation))
         } else {
-            write!(f, "{} AS {}", self.relation, self.var)
+            write!(f, "{} AS {}", ident(&self.relation), ident(&self.var))
         }
     }
 }
