@@ -20,6 +20,7 @@ mod ids;
 mod network;
 mod status;
 mod value;
+pub mod datagen;
 
 pub use catalog::{Attribute, Catalog, Relation};
 pub use error::{Error, Result};
