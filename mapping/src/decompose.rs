@@ -124,14 +124,13 @@ fn qualify(c: &ColumnRef, ranges: &[Range], catalog: &Catalog) -> Result<ColumnR
             let range = ranges.iter().find(|r| &r.var == v).ok_or_else(|| {
                 Error::Unknown(format!("unknown range variable {v} in {c}"))
             })?;
-            if let Some(rel) = catalog.relation(&range.relation) {
-                if rel.attribute(&c.attr).is_none() {
+            if let Some(rel) = catalog.relation(&range.relation)
+                && rel.attribute(&c.attr).is_none() {
                     return Err(Error::Unknown(format!(
                         "unknown attribute {}.{} in {c}",
                         range.relation, c.attr
                     )));
                 }
-            }
             Ok(c.clone())
         }
         None => {

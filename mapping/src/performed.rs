@@ -149,13 +149,16 @@ pub fn performed(
     Coverage { groups }
 }
 
+/// Semi-join attributes and the rows the site would send now, if known.
+type Projection<'a> = (&'a [String], Option<&'a Vec<Vec<Value>>>);
+
 struct Table<'a> {
     var: &'a str,
     relation: &'a str,
     outer: bool,
     conjuncts: &'a [Expr],
     /// Projection attributes and the rows the site would send now.
-    projection: Option<(&'a [String], Option<&'a Vec<Vec<Value>>>)>,
+    projection: Option<Projection<'a>>,
 }
 
 fn group_covers(h: &DefinedGroup, q: &[Table], q_joins: &[&JoinClause], local: &Catalog) -> bool {
@@ -453,16 +456,14 @@ fn implied(
             attrs.push(&c.attr);
         }
     });
-    if let ([Some(v)], [attr]) = (cols.as_slice(), attrs.as_slice()) {
-        if v == var {
-            if let Some(vals) = constraints.attrs.get(*attr).and_then(Range::finite) {
+    if let ([Some(v)], [attr]) = (cols.as_slice(), attrs.as_slice())
+        && v == var
+            && let Some(vals) = constraints.attrs.get(*attr).and_then(Range::finite) {
                 return vals.iter().all(|value| {
                     let row = |_: &ColumnRef| Some((*value).clone());
                     eval::holds(d, &row).unwrap_or(false)
                 });
             }
-        }
-    }
     let Some(a) = atom(d, var, ty) else { return false };
     let range_of = |attr: &str| constraints.attrs.get(attr);
     match a {

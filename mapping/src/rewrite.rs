@@ -489,7 +489,7 @@ fn walk_functions(e: &Expr, f: &mut impl FnMut(&str)) {
 
 impl GlobalTable {
     /// The FROM item reassembling this table.
-    fn from_item(&self) -> String {
+    fn reassembled(&self) -> String {
         let item = |p: &GlobalPart| {
             if p.var == p.relation { p.relation.clone() } else { format!("{} AS {}", p.relation, p.var) }
         };
@@ -552,12 +552,12 @@ impl fmt::Display for JoinGroup {
                 if on.is_empty() {
                     on.push("1 = 1".into());
                 }
-                write!(f, " LEFT JOIN {} ON {}", t.from_item(), on.join(" AND "))?;
+                write!(f, " LEFT JOIN {} ON {}", t.reassembled(), on.join(" AND "))?;
             } else {
                 if i > 0 {
                     f.write_str(", ")?;
                 }
-                f.write_str(&t.from_item())?;
+                f.write_str(&t.reassembled())?;
                 wheres.extend(t.selection.iter().map(|e| e.to_string()));
             }
         }

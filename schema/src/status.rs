@@ -285,6 +285,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    // Binary literals grouped by field: T RR N M JJJ.
+    #[allow(clippy::unusual_byte_groupings)]
     #[test]
     fn local_status_bits_match_appendix_a() {
         let s = LocalStatus {
