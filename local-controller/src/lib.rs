@@ -1,1 +1,64 @@
-//! placeholder
+//! The SNAPS local controller: one per site, in front of the site's own SQLite
+//! database.
+//!
+//! A radiology site keeps running its own application on its own relations
+//! (appendix H of the thesis). SNAPS does not move that data anywhere else: the
+//! local controller *owns* the site's database and adds to it only what SNAPS
+//! needs to share it. On every relation the site maps onto the global snapshot
+//! it adds one hidden status column, the appendix-A byte (tuple type, access
+//! rights, new, modified, just-copied); and beside the application's relations
+//! it keeps bookkeeping tables, all prefixed `snaps_`: the site's identity, its
+//! mapping and mapping-qualification tables, the snapshot definitions and
+//! memberships, and the traffic counters an administrator reads with
+//! `SELECT name, value FROM snaps_stats`.
+//!
+//! The database is the contract, not the controller process: programs at the
+//! site may still open the SQLite file directly, so the rules that must hold
+//! whoever writes live in the file as triggers. The first one is here: a direct
+//! update of a mapped attribute of a tuple that is not new sets its *modified*
+//! bit, so the nightly refresh pushes the change.
+//!
+//! This first module, [`store`], creates a site's database from its catalog
+//! and mapping ([`SiteStore::create`]), reopens it ([`SiteStore::open`]) and
+//! loads the site's own data ([`SiteStore::load`]). Later work adds the query
+//! path (performed check, fetch from the global snapshot controller, storing
+//! snapshot tuples), the update path with primary-copy locks, participation in
+//! the refresh epochs, eviction of unused snapshots, and the PostgreSQL-wire SQL
+//! endpoint that hides the status column from the application.
+
+pub mod store;
+pub mod value;
+
+use std::path::PathBuf;
+
+pub use store::SiteStore;
+
+/// Errors of the local controller, by category.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The site's SQLite database failed.
+    #[error("sqlite: {0}")]
+    Storage(#[from] rusqlite::Error),
+    /// A catalog, value or status from the schema crate was wrong.
+    #[error(transparent)]
+    Schema(#[from] snaps_schema::Error),
+    /// The site's mapping was wrong.
+    #[error(transparent)]
+    Mapping(#[from] snaps_mapping::Error),
+    /// A file outside SQLite's reach (the database file itself) could not be
+    /// created or inspected.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// A request the store refuses: bad data, an unknown relation, a file that
+    /// is not a site database, a database that already exists.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Result with the local controller's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
