@@ -336,19 +336,8 @@ impl Expr {
     }
 }
 
-/// SQL keywords that cannot be bare attribute names (the thesis' global
-/// `visit.when` is one).
-const RESERVED: &[&str] = &[
-    "all", "and", "as", "between", "by", "case", "check", "create", "default", "delete", "distinct",
-    "else", "end", "from", "group", "having", "in", "index", "insert", "into", "is", "join", "like",
-    "limit", "not", "null", "on", "or", "order", "primary", "references", "select", "set", "table",
-    "then", "to", "union", "unique", "update", "using", "values", "when", "where",
-];
-
 /// An identifier as SQL text, double-quoted when it is a keyword.
-pub fn ident(name: &str) -> String {
-    if RESERVED.contains(&name) { format!("\"{name}\"") } else { name.to_string() }
-}
+pub use snaps_schema::sql_ident as ident;
 
 impl fmt::Display for ColumnRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

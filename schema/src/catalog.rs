@@ -12,6 +12,20 @@ use sqlparser::parser::Parser;
 
 use crate::{Error, Result, ValueType};
 
+/// SQL keywords that cannot be bare attribute names (the thesis' global
+/// `visit.when` is one).
+const RESERVED: &[&str] = &[
+    "all", "and", "as", "between", "by", "case", "check", "create", "default", "delete", "distinct",
+    "else", "end", "from", "group", "having", "in", "index", "insert", "into", "is", "join", "like",
+    "limit", "not", "null", "on", "or", "order", "primary", "references", "select", "set", "table",
+    "then", "to", "union", "unique", "update", "using", "values", "when", "where",
+];
+
+/// An identifier as SQL text, double-quoted when it is a keyword.
+pub fn sql_ident(name: &str) -> String {
+    if RESERVED.contains(&name) { format!("\"{name}\"") } else { name.to_string() }
+}
+
 /// One attribute of a relation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Attribute {
@@ -150,13 +164,18 @@ impl Catalog {
                 .iter()
                 .map(|a| {
                     let nn = if a.not_null { " NOT NULL" } else { "" };
-                    format!("  {} {}{nn}", a.name, a.ty.sql_name())
+                    format!("  {} {}{nn}", sql_ident(&a.name), a.ty.sql_name())
                 })
                 .collect();
             if !r.key.is_empty() {
-                cols.push(format!("  PRIMARY KEY ({})", r.key.join(", ")));
+                let key: Vec<String> = r.key.iter().map(|k| sql_ident(k)).collect();
+                cols.push(format!("  PRIMARY KEY ({})", key.join(", ")));
             }
-            out.push_str(&format!("CREATE TABLE {} (\n{}\n);\n", r.name, cols.join(",\n")));
+            out.push_str(&format!(
+                "CREATE TABLE {} (\n{}\n);\n",
+                sql_ident(&r.name),
+                cols.join(",\n")
+            ));
         }
         out
     }

@@ -22,7 +22,7 @@ mod status;
 mod value;
 pub mod datagen;
 
-pub use catalog::{Attribute, Catalog, Relation};
+pub use catalog::{Attribute, Catalog, Relation, sql_ident};
 pub use error::{Error, Result};
 pub use ids::{Epoch, SiteCode, SiteNo, SnapshotNo, TupleId, UserCode};
 pub use network::{KeyRange, NetworkConfig, RelationMode, SiteConfig};
