@@ -125,12 +125,11 @@ fn qualify(c: &ColumnRef, ranges: &[Range], catalog: &Catalog) -> Result<ColumnR
                 Error::Unknown(format!("unknown range variable {v} in {c}"))
             })?;
             if let Some(rel) = catalog.relation(&range.relation)
-                && rel.attribute(&c.attr).is_none() {
-                    return Err(Error::Unknown(format!(
-                        "unknown attribute {}.{} in {c}",
-                        range.relation, c.attr
-                    )));
-                }
+                && rel.attribute(&c.attr).is_none()
+            {
+                let via = if range.var == range.relation { String::new() } else { format!(" in {c}") };
+                return Err(Error::Unknown(format!("unknown attribute {}.{}{via}", range.relation, c.attr)));
+            }
             Ok(c.clone())
         }
         None => {

@@ -5,7 +5,7 @@
 
 use std::cmp::Ordering;
 
-use snaps_schema::Value;
+use snaps_schema::{Value, ValueType};
 
 use crate::ir::{BinOp, ColumnRef, Expr};
 
@@ -222,6 +222,63 @@ fn function(name: &str, args: &[Value]) -> Result<Value, EvalError> {
             Value::Text(chars.iter().skip(from).take(len).collect())
         }
         _ => return Err(EvalError::Function(name.to_string())),
+    })
+}
+
+/// Applies SQLite's column affinity to every constant compared with an
+/// attribute (`=`, `<>`, `<`, ..., `IN`, `BETWEEN`), wherever it sits in the
+/// expression: `pno = '17'` on an integer attribute becomes `pno = 17`.
+/// Returns `None` when a constant cannot take the attribute's type (SQLite
+/// would then compare across storage classes) or an attribute's type is
+/// unknown to `ty`.
+pub fn coerce_constants(e: &Expr, ty: &dyn Fn(&ColumnRef) -> Option<ValueType>) -> Option<Expr> {
+    let co = |c: &ColumnRef, x: &Expr| -> Option<Expr> {
+        match x {
+            Expr::Literal(v) => ty(c)?.coerce_constant(v).map(Expr::Literal),
+            other => coerce_constants(other, ty),
+        }
+    };
+    let rec = |x: &Expr| coerce_constants(x, ty).map(Box::new);
+    Some(match e {
+        Expr::Binary { op, left, right } if op.is_comparison() => match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(c), other) => Expr::binary(*op, Expr::Column(c.clone()), co(c, other)?),
+            (other, Expr::Column(c)) => Expr::binary(*op, co(c, other)?, Expr::Column(c.clone())),
+            _ => Expr::Binary { op: *op, left: rec(left)?, right: rec(right)? },
+        },
+        Expr::Binary { op, left, right } => Expr::Binary { op: *op, left: rec(left)?, right: rec(right)? },
+        Expr::InList { expr, list, negated } => match expr.as_ref() {
+            Expr::Column(c) => Expr::InList {
+                expr: expr.clone(),
+                list: list.iter().map(|x| co(c, x)).collect::<Option<_>>()?,
+                negated: *negated,
+            },
+            _ => Expr::InList {
+                expr: rec(expr)?,
+                list: list.iter().map(|x| coerce_constants(x, ty)).collect::<Option<_>>()?,
+                negated: *negated,
+            },
+        },
+        Expr::Between { expr, low, high, negated } => match expr.as_ref() {
+            Expr::Column(c) => Expr::Between {
+                expr: expr.clone(),
+                low: Box::new(co(c, low)?),
+                high: Box::new(co(c, high)?),
+                negated: *negated,
+            },
+            _ => Expr::Between { expr: rec(expr)?, low: rec(low)?, high: rec(high)?, negated: *negated },
+        },
+        Expr::Not(x) => Expr::Not(rec(x)?),
+        Expr::Neg(x) => Expr::Neg(rec(x)?),
+        Expr::IsNull { expr, negated } => Expr::IsNull { expr: rec(expr)?, negated: *negated },
+        Expr::Like { expr, pattern, negated } => {
+            Expr::Like { expr: rec(expr)?, pattern: rec(pattern)?, negated: *negated }
+        }
+        Expr::Function { name, args, distinct } => Expr::Function {
+            name: name.clone(),
+            args: args.iter().map(|x| coerce_constants(x, ty)).collect::<Option<_>>()?,
+            distinct: *distinct,
+        },
+        Expr::Column(_) | Expr::Literal(_) => e.clone(),
     })
 }
 

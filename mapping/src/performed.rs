@@ -458,12 +458,17 @@ fn implied(
     });
     if let ([Some(v)], [attr]) = (cols.as_slice(), attrs.as_slice())
         && v == var
-            && let Some(vals) = constraints.attrs.get(*attr).and_then(Range::finite) {
-                return vals.iter().all(|value| {
-                    let row = |_: &ColumnRef| Some((*value).clone());
-                    eval::holds(d, &row).unwrap_or(false)
-                });
-            }
+        && let Some(vals) = constraints.attrs.get(*attr).and_then(Range::finite)
+    {
+        // Constants in `d` take the attribute's type, as SQLite does.
+        let Some(d) = eval::coerce_constants(d, &|c: &ColumnRef| ty(&c.attr)) else {
+            return false;
+        };
+        return vals.iter().all(|value| {
+            let row = |_: &ColumnRef| Some((*value).clone());
+            eval::holds(&d, &row).unwrap_or(false)
+        });
+    }
     let Some(a) = atom(d, var, ty) else { return false };
     let range_of = |attr: &str| constraints.attrs.get(attr);
     match a {
@@ -585,6 +590,9 @@ mod tests {
             ("age IN (61, NULL)", "age IS NULL"),
             ("age > 3 OR age < 1", "age > 3"),
             ("upper(name) = 'X'", "name = 'X'"),
+            // Regression: constants in the snapshot take the attribute's type.
+            ("pno = 1000042", "NOT pno = '1000042'"),
+            ("name = '5'", "name <> 5"),
         ];
         for (q, s) in no {
             assert!(!covered_by(&format!("{p} {q}"), &format!("{p} {s}")), "{q} must not imply {s}");

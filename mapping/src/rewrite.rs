@@ -252,6 +252,13 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
             )),
         }
     }
+    // A null-supplying table whose outer join clause did not map is fetched
+    // on its own selections, as a table of its own.
+    for t in &mut tables {
+        if t.outer && !joins.iter().any(|(j, _, _)| j.outer.as_deref() == Some(t.local_var.as_str())) {
+            t.outer = false;
+        }
+    }
     let semijoins = d
         .ranges
         .iter()
@@ -370,6 +377,16 @@ fn map_expr(e: &Expr, tables: &[(&GlobalTable, &RelationMapping)]) -> std::resul
         };
         return rebuild(g, &convert);
     }
+    // Constants compared with attributes take the attributes' local types
+    // first: the global side may read the attribute through an expression
+    // (`coalesce` over a split's parts) that has no affinity of its own.
+    let local_type = |c: &ColumnRef| {
+        let v = var_of(c);
+        let (_, rm) = tables.iter().find(|(t, _)| t.local_var == v)?;
+        rm.local.attribute(&c.attr).map(|a| a.ty)
+    };
+    let e = &crate::eval::coerce_constants(e, &local_type)
+        .ok_or_else(|| "a constant is not comparable with its attribute's type".to_string())?;
     let mut err: Option<String> = None;
     let check = |e: &Expr, err: &mut Option<String>| {
         let mut bad = |m: String| {

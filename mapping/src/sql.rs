@@ -23,7 +23,10 @@ use crate::{Error, Result};
 /// Parses one or more SQL statements into the IR.
 pub fn parse(text: &str) -> Result<Vec<Statement>> {
     let statements = Parser::parse_sql(&GenericDialect {}, text)
-        .map_err(|e| Error::Parse(format!("sql: {e}")))?;
+        .map_err(|e| {
+            let e = e.to_string();
+            Error::Parse(format!("sql: {}", e.trim_start_matches("sql parser error: ")))
+        })?;
     statements.iter().map(lower_statement).collect()
 }
 

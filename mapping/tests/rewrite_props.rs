@@ -1107,33 +1107,13 @@ fn sql_value(v: &Value) -> String {
 /// A constant to compare `relation.attr` with: mostly a value it holds
 /// somewhere, sometimes NULL, a value of the wrong storage class, or text too
 /// long for the global attribute.
-fn constant(
-    c: &mut Choices,
-    world: &World,
-    site: &SiteModel,
-    relation: &str,
-    attr: &Attribute,
-    nested: bool,
-) -> Value {
+fn constant(c: &mut Choices, world: &World, relation: &str, attr: &Attribute) -> Value {
     let values = attr_values(world, relation, &attr.name, attr.ty);
     if !values.is_empty() && !c.chance(20) {
         return c.one(&values);
     }
-    // Known engine bug, not generated until it is fixed: the key of a
-    // unique-key split reads globally as coalesce(pat_addr.pno,
-    // pat_other.pno), which has no type affinity in SQLite. A constant in an
-    // attr-op-constant conjunct is coerced by the rewriter, but one inside OR
-    // or NOT is not, so at site A `pno = '17' OR name = 'x'` finds patient 17
-    // locally (the i4 column converts '17') and not globally: under-fetch.
-    // Dropping this guard makes figures_key_split_* fail within a few
-    // thousand cases.
-    let key_of_key_split = site
-        .mapping
-        .relation(relation)
-        .is_some_and(|rm| matches!(&rm.split, Split::Key(keys) if keys.contains(&attr.name)));
     match c.pick(5) {
         0 => Value::Null,
-        1 if attr.ty.is_numeric() && nested && key_of_key_split => Value::Int(-1),
         1 if attr.ty.is_numeric() => Value::Text(match values.first() {
             Some(v @ Value::Int(_)) => v.to_string(),
             _ => "5".into(),
@@ -1196,25 +1176,25 @@ fn atom(
         0..=3 => format!(
             "{col} {} {}",
             c.one(OPS),
-            sql_value(&constant(c, world, site, rel, a, depth > 0))
+            sql_value(&constant(c, world, rel, a))
         ),
         4 => format!(
             "{} {} {col}",
-            sql_value(&constant(c, world, site, rel, a, depth > 0)),
+            sql_value(&constant(c, world, rel, a)),
             c.one(OPS)
         ),
         5 => {
             let n = 1 + c.pick(3);
             let list: Vec<String> = (0..n)
-                .map(|_| sql_value(&constant(c, world, site, rel, a, depth > 0)))
+                .map(|_| sql_value(&constant(c, world, rel, a)))
                 .collect();
             let not = if c.chance(30) { "NOT " } else { "" };
             format!("{col} {not}IN ({})", list.join(", "))
         }
         6 => {
             let (lo, hi) = (
-                constant(c, world, site, rel, a, depth > 0),
-                constant(c, world, site, rel, a, depth > 0),
+                constant(c, world, rel, a),
+                constant(c, world, rel, a),
             );
             let not = if c.chance(30) { "NOT " } else { "" };
             format!(
@@ -1247,13 +1227,13 @@ fn atom(
             },
             _ => format!(
                 "abs({col}) > {}",
-                sql_value(&constant(c, world, site, rel, a, depth > 0))
+                sql_value(&constant(c, world, rel, a))
             ),
         },
         12 if a.ty.is_numeric() => format!(
             "{col} + 1 {} {}",
             c.one(OPS),
-            sql_value(&constant(c, world, site, rel, a, depth > 0))
+            sql_value(&constant(c, world, rel, a))
         ),
         _ => {
             // Another attribute of the same storage class (SQLite would
