@@ -9,7 +9,11 @@ use snaps_mapping::{SiteMapping, ir::Statement, rewrite};
 use snaps_schema::{Catalog, NetworkConfig};
 
 #[derive(Parser)]
-#[command(name = "snaps", version, about = "SNAPS: snapshots of radiology data across independent sites")]
+#[command(
+    name = "snaps",
+    version,
+    about = "SNAPS: snapshots of radiology data across independent sites"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,9 +65,19 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Explain { network, site, json, statement } => explain(&network, &site, json, &statement),
+        Command::Explain {
+            network,
+            site,
+            json,
+            statement,
+        } => explain(&network, &site, json, &statement),
         Command::Check { network, site } => check(&network, site.as_deref()),
-        Command::Demo { network, dir, patients, seed } => demo(&network, &dir, patients, seed),
+        Command::Demo {
+            network,
+            dir,
+            patients,
+            seed,
+        } => demo(&network, &dir, patients, seed),
     }
 }
 
@@ -103,7 +117,10 @@ fn explain(network: &Path, code: &str, json: bool, text: &str) -> Result<()> {
         let select = match statement {
             Statement::Select(s) => s,
             Statement::DefineSnapshot { query, .. } => query,
-            other => bail!("only retrievals are fetched from the global snapshot; this is {}", kind(&other)),
+            other => bail!(
+                "only retrievals are fetched from the global snapshot; this is {}",
+                kind(&other)
+            ),
         };
         let plan = rewrite::plan(&select, &site.local, &site.mapping)?;
         if json {
@@ -115,7 +132,14 @@ fn explain(network: &Path, code: &str, json: bool, text: &str) -> Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         } else {
-            println!("site {code}, {}", if language == snaps_mapping::Language::Sql { "SQL" } else { "QUEL" });
+            println!(
+                "site {code}, {}",
+                if language == snaps_mapping::Language::Sql {
+                    "SQL"
+                } else {
+                    "QUEL"
+                }
+            );
             print!("{plan}");
         }
     }
@@ -162,7 +186,6 @@ fn check(network: &Path, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-
 /// Builds the demo network's site databases: generates every site's data,
 /// creates `<dir>/<CODE>.db` for each site and loads the data as the site's
 /// own, then says what can be done with them so far.
@@ -175,15 +198,14 @@ fn demo(network: &Path, dir: &Path, patients: usize, seed: u64) -> Result<()> {
     );
     // A second run reuses the databases of the first: the demo never
     // overwrites a site database.
-    let missing = config.sites.iter().any(|s| !dir.join(format!("{}.db", s.code)).exists());
+    let missing = config
+        .sites
+        .iter()
+        .any(|s| !dir.join(format!("{}.db", s.code)).exists());
     let mut data = if missing {
         println!("generating the sites' data...");
-        snaps_schema::datagen::generate(
-            &config,
-            &snaps_schema::datagen::Scale::new(patients),
-            seed,
-        )
-        .context("generate the demo data")?
+        snaps_schema::datagen::generate(&config, &snaps_schema::datagen::Scale::new(patients), seed)
+            .context("generate the demo data")?
     } else {
         Default::default()
     };
@@ -205,8 +227,9 @@ fn demo(network: &Path, dir: &Path, patients: usize, seed: u64) -> Result<()> {
         };
         let path = dir.join(format!("{code}.db"));
         let store = if path.exists() {
-            let store = snaps_local::SiteStore::open(&path)
-                .with_context(|| format!("open the database of site {code} at {}", path.display()))?;
+            let store = snaps_local::SiteStore::open(&path).with_context(|| {
+                format!("open the database of site {code} at {}", path.display())
+            })?;
             let holder = store.site_code().context("read the site code")?;
             if holder != code {
                 bail!(

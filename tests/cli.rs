@@ -30,11 +30,23 @@ fn explain_shows_decomposition_semijoins_and_the_mapped_query() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.starts_with("site A, QUEL\ndecomposition (ambiguous):"), "{out}");
-    assert!(out.contains("  selection patient: patient.name = 'Smith'\n"), "{out}");
+    assert!(
+        out.starts_with("site A, QUEL\ndecomposition (ambiguous):"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  selection patient: patient.name = 'Smith'\n"),
+        "{out}"
+    );
     assert!(out.contains("  join: patient.pno = visit.pno\n"), "{out}");
-    assert!(out.contains("FROM patient WHERE patient.name = 'Smith' AND <new or modified here>"), "{out}");
-    assert!(out.contains("(pat_addr FULL JOIN pat_other ON pat_addr.pno = pat_other.pno)"), "{out}");
+    assert!(
+        out.contains("FROM patient WHERE patient.name = 'Smith' AND <new or modified here>"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(pat_addr FULL JOIN pat_other ON pat_addr.pno = pat_other.pno)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -54,7 +66,9 @@ fn explain_json_is_machine_readable() {
     assert_eq!(v["language"], "sql");
     let dropped = v["plan"]["dropped"].as_array().expect("dropped list");
     assert!(
-        dropped.iter().any(|d| d.as_str().is_some_and(|s| s.contains("patient.race is not mapped"))),
+        dropped.iter().any(|d| d
+            .as_str()
+            .is_some_and(|s| s.contains("patient.race is not mapped"))),
         "STG does not map race: {dropped:?}"
     );
     let sql = v["mapped_sql"].as_str().expect("mapped sql");
@@ -66,7 +80,12 @@ fn explain_json_is_machine_readable() {
 fn check_accepts_the_fixture_networks() {
     for network in ["fixtures/radiology", "fixtures/figures"] {
         let o = snaps(&["check", "--network", network]);
-        assert!(o.status.success(), "{network}: {}{}", stdout(&o), stderr(&o));
+        assert!(
+            o.status.success(),
+            "{network}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
     }
     let o = snaps(&["check", "--network", "fixtures/radiology"]);
     assert!(stdout(&o).contains("CPH: ok ("), "{}", stdout(&o));
@@ -74,14 +93,54 @@ fn check_accepts_the_fixture_networks() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let o = snaps(&["explain", "--network", "fixtures/radiology", "--site", "XYZ", "SELECT 1"]);
+    let o = snaps(&[
+        "explain",
+        "--network",
+        "fixtures/radiology",
+        "--site",
+        "XYZ",
+        "SELECT 1",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("unknown site XYZ in network christchurch (sites: CPH, STG, GRC)"), "{}", stderr(&o));
-    let o = snaps(&["explain", "--network", "fixtures/radiology", "--site", "CPH", "SELECT surnme FROM patient"]);
+    assert!(
+        stderr(&o).contains("unknown site XYZ in network christchurch (sites: CPH, STG, GRC)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&[
+        "explain",
+        "--network",
+        "fixtures/radiology",
+        "--site",
+        "CPH",
+        "SELECT surnme FROM patient",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("unknown attribute surnme"), "{}", stderr(&o));
-    let o = snaps(&["explain", "--network", "fixtures/radiology", "--site", "CPH", "retreive (p.all)"]);
+    assert!(
+        stderr(&o).contains("unknown attribute surnme"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&[
+        "explain",
+        "--network",
+        "fixtures/radiology",
+        "--site",
+        "CPH",
+        "retreive (p.all)",
+    ]);
     assert!(!o.status.success());
-    let o = snaps(&["explain", "--network", "/nonexistent", "--site", "CPH", "SELECT 1"]);
-    assert!(stderr(&o).contains("load network /nonexistent"), "{}", stderr(&o));
+    let o = snaps(&[
+        "explain",
+        "--network",
+        "/nonexistent",
+        "--site",
+        "CPH",
+        "SELECT 1",
+    ]);
+    assert!(
+        stderr(&o).contains("load network /nonexistent"),
+        "{}",
+        stderr(&o)
+    );
 }

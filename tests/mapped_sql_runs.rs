@@ -37,7 +37,8 @@ fn case(text: &str) -> Option<(String, String, String)> {
 fn global_database(config: &NetworkConfig) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open_in_memory().expect("sqlite");
     let global = config.global_catalog().expect("global schema");
-    conn.execute_batch(&global.to_ddl()).expect("create global relations");
+    conn.execute_batch(&global.to_ddl())
+        .expect("create global relations");
     for r in global.relations() {
         conn.execute_batch(&format!(
             "ALTER TABLE {} ADD COLUMN tuple_id INTEGER; ALTER TABLE {} ADD COLUMN main_tuple_id INTEGER;",
@@ -53,8 +54,13 @@ fn site_mapping(config: &NetworkConfig, code: &str) -> (snaps_schema::Catalog, S
     let local = config.local_catalog(site).expect("local schema");
     let read = |p: &Path| std::fs::read_to_string(config.path(p)).expect("read mapping file");
     let quals = site.qualification.as_deref().map(read).unwrap_or_default();
-    let mapping = SiteMapping::from_text(&read(&site.mapping), &quals, &local, &config.global_catalog().expect("global"))
-        .expect("mapping");
+    let mapping = SiteMapping::from_text(
+        &read(&site.mapping),
+        &quals,
+        &local,
+        &config.global_catalog().expect("global"),
+    )
+    .expect("mapping");
     (local, mapping)
 }
 
@@ -70,10 +76,14 @@ fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
     entries.sort();
     for path in entries {
         let text = std::fs::read_to_string(&path).expect("read case");
-        let Some((network, site, query)) = case(&text) else { continue };
+        let Some((network, site, query)) = case(&text) else {
+            continue;
+        };
         let config = NetworkConfig::load(&root().join("fixtures").join(&network)).expect("network");
         let (local, mapping) = site_mapping(&config, &site);
-        let Ok((_, statements)) = snaps_mapping::parse(&query) else { continue };
+        let Ok((_, statements)) = snaps_mapping::parse(&query) else {
+            continue;
+        };
         let conn = global_database(&config);
         for statement in statements {
             let select = match statement {
@@ -81,14 +91,23 @@ fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
                 Statement::DefineSnapshot { query, .. } => query,
                 _ => continue,
             };
-            let Ok(plan) = rewrite::plan(&select, &local, &mapping) else { continue };
+            let Ok(plan) = rewrite::plan(&select, &local, &mapping) else {
+                continue;
+            };
             for group in plan.query.iter().flat_map(|q| &q.groups) {
                 let sql = group.to_string();
-                conn.prepare(&sql)
-                    .unwrap_or_else(|e| panic!("{}: mapped query does not compile: {e}\n{sql}", path.display()));
+                conn.prepare(&sql).unwrap_or_else(|e| {
+                    panic!(
+                        "{}: mapped query does not compile: {e}\n{sql}",
+                        path.display()
+                    )
+                });
                 checked += 1;
             }
         }
     }
-    assert!(checked >= 40, "only {checked} mapped queries found in the golden cases");
+    assert!(
+        checked >= 40,
+        "only {checked} mapped queries found in the golden cases"
+    );
 }

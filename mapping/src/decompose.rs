@@ -68,7 +68,10 @@ pub fn resolve(select: &Select, catalog: &Catalog) -> Result<Select> {
     let mut seen = std::collections::BTreeSet::new();
     for r in &select.ranges {
         if !seen.insert(&r.var) {
-            return Err(Error::Unknown(format!("range variable {} is declared twice", r.var)));
+            return Err(Error::Unknown(format!(
+                "range variable {} is declared twice",
+                r.var
+            )));
         }
     }
     let fix = |e: &Expr| -> Result<Expr> {
@@ -92,7 +95,9 @@ pub fn resolve(select: &Select, catalog: &Catalog) -> Result<Select> {
         match t {
             Target::Expr { expr, .. } => *expr = fix(expr)?,
             Target::All(Some(v)) if !select.ranges.iter().any(|r| &r.var == v) => {
-                return Err(Error::Unknown(format!("unknown range variable {v} in {v}.*")));
+                return Err(Error::Unknown(format!(
+                    "unknown range variable {v} in {v}.*"
+                )));
             }
             Target::All(_) => {}
         }
@@ -121,34 +126,54 @@ pub fn resolve(select: &Select, catalog: &Catalog) -> Result<Select> {
 fn qualify(c: &ColumnRef, ranges: &[Range], catalog: &Catalog) -> Result<ColumnRef> {
     match &c.var {
         Some(v) => {
-            let range = ranges.iter().find(|r| &r.var == v).ok_or_else(|| {
-                Error::Unknown(format!("unknown range variable {v} in {c}"))
-            })?;
+            let range = ranges
+                .iter()
+                .find(|r| &r.var == v)
+                .ok_or_else(|| Error::Unknown(format!("unknown range variable {v} in {c}")))?;
             if let Some(rel) = catalog.relation(&range.relation)
                 && rel.attribute(&c.attr).is_none()
             {
-                let via = if range.var == range.relation { String::new() } else { format!(" in {c}") };
-                return Err(Error::Unknown(format!("unknown attribute {}.{}{via}", range.relation, c.attr)));
+                let via = if range.var == range.relation {
+                    String::new()
+                } else {
+                    format!(" in {c}")
+                };
+                return Err(Error::Unknown(format!(
+                    "unknown attribute {}.{}{via}",
+                    range.relation, c.attr
+                )));
             }
             Ok(c.clone())
         }
         None => {
             let holders: Vec<&Range> = ranges
                 .iter()
-                .filter(|r| catalog.relation(&r.relation).is_some_and(|rel| rel.attribute(&c.attr).is_some()))
+                .filter(|r| {
+                    catalog
+                        .relation(&r.relation)
+                        .is_some_and(|rel| rel.attribute(&c.attr).is_some())
+                })
                 .collect();
-            let unknown = ranges.iter().filter(|r| catalog.relation(&r.relation).is_none()).count();
+            let unknown = ranges
+                .iter()
+                .filter(|r| catalog.relation(&r.relation).is_none())
+                .count();
             match (holders.as_slice(), unknown) {
                 ([one], 0) => Ok(ColumnRef::new(&one.var, &c.attr)),
                 ([], 0) => Err(Error::Unknown(format!("unknown attribute {}", c.attr))),
                 ([], 1) => {
-                    let r = ranges.iter().find(|r| catalog.relation(&r.relation).is_none());
+                    let r = ranges
+                        .iter()
+                        .find(|r| catalog.relation(&r.relation).is_none());
                     Ok(r.map_or_else(|| c.clone(), |r| ColumnRef::new(&r.var, &c.attr)))
                 }
                 (many, 0) => Err(Error::Unknown(format!(
                     "attribute {} is ambiguous: it could be {}",
                     c.attr,
-                    many.iter().map(|r| format!("{}.{}", r.var, c.attr)).collect::<Vec<_>>().join(" or ")
+                    many.iter()
+                        .map(|r| format!("{}.{}", r.var, c.attr))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ))),
                 // A relation SNAPS does not know may hold it too: leave it to SQLite.
                 _ => Ok(c.clone()),
@@ -162,7 +187,11 @@ fn qualify(c: &ColumnRef, ranges: &[Range], catalog: &Catalog) -> Result<ColumnR
 pub fn decompose(select: &Select) -> Decomposition {
     let mut d = Decomposition {
         ranges: select.ranges.clone(),
-        selections: select.ranges.iter().map(|r| (r.var.clone(), Vec::new())).collect(),
+        selections: select
+            .ranges
+            .iter()
+            .map(|r| (r.var.clone(), Vec::new()))
+            .collect(),
         joins: Vec::new(),
         local_only: Vec::new(),
     };
@@ -182,8 +211,9 @@ pub fn decompose(select: &Select) -> Decomposition {
     if let Some(q) = &select.qual {
         for c in q.conjuncts() {
             let vars = c.vars();
-            let touches_nullable =
-                vars.iter().any(|v| v.as_deref().is_some_and(|v| nullable.contains(&v)));
+            let touches_nullable = vars
+                .iter()
+                .any(|v| v.as_deref().is_some_and(|v| nullable.contains(&v)));
             if touches_nullable {
                 d.local_only.push(c.clone());
             } else {
@@ -214,7 +244,11 @@ fn classify(c: &Expr, vars: &[Option<String>], outer: Option<&str>, d: &mut Deco
             d.local_only.push(c.clone());
         }
         [Some(_), Some(_)] => match c {
-            Expr::Binary { op: BinOp::Eq, left, right } => match (left.as_ref(), right.as_ref()) {
+            Expr::Binary {
+                op: BinOp::Eq,
+                left,
+                right,
+            } => match (left.as_ref(), right.as_ref()) {
                 (Expr::Column(l), Expr::Column(r)) => d.joins.push(JoinClause {
                     left: l.clone(),
                     right: r.clone(),
@@ -242,7 +276,9 @@ mod tests {
     }
 
     fn dec(sql: &str) -> Result<Decomposition> {
-        let Statement::Select(s) = crate::sql::parse(sql).unwrap().remove(0) else { panic!() };
+        let Statement::Select(s) = crate::sql::parse(sql).unwrap().remove(0) else {
+            panic!()
+        };
         Ok(decompose(&resolve(&s, &catalog())?))
     }
 
@@ -252,29 +288,42 @@ mod tests {
 
     #[test]
     fn selections_joins_and_local_conjuncts() {
-        let d = dec("SELECT visit.* FROM patient, visit, invoice i WHERE patient.name = 'Smith' \
+        let d = dec(
+            "SELECT visit.* FROM patient, visit, invoice i WHERE patient.name = 'Smith' \
                      AND patient.pno = visit.pno AND visit.date = '12/12/87' AND i.pno = visit.pno \
-                     AND (patient.dob < 1 OR visit.vno > 2) AND 1 = 1 AND i.amount > 5 AND dob = 2")
-            .unwrap();
-        assert_eq!(strings(&d.selections["patient"]), ["patient.name = 'Smith'"]);
+                     AND (patient.dob < 1 OR visit.vno > 2) AND 1 = 1 AND i.amount > 5 AND dob = 2",
+        )
+        .unwrap();
+        assert_eq!(
+            strings(&d.selections["patient"]),
+            ["patient.name = 'Smith'"]
+        );
         assert_eq!(strings(&d.selections["visit"]), ["visit.date = '12/12/87'"]);
         assert_eq!(strings(&d.selections["i"]), ["i.amount > 5"]);
         assert_eq!(d.joins.len(), 2);
         assert_eq!(d.joins[0].left, ColumnRef::new("patient", "pno"));
         // `dob` could be an attribute of the application's own `invoice`, which
         // SNAPS does not know, so it stays unqualified and local.
-        assert_eq!(strings(&d.local_only), ["patient.dob < 1 OR visit.vno > 2", "1 = 1", "dob = 2"]);
+        assert_eq!(
+            strings(&d.local_only),
+            ["patient.dob < 1 OR visit.vno > 2", "1 = 1", "dob = 2"]
+        );
         assert!(d.ambiguous());
         let d = dec("SELECT * FROM patient WHERE name = 'Jones'").unwrap();
-        assert_eq!(strings(&d.selections["patient"]), ["patient.name = 'Jones'"]);
+        assert_eq!(
+            strings(&d.selections["patient"]),
+            ["patient.name = 'Jones'"]
+        );
         assert!(!d.ambiguous());
     }
 
     #[test]
     fn left_join_keeps_where_on_the_nullable_side_local() {
-        let d = dec("SELECT * FROM patient p LEFT JOIN visit v ON p.pno = v.pno AND v.date = 'x' \
-                     AND p.dob = 3 WHERE p.name = 'Smith' AND v.vno IS NULL")
-            .unwrap();
+        let d = dec(
+            "SELECT * FROM patient p LEFT JOIN visit v ON p.pno = v.pno AND v.date = 'x' \
+                     AND p.dob = 3 WHERE p.name = 'Smith' AND v.vno IS NULL",
+        )
+        .unwrap();
         assert_eq!(strings(&d.selections["p"]), ["p.name = 'Smith'"]);
         assert_eq!(strings(&d.selections["v"]), ["v.date = 'x'"]);
         assert_eq!(d.joins[0].outer.as_deref(), Some("v"));
@@ -283,9 +332,14 @@ mod tests {
 
     #[test]
     fn names_are_checked() {
-        assert_eq!(dec("SELECT x FROM patient").unwrap_err().to_string(), "unknown attribute x");
         assert_eq!(
-            dec("SELECT p.surnme FROM patient p").unwrap_err().to_string(),
+            dec("SELECT x FROM patient").unwrap_err().to_string(),
+            "unknown attribute x"
+        );
+        assert_eq!(
+            dec("SELECT p.surnme FROM patient p")
+                .unwrap_err()
+                .to_string(),
             "unknown attribute patient.surnme in p.surnme"
         );
         assert_eq!(
@@ -293,7 +347,9 @@ mod tests {
             "unknown range variable q in q.name"
         );
         assert_eq!(
-            dec("SELECT pno FROM patient, visit").unwrap_err().to_string(),
+            dec("SELECT pno FROM patient, visit")
+                .unwrap_err()
+                .to_string(),
             "attribute pno is ambiguous: it could be patient.pno or visit.pno"
         );
         assert!(dec("SELECT * FROM patient p, visit p").is_err());

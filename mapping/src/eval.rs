@@ -33,7 +33,9 @@ fn numeric_prefix(s: &str) -> f64 {
     let t = s.trim_start();
     let end = t
         .char_indices()
-        .take_while(|(i, c)| c.is_ascii_digit() || *c == '.' || (*i == 0 && (*c == '-' || *c == '+')))
+        .take_while(|(i, c)| {
+            c.is_ascii_digit() || *c == '.' || (*i == 0 && (*c == '-' || *c == '+'))
+        })
         .map(|(i, c)| i + c.len_utf8())
         .last()
         .unwrap_or(0);
@@ -50,7 +52,11 @@ fn number(v: &Value) -> Option<Value> {
         Value::Int(_) | Value::Float(_) => Some(v.clone()),
         Value::Text(s) => {
             let f = numeric_prefix(s);
-            Some(if f.fract() == 0.0 && f.abs() < 9e15 { Value::Int(f as i64) } else { Value::Float(f) })
+            Some(if f.fract() == 0.0 && f.abs() < 9e15 {
+                Value::Int(f as i64)
+            } else {
+                Value::Float(f)
+            })
         }
     }
 }
@@ -80,12 +86,20 @@ pub fn like(text: &str, pattern: &str) -> bool {
 }
 
 fn arith(op: BinOp, a: &Value, b: &Value) -> Value {
-    let (Some(a), Some(b)) = (number(a), number(b)) else { return Value::Null };
+    let (Some(a), Some(b)) = (number(a), number(b)) else {
+        return Value::Null;
+    };
     match (a, b) {
         (Value::Int(x), Value::Int(y)) => match op {
-            BinOp::Plus => x.checked_add(y).map_or(Value::Float(x as f64 + y as f64), Value::Int),
-            BinOp::Minus => x.checked_sub(y).map_or(Value::Float(x as f64 - y as f64), Value::Int),
-            BinOp::Multiply => x.checked_mul(y).map_or(Value::Float(x as f64 * y as f64), Value::Int),
+            BinOp::Plus => x
+                .checked_add(y)
+                .map_or(Value::Float(x as f64 + y as f64), Value::Int),
+            BinOp::Minus => x
+                .checked_sub(y)
+                .map_or(Value::Float(x as f64 - y as f64), Value::Int),
+            BinOp::Multiply => x
+                .checked_mul(y)
+                .map_or(Value::Float(x as f64 * y as f64), Value::Int),
             BinOp::Divide => x.checked_div(y).map_or(Value::Null, Value::Int),
             _ => x.checked_rem(y).map_or(Value::Null, Value::Int),
         },
@@ -114,7 +128,11 @@ pub fn eval(e: &Expr, row: &dyn Fn(&ColumnRef) -> Option<Value>) -> Result<Value
     Ok(match e {
         Expr::Column(c) => row(c).ok_or_else(|| EvalError::Unbound(c.to_string()))?,
         Expr::Literal(v) => v.clone(),
-        Expr::Binary { op: BinOp::And, left, right } => {
+        Expr::Binary {
+            op: BinOp::And,
+            left,
+            right,
+        } => {
             let (l, r) = (truth(&ev(left)?), truth(&ev(right)?));
             boolean(match (l, r) {
                 (Some(false), _) | (_, Some(false)) => Some(false),
@@ -122,7 +140,11 @@ pub fn eval(e: &Expr, row: &dyn Fn(&ColumnRef) -> Option<Value>) -> Result<Value
                 _ => None,
             })
         }
-        Expr::Binary { op: BinOp::Or, left, right } => {
+        Expr::Binary {
+            op: BinOp::Or,
+            left,
+            right,
+        } => {
             let (l, r) = (truth(&ev(left)?), truth(&ev(right)?));
             boolean(match (l, r) {
                 (Some(true), _) | (_, Some(true)) => Some(true),
@@ -141,17 +163,23 @@ pub fn eval(e: &Expr, row: &dyn Fn(&ColumnRef) -> Option<Value>) -> Result<Value
                 _ => o != Ordering::Less,
             }))
         }
-        Expr::Binary { op: BinOp::Concat, left, right } => {
-            match (as_text(&ev(left)?), as_text(&ev(right)?)) {
-                (Some(a), Some(b)) => Value::Text(a + &b),
-                _ => Value::Null,
-            }
-        }
+        Expr::Binary {
+            op: BinOp::Concat,
+            left,
+            right,
+        } => match (as_text(&ev(left)?), as_text(&ev(right)?)) {
+            (Some(a), Some(b)) => Value::Text(a + &b),
+            _ => Value::Null,
+        },
         Expr::Binary { op, left, right } => arith(*op, &ev(left)?, &ev(right)?),
         Expr::Not(x) => boolean(truth(&ev(x)?).map(|b| !b)),
         Expr::Neg(x) => arith(BinOp::Minus, &Value::Int(0), &ev(x)?),
         Expr::IsNull { expr, negated } => boolean(Some(ev(expr)?.is_null() != *negated)),
-        Expr::InList { expr, list, negated } => {
+        Expr::InList {
+            expr,
+            list,
+            negated,
+        } => {
             let v = ev(expr)?;
             if v.is_null() {
                 return Ok(Value::Null);
@@ -165,10 +193,21 @@ pub fn eval(e: &Expr, row: &dyn Fn(&ColumnRef) -> Option<Value>) -> Result<Value
                     Some(_) => {}
                 }
             }
-            let r = if found { Some(true) } else if saw_null { None } else { Some(false) };
+            let r = if found {
+                Some(true)
+            } else if saw_null {
+                None
+            } else {
+                Some(false)
+            };
             boolean(r.map(|b| b != *negated))
         }
-        Expr::Between { expr, low, high, negated } => {
+        Expr::Between {
+            expr,
+            low,
+            high,
+            negated,
+        } => {
             let v = ev(expr)?;
             let lo = v.sql_cmp(&ev(low)?).map(|o| o != Ordering::Less);
             let hi = v.sql_cmp(&ev(high)?).map(|o| o != Ordering::Greater);
@@ -179,7 +218,11 @@ pub fn eval(e: &Expr, row: &dyn Fn(&ColumnRef) -> Option<Value>) -> Result<Value
             };
             boolean(r.map(|b| b != *negated))
         }
-        Expr::Like { expr, pattern, negated } => match (as_text(&ev(expr)?), as_text(&ev(pattern)?)) {
+        Expr::Like {
+            expr,
+            pattern,
+            negated,
+        } => match (as_text(&ev(expr)?), as_text(&ev(pattern)?)) {
             (Some(t), Some(p)) => boolean(Some(like(&t, &p) != *negated)),
             _ => Value::Null,
         },
@@ -196,17 +239,25 @@ fn function(name: &str, args: &[Value]) -> Result<Value, EvalError> {
         ("lower", 1) => text(0).map_or(Value::Null, |s| Value::Text(s.to_ascii_lowercase())),
         ("upper", 1) => text(0).map_or(Value::Null, |s| Value::Text(s.to_ascii_uppercase())),
         ("length", 1) => text(0).map_or(Value::Null, |s| Value::Int(s.chars().count() as i64)),
-        ("trim", 1) => text(0).map_or(Value::Null, |s| Value::Text(s.trim_matches(' ').to_string())),
-        ("ltrim", 1) => text(0).map_or(Value::Null, |s| Value::Text(s.trim_start_matches(' ').to_string())),
-        ("rtrim", 1) => text(0).map_or(Value::Null, |s| Value::Text(s.trim_end_matches(' ').to_string())),
+        ("trim", 1) => text(0).map_or(Value::Null, |s| {
+            Value::Text(s.trim_matches(' ').to_string())
+        }),
+        ("ltrim", 1) => text(0).map_or(Value::Null, |s| {
+            Value::Text(s.trim_start_matches(' ').to_string())
+        }),
+        ("rtrim", 1) => text(0).map_or(Value::Null, |s| {
+            Value::Text(s.trim_end_matches(' ').to_string())
+        }),
         ("abs", 1) => match number(&args[0]) {
             Some(Value::Int(i)) => i.checked_abs().map_or(Value::Null, Value::Int),
             Some(Value::Float(f)) => Value::Float(f.abs()),
             _ => Value::Null,
         },
-        ("coalesce" | "ifnull", n) if n >= 1 => {
-            args.iter().find(|v| !v.is_null()).cloned().unwrap_or(Value::Null)
-        }
+        ("coalesce" | "ifnull", n) if n >= 1 => args
+            .iter()
+            .find(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(Value::Null),
         ("substr", 2 | 3) => {
             let (Some(s), Some(Value::Int(start))) = (text(0), number(&args[1])) else {
                 return Ok(Value::Null);
@@ -240,13 +291,31 @@ pub fn coerce_constants(e: &Expr, ty: &dyn Fn(&ColumnRef) -> Option<ValueType>) 
     };
     let rec = |x: &Expr| coerce_constants(x, ty).map(Box::new);
     Some(match e {
-        Expr::Binary { op, left, right } if op.is_comparison() => match (left.as_ref(), right.as_ref()) {
-            (Expr::Column(c), other) => Expr::binary(*op, Expr::Column(c.clone()), co(c, other)?),
-            (other, Expr::Column(c)) => Expr::binary(*op, co(c, other)?, Expr::Column(c.clone())),
-            _ => Expr::Binary { op: *op, left: rec(left)?, right: rec(right)? },
+        Expr::Binary { op, left, right } if op.is_comparison() => {
+            match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), other) => {
+                    Expr::binary(*op, Expr::Column(c.clone()), co(c, other)?)
+                }
+                (other, Expr::Column(c)) => {
+                    Expr::binary(*op, co(c, other)?, Expr::Column(c.clone()))
+                }
+                _ => Expr::Binary {
+                    op: *op,
+                    left: rec(left)?,
+                    right: rec(right)?,
+                },
+            }
+        }
+        Expr::Binary { op, left, right } => Expr::Binary {
+            op: *op,
+            left: rec(left)?,
+            right: rec(right)?,
         },
-        Expr::Binary { op, left, right } => Expr::Binary { op: *op, left: rec(left)?, right: rec(right)? },
-        Expr::InList { expr, list, negated } => match expr.as_ref() {
+        Expr::InList {
+            expr,
+            list,
+            negated,
+        } => match expr.as_ref() {
             Expr::Column(c) => Expr::InList {
                 expr: expr.clone(),
                 list: list.iter().map(|x| co(c, x)).collect::<Option<_>>()?,
@@ -254,28 +323,57 @@ pub fn coerce_constants(e: &Expr, ty: &dyn Fn(&ColumnRef) -> Option<ValueType>) 
             },
             _ => Expr::InList {
                 expr: rec(expr)?,
-                list: list.iter().map(|x| coerce_constants(x, ty)).collect::<Option<_>>()?,
+                list: list
+                    .iter()
+                    .map(|x| coerce_constants(x, ty))
+                    .collect::<Option<_>>()?,
                 negated: *negated,
             },
         },
-        Expr::Between { expr, low, high, negated } => match expr.as_ref() {
+        Expr::Between {
+            expr,
+            low,
+            high,
+            negated,
+        } => match expr.as_ref() {
             Expr::Column(c) => Expr::Between {
                 expr: expr.clone(),
                 low: Box::new(co(c, low)?),
                 high: Box::new(co(c, high)?),
                 negated: *negated,
             },
-            _ => Expr::Between { expr: rec(expr)?, low: rec(low)?, high: rec(high)?, negated: *negated },
+            _ => Expr::Between {
+                expr: rec(expr)?,
+                low: rec(low)?,
+                high: rec(high)?,
+                negated: *negated,
+            },
         },
         Expr::Not(x) => Expr::Not(rec(x)?),
         Expr::Neg(x) => Expr::Neg(rec(x)?),
-        Expr::IsNull { expr, negated } => Expr::IsNull { expr: rec(expr)?, negated: *negated },
-        Expr::Like { expr, pattern, negated } => {
-            Expr::Like { expr: rec(expr)?, pattern: rec(pattern)?, negated: *negated }
-        }
-        Expr::Function { name, args, distinct } => Expr::Function {
+        Expr::IsNull { expr, negated } => Expr::IsNull {
+            expr: rec(expr)?,
+            negated: *negated,
+        },
+        Expr::Like {
+            expr,
+            pattern,
+            negated,
+        } => Expr::Like {
+            expr: rec(expr)?,
+            pattern: rec(pattern)?,
+            negated: *negated,
+        },
+        Expr::Function {
+            name,
+            args,
+            distinct,
+        } => Expr::Function {
             name: name.clone(),
-            args: args.iter().map(|x| coerce_constants(x, ty)).collect::<Option<_>>()?,
+            args: args
+                .iter()
+                .map(|x| coerce_constants(x, ty))
+                .collect::<Option<_>>()?,
             distinct: *distinct,
         },
         Expr::Column(_) | Expr::Literal(_) => e.clone(),
@@ -293,17 +391,29 @@ mod tests {
     use crate::ir::Statement;
 
     fn check(pred: &str, binding: &[(&str, Value)]) -> Option<bool> {
-        let Statement::Select(s) = crate::sql::parse(&format!("SELECT 1 FROM t WHERE {pred}")).unwrap().remove(0) else {
+        let Statement::Select(s) = crate::sql::parse(&format!("SELECT 1 FROM t WHERE {pred}"))
+            .unwrap()
+            .remove(0)
+        else {
             panic!()
         };
         let q = s.qual.unwrap();
-        let row = |c: &ColumnRef| binding.iter().find(|(n, _)| *n == c.attr).map(|(_, v)| v.clone());
+        let row = |c: &ColumnRef| {
+            binding
+                .iter()
+                .find(|(n, _)| *n == c.attr)
+                .map(|(_, v)| v.clone())
+        };
         truth(&eval(&q, &row).unwrap())
     }
 
     #[test]
     fn three_valued_logic_like_sqlite() {
-        let n = [("a", Value::Null), ("b", Value::Int(2)), ("s", Value::text("MacIntosh"))];
+        let n = [
+            ("a", Value::Null),
+            ("b", Value::Int(2)),
+            ("s", Value::text("MacIntosh")),
+        ];
         assert_eq!(check("a = 1", &n), None);
         assert_eq!(check("a = 1 OR b = 2", &n), Some(true));
         assert_eq!(check("a = 1 AND b = 3", &n), Some(false));
@@ -316,6 +426,9 @@ mod tests {
         assert_eq!(check("lower(s) = 'macintosh'", &n), Some(true));
         assert_eq!(check("b / 0 IS NULL", &n), Some(true));
         assert_eq!(check("s > 5", &n), Some(true), "text sorts above numbers");
-        assert_eq!(check("substr(s, 1, 3) = 'Mac' AND length(s) = 9", &n), Some(true));
+        assert_eq!(
+            check("substr(s, 1, 3) = 'Mac' AND length(s) = 9", &n),
+            Some(true)
+        );
     }
 }

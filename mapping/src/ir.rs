@@ -34,7 +34,10 @@ pub struct ColumnRef {
 impl ColumnRef {
     /// A qualified reference `var.attr`.
     pub fn new(var: &str, attr: &str) -> ColumnRef {
-        ColumnRef { var: Some(var.to_string()), attr: attr.to_string() }
+        ColumnRef {
+            var: Some(var.to_string()),
+            attr: attr.to_string(),
+        }
     }
 }
 
@@ -205,18 +208,28 @@ impl Expr {
 
     /// `left op right`.
     pub fn binary(op: BinOp, left: Expr, right: Expr) -> Expr {
-        Expr::Binary { op, left: Box::new(left), right: Box::new(right) }
+        Expr::Binary {
+            op,
+            left: Box::new(left),
+            right: Box::new(right),
+        }
     }
 
     /// Conjunction of `parts` (`None` for none).
     pub fn conjunction(parts: impl IntoIterator<Item = Expr>) -> Option<Expr> {
-        parts.into_iter().reduce(|a, b| Expr::binary(BinOp::And, a, b))
+        parts
+            .into_iter()
+            .reduce(|a, b| Expr::binary(BinOp::And, a, b))
     }
 
     /// The top-level conjuncts of this expression.
     pub fn conjuncts(&self) -> Vec<&Expr> {
         match self {
-            Expr::Binary { op: BinOp::And, left, right } => {
+            Expr::Binary {
+                op: BinOp::And,
+                left,
+                right,
+            } => {
                 let mut v = left.conjuncts();
                 v.extend(right.conjuncts());
                 v
@@ -239,7 +252,9 @@ impl Expr {
                 expr.visit_columns(f);
                 list.iter().for_each(|e| e.visit_columns(f));
             }
-            Expr::Between { expr, low, high, .. } => {
+            Expr::Between {
+                expr, low, high, ..
+            } => {
                 expr.visit_columns(f);
                 low.visit_columns(f);
                 high.visit_columns(f);
@@ -258,27 +273,51 @@ impl Expr {
         match self {
             Expr::Column(c) => f(c),
             Expr::Literal(v) => Expr::Literal(v.clone()),
-            Expr::Binary { op, left, right } => {
-                Expr::Binary { op: *op, left: m(left), right: m(right) }
-            }
+            Expr::Binary { op, left, right } => Expr::Binary {
+                op: *op,
+                left: m(left),
+                right: m(right),
+            },
             Expr::Not(e) => Expr::Not(m(e)),
             Expr::Neg(e) => Expr::Neg(m(e)),
-            Expr::IsNull { expr, negated } => Expr::IsNull { expr: m(expr), negated: *negated },
-            Expr::InList { expr, list, negated } => Expr::InList {
+            Expr::IsNull { expr, negated } => Expr::IsNull {
+                expr: m(expr),
+                negated: *negated,
+            },
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => Expr::InList {
                 expr: m(expr),
                 list: list.iter().map(|e| e.map_columns(f)).collect(),
                 negated: *negated,
             },
-            Expr::Between { expr, low, high, negated } => Expr::Between {
+            Expr::Between {
+                expr,
+                low,
+                high,
+                negated,
+            } => Expr::Between {
                 expr: m(expr),
                 low: m(low),
                 high: m(high),
                 negated: *negated,
             },
-            Expr::Like { expr, pattern, negated } => {
-                Expr::Like { expr: m(expr), pattern: m(pattern), negated: *negated }
-            }
-            Expr::Function { name, args, distinct } => Expr::Function {
+            Expr::Like {
+                expr,
+                pattern,
+                negated,
+            } => Expr::Like {
+                expr: m(expr),
+                pattern: m(pattern),
+                negated: *negated,
+            },
+            Expr::Function {
+                name,
+                args,
+                distinct,
+            } => Expr::Function {
                 name: name.clone(),
                 args: args.iter().map(|e| e.map_columns(f)).collect(),
                 distinct: *distinct,
@@ -310,9 +349,9 @@ impl Expr {
             Expr::InList { expr, list, .. } => {
                 expr.has_aggregate() || list.iter().any(Expr::has_aggregate)
             }
-            Expr::Between { expr, low, high, .. } => {
-                expr.has_aggregate() || low.has_aggregate() || high.has_aggregate()
-            }
+            Expr::Between {
+                expr, low, high, ..
+            } => expr.has_aggregate() || low.has_aggregate() || high.has_aggregate(),
             Expr::Like { expr, pattern, .. } => expr.has_aggregate() || pattern.has_aggregate(),
         }
     }
@@ -321,7 +360,10 @@ impl Expr {
         match self {
             Expr::Binary { op, .. } => op.precedence(),
             Expr::Not(_) => 3,
-            Expr::IsNull { .. } | Expr::InList { .. } | Expr::Between { .. } | Expr::Like { .. } => 4,
+            Expr::IsNull { .. }
+            | Expr::InList { .. }
+            | Expr::Between { .. }
+            | Expr::Like { .. } => 4,
             _ => 9,
         }
     }
@@ -373,7 +415,11 @@ impl fmt::Display for Expr {
                 expr.fmt_child(f, 5, false)?;
                 write!(f, " IS {}NULL", not(*negated))
             }
-            Expr::InList { expr, list, negated } => {
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => {
                 expr.fmt_child(f, 5, false)?;
                 write!(f, " {}IN (", not(*negated))?;
                 for (i, e) in list.iter().enumerate() {
@@ -384,19 +430,32 @@ impl fmt::Display for Expr {
                 }
                 f.write_str(")")
             }
-            Expr::Between { expr, low, high, negated } => {
+            Expr::Between {
+                expr,
+                low,
+                high,
+                negated,
+            } => {
                 expr.fmt_child(f, 5, false)?;
                 write!(f, " {}BETWEEN ", not(*negated))?;
                 low.fmt_child(f, 5, false)?;
                 f.write_str(" AND ")?;
                 high.fmt_child(f, 5, false)
             }
-            Expr::Like { expr, pattern, negated } => {
+            Expr::Like {
+                expr,
+                pattern,
+                negated,
+            } => {
                 expr.fmt_child(f, 5, false)?;
                 write!(f, " {}LIKE ", not(*negated))?;
                 pattern.fmt_child(f, 5, false)
             }
-            Expr::Function { name, args, distinct } => {
+            Expr::Function {
+                name,
+                args,
+                distinct,
+            } => {
                 if args.is_empty() && name == "count" {
                     return f.write_str("count(*)");
                 }
@@ -428,7 +487,11 @@ pub struct Range {
 impl Range {
     /// An inner range `relation AS var`.
     pub fn new(var: &str, relation: &str) -> Range {
-        Range { var: var.to_string(), relation: relation.to_string(), left_join_on: None }
+        Range {
+            var: var.to_string(),
+            relation: relation.to_string(),
+            left_join_on: None,
+        }
     }
 }
 
@@ -551,7 +614,10 @@ impl fmt::Display for Target {
             Target::All(None) => f.write_str("*"),
             Target::All(Some(v)) => write!(f, "{v}.*"),
             Target::Expr { expr, alias: None } => write!(f, "{expr}"),
-            Target::Expr { expr, alias: Some(a) } => write!(f, "{expr} AS {a}"),
+            Target::Expr {
+                expr,
+                alias: Some(a),
+            } => write!(f, "{expr} AS {a}"),
         }
     }
 }

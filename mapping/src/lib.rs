@@ -31,7 +31,6 @@ pub use ir::{Language, Statement};
 pub use mapping::SiteMapping;
 pub use rewrite::{GlobalQuery, Plan, plan};
 
-
 /// Parses a statement, telling SQL from QUEL by its first word (see
 /// [`quel::looks_like_quel`]).
 pub fn parse(text: &str) -> Result<(Language, Vec<Statement>)> {

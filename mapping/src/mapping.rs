@@ -46,7 +46,10 @@ pub struct QualificationRow {
 
 fn fields(line: &str) -> Vec<String> {
     let content = line.split('#').next().unwrap_or("");
-    content.split_whitespace().map(|f| f.replace('-', "_").to_lowercase()).collect()
+    content
+        .split_whitespace()
+        .map(|f| f.replace('-', "_").to_lowercase())
+        .collect()
 }
 
 /// Reads mapping rows: `local_relation local_attribute global_relation
@@ -94,7 +97,10 @@ pub fn parse_qualification_rows(text: &str) -> Result<Vec<QualificationRow>> {
             continue;
         }
         let (rel, qual) = content.split_once(char::is_whitespace).ok_or_else(|| {
-            Error::Mapping(format!("qualification row {}: expected a relation and a qualification", i + 1))
+            Error::Mapping(format!(
+                "qualification row {}: expected a relation and a qualification",
+                i + 1
+            ))
         })?;
         rows.push(QualificationRow {
             row: i + 1,
@@ -157,9 +163,8 @@ impl Conversion {
 
     /// Converts `value` to type `to`; `what` names the attribute in errors.
     pub fn apply(self, value: &Value, to: ValueType, what: &str) -> Result<Value> {
-        to.check(value.clone(), what).map_err(|e| {
-            Error::Conversion(format!("{} cannot convert: {e}", self.name()))
-        })
+        to.check(value.clone(), what)
+            .map_err(|e| Error::Conversion(format!("{} cannot convert: {e}", self.name())))
     }
 }
 
@@ -221,7 +226,12 @@ impl RelationMapping {
         self.parts
             .iter()
             .enumerate()
-            .flat_map(|(i, p)| p.attrs.iter().filter(|a| a.local == attr).map(move |a| (i, a)))
+            .flat_map(|(i, p)| {
+                p.attrs
+                    .iter()
+                    .filter(|a| a.local == attr)
+                    .map(move |a| (i, a))
+            })
             .collect()
     }
 
@@ -242,13 +252,19 @@ impl RelationMapping {
                     .iter()
                     .map(|a| {
                         let pos = self.local.position(&a.local).ok_or_else(|| {
-                            Error::Mapping(format!("attribute {}.{} vanished", self.local.name, a.local))
+                            Error::Mapping(format!(
+                                "attribute {}.{} vanished",
+                                self.local.name, a.local
+                            ))
                         })?;
                         let v = tuple.get(pos).cloned().unwrap_or(Value::Null);
                         let what = format!("{}.{}", p.global, a.global);
                         match a.to_global {
                             Some(c) => c.apply(&v, a.global_type, &what),
-                            None => a.global_type.check(v, &what).map_err(|e| Error::Conversion(e.to_string())),
+                            None => a
+                                .global_type
+                                .check(v, &what)
+                                .map_err(|e| Error::Conversion(e.to_string())),
                         }
                     })
                     .collect()
@@ -267,14 +283,19 @@ impl RelationMapping {
         for (part, values) in self.parts.iter().zip(parts) {
             let Some(values) = values else { continue };
             for (a, v) in part.attrs.iter().zip(values) {
-                let Some(pos) = self.local.position(&a.local) else { continue };
+                let Some(pos) = self.local.position(&a.local) else {
+                    continue;
+                };
                 if filled[pos] && !v.is_null() && !out[pos].is_null() {
                     continue;
                 }
                 let what = format!("{}.{}", self.local.name, a.local);
                 out[pos] = match a.to_local {
                     Some(c) => c.apply(v, a.local_type, &what)?,
-                    None => a.local_type.check(v.clone(), &what).map_err(|e| Error::Conversion(e.to_string()))?,
+                    None => a
+                        .local_type
+                        .check(v.clone(), &what)
+                        .map_err(|e| Error::Conversion(e.to_string()))?,
                 };
                 filled[pos] = true;
             }
@@ -308,22 +329,36 @@ impl SiteMapping {
                 .relation(&r.local_relation)
                 .ok_or_else(|| err(format!("unknown local relation {}", r.local_relation)))?;
             let lattr = lrel.attribute(&r.local_attribute).ok_or_else(|| {
-                err(format!("unknown local attribute {}.{}", r.local_relation, r.local_attribute))
+                err(format!(
+                    "unknown local attribute {}.{}",
+                    r.local_relation, r.local_attribute
+                ))
             })?;
             let grel = global
                 .relation(&r.global_relation)
                 .ok_or_else(|| err(format!("unknown global relation {}", r.global_relation)))?;
             let gattr = grel.attribute(&r.global_attribute).ok_or_else(|| {
-                err(format!("unknown global attribute {}.{}", r.global_relation, r.global_attribute))
+                err(format!(
+                    "unknown global attribute {}.{}",
+                    r.global_relation, r.global_attribute
+                ))
             })?;
-            let gkey = (r.local_relation.clone(), r.global_relation.clone(), r.global_attribute.clone());
+            let gkey = (
+                r.local_relation.clone(),
+                r.global_relation.clone(),
+                r.global_attribute.clone(),
+            );
             if let Some(prev) = global_seen.insert(gkey, r.row) {
                 return Err(err(format!(
                     "global attribute {}.{} is already mapped from {} in row {prev}",
                     r.global_relation, r.global_attribute, r.local_relation
                 )));
             }
-            let lkey = (r.local_relation.clone(), r.local_attribute.clone(), r.global_relation.clone());
+            let lkey = (
+                r.local_relation.clone(),
+                r.local_attribute.clone(),
+                r.global_relation.clone(),
+            );
             if let Some(prev) = local_seen.insert(lkey, r.row) {
                 return Err(err(format!(
                     "{}.{} is mapped twice onto {} (rows {prev} and {})",
@@ -356,7 +391,10 @@ impl SiteMapping {
                     if lt == gt {
                         return Err(err(format!(
                             "{}.{} and {}.{} are both {lt}: no conversion is needed",
-                            r.local_relation, r.local_attribute, r.global_relation, r.global_attribute
+                            r.local_relation,
+                            r.local_attribute,
+                            r.global_relation,
+                            r.global_attribute
                         )));
                     }
                     if !tg.fits(lt, gt) || !tl.fits(gt, lt) {
@@ -369,11 +407,13 @@ impl SiteMapping {
                 }
                 _ => {}
             }
-            let rm = relations.entry(r.local_relation.clone()).or_insert_with(|| RelationMapping {
-                local: lrel.clone(),
-                parts: Vec::new(),
-                split: Split::None,
-            });
+            let rm = relations
+                .entry(r.local_relation.clone())
+                .or_insert_with(|| RelationMapping {
+                    local: lrel.clone(),
+                    parts: Vec::new(),
+                    split: Split::None,
+                });
             let map = AttrMap {
                 local: r.local_attribute.clone(),
                 local_type: lt,
@@ -384,7 +424,10 @@ impl SiteMapping {
             };
             match rm.parts.iter_mut().find(|p| p.global == r.global_relation) {
                 Some(p) => p.attrs.push(map),
-                None => rm.parts.push(Part { global: r.global_relation.clone(), attrs: vec![map] }),
+                None => rm.parts.push(Part {
+                    global: r.global_relation.clone(),
+                    attrs: vec![map],
+                }),
             }
         }
         for q in qualifications {
@@ -451,7 +494,9 @@ fn check_relation(rm: &RelationMapping, global: &Catalog) -> Result<()> {
         )));
     }
     for p in &rm.parts {
-        let Some(g) = global.relation(&p.global) else { continue };
+        let Some(g) = global.relation(&p.global) else {
+            continue;
+        };
         for k in &g.key {
             if !p.attrs.iter().any(|a| &a.global == k) {
                 return Err(Error::Mapping(format!(
@@ -486,9 +531,15 @@ fn check_relation(rm: &RelationMapping, global: &Catalog) -> Result<()> {
 fn split_from(q: &QualificationRow, rm: &RelationMapping) -> Result<Split> {
     let err = |m: String| Error::Mapping(format!("qualification row {}: {m}", q.row));
     let part_index = |rel: &str| {
-        rm.parts.iter().position(|p| p.global == rel).ok_or_else(|| {
-            err(format!("{rel} is not one of the global relations {} maps onto", rm.local.name))
-        })
+        rm.parts
+            .iter()
+            .position(|p| p.global == rel)
+            .ok_or_else(|| {
+                err(format!(
+                    "{rel} is not one of the global relations {} maps onto",
+                    rm.local.name
+                ))
+            })
     };
     let mut key = Vec::new();
     let mut main: Option<usize> = None;
@@ -496,18 +547,30 @@ fn split_from(q: &QualificationRow, rm: &RelationMapping) -> Result<Split> {
     let normalised = q.qualification.replace('-', "_").to_lowercase();
     for conjunct in normalised.split(" and ") {
         let (l, r) = conjunct.split_once('=').ok_or_else(|| {
-            err(format!("expected a conjunction of equalities, found {:?}", conjunct.trim()))
+            err(format!(
+                "expected a conjunction of equalities, found {:?}",
+                conjunct.trim()
+            ))
         })?;
         let side = |s: &str| -> Result<(usize, String)> {
-            let ident = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_');
+            let ident =
+                |x: &str| !x.is_empty() && x.chars().all(|c| c.is_alphanumeric() || c == '_');
             match s.trim().split_once('.') {
-                Some((rel, attr)) if ident(rel) && ident(attr) => Ok((part_index(rel)?, attr.to_string())),
-                _ => Err(err(format!("expected relation.attribute, found {:?}", s.trim()))),
+                Some((rel, attr)) if ident(rel) && ident(attr) => {
+                    Ok((part_index(rel)?, attr.to_string()))
+                }
+                _ => Err(err(format!(
+                    "expected relation.attribute, found {:?}",
+                    s.trim()
+                ))),
             }
         };
         let ((li, la), (ri, ra)) = (side(l)?, side(r)?);
         if li == ri {
-            return Err(err(format!("{} is joined with itself", rm.parts[li].global)));
+            return Err(err(format!(
+                "{} is joined with itself",
+                rm.parts[li].global
+            )));
         }
         let tid = |a: &str| a == "tuple_id";
         let mtid = |a: &str| a == "main_tuple_id";
@@ -522,7 +585,11 @@ fn split_from(q: &QualificationRow, rm: &RelationMapping) -> Result<Split> {
             continue;
         }
         let from = |i: usize, attr: &str| {
-            rm.parts[i].attrs.iter().find(|a| a.global == attr).map(|a| a.local.clone())
+            rm.parts[i]
+                .attrs
+                .iter()
+                .find(|a| a.global == attr)
+                .map(|a| a.local.clone())
         };
         match (from(li, &la), from(ri, &ra)) {
             (Some(a), Some(b)) if a == b => {
@@ -544,7 +611,10 @@ fn split_from(q: &QualificationRow, rm: &RelationMapping) -> Result<Split> {
         return Err(err("mixes a key join with a main tuple id join".into()));
     }
     if let Some(i) = joined.iter().position(|j| !j) {
-        return Err(err(format!("{} is not joined to the other parts", rm.parts[i].global)));
+        return Err(err(format!(
+            "{} is not joined to the other parts",
+            rm.parts[i].global
+        )));
     }
     Ok(match main {
         Some(m) => Split::MainTupleId(m),
@@ -587,7 +657,12 @@ mod tests {
 
     fn build(rows: &str, quals: &str) -> Result<SiteMapping> {
         let (l, g) = catalogs();
-        SiteMapping::new(&parse_mapping_rows(rows)?, &parse_qualification_rows(quals)?, &l, &g)
+        SiteMapping::new(
+            &parse_mapping_rows(rows)?,
+            &parse_qualification_rows(quals)?,
+            &l,
+            &g,
+        )
     }
 
     fn err(rows: &str, quals: &str) -> String {
@@ -602,7 +677,13 @@ mod tests {
         assert_eq!(p.parts.len(), 2);
         assert_eq!(p.targets("pno").len(), 2);
         let parts = p
-            .export(&[Value::Int(7), Value::text("Jones"), Value::text("1 High St"), Value::Int(19340512), Value::Int(1004)])
+            .export(&[
+                Value::Int(7),
+                Value::text("Jones"),
+                Value::text("1 High St"),
+                Value::Int(19340512),
+                Value::Int(1004),
+            ])
             .unwrap();
         assert_eq!(parts[1], vec![Value::Int(7), Value::Int(19340512)]);
         let back = p.map_back(&[Some(parts[0].clone()), None]).unwrap();
@@ -623,24 +704,50 @@ mod tests {
         let m = build(GOOD, "patient pat_addr.pno = pat_other.pno").unwrap();
         let p = m.relation("patient").unwrap();
         let e = p
-            .map_back(&[Some(vec![Value::Int(1), Value::Null, Value::Null, Value::Int(40000)]), None])
+            .map_back(&[
+                Some(vec![
+                    Value::Int(1),
+                    Value::Null,
+                    Value::Null,
+                    Value::Int(40000),
+                ]),
+                None,
+            ])
             .unwrap_err();
-        assert_eq!(e.to_string(), "int_narrow cannot convert: value 40000 does not fit patient.gp (i2)");
+        assert_eq!(
+            e.to_string(),
+            "int_narrow cannot convert: value 40000 does not fit patient.gp (i2)"
+        );
     }
 
     #[test]
     fn each_kind_of_bad_row_is_named() {
         let q = "patient pat_addr.pno = pat_other.pno";
-        assert_eq!(err("pateint pno pat_addr pno", ""), "mapping row 1: unknown local relation pateint");
-        assert_eq!(err("patient pnum pat_addr pno", ""), "mapping row 1: unknown local attribute patient.pnum");
-        assert_eq!(err("patient pno pat_adr pno", ""), "mapping row 1: unknown global relation pat_adr");
-        assert_eq!(err("patient pno pat_addr pnum", ""), "mapping row 1: unknown global attribute pat_addr.pnum");
+        assert_eq!(
+            err("pateint pno pat_addr pno", ""),
+            "mapping row 1: unknown local relation pateint"
+        );
+        assert_eq!(
+            err("patient pnum pat_addr pno", ""),
+            "mapping row 1: unknown local attribute patient.pnum"
+        );
+        assert_eq!(
+            err("patient pno pat_adr pno", ""),
+            "mapping row 1: unknown global relation pat_adr"
+        );
+        assert_eq!(
+            err("patient pno pat_addr pnum", ""),
+            "mapping row 1: unknown global attribute pat_addr.pnum"
+        );
         assert_eq!(
             err("patient pno pat_addr pno\npatient dob pat_addr pno", ""),
             "mapping row 2: global attribute pat_addr.pno is already mapped from patient in row 1"
         );
         assert_eq!(
-            err("patient pno pat_addr pno\npatient name pat_addr name\npatient name pat_addr addr", ""),
+            err(
+                "patient pno pat_addr pno\npatient name pat_addr name\npatient name pat_addr addr",
+                ""
+            ),
             "mapping row 3: patient.name is mapped twice onto pat_addr (rows 2 and 3)"
         );
         assert_eq!(
@@ -648,18 +755,27 @@ mod tests {
             "mapping row 2: patient.gp is i2 but pat_addr.gp is i4: name a conversion function each way"
         );
         assert_eq!(
-            err("patient pno pat_addr pno\npatient gp pat_addr gp int_narrow int_widen", ""),
+            err(
+                "patient pno pat_addr pno\npatient gp pat_addr gp int_narrow int_widen",
+                ""
+            ),
             "mapping row 2: patient.gp is i2 but pat_addr.gp is i4: int_narrow / int_widen do not convert between these types"
         );
         assert_eq!(
-            err("patient pno pat_addr pno\npatient gp pat_addr gp widen narrow", ""),
+            err(
+                "patient pno pat_addr pno\npatient gp pat_addr gp widen narrow",
+                ""
+            ),
             "mapping row 2: unknown conversion function widen (known: int_widen, int_narrow, char_widen, char_narrow)"
         );
         assert_eq!(
             err("patient pno pat_addr pno int_widen int_narrow", ""),
             "mapping row 1: patient.pno and pat_addr.pno are both i4: no conversion is needed"
         );
-        assert_eq!(err("patient pno pat_addr", ""), "mapping row 1: expected 4 or 6 fields, found 3");
+        assert_eq!(
+            err("patient pno pat_addr", ""),
+            "mapping row 1: expected 4 or 6 fields, found 3"
+        );
         assert_eq!(
             err("patient pno pat_addr pno int_widen", ""),
             "mapping row 1: a conversion needs both functions, to_global and to_local"
@@ -678,14 +794,19 @@ mod tests {
             err(GOOD, "patient pat_addr.pno = visit.vno"),
             "qualification row 1: visit is not one of the global relations patient maps onto"
         );
-        assert_eq!(err(GOOD, &format!("{q}\nvisit visit.vno = visit.vno")),
-            "qualification row 2: visit maps onto one global relation only; nothing to join");
+        assert_eq!(
+            err(GOOD, &format!("{q}\nvisit visit.vno = visit.vno")),
+            "qualification row 2: visit maps onto one global relation only; nothing to join"
+        );
         assert_eq!(
             err("visit time visit when", ""),
             "visit does not map key attribute visit.vno: its tuples could not be told apart"
         );
         assert_eq!(
-            err("person name pat_phone name\nperson name pat_sex name", "person pat_phone.name == pat_sex.name"),
+            err(
+                "person name pat_phone name\nperson name pat_sex name",
+                "person pat_phone.name == pat_sex.name"
+            ),
             "qualification row 1: expected relation.attribute, found \"= pat_sex.name\""
         );
     }

@@ -119,7 +119,9 @@ pub fn performed(
     local: &Catalog,
     definitions: &[(SnapshotNo, SnapshotDefinition)],
 ) -> Coverage {
-    let Some(query) = &plan.query else { return Coverage { groups: Vec::new() } };
+    let Some(query) = &plan.query else {
+        return Coverage { groups: Vec::new() };
+    };
     let d = &plan.decomposition;
     let groups = query
         .groups
@@ -132,7 +134,11 @@ pub fn performed(
                     var: &t.local_var,
                     relation: &t.local_relation,
                     outer: t.outer,
-                    conjuncts: d.selections.get(&t.local_var).map(Vec::as_slice).unwrap_or(&[]),
+                    conjuncts: d
+                        .selections
+                        .get(&t.local_var)
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
                     projection: plan
                         .semijoins
                         .iter()
@@ -142,7 +148,10 @@ pub fn performed(
                 .collect();
             let joins: Vec<&JoinClause> = g.joins.iter().map(|j| &j.local).collect();
             definitions.iter().find_map(|(no, def)| {
-                def.groups.iter().any(|h| group_covers(h, &tables, &joins, local)).then_some(*no)
+                def.groups
+                    .iter()
+                    .any(|h| group_covers(h, &tables, &joins, local))
+                    .then_some(*no)
             })
         })
         .collect();
@@ -210,12 +219,16 @@ fn bijection_covers(
         let i = h.tables.iter().position(|t| Some(&t.var) == v.as_ref())?;
         Some(q[assignment[i]].var.to_string())
     };
-    let renamed = |c: &ColumnRef| ColumnRef { var: rename(&c.var), attr: c.attr.clone() };
+    let renamed = |c: &ColumnRef| ColumnRef {
+        var: rename(&c.var),
+        attr: c.attr.clone(),
+    };
     for j in &h.joins {
         let (l, r) = (renamed(&j.left), renamed(&j.right));
         let outer = j.outer.as_ref().and_then(|o| rename(&Some(o.clone())));
         let found = q_joins.iter().any(|qj| {
-            qj.outer == outer && ((qj.left == l && qj.right == r) || (qj.left == r && qj.right == l))
+            qj.outer == outer
+                && ((qj.left == l && qj.right == r) || (qj.left == r && qj.right == l))
         });
         if !found {
             return false;
@@ -223,7 +236,9 @@ fn bijection_covers(
     }
     for (i, t) in h.tables.iter().enumerate() {
         let qt = &q[assignment[i]];
-        let Some(relation) = local.relation(qt.relation) else { return false };
+        let Some(relation) = local.relation(qt.relation) else {
+            return false;
+        };
         let ty = |attr: &str| relation.attribute(attr).map(|a| a.ty);
         let constraints = Constraints::from_conjuncts(qt.var, qt.conjuncts, &ty);
         for s in &t.selection {
@@ -242,7 +257,9 @@ fn bijection_covers(
 /// The site's current projection rows, cut down to the recorded attributes,
 /// must all have been sent with the recorded fetch.
 fn projection_contained(t: &DefinedTable, qt: &Table) -> bool {
-    let Some((attrs, Some(rows))) = qt.projection else { return false };
+    let Some((attrs, Some(rows))) = qt.projection else {
+        return false;
+    };
     let Some(positions) = t
         .sent_attributes
         .iter()
@@ -306,8 +323,14 @@ impl Range {
     }
 
     fn admits(&self, v: &Value) -> bool {
-        let lo_ok = self.lo.as_ref().is_none_or(|(l, incl)| v > l || (*incl && v == l));
-        let hi_ok = self.hi.as_ref().is_none_or(|(h, incl)| v < h || (*incl && v == h));
+        let lo_ok = self
+            .lo
+            .as_ref()
+            .is_none_or(|(l, incl)| v > l || (*incl && v == l));
+        let hi_ok = self
+            .hi
+            .as_ref()
+            .is_none_or(|(h, incl)| v < h || (*incl && v == h));
         lo_ok && hi_ok && !self.excluded.contains(v)
     }
 
@@ -327,7 +350,9 @@ impl Range {
 
     /// The finite set of values the attribute can take, if known.
     fn finite(&self) -> Option<Vec<&Value>> {
-        self.values.as_ref().map(|vals| vals.iter().filter(|v| self.admits(v)).collect())
+        self.values
+            .as_ref()
+            .map(|vals| vals.iter().filter(|v| self.admits(v)).collect())
     }
 }
 
@@ -364,14 +389,31 @@ fn atom(e: &Expr, var: &str, ty: &dyn Fn(&str) -> Option<ValueType>) -> Option<A
                 Some(Atom::Cmp(a, op.flip(), v))
             }
         }
-        Expr::InList { expr, list, negated } => {
+        Expr::InList {
+            expr,
+            list,
+            negated,
+        } => {
             let a = col(expr)?;
-            let vals = list.iter().map(|x| konst(&a, x)).collect::<Option<Vec<_>>>()?;
+            let vals = list
+                .iter()
+                .map(|x| konst(&a, x))
+                .collect::<Option<Vec<_>>>()?;
             Some(Atom::In(a, vals, *negated))
         }
-        Expr::Between { expr, low, high, negated } => {
+        Expr::Between {
+            expr,
+            low,
+            high,
+            negated,
+        } => {
             let a = col(expr)?;
-            Some(Atom::Between(a.clone(), konst(&a, low)?, konst(&a, high)?, *negated))
+            Some(Atom::Between(
+                a.clone(),
+                konst(&a, low)?,
+                konst(&a, high)?,
+                *negated,
+            ))
         }
         Expr::IsNull { expr, negated } => Some(Atom::Null(col(expr)?, *negated)),
         _ => None,
@@ -379,7 +421,11 @@ fn atom(e: &Expr, var: &str, ty: &dyn Fn(&str) -> Option<ValueType>) -> Option<A
 }
 
 impl Constraints {
-    fn from_conjuncts(var: &str, conjuncts: &[Expr], ty: &dyn Fn(&str) -> Option<ValueType>) -> Constraints {
+    fn from_conjuncts(
+        var: &str,
+        conjuncts: &[Expr],
+        ty: &dyn Fn(&str) -> Option<ValueType>,
+    ) -> Constraints {
         let mut attrs: BTreeMap<String, Range> = BTreeMap::new();
         for c in conjuncts {
             let Some(a) = atom(c, var, ty) else { continue };
@@ -403,7 +449,10 @@ impl Constraints {
                         _ => r.tighten_lo(v, true),
                     }
                 }
-                Atom::In(attr, vals, false) => attrs.entry(attr).or_default().restrict(vals.into_iter().collect()),
+                Atom::In(attr, vals, false) => attrs
+                    .entry(attr)
+                    .or_default()
+                    .restrict(vals.into_iter().collect()),
                 // NOT IN with a NULL in the list is never true; otherwise it
                 // excludes the values.
                 Atom::In(attr, vals, true) => {
@@ -441,11 +490,23 @@ fn implied(
     if conjuncts.contains(d) || constraints.attrs.values().any(Range::empty) {
         return true;
     }
-    if let Expr::Binary { op: BinOp::Or, left, right } = d {
-        return implied(left, var, conjuncts, constraints, ty) || implied(right, var, conjuncts, constraints, ty);
+    if let Expr::Binary {
+        op: BinOp::Or,
+        left,
+        right,
+    } = d
+    {
+        return implied(left, var, conjuncts, constraints, ty)
+            || implied(right, var, conjuncts, constraints, ty);
     }
-    if let Expr::Binary { op: BinOp::And, left, right } = d {
-        return implied(left, var, conjuncts, constraints, ty) && implied(right, var, conjuncts, constraints, ty);
+    if let Expr::Binary {
+        op: BinOp::And,
+        left,
+        right,
+    } = d
+    {
+        return implied(left, var, conjuncts, constraints, ty)
+            && implied(right, var, conjuncts, constraints, ty);
     }
     // A predicate on one attribute the query pins to finitely many values:
     // evaluate it on each.
@@ -469,7 +530,9 @@ fn implied(
             eval::holds(&d, &row).unwrap_or(false)
         });
     }
-    let Some(a) = atom(d, var, ty) else { return false };
+    let Some(a) = atom(d, var, ty) else {
+        return false;
+    };
     let range_of = |attr: &str| constraints.attrs.get(attr);
     match a {
         Atom::Null(attr, negated) => range_of(&attr).is_some_and(|r| if negated { r.not_null } else { r.is_null }),
@@ -531,7 +594,9 @@ mod tests {
 
     fn planned(sql: &str) -> Plan {
         let (local, m) = site();
-        let Statement::Select(s) = crate::parse(sql).unwrap().1.remove(0) else { panic!() };
+        let Statement::Select(s) = crate::parse(sql).unwrap().1.remove(0) else {
+            panic!()
+        };
         plan(&s, &local, &m).unwrap()
     }
 
@@ -544,17 +609,33 @@ mod tests {
         let (local, _) = site();
         let defs = [(SnapshotNo(1), definition(snapshot))];
         let q = planned(query);
-        let nothing_changed = q.semijoins.iter().map(|s| (s.local_var.clone(), Vec::new())).collect();
+        let nothing_changed = q
+            .semijoins
+            .iter()
+            .map(|s| (s.local_var.clone(), Vec::new()))
+            .collect();
         performed(&q, &nothing_changed, &local, &defs).covered()
     }
 
     #[test]
     fn the_thesis_examples() {
         let p = "SELECT * FROM patient WHERE";
-        assert!(covered_by(&format!("{p} name = 'Jones' AND dob = 19340512"), &format!("{p} name = 'Jones'")));
-        assert!(!covered_by(&format!("{p} name = 'Jones'"), &format!("{p} name = 'Jones' AND dob = 19340512")));
-        assert!(covered_by(&format!("{p} age >= 60"), &format!("{p} age >= 50")));
-        assert!(!covered_by(&format!("{p} age >= 50"), &format!("{p} age >= 60")));
+        assert!(covered_by(
+            &format!("{p} name = 'Jones' AND dob = 19340512"),
+            &format!("{p} name = 'Jones'")
+        ));
+        assert!(!covered_by(
+            &format!("{p} name = 'Jones'"),
+            &format!("{p} name = 'Jones' AND dob = 19340512")
+        ));
+        assert!(covered_by(
+            &format!("{p} age >= 60"),
+            &format!("{p} age >= 50")
+        ));
+        assert!(!covered_by(
+            &format!("{p} age >= 50"),
+            &format!("{p} age >= 60")
+        ));
         assert!(covered_by(
             "retrieve (patient.pno) where patient.name = \"Jones\"",
             "SELECT * FROM patient WHERE name = 'Jones'"
@@ -580,7 +661,10 @@ mod tests {
             ("name = 'Jones' AND race = 'x'", "name = 'Jones'"),
         ];
         for (q, s) in yes {
-            assert!(covered_by(&format!("{p} {q}"), &format!("{p} {s}")), "{q} should imply {s}");
+            assert!(
+                covered_by(&format!("{p} {q}"), &format!("{p} {s}")),
+                "{q} should imply {s}"
+            );
         }
         let no = [
             ("age >= 60", "age > 60"),
@@ -595,7 +679,10 @@ mod tests {
             ("name = '5'", "name <> 5"),
         ];
         for (q, s) in no {
-            assert!(!covered_by(&format!("{p} {q}"), &format!("{p} {s}")), "{q} must not imply {s}");
+            assert!(
+                !covered_by(&format!("{p} {q}"), &format!("{p} {s}")),
+                "{q} must not imply {s}"
+            );
         }
     }
 
@@ -615,8 +702,14 @@ mod tests {
             "SELECT visit.* FROM visit, patient WHERE patient.name = 'Smith' AND visit.pno = patient.pno AND visit.date = 'x'",
             snap
         ));
-        assert!(!covered_by("SELECT * FROM patient WHERE name = 'Smith'", snap));
-        assert!(!covered_by("SELECT * FROM patient p, visit v WHERE p.name = 'Smith' AND p.pno = v.vno", snap));
+        assert!(!covered_by(
+            "SELECT * FROM patient WHERE name = 'Smith'",
+            snap
+        ));
+        assert!(!covered_by(
+            "SELECT * FROM patient p, visit v WHERE p.name = 'Smith' AND p.pno = v.vno",
+            snap
+        ));
         // Separate groups are covered separately.
         assert!(covered_by(
             "SELECT * FROM patient, visit WHERE patient.name = 'Smith' AND visit.date = 'x'",
@@ -628,12 +721,21 @@ mod tests {
     fn a_local_change_since_the_snapshot_uncovers_a_join() {
         let (local, _) = site();
         let snap_sql = "SELECT * FROM patient p, visit v WHERE p.pno = v.pno AND p.name = 'Smith'";
-        let sent: BTreeMap<String, Vec<Vec<Value>>> =
-            [("p".to_string(), vec![vec![Value::Int(5)]]), ("v".to_string(), vec![])].into();
-        let defs = [(SnapshotNo(3), SnapshotDefinition::from_plan(&planned(snap_sql), &sent))];
+        let sent: BTreeMap<String, Vec<Vec<Value>>> = [
+            ("p".to_string(), vec![vec![Value::Int(5)]]),
+            ("v".to_string(), vec![]),
+        ]
+        .into();
+        let defs = [(
+            SnapshotNo(3),
+            SnapshotDefinition::from_plan(&planned(snap_sql), &sent),
+        )];
         let q = planned(snap_sql);
         let now_same = sent.clone();
-        assert_eq!(performed(&q, &now_same, &local, &defs).groups, vec![Some(SnapshotNo(3))]);
+        assert_eq!(
+            performed(&q, &now_same, &local, &defs).groups,
+            vec![Some(SnapshotNo(3))]
+        );
         // A visit for patient 9 was added here since: its patient may be elsewhere.
         let mut now = sent.clone();
         now.insert("v".into(), vec![vec![Value::Int(9)]]);
@@ -653,15 +755,38 @@ mod tests {
             let attr = prop_oneof![Just("age"), Just("dob")];
             let name = prop_oneof![Just("'a'"), Just("'b'"), Just("'ab'"), Just("'B'")];
             prop_oneof![
-                (attr.clone(), prop_oneof![Just("="), Just("<>"), Just("<"), Just("<="), Just(">"), Just(">=")], num())
+                (
+                    attr.clone(),
+                    prop_oneof![
+                        Just("="),
+                        Just("<>"),
+                        Just("<"),
+                        Just("<="),
+                        Just(">"),
+                        Just(">=")
+                    ],
+                    num()
+                )
                     .prop_map(|(a, op, v)| format!("{a} {op} {v}")),
-                (attr.clone(), num(), num()).prop_map(|(a, l, h)| format!("{a} BETWEEN {l} AND {h}")),
-                (attr.clone(), proptest::collection::vec(num(), 1..4), any::<bool>()).prop_map(|(a, vs, neg)| {
-                    let list: Vec<String> = vs.iter().map(|v| v.to_string()).collect();
-                    format!("{a} {}IN ({})", if neg { "NOT " } else { "" }, list.join(", "))
-                }),
-                (attr.clone(), any::<bool>()).prop_map(|(a, n)| format!("{a} IS {}NULL", if n { "NOT " } else { "" })),
-                (prop_oneof![Just("="), Just("<"), Just(">=")], name.clone()).prop_map(|(op, v)| format!("name {op} {v}")),
+                (attr.clone(), num(), num())
+                    .prop_map(|(a, l, h)| format!("{a} BETWEEN {l} AND {h}")),
+                (
+                    attr.clone(),
+                    proptest::collection::vec(num(), 1..4),
+                    any::<bool>()
+                )
+                    .prop_map(|(a, vs, neg)| {
+                        let list: Vec<String> = vs.iter().map(|v| v.to_string()).collect();
+                        format!(
+                            "{a} {}IN ({})",
+                            if neg { "NOT " } else { "" },
+                            list.join(", ")
+                        )
+                    }),
+                (attr.clone(), any::<bool>())
+                    .prop_map(|(a, n)| format!("{a} IS {}NULL", if n { "NOT " } else { "" })),
+                (prop_oneof![Just("="), Just("<"), Just(">=")], name.clone())
+                    .prop_map(|(op, v)| format!("name {op} {v}")),
                 name.clone().prop_map(|v| format!("name LIKE {v}")),
                 (num(), attr.clone()).prop_map(|(v, a)| format!("{v} < {a}")),
                 (atom_pair()).prop_map(|(x, y)| format!("({x} OR {y})")),
@@ -669,7 +794,8 @@ mod tests {
         }
 
         fn atom_pair() -> impl Strategy<Value = (String, String)> {
-            let simple = (prop_oneof![Just("age"), Just("dob")], -3i64..6).prop_map(|(a, v)| format!("{a} = {v}"));
+            let simple = (prop_oneof![Just("age"), Just("dob")], -3i64..6)
+                .prop_map(|(a, v)| format!("{a} = {v}"));
             (simple.clone(), simple)
         }
 

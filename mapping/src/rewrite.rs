@@ -24,15 +24,16 @@ use std::fmt;
 use serde::Serialize;
 use snaps_schema::{Catalog, Value};
 
+use crate::Result;
 use crate::decompose::{Decomposition, JoinClause, decompose, resolve};
 use crate::ir::{BinOp, ColumnRef, Expr, Select};
 use crate::mapping::{RelationMapping, SiteMapping, Split};
-use crate::Result;
 
 /// Functions the global controller evaluates with SQLite's meaning; a
 /// selection calling any other function stays at the site.
-pub const GLOBAL_FUNCTIONS: &[&str] =
-    &["lower", "upper", "length", "abs", "substr", "trim", "ltrim", "rtrim", "coalesce", "ifnull"];
+pub const GLOBAL_FUNCTIONS: &[&str] = &[
+    "lower", "upper", "length", "abs", "substr", "trim", "ltrim", "rtrim", "coalesce", "ifnull",
+];
 
 /// One global relation taking part in a [`GlobalTable`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -140,9 +141,16 @@ impl SemiJoinProjection {
         } else {
             format!("{} AS {}", self.local_relation, self.local_var)
         };
-        let attrs: Vec<String> =
-            self.attributes.iter().map(|a| ColumnRef::new(&self.local_var, a).to_string()).collect();
-        format!("SELECT DISTINCT {} FROM {from} WHERE {}", attrs.join(", "), conds.join(" AND "))
+        let attrs: Vec<String> = self
+            .attributes
+            .iter()
+            .map(|a| ColumnRef::new(&self.local_var, a).to_string())
+            .collect();
+        format!(
+            "SELECT DISTINCT {} FROM {from} WHERE {}",
+            attrs.join(", "),
+            conds.join(" AND ")
+        )
     }
 }
 
@@ -206,7 +214,12 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
             Split::MainTupleId(m) => Reassembly::MainTupleId(*m),
             Split::Key(keys) => Reassembly::Key(
                 keys.iter()
-                    .map(|k| rm.targets(k).iter().map(|(_, a)| a.global.clone()).collect())
+                    .map(|k| {
+                        rm.targets(k)
+                            .iter()
+                            .map(|(_, a)| a.global.clone())
+                            .collect()
+                    })
                     .collect(),
             ),
         };
@@ -246,16 +259,17 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
                 }
                 joins.push((g, lv, rv));
             }
-            Err(why) => dropped.push(format!(
-                "join {} = {} dropped: {why}",
-                j.left, j.right
-            )),
+            Err(why) => dropped.push(format!("join {} = {} dropped: {why}", j.left, j.right)),
         }
     }
     // A null-supplying table whose outer join clause did not map is fetched
     // on its own selections, as a table of its own.
     for t in &mut tables {
-        if t.outer && !joins.iter().any(|(j, _, _)| j.outer.as_deref() == Some(t.local_var.as_str())) {
+        if t.outer
+            && !joins
+                .iter()
+                .any(|(j, _, _)| j.outer.as_deref() == Some(t.local_var.as_str()))
+        {
             t.outer = false;
         }
     }
@@ -272,8 +286,15 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
             })
         })
         .collect();
-    let query = (!tables.is_empty()).then(|| GlobalQuery { groups: group(tables, joins) });
-    Plan { decomposition: d, query, semijoins, dropped }
+    let query = (!tables.is_empty()).then(|| GlobalQuery {
+        groups: group(tables, joins),
+    });
+    Plan {
+        decomposition: d,
+        query,
+        semijoins,
+        dropped,
+    }
 }
 
 fn var_of(c: &ColumnRef) -> String {
@@ -302,11 +323,20 @@ fn group(tables: Vec<GlobalTable>, joins: Vec<(GlobalJoin, String, String)>) -> 
     for (i, t) in tables.into_iter().enumerate() {
         match groups.iter_mut().find(|(root, _)| *root == roots[i]) {
             Some((_, g)) => g.tables.push(t),
-            None => groups.push((roots[i], JoinGroup { tables: vec![t], joins: Vec::new() })),
+            None => groups.push((
+                roots[i],
+                JoinGroup {
+                    tables: vec![t],
+                    joins: Vec::new(),
+                },
+            )),
         }
     }
     for (j, l, _) in joins {
-        if let Some((_, g)) = groups.iter_mut().find(|(_, g)| g.tables.iter().any(|t| t.local_var == l)) {
+        if let Some((_, g)) = groups
+            .iter_mut()
+            .find(|(_, g)| g.tables.iter().any(|t| t.local_var == l))
+        {
             g.joins.push(j);
         }
     }
@@ -328,27 +358,47 @@ fn map_join(
             _ => Err(format!("{v} is not mapped")),
         }
     };
-    Ok(GlobalJoin { left: side(&j.left)?, right: side(&j.right)?, outer: j.outer.clone(), local: j.clone() })
+    Ok(GlobalJoin {
+        left: side(&j.left)?,
+        right: side(&j.right)?,
+        outer: j.outer.clone(),
+        local: j.clone(),
+    })
 }
 
 /// The global expression a local attribute reads as: the part's column, or
 /// for a key stored in every part of a unique-key split, the first non-null
 /// of them (a part may be missing for another site's tuples).
-fn column(c: &ColumnRef, t: &GlobalTable, rm: &RelationMapping) -> std::result::Result<Expr, String> {
+fn column(
+    c: &ColumnRef,
+    t: &GlobalTable,
+    rm: &RelationMapping,
+) -> std::result::Result<Expr, String> {
     let targets = rm.targets(&c.attr);
     if targets.is_empty() {
         return Err(format!("{}.{} is not mapped", rm.local.name, c.attr));
     }
-    let cols: Vec<Expr> =
-        targets.iter().map(|(i, a)| Expr::col(&t.parts[*i].var, &a.global)).collect();
+    let cols: Vec<Expr> = targets
+        .iter()
+        .map(|(i, a)| Expr::col(&t.parts[*i].var, &a.global))
+        .collect();
     Ok(match (&t.reassembly, cols.len()) {
-        (_, 1) => cols.into_iter().next().unwrap_or(Expr::Literal(Value::Null)),
+        (_, 1) => cols
+            .into_iter()
+            .next()
+            .unwrap_or(Expr::Literal(Value::Null)),
         // Main-tuple-id split: the main part is always there.
         (Reassembly::MainTupleId(m), _) => {
             let main = targets.iter().position(|(i, _)| i == m).unwrap_or(0);
-            cols.into_iter().nth(main).unwrap_or(Expr::Literal(Value::Null))
+            cols.into_iter()
+                .nth(main)
+                .unwrap_or(Expr::Literal(Value::Null))
         }
-        _ => Expr::Function { name: "coalesce".into(), args: cols, distinct: false },
+        _ => Expr::Function {
+            name: "coalesce".into(),
+            args: cols,
+            distinct: false,
+        },
     })
 }
 
@@ -356,11 +406,17 @@ fn column(c: &ColumnRef, t: &GlobalTable, rm: &RelationMapping) -> std::result::
 /// coerced to its type as SQLite's affinity would and converted through its
 /// conversion function; anything that cannot be mapped faithfully is refused
 /// (and so dropped from the fetch).
-fn map_expr(e: &Expr, tables: &[(&GlobalTable, &RelationMapping)]) -> std::result::Result<Expr, String> {
+fn map_expr(
+    e: &Expr,
+    tables: &[(&GlobalTable, &RelationMapping)],
+) -> std::result::Result<Expr, String> {
     // Attribute comparisons with constants: coerce and convert the constant.
     if let Some((col, rebuild)) = constant_shape(e) {
         let v = var_of(col);
-        let (t, rm) = tables.iter().find(|(t, _)| t.local_var == v).ok_or("unknown variable")?;
+        let (t, rm) = tables
+            .iter()
+            .find(|(t, _)| t.local_var == v)
+            .ok_or("unknown variable")?;
         let g = column(col, t, rm)?;
         let targets = rm.targets(&col.attr);
         let Some((_, a)) = targets.first() else {
@@ -368,10 +424,15 @@ fn map_expr(e: &Expr, tables: &[(&GlobalTable, &RelationMapping)]) -> std::resul
         };
         let convert = |lit: &Value| -> std::result::Result<Value, String> {
             let coerced = a.local_type.coerce_constant(lit).ok_or_else(|| {
-                format!("{lit} is not comparable with {}.{} ({})", rm.local.name, col.attr, a.local_type)
+                format!(
+                    "{lit} is not comparable with {}.{} ({})",
+                    rm.local.name, col.attr, a.local_type
+                )
             })?;
             match a.to_global {
-                Some(c) => c.apply(&coerced, a.global_type, &a.global).map_err(|e| e.to_string()),
+                Some(c) => c
+                    .apply(&coerced, a.global_type, &a.global)
+                    .map_err(|e| e.to_string()),
                 None => Ok(coerced),
             }
         };
@@ -402,15 +463,21 @@ fn map_expr(e: &Expr, tables: &[(&GlobalTable, &RelationMapping)]) -> std::resul
     let out = e.map_columns(&mut |c| {
         let v = var_of(c);
         let found = tables.iter().find(|(t, _)| t.local_var == v);
-        let mapped = found.ok_or_else(|| "unknown variable".to_string()).and_then(|(t, rm)| {
-            if rm.targets(&c.attr).iter().any(|(_, a)| a.to_global.is_some()) {
-                return Err(format!(
-                    "{}.{} is converted and appears in an expression",
-                    rm.local.name, c.attr
-                ));
-            }
-            column(c, t, rm)
-        });
+        let mapped = found
+            .ok_or_else(|| "unknown variable".to_string())
+            .and_then(|(t, rm)| {
+                if rm
+                    .targets(&c.attr)
+                    .iter()
+                    .any(|(_, a)| a.to_global.is_some())
+                {
+                    return Err(format!(
+                        "{}.{} is converted and appears in an expression",
+                        rm.local.name, c.attr
+                    ));
+                }
+                column(c, t, rm)
+            });
         mapped.unwrap_or_else(|m| {
             err.get_or_insert(m);
             Expr::Column(c.clone())
@@ -432,15 +499,28 @@ fn constant_shape(e: &Expr) -> Option<(&ColumnRef, Rebuild<'_>)> {
         _ => None,
     };
     match e {
-        Expr::Binary { op, left, right } if op.is_comparison() => match (left.as_ref(), right.as_ref()) {
-            (Expr::Column(c), Expr::Literal(v)) | (Expr::Literal(v), Expr::Column(c)) => {
-                let op = if matches!(left.as_ref(), Expr::Literal(_)) { op.flip() } else { *op };
-                let v = v.clone();
-                Some((c, Box::new(move |g, conv| Ok(Expr::binary(op, g, Expr::Literal(conv(&v)?))))))
+        Expr::Binary { op, left, right } if op.is_comparison() => {
+            match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), Expr::Literal(v)) | (Expr::Literal(v), Expr::Column(c)) => {
+                    let op = if matches!(left.as_ref(), Expr::Literal(_)) {
+                        op.flip()
+                    } else {
+                        *op
+                    };
+                    let v = v.clone();
+                    Some((
+                        c,
+                        Box::new(move |g, conv| Ok(Expr::binary(op, g, Expr::Literal(conv(&v)?)))),
+                    ))
+                }
+                _ => None,
             }
-            _ => None,
-        },
-        Expr::InList { expr, list, negated } => match expr.as_ref() {
+        }
+        Expr::InList {
+            expr,
+            list,
+            negated,
+        } => match expr.as_ref() {
             Expr::Column(c) => {
                 let values: Option<Vec<Value>> = list.iter().map(lit).collect();
                 let values = values?;
@@ -448,14 +528,26 @@ fn constant_shape(e: &Expr) -> Option<(&ColumnRef, Rebuild<'_>)> {
                 Some((
                     c,
                     Box::new(move |g, conv| {
-                        let list = values.iter().map(|v| conv(v).map(Expr::Literal)).collect::<std::result::Result<_, _>>()?;
-                        Ok(Expr::InList { expr: Box::new(g), list, negated })
+                        let list = values
+                            .iter()
+                            .map(|v| conv(v).map(Expr::Literal))
+                            .collect::<std::result::Result<_, _>>()?;
+                        Ok(Expr::InList {
+                            expr: Box::new(g),
+                            list,
+                            negated,
+                        })
                     }),
                 ))
             }
             _ => None,
         },
-        Expr::Between { expr, low, high, negated } => match (expr.as_ref(), lit(low), lit(high)) {
+        Expr::Between {
+            expr,
+            low,
+            high,
+            negated,
+        } => match (expr.as_ref(), lit(low), lit(high)) {
             (Expr::Column(c), Some(lo), Some(hi)) => {
                 let negated = *negated;
                 Some((
@@ -491,7 +583,9 @@ fn walk_functions(e: &Expr, f: &mut impl FnMut(&str)) {
             walk_functions(expr, f);
             list.iter().for_each(|a| walk_functions(a, f));
         }
-        Expr::Between { expr, low, high, .. } => {
+        Expr::Between {
+            expr, low, high, ..
+        } => {
             walk_functions(expr, f);
             walk_functions(low, f);
             walk_functions(high, f);
@@ -508,7 +602,11 @@ impl GlobalTable {
     /// The FROM item reassembling this table.
     fn reassembled(&self) -> String {
         let item = |p: &GlobalPart| {
-            if p.var == p.relation { p.relation.clone() } else { format!("{} AS {}", p.relation, p.var) }
+            if p.var == p.relation {
+                p.relation.clone()
+            } else {
+                format!("{} AS {}", p.relation, p.var)
+            }
         };
         match &self.reassembly {
             Reassembly::Single => item(&self.parts[0]),
@@ -553,7 +651,11 @@ impl fmt::Display for JoinGroup {
             .tables
             .iter()
             .flat_map(|t| t.parts.iter())
-            .flat_map(|p| p.columns.iter().map(move |c| ColumnRef::new(&p.var, c).to_string()))
+            .flat_map(|p| {
+                p.columns
+                    .iter()
+                    .map(move |c| ColumnRef::new(&p.var, c).to_string())
+            })
             .collect();
         write!(f, "SELECT {} FROM ", cols.join(", "))?;
         let mut wheres: Vec<String> = Vec::new();
@@ -611,10 +713,18 @@ impl fmt::Display for Plan {
     /// The explain text administrators read (`snaps explain`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.decomposition;
-        let kind = if d.ambiguous() { "ambiguous" } else { "unambiguous" };
+        let kind = if d.ambiguous() {
+            "ambiguous"
+        } else {
+            "unambiguous"
+        };
         writeln!(f, "decomposition ({kind}):")?;
         for r in &d.ranges {
-            let outer = if r.left_join_on.is_some() { " (left join)" } else { "" };
+            let outer = if r.left_join_on.is_some() {
+                " (left join)"
+            } else {
+                ""
+            };
             writeln!(f, "  range {} is {}{outer}", r.var, r.relation)?;
         }
         for (var, sel) in &d.selections {
@@ -623,7 +733,11 @@ impl fmt::Display for Plan {
             }
         }
         for j in &d.joins {
-            let outer = j.outer.as_ref().map(|v| format!(" (left join, {v} may be null)")).unwrap_or_default();
+            let outer = j
+                .outer
+                .as_ref()
+                .map(|v| format!(" (left join, {v} may be null)"))
+                .unwrap_or_default();
             writeln!(f, "  join: {} = {}{outer}", j.left, j.right)?;
         }
         for e in &d.local_only {

@@ -22,11 +22,13 @@ use crate::{Error, Result};
 
 /// Parses one or more SQL statements into the IR.
 pub fn parse(text: &str) -> Result<Vec<Statement>> {
-    let statements = Parser::parse_sql(&GenericDialect {}, text)
-        .map_err(|e| {
-            let e = e.to_string();
-            Error::Parse(format!("sql: {}", e.trim_start_matches("sql parser error: ")))
-        })?;
+    let statements = Parser::parse_sql(&GenericDialect {}, text).map_err(|e| {
+        let e = e.to_string();
+        Error::Parse(format!(
+            "sql: {}",
+            e.trim_start_matches("sql parser error: ")
+        ))
+    })?;
     statements.iter().map(lower_statement).collect()
 }
 
@@ -42,7 +44,11 @@ fn lower_statement(s: &ast::Statement) -> Result<Statement> {
         ast::Statement::Delete(d) => lower_delete(d),
         other => {
             let text = other.to_string();
-            let head: String = text.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+            let head: String = text
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
             unsupported(format!("statement {head}"))
         }
     }
@@ -79,12 +85,19 @@ fn lower_query(q: &ast::Query) -> Result<Select> {
             if item.options.nulls_first.is_some() {
                 return unsupported("NULLS FIRST/LAST");
             }
-            select.order_by.push(OrderItem { expr: lower_expr(&item.expr)?, desc });
+            select.order_by.push(OrderItem {
+                expr: lower_expr(&item.expr)?,
+                desc,
+            });
         }
     }
     match &q.limit_clause {
         None => {}
-        Some(LimitClause::LimitOffset { limit, offset, limit_by }) => {
+        Some(LimitClause::LimitOffset {
+            limit,
+            offset,
+            limit_by,
+        }) => {
             if !limit_by.is_empty() {
                 return unsupported("LIMIT BY");
             }
@@ -132,7 +145,10 @@ fn lower_select(s: &ast::Select) -> Result<Select> {
     }
     for item in &s.projection {
         select.targets.push(match item {
-            SelectItem::UnnamedExpr(e) => Target::Expr { expr: lower_expr(e)?, alias: None },
+            SelectItem::UnnamedExpr(e) => Target::Expr {
+                expr: lower_expr(e)?,
+                alias: None,
+            },
             SelectItem::ExprWithAlias { expr, alias } => Target::Expr {
                 expr: lower_expr(expr)?,
                 alias: Some(alias.value.to_lowercase()),
@@ -161,14 +177,25 @@ fn lower_select(s: &ast::Select) -> Result<Select> {
 
 fn table_range(factor: &TableFactor) -> Result<Range> {
     match factor {
-        TableFactor::Table { name, alias, args: None, .. } => {
+        TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } => {
             let relation = name_of(name)?;
             let var = match alias {
-                Some(a) if !a.columns.is_empty() => return unsupported("column aliases on a table"),
+                Some(a) if !a.columns.is_empty() => {
+                    return unsupported("column aliases on a table");
+                }
                 Some(a) => a.name.value.to_lowercase(),
                 None => relation.clone(),
             };
-            Ok(Range { var, relation, left_join_on: None })
+            Ok(Range {
+                var,
+                relation,
+                left_join_on: None,
+            })
         }
         TableFactor::Derived { .. } => unsupported("a subquery in FROM"),
         TableFactor::NestedJoin { .. } => unsupported("a parenthesised join"),
@@ -249,9 +276,10 @@ fn literal(v: &ast::Value) -> Result<Value> {
 fn lower_expr(e: &ast::Expr) -> Result<Expr> {
     let b = |e: &ast::Expr| lower_expr(e).map(Box::new);
     Ok(match e {
-        ast::Expr::Identifier(id) => {
-            Expr::Column(ColumnRef { var: None, attr: id.value.to_lowercase() })
-        }
+        ast::Expr::Identifier(id) => Expr::Column(ColumnRef {
+            var: None,
+            attr: id.value.to_lowercase(),
+        }),
         ast::Expr::CompoundIdentifier(ids) => match ids.as_slice() {
             [v, a] => Expr::col(&v.value.to_lowercase(), &a.value.to_lowercase()),
             _ => return unsupported(format!("name {e}")),
@@ -273,35 +301,80 @@ fn lower_expr(e: &ast::Expr) -> Result<Expr> {
             },
             other => return unsupported(format!("operator {other}")),
         },
-        ast::Expr::IsNull(x) => Expr::IsNull { expr: b(x)?, negated: false },
-        ast::Expr::IsNotNull(x) => Expr::IsNull { expr: b(x)?, negated: true },
-        ast::Expr::InList { expr, list, negated } => Expr::InList {
+        ast::Expr::IsNull(x) => Expr::IsNull {
+            expr: b(x)?,
+            negated: false,
+        },
+        ast::Expr::IsNotNull(x) => Expr::IsNull {
+            expr: b(x)?,
+            negated: true,
+        },
+        ast::Expr::InList {
+            expr,
+            list,
+            negated,
+        } => Expr::InList {
             expr: b(expr)?,
             list: list.iter().map(lower_expr).collect::<Result<_>>()?,
             negated: *negated,
         },
-        ast::Expr::Between { expr, negated, low, high } => Expr::Between {
+        ast::Expr::Between {
+            expr,
+            negated,
+            low,
+            high,
+        } => Expr::Between {
             expr: b(expr)?,
             low: b(low)?,
             high: b(high)?,
             negated: *negated,
         },
         // SQLite's LIKE ignores ASCII case, so ILIKE means the same there.
-        ast::Expr::Like { negated, any: false, expr, pattern, escape_char: None }
-        | ast::Expr::ILike { negated, any: false, expr, pattern, escape_char: None } => {
-            Expr::Like { expr: b(expr)?, pattern: b(pattern)?, negated: *negated }
+        ast::Expr::Like {
+            negated,
+            any: false,
+            expr,
+            pattern,
+            escape_char: None,
         }
+        | ast::Expr::ILike {
+            negated,
+            any: false,
+            expr,
+            pattern,
+            escape_char: None,
+        } => Expr::Like {
+            expr: b(expr)?,
+            pattern: b(pattern)?,
+            negated: *negated,
+        },
         ast::Expr::Function(f) => lower_function(f)?,
-        ast::Expr::Substring { expr, substring_from: Some(from), substring_for, .. } => {
+        ast::Expr::Substring {
+            expr,
+            substring_from: Some(from),
+            substring_for,
+            ..
+        } => {
             let mut args = vec![lower_expr(expr)?, lower_expr(from)?];
             if let Some(n) = substring_for {
                 args.push(lower_expr(n)?);
             }
-            Expr::Function { name: "substr".into(), args, distinct: false }
+            Expr::Function {
+                name: "substr".into(),
+                args,
+                distinct: false,
+            }
         }
-        ast::Expr::Trim { expr, trim_where: None, trim_what: None, trim_characters: None } => {
-            Expr::Function { name: "trim".into(), args: vec![lower_expr(expr)?], distinct: false }
-        }
+        ast::Expr::Trim {
+            expr,
+            trim_where: None,
+            trim_what: None,
+            trim_characters: None,
+        } => Expr::Function {
+            name: "trim".into(),
+            args: vec![lower_expr(expr)?],
+            distinct: false,
+        },
         ast::Expr::Subquery(_) | ast::Expr::InSubquery { .. } | ast::Expr::Exists { .. } => {
             return unsupported("a subquery");
         }
@@ -333,7 +406,11 @@ fn lower_function(f: &ast::Function) -> Result<Expr> {
             (args, distinct)
         }
     };
-    Ok(Expr::Function { name, args, distinct })
+    Ok(Expr::Function {
+        name,
+        args,
+        distinct,
+    })
 }
 
 fn lower_insert(i: &ast::Insert) -> Result<Statement> {
@@ -352,7 +429,12 @@ fn lower_insert(i: &ast::Insert) -> Result<Statement> {
     let rows = values
         .rows
         .iter()
-        .map(|row| row.content.iter().map(lower_expr).collect::<Result<Vec<_>>>())
+        .map(|row| {
+            row.content
+                .iter()
+                .map(lower_expr)
+                .collect::<Result<Vec<_>>>()
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Statement::Insert(Insert {
         relation: name_of(name)?,
@@ -446,7 +528,10 @@ mod tests {
              AND pno IN (1, 2) AND dob BETWEEN 19300101 AND 19401231 AND surname LIKE 'Mac%' \
              GROUP BY surname HAVING count(*) > 1 ORDER BY n DESC, surname LIMIT 10 OFFSET 5",
         );
-        round("SELECT a - (b - 1), -x, count(DISTINCT y) FROM t", "SELECT a - (b - 1), -x, count(DISTINCT y) FROM t");
+        round(
+            "SELECT a - (b - 1), -x, count(DISTINCT y) FROM t",
+            "SELECT a - (b - 1), -x, count(DISTINCT y) FROM t",
+        );
     }
 
     #[test]
@@ -459,7 +544,10 @@ mod tests {
             "UPDATE patient SET add1 = '12 Hereford St', gp = 1004 WHERE pno = 7",
             "UPDATE patient SET add1 = '12 Hereford St', gp = 1004 WHERE pno = 7",
         );
-        round("DELETE FROM visit_rep WHERE vno = 3", "DELETE FROM visit_rep WHERE vno = 3");
+        round(
+            "DELETE FROM visit_rep WHERE vno = 3",
+            "DELETE FROM visit_rep WHERE vno = 3",
+        );
     }
 
     #[test]
@@ -477,12 +565,18 @@ mod tests {
             err("SELECT x FROM a UNION SELECT y FROM b"),
             "sql: a set operation (UNION, INTERSECT, EXCEPT) or VALUES query is not supported"
         );
-        assert_eq!(err("CREATE TABLE t (a INT)"), "sql: statement CREATE TABLE is not supported");
+        assert_eq!(
+            err("CREATE TABLE t (a INT)"),
+            "sql: statement CREATE TABLE is not supported"
+        );
         assert_eq!(
             err("SELECT * FROM t WHERE a = $1"),
             "sql: parameter $1 must be bound before the statement is planned"
         );
         assert!(err("SELEC * FROM t").starts_with("sql: "));
-        assert!(matches!(parse("SELECT * FROM t WHERE"), Err(Error::Parse(_))));
+        assert!(matches!(
+            parse("SELECT * FROM t WHERE"),
+            Err(Error::Parse(_))
+        ));
     }
 }

@@ -1192,10 +1192,7 @@ fn atom(
             format!("{col} {not}IN ({})", list.join(", "))
         }
         6 => {
-            let (lo, hi) = (
-                constant(c, world, rel, a),
-                constant(c, world, rel, a),
-            );
+            let (lo, hi) = (constant(c, world, rel, a), constant(c, world, rel, a));
             let not = if c.chance(30) { "NOT " } else { "" };
             format!(
                 "{col} {not}BETWEEN {} AND {}",
@@ -1225,10 +1222,7 @@ fn atom(
                 1 => format!("length({col}) > {}", c.pick(6)),
                 _ => format!("coalesce({col}, 'none') = 'none'"),
             },
-            _ => format!(
-                "abs({col}) > {}",
-                sql_value(&constant(c, world, rel, a))
-            ),
+            _ => format!("abs({col}) > {}", sql_value(&constant(c, world, rel, a))),
         },
         12 if a.ty.is_numeric() => format!(
             "{col} + 1 {} {}",

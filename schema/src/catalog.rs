@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use sqlparser::ast::{
-    CharacterLength, ColumnOption, DataType, Expr, Statement, TableConstraint,
-};
+use sqlparser::ast::{CharacterLength, ColumnOption, DataType, Expr, Statement, TableConstraint};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
@@ -15,15 +13,58 @@ use crate::{Error, Result, ValueType};
 /// SQL keywords that cannot be bare attribute names (the thesis' global
 /// `visit.when` is one).
 const RESERVED: &[&str] = &[
-    "all", "and", "as", "between", "by", "case", "check", "create", "default", "delete", "distinct",
-    "else", "end", "from", "group", "having", "in", "index", "insert", "into", "is", "join", "like",
-    "limit", "not", "null", "on", "or", "order", "primary", "references", "select", "set", "table",
-    "then", "to", "union", "unique", "update", "using", "values", "when", "where",
+    "all",
+    "and",
+    "as",
+    "between",
+    "by",
+    "case",
+    "check",
+    "create",
+    "default",
+    "delete",
+    "distinct",
+    "else",
+    "end",
+    "from",
+    "group",
+    "having",
+    "in",
+    "index",
+    "insert",
+    "into",
+    "is",
+    "join",
+    "like",
+    "limit",
+    "not",
+    "null",
+    "on",
+    "or",
+    "order",
+    "primary",
+    "references",
+    "select",
+    "set",
+    "table",
+    "then",
+    "to",
+    "union",
+    "unique",
+    "update",
+    "using",
+    "values",
+    "when",
+    "where",
 ];
 
 /// An identifier as SQL text, double-quoted when it is a keyword.
 pub fn sql_ident(name: &str) -> String {
-    if RESERVED.contains(&name) { format!("\"{name}\"") } else { name.to_string() }
+    if RESERVED.contains(&name) {
+        format!("\"{name}\"")
+    } else {
+        name.to_string()
+    }
 }
 
 /// One attribute of a relation.
@@ -108,7 +149,11 @@ impl Catalog {
                         "schema: attribute {name}.{attr_name} is declared twice"
                     )));
                 }
-                attributes.push(Attribute { name: attr_name, ty, not_null });
+                attributes.push(Attribute {
+                    name: attr_name,
+                    ty,
+                    not_null,
+                });
             }
             for constraint in &table.constraints {
                 if let TableConstraint::PrimaryKey(pk) = constraint {
@@ -123,14 +168,23 @@ impl Catalog {
                 }
             }
             for k in &key {
-                let attr = attributes.iter_mut().find(|a| &a.name == k).ok_or_else(|| {
-                    Error::Catalog(format!("schema: key attribute {name}.{k} is not declared"))
-                })?;
+                let attr = attributes
+                    .iter_mut()
+                    .find(|a| &a.name == k)
+                    .ok_or_else(|| {
+                        Error::Catalog(format!("schema: key attribute {name}.{k} is not declared"))
+                    })?;
                 attr.not_null = true;
             }
-            let relation = Relation { name: name.clone(), attributes, key };
+            let relation = Relation {
+                name: name.clone(),
+                attributes,
+                key,
+            };
             if catalog.relations.insert(name.clone(), relation).is_some() {
-                return Err(Error::Catalog(format!("schema: relation {name} is declared twice")));
+                return Err(Error::Catalog(format!(
+                    "schema: relation {name} is declared twice"
+                )));
             }
         }
         Ok(catalog)
@@ -227,7 +281,10 @@ mod tests {
     #[test]
     fn bad_schemas_say_what_is_wrong() {
         let e = Catalog::from_ddl("CREATE TABLE t (a TEXT)").unwrap_err();
-        assert_eq!(e.to_string(), "schema: unsupported type TEXT for t.a (use i2, i4, f4 or cN)");
+        assert_eq!(
+            e.to_string(),
+            "schema: unsupported type TEXT for t.a (use i2, i4, f4 or cN)"
+        );
         let e = Catalog::from_ddl("CREATE TABLE t (a i4, a i2)").unwrap_err();
         assert_eq!(e.to_string(), "schema: attribute t.a is declared twice");
         let e = Catalog::from_ddl("CREATE TABLE t (a i4, PRIMARY KEY (b))").unwrap_err();

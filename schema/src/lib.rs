@@ -15,12 +15,12 @@
 //! limited to 31 sites.
 
 mod catalog;
+pub mod datagen;
 mod error;
 mod ids;
 mod network;
 mod status;
 mod value;
-pub mod datagen;
 
 pub use catalog::{Attribute, Catalog, Relation, sql_ident};
 pub use error::{Error, Result};

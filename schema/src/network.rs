@@ -111,15 +111,21 @@ impl NetworkConfig {
     /// and checks it: unique site codes and numbers, disjoint key ranges, modes
     /// only for relations of the global schema.
     pub fn load(path: &Path) -> Result<NetworkConfig> {
-        let file = if path.is_dir() { path.join("network.toml") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            path.join("network.toml")
+        } else {
+            path.to_path_buf()
+        };
         let text = std::fs::read_to_string(&file).map_err(|source| Error::Io {
             path: file.clone(),
             source,
         })?;
-        let mut config: NetworkConfig = toml::from_str(&text)
-            .map_err(|e| Error::Parse(format!("{}: {e}", file.display())))?;
+        let mut config: NetworkConfig =
+            toml::from_str(&text).map_err(|e| Error::Parse(format!("{}: {e}", file.display())))?;
         config.dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        config.check().map_err(|e| Error::Catalog(format!("{}: {e}", file.display())))?;
+        config
+            .check()
+            .map_err(|e| Error::Catalog(format!("{}: {e}", file.display())))?;
         Ok(config)
     }
 
@@ -128,7 +134,10 @@ impl NetworkConfig {
         let mut numbers = BTreeSet::new();
         for site in &self.sites {
             if !codes.insert(&site.code) {
-                return Err(Error::Catalog(format!("site {} is listed twice", site.code)));
+                return Err(Error::Catalog(format!(
+                    "site {} is listed twice",
+                    site.code
+                )));
             }
             if site.number.0 == 0 || !numbers.insert(site.number) {
                 return Err(Error::Catalog(format!(
@@ -137,7 +146,10 @@ impl NetworkConfig {
                 )));
             }
             if site.keys.is_empty() {
-                return Err(Error::Catalog(format!("site {} has an empty key range", site.code)));
+                return Err(Error::Catalog(format!(
+                    "site {} has an empty key range",
+                    site.code
+                )));
             }
         }
         if self.sites.iter().filter(|s| s.home).count() > 1 {
@@ -148,7 +160,9 @@ impl NetworkConfig {
                 let relations: BTreeSet<&String> =
                     a.key_ranges.keys().chain(b.key_ranges.keys()).collect();
                 let clash = a.keys.overlaps(&b.keys)
-                    || relations.iter().any(|r| a.key_range(r).overlaps(&b.key_range(r)));
+                    || relations
+                        .iter()
+                        .any(|r| a.key_range(r).overlaps(&b.key_range(r)));
                 if clash {
                     return Err(Error::Catalog(format!(
                         "key ranges of sites {} and {} overlap",
@@ -185,18 +199,24 @@ impl NetworkConfig {
 
     /// The site with code `code`.
     pub fn site(&self, code: &str) -> Result<&SiteConfig> {
-        self.sites.iter().find(|s| s.code.as_str() == code).ok_or_else(|| {
-            let known: Vec<&str> = self.sites.iter().map(|s| s.code.as_str()).collect();
-            Error::Catalog(format!(
-                "unknown site {code} in network {} (sites: {})",
-                self.name,
-                known.join(", ")
-            ))
-        })
+        self.sites
+            .iter()
+            .find(|s| s.code.as_str() == code)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.sites.iter().map(|s| s.code.as_str()).collect();
+                Error::Catalog(format!(
+                    "unknown site {code} in network {} (sites: {})",
+                    self.name,
+                    known.join(", ")
+                ))
+            })
     }
 
     /// The mode of a global relation; read-only unless configured otherwise.
     pub fn mode(&self, global_relation: &str) -> RelationMode {
-        self.relations.get(global_relation).copied().unwrap_or(RelationMode::ReadOnly)
+        self.relations
+            .get(global_relation)
+            .copied()
+            .unwrap_or(RelationMode::ReadOnly)
     }
 }

@@ -93,7 +93,11 @@ impl LocalStatus {
     /// Unpacks the appendix-A byte; every byte value is a valid status.
     pub fn from_byte(b: u8) -> LocalStatus {
         LocalStatus {
-            tuple_type: if b & 0x80 != 0 { TupleType::Snapshot } else { TupleType::Local },
+            tuple_type: if b & 0x80 != 0 {
+                TupleType::Snapshot
+            } else {
+                TupleType::Local
+            },
             rights: match (b >> 5) & 0b11 {
                 0b00 => LocalRights::Unknown,
                 0b01 => LocalRights::ReadWrite,
@@ -268,7 +272,10 @@ impl GlobalStatus {
             _ => GlobalRights::Temporary,
         };
         let sent = (word >> 12) & 0xffff_ffff;
-        let sent_to = (0..32).filter(|i| sent & (1 << i) != 0).map(SiteNo).collect();
+        let sent_to = (0..32)
+            .filter(|i| sent & (1 << i) != 0)
+            .map(SiteNo)
+            .collect();
         let lock = ((word >> 6) & 0x3f) as u32;
         let user = (word & 0x3f) as u32;
         Ok(GlobalStatus {
@@ -298,9 +305,15 @@ mod tests {
         };
         assert_eq!(s.to_byte().unwrap(), 0b1_10_0_1_101);
         assert_eq!(LocalStatus::new_local().to_byte().unwrap(), 0b0_01_1_0_000);
-        let deleted = LocalStatus { rights: LocalRights::Deleted, ..LocalStatus::new_local() };
+        let deleted = LocalStatus {
+            rights: LocalRights::Deleted,
+            ..LocalStatus::new_local()
+        };
         assert_eq!(deleted.to_byte().unwrap() & 0b0110_0000, 0b0110_0000);
-        let bad = LocalStatus { just_copied: 8, ..s };
+        let bad = LocalStatus {
+            just_copied: 8,
+            ..s
+        };
         assert_eq!(
             bad.to_byte().unwrap_err().to_string(),
             "just-copied value 8 does not fit 3 bits"
@@ -325,7 +338,10 @@ mod tests {
         let w = s.pack_appendix_b().unwrap();
         assert_eq!(w, 0b1010 << 12 | 3 << 6 | 7);
         assert_eq!(GlobalStatus::unpack_appendix_b(w).unwrap(), s);
-        let t = GlobalStatus { rights: GlobalRights::Temporary, ..s.clone() };
+        let t = GlobalStatus {
+            rights: GlobalRights::Temporary,
+            ..s.clone()
+        };
         assert_eq!(t.pack_appendix_b().unwrap() >> 44, 0b11);
         assert!(w < 1 << 46, "46 bits as the thesis says");
     }
@@ -342,7 +358,11 @@ mod tests {
             s.pack_appendix_b().unwrap_err().to_string(),
             "sent-to site 40 does not fit the 32-bit appendix-B field"
         );
-        let s = GlobalStatus { sent_to: SentTo::new(), lock_site: Some(SiteNo(64)), ..s };
+        let s = GlobalStatus {
+            sent_to: SentTo::new(),
+            lock_site: Some(SiteNo(64)),
+            ..s
+        };
         assert!(s.pack_appendix_b().is_err());
         assert!(GlobalStatus::unpack_appendix_b(1 << 47).is_err());
     }

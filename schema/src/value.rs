@@ -214,13 +214,23 @@ mod tests {
     #[test]
     fn widths_are_checked_with_the_attribute_named() {
         assert!(ValueType::Int2.check(Value::Int(32767), "p.gp").is_ok());
-        let err = ValueType::Int2.check(Value::Int(32768), "patient.gp").unwrap_err();
+        let err = ValueType::Int2
+            .check(Value::Int(32768), "patient.gp")
+            .unwrap_err();
         assert_eq!(err.to_string(), "value 32768 does not fit patient.gp (i2)");
-        assert!(ValueType::Int4.check(Value::Int(i32::MAX as i64 + 1), "x").is_err());
+        assert!(
+            ValueType::Int4
+                .check(Value::Int(i32::MAX as i64 + 1), "x")
+                .is_err()
+        );
         assert!(ValueType::Char(2).check(Value::text("Dr"), "t").is_ok());
         assert!(ValueType::Char(2).check(Value::text("Mrs"), "t").is_err());
         assert!(ValueType::Char(4).check(Value::Int(3), "t").is_err());
-        assert!(ValueType::Float4.check(Value::Float(f64::MAX), "t").is_err());
+        assert!(
+            ValueType::Float4
+                .check(Value::Float(f64::MAX), "t")
+                .is_err()
+        );
         assert_eq!(
             ValueType::Int4.check(Value::Float(7.0), "t").unwrap(),
             Value::Int(7)
