@@ -1155,14 +1155,7 @@ fn like_pattern(c: &mut Choices, world: &World, relation: &str, attr: &Attribute
 const OPS: &[&str] = &["=", "<>", "<", "<=", ">", ">="];
 
 /// A predicate on one variable.
-fn atom(
-    c: &mut Choices,
-    world: &World,
-    site: &SiteModel,
-    var: &str,
-    relation: &Relation,
-    depth: usize,
-) -> String {
+fn atom(c: &mut Choices, world: &World, var: &str, relation: &Relation, depth: usize) -> String {
     let attrs = interesting(relation);
     let a = if attrs.is_empty() || c.chance(10) {
         &relation.attributes[c.pick(relation.attributes.len())]
@@ -1205,11 +1198,11 @@ fn atom(
             format!("{col} {not}LIKE {}", like_pattern(c, world, rel, a))
         }
         8 => format!("{col} IS {}NULL", if c.chance(50) { "NOT " } else { "" }),
-        9 => format!("NOT ({})", atom(c, world, site, var, relation, depth + 1)),
+        9 => format!("NOT ({})", atom(c, world, var, relation, depth + 1)),
         10 => format!(
             "({} OR {})",
-            atom(c, world, site, var, relation, depth + 1),
-            atom(c, world, site, var, relation, depth + 1)
+            atom(c, world, var, relation, depth + 1),
+            atom(c, world, var, relation, depth + 1)
         ),
         11 => match a.ty {
             ValueType::Char(_) => match c.pick(3) {
@@ -1340,7 +1333,7 @@ fn gen_query(c: &mut Choices, world: &World, site: &SiteModel) -> String {
             r.relation.to_string()
         };
         let mut own: Vec<String> = (0..[0, 0, 1, 1, 2][c.pick(5)])
-            .map(|_| atom(c, world, site, &r.var, rel, 0))
+            .map(|_| atom(c, world, &r.var, rel, 0))
             .collect();
         if i == 0 {
             from.push_str(&item);
@@ -1393,8 +1386,8 @@ fn gen_query(c: &mut Choices, world: &World, site: &SiteModel) -> String {
         wheres.push(if c.chance(50) {
             format!(
                 "({} OR {})",
-                atom(c, world, site, &ri.var, reli, 1),
-                atom(c, world, site, &rj.var, relj, 1)
+                atom(c, world, &ri.var, reli, 1),
+                atom(c, world, &rj.var, relj, 1)
             )
         } else {
             let ai = &reli.attributes[c.pick(reli.attributes.len())];
