@@ -249,7 +249,14 @@ pub fn plan_decomposition(d: Decomposition, mapping: &SiteMapping) -> Plan {
         match map_join(j, &d, &tables, mapping) {
             Ok(g) => {
                 let (lv, rv) = (var_of(&j.left), var_of(&j.right));
-                for c in [&j.left, &j.right] {
+                // The preserved side of a LEFT JOIN is fetched on its own
+                // selections whatever it joins, so the null-supplying side's
+                // new tuples need not be projected for it.
+                let sides = [&j.left, &j.right];
+                let projected = sides
+                    .into_iter()
+                    .filter(|c| j.outer.as_deref() != c.var.as_deref());
+                for c in projected {
                     let v = var_of(c);
                     match semijoin_attrs.iter_mut().find(|(x, _)| *x == v) {
                         Some((_, attrs)) if !attrs.contains(&c.attr) => attrs.push(c.attr.clone()),
@@ -673,8 +680,11 @@ impl fmt::Display for JoinGroup {
                 }
                 write!(f, " LEFT JOIN {} ON {}", t.reassembled(), on.join(" AND "))?;
             } else {
+                // With a LEFT JOIN in the group, CROSS JOIN keeps every earlier
+                // table in scope of its ON (a comma would not, in PostgreSQL).
                 if i > 0 {
-                    f.write_str(", ")?;
+                    let has_outer = self.tables.iter().any(|t| t.outer);
+                    f.write_str(if has_outer { " CROSS JOIN " } else { ", " })?;
                 }
                 f.write_str(&t.reassembled())?;
                 wheres.extend(t.selection.iter().map(|e| e.to_string()));
