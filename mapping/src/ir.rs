@@ -238,33 +238,36 @@ impl Expr {
         }
     }
 
-    /// Calls `f` on every column reference, in order.
-    pub fn visit_columns<'a>(&'a self, f: &mut impl FnMut(&'a ColumnRef)) {
+    /// The direct sub-expressions, in order.
+    pub fn children(&self) -> Vec<&Expr> {
         match self {
-            Expr::Column(c) => f(c),
-            Expr::Literal(_) => {}
-            Expr::Binary { left, right, .. } => {
-                left.visit_columns(f);
-                right.visit_columns(f);
-            }
-            Expr::Not(e) | Expr::Neg(e) | Expr::IsNull { expr: e, .. } => e.visit_columns(f),
-            Expr::InList { expr, list, .. } => {
-                expr.visit_columns(f);
-                list.iter().for_each(|e| e.visit_columns(f));
-            }
+            Expr::Column(_) | Expr::Literal(_) => Vec::new(),
+            Expr::Binary { left, right, .. } => vec![left, right],
+            Expr::Not(e) | Expr::Neg(e) | Expr::IsNull { expr: e, .. } => vec![e],
+            Expr::InList { expr, list, .. } => std::iter::once(expr.as_ref()).chain(list).collect(),
             Expr::Between {
                 expr, low, high, ..
-            } => {
-                expr.visit_columns(f);
-                low.visit_columns(f);
-                high.visit_columns(f);
-            }
-            Expr::Like { expr, pattern, .. } => {
-                expr.visit_columns(f);
-                pattern.visit_columns(f);
-            }
-            Expr::Function { args, .. } => args.iter().for_each(|e| e.visit_columns(f)),
+            } => vec![expr, low, high],
+            Expr::Like { expr, pattern, .. } => vec![expr, pattern],
+            Expr::Function { args, .. } => args.iter().collect(),
         }
+    }
+
+    /// Calls `f` on this expression and every sub-expression, depth first.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a Expr)) {
+        f(self);
+        for c in self.children() {
+            c.walk(f);
+        }
+    }
+
+    /// Calls `f` on every column reference, in order.
+    pub fn visit_columns<'a>(&'a self, f: &mut impl FnMut(&'a ColumnRef)) {
+        self.walk(&mut |e| {
+            if let Expr::Column(c) = e {
+                f(c);
+            }
+        });
     }
 
     /// Rewrites every column reference with `f`, bottom-up.
@@ -339,21 +342,12 @@ impl Expr {
 
     /// True if an aggregate function appears anywhere in the expression.
     pub fn has_aggregate(&self) -> bool {
-        match self {
-            Expr::Function { name, args, .. } => {
-                AGGREGATES.contains(&name.as_str()) || args.iter().any(Expr::has_aggregate)
-            }
-            Expr::Column(_) | Expr::Literal(_) => false,
-            Expr::Binary { left, right, .. } => left.has_aggregate() || right.has_aggregate(),
-            Expr::Not(e) | Expr::Neg(e) | Expr::IsNull { expr: e, .. } => e.has_aggregate(),
-            Expr::InList { expr, list, .. } => {
-                expr.has_aggregate() || list.iter().any(Expr::has_aggregate)
-            }
-            Expr::Between {
-                expr, low, high, ..
-            } => expr.has_aggregate() || low.has_aggregate() || high.has_aggregate(),
-            Expr::Like { expr, pattern, .. } => expr.has_aggregate() || pattern.has_aggregate(),
-        }
+        let mut found = false;
+        self.walk(&mut |e| {
+            found |=
+                matches!(e, Expr::Function { name, .. } if AGGREGATES.contains(&name.as_str()));
+        });
+        found
     }
 
     fn precedence(&self) -> u8 {

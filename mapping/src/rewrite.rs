@@ -456,17 +456,13 @@ fn map_expr(
     let e = &crate::eval::coerce_constants(e, &local_type)
         .ok_or_else(|| "a constant is not comparable with its attribute's type".to_string())?;
     let mut err: Option<String> = None;
-    let check = |e: &Expr, err: &mut Option<String>| {
-        let mut bad = |m: String| {
-            err.get_or_insert(m);
-        };
-        walk_functions(e, &mut |name| {
-            if !GLOBAL_FUNCTIONS.contains(&name) {
-                bad(format!("function {name} is evaluated at the site only"));
-            }
-        });
-    };
-    check(e, &mut err);
+    e.walk(&mut |x| {
+        if let Expr::Function { name, .. } = x
+            && !GLOBAL_FUNCTIONS.contains(&name.as_str())
+        {
+            err.get_or_insert(format!("function {name} is evaluated at the site only"));
+        }
+    });
     let out = e.map_columns(&mut |c| {
         let v = var_of(c);
         let found = tables.iter().find(|(t, _)| t.local_var == v);
@@ -572,36 +568,6 @@ fn constant_shape(e: &Expr) -> Option<(&ColumnRef, Rebuild<'_>)> {
             _ => None,
         },
         _ => None,
-    }
-}
-
-fn walk_functions(e: &Expr, f: &mut impl FnMut(&str)) {
-    match e {
-        Expr::Function { name, args, .. } => {
-            f(name);
-            args.iter().for_each(|a| walk_functions(a, f));
-        }
-        Expr::Binary { left, right, .. } => {
-            walk_functions(left, f);
-            walk_functions(right, f);
-        }
-        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull { expr: x, .. } => walk_functions(x, f),
-        Expr::InList { expr, list, .. } => {
-            walk_functions(expr, f);
-            list.iter().for_each(|a| walk_functions(a, f));
-        }
-        Expr::Between {
-            expr, low, high, ..
-        } => {
-            walk_functions(expr, f);
-            walk_functions(low, f);
-            walk_functions(high, f);
-        }
-        Expr::Like { expr, pattern, .. } => {
-            walk_functions(expr, f);
-            walk_functions(pattern, f);
-        }
-        Expr::Column(_) | Expr::Literal(_) => {}
     }
 }
 
