@@ -1,8 +1,18 @@
-//! The gRPC contract between SNAPS sites and the global snapshot controller.
+//! The gRPC contract between SNAPS sites and the global snapshot controller
+//! (`proto/snaps/v1/snaps.proto`), compiled in pure Rust by `protox`, and the
+//! conversions between its messages and the types of `snaps-schema` (values,
+//! rows) and `snaps-mapping` (expressions, mapped queries).
 //!
-//! Empty so far on purpose: the `.proto` files (site registration, initial
-//! load, fetch of a mapped query with its semi-join projections, locks,
-//! release of copies, status) arrive with the global controller, compiled in
-//! pure Rust by `protox` (no `protoc`), see `ARCHITECTURE.md`. Mapped queries
-//! will travel as structured messages built from `snaps_mapping::GlobalQuery`,
-//! never as SQL text.
+//! Both controllers use these conversions, so the wire form of a value or a
+//! query is defined once.
+
+pub mod convert;
+
+/// Generated messages, client and server of package `snaps.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("snaps.v1");
+}
+
+pub use convert::{WireError, decode_expr, decode_rows, decode_value, encode_expr, encode_rows,
+    encode_value, fetch_request, shape_of};
