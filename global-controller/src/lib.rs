@@ -1,8 +1,143 @@
 //! The global snapshot controller: the one process every site talks to. It
-//! will hold the global snapshot (the union of what the sites export, with
-//! appendix-B status per tuple), answer mapped queries, grant primary-copy
-//! locks and run the nightly refresh.
+//! holds the global snapshot (the union of what the sites export, with the
+//! status of appendix B per tuple), loads each site's export, answers mapped
+//! queries with their semi-join projections, and grants primary-copy locks.
 //!
-//! Empty so far on purpose: it is built on the mapping engine
-//! (`snaps_mapping::GlobalQuery` is what it will evaluate) in the next piece
-//! of work; see `ARCHITECTURE.md` for what it will own.
+//! * [`config`] — `global.toml`;
+//! * [`query`] — requests decoded and checked against the global catalog;
+//! * [`compile`] — checked fetches as parameterised SQL;
+//! * [`store`] — the store trait and its results; [`sqlite`] — the embedded
+//!   SQLite store;
+//! * [`service`] — the gRPC service; [`GlobalController`] runs it.
+
+pub mod compile;
+pub mod config;
+pub mod error;
+pub mod query;
+pub mod service;
+pub mod sqlite;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use snaps_proto::v1::global_snapshot_server::GlobalSnapshotServer;
+use tokio::net::TcpListener;
+use tonic::codec::CompressionEncoding;
+
+pub use config::GlobalConfig;
+pub use error::{Error, Result};
+pub use service::{MAX_MESSAGE_BYTES, Service};
+pub use sqlite::SqliteStore;
+pub use store::GlobalStore;
+
+/// How often counted bytes and last-seen times are written to the store.
+const ACTIVITY_FLUSH: Duration = Duration::from_secs(2);
+
+/// A global controller ready to serve: configuration and open store.
+pub struct GlobalController {
+    config: Arc<GlobalConfig>,
+    store: Arc<dyn GlobalStore>,
+}
+
+impl GlobalController {
+    /// Opens the store named in the configuration (creating it on first
+    /// start).
+    pub fn open(config: GlobalConfig) -> Result<GlobalController> {
+        let store = SqliteStore::open(&config.store, &config)?;
+        Ok(GlobalController {
+            config: Arc::new(config),
+            store: Arc::new(store),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GlobalConfig {
+        &self.config
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes the
+    /// requests under way and writes the counters.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<()> {
+        let service = Service::new(self.config.clone(), self.store.clone());
+        let flush = Arc::new(service.flusher());
+        let ticker = {
+            let flush = flush.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(ACTIVITY_FLUSH);
+                loop {
+                    every.tick().await;
+                    let f = flush.clone();
+                    match tokio::task::spawn_blocking(move || f()).await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "writing counters failed"),
+                        Err(e) => tracing::warn!(error = %e, "counter task failed"),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            })
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<GlobalSnapshotServer<Service>>().await;
+        let server = GlobalSnapshotServer::new(service)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, network = %self.config.network.name, "global controller serving");
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(server)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await;
+        ticker.abort();
+        let f = flush.clone();
+        tokio::task::spawn_blocking(move || f())
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        tracing::info!("global controller stopped");
+        result.map_err(|e| Error::Io(std::io::Error::other(e)))
+    }
+
+    /// Listens on the configured address and serves until SIGINT or SIGTERM.
+    pub async fn run(self) -> Result<()> {
+        let listener = TcpListener::bind(self.config.listen).await?;
+        self.serve(listener, shutdown_signal()).await
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}

@@ -26,6 +26,7 @@
 //! the refresh epochs, eviction of unused snapshots, and the PostgreSQL-wire SQL
 //! endpoint that hides the status column from the application.
 
+pub mod remote;
 pub mod store;
 pub mod value;
 
@@ -54,6 +55,12 @@ pub enum Error {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// The global snapshot controller answered with an error.
+    #[error("global controller: {}: {}", .0.code(), .0.message())]
+    Remote(#[from] tonic::Status),
+    /// The global snapshot controller could not be reached.
+    #[error("global controller unreachable: {0}")]
+    Unreachable(String),
     /// A request the store refuses: bad data, an unknown relation, a file that
     /// is not a site database, a database that already exists.
     #[error("{0}")]

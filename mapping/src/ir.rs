@@ -94,7 +94,8 @@ impl BinOp {
         }
     }
 
-    fn symbol(self) -> &'static str {
+    /// The operator as SQL writes it.
+    pub fn symbol(self) -> &'static str {
         match self {
             BinOp::Eq => "=",
             BinOp::NotEq => "<>",

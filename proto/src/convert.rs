@@ -1,6 +1,7 @@
 //! Conversions between wire messages and the schema and mapping types.
 
 use snaps_mapping::ir::{BinOp, ColumnRef, Expr};
+use snaps_mapping::mapping::{RelationMapping, Split as MappingSplit};
 use snaps_mapping::rewrite::{GlobalQuery, GlobalTable, Reassembly};
 use snaps_schema::Value;
 
@@ -301,6 +302,35 @@ pub fn shape_of(t: &GlobalTable) -> v1::Shape {
                     .collect(),
             })),
             Reassembly::MainTupleId(m) => Some(Split::MainPart(*m as u32)),
+        },
+    }
+}
+
+/// The shape of a local relation as its mapping lays it out (what an export
+/// batch carries); each part's variable is its global relation's name.
+pub fn shape_of_relation(rm: &RelationMapping) -> v1::Shape {
+    use v1::shape::Split;
+    v1::Shape {
+        parts: rm
+            .parts
+            .iter()
+            .map(|p| v1::Part {
+                var: p.global.clone(),
+                relation: p.global.clone(),
+                columns: p.attrs.iter().map(|a| a.global.clone()).collect(),
+            })
+            .collect(),
+        split: match &rm.split {
+            MappingSplit::None => None,
+            MappingSplit::Key(keys) => Some(Split::Key(v1::KeySplit {
+                keys: keys
+                    .iter()
+                    .map(|k| v1::KeyAttribute {
+                        names: rm.targets(k).iter().map(|(_, a)| a.global.clone()).collect(),
+                    })
+                    .collect(),
+            })),
+            MappingSplit::MainTupleId(m) => Some(Split::MainPart(*m as u32)),
         },
     }
 }

@@ -14,5 +14,7 @@ pub mod v1 {
     tonic::include_proto!("snaps.v1");
 }
 
-pub use convert::{WireError, decode_expr, decode_rows, decode_value, encode_expr, encode_rows,
-    encode_value, fetch_request, shape_of};
+pub use convert::{
+    WireError, decode_expr, decode_rows, decode_value, encode_expr, encode_rows, encode_value,
+    fetch_request, shape_of, shape_of_relation,
+};

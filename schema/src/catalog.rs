@@ -209,6 +209,18 @@ impl Catalog {
         self.relations.values()
     }
 
+    /// A short fingerprint of the catalog (FNV-1a, 64 bits, of
+    /// [`Catalog::to_ddl`], in hex): two parties holding the same relations,
+    /// attributes, types and keys get the same fingerprint.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.to_ddl().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
     /// The DDL that creates these relations, in the SQL type names.
     pub fn to_ddl(&self) -> String {
         let mut out = String::new();

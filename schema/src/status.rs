@@ -124,6 +124,30 @@ pub enum GlobalRights {
     Temporary,
 }
 
+impl GlobalRights {
+    /// The two-bit code of appendix B (`00` locked ... `11` temporary), also
+    /// the stored form at the global controller.
+    pub fn code(self) -> u8 {
+        match self {
+            GlobalRights::Locked => 0b00,
+            GlobalRights::ReadWrite => 0b01,
+            GlobalRights::ReadOnly => 0b10,
+            GlobalRights::Temporary => 0b11,
+        }
+    }
+
+    /// Reads a code written by [`GlobalRights::code`]; only the low two bits
+    /// count.
+    pub fn from_code(code: u8) -> GlobalRights {
+        match code & 0b11 {
+            0b00 => GlobalRights::Locked,
+            0b01 => GlobalRights::ReadWrite,
+            0b10 => GlobalRights::ReadOnly,
+            _ => GlobalRights::Temporary,
+        }
+    }
+}
+
 /// The set of sites holding a copy of a global tuple, any number of sites.
 #[derive(Clone, Default)]
 pub struct SentTo(BitVec<u8, Lsb0>);
@@ -231,12 +255,7 @@ impl GlobalStatus {
     /// field, when the status needs more than the thesis allowed: a site number
     /// of 32 or more in sent-to, or a lock site or user code above 63.
     pub fn pack_appendix_b(&self) -> Result<u64> {
-        let rights: u64 = match self.rights {
-            GlobalRights::Locked => 0b00,
-            GlobalRights::ReadWrite => 0b01,
-            GlobalRights::ReadOnly => 0b10,
-            GlobalRights::Temporary => 0b11,
-        };
+        let rights = u64::from(self.rights.code());
         let mut sent: u64 = 0;
         for site in self.sent_to.sites() {
             if site.0 >= 32 {
@@ -265,12 +284,7 @@ impl GlobalStatus {
                 "global status word {word:#x} has bits set above bit 45"
             )));
         }
-        let rights = match (word >> 44) & 0b11 {
-            0b00 => GlobalRights::Locked,
-            0b01 => GlobalRights::ReadWrite,
-            0b10 => GlobalRights::ReadOnly,
-            _ => GlobalRights::Temporary,
-        };
+        let rights = GlobalRights::from_code(((word >> 44) & 0b11) as u8);
         let sent = (word >> 12) & 0xffff_ffff;
         let sent_to = (0..32)
             .filter(|i| sent & (1 << i) != 0)

@@ -1,0 +1,190 @@
+//! `global.toml`: how the global snapshot controller is run.
+//!
+//! ```toml
+//! listen = "127.0.0.1:7400"          # where sites connect
+//! store = "global.db"                # SQLite file, created on first start
+//! network = "../fixtures/radiology"  # global schema, sites, key ranges, modes
+//!
+//! [relations]                        # optional: overrides network.toml's modes
+//! doctor = "read-only"
+//!
+//! [indexes]                          # attributes selected often, besides keys
+//! patient = [["surname"], ["dob"]]
+//! visit = [["pno"]]
+//!
+//! [credentials]                      # one per site of the network
+//! CPH = { token = "..." }
+//! STG = { token_file = "stg.token" }
+//! ```
+//!
+//! Relative paths are resolved against the folder of `global.toml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use snaps_schema::{Catalog, NetworkConfig, RelationMode, SiteConfig};
+
+use crate::error::{Error, Result};
+
+/// A site's credential as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// The token itself.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (surrounding white space ignored).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: SocketAddr,
+    store: PathBuf,
+    network: PathBuf,
+    #[serde(default)]
+    relations: BTreeMap<String, RelationMode>,
+    #[serde(default)]
+    indexes: BTreeMap<String, Vec<Vec<String>>>,
+    #[serde(default)]
+    credentials: BTreeMap<String, Credential>,
+}
+
+/// The controller's configuration, checked and resolved.
+#[derive(Debug, Clone)]
+pub struct GlobalConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The store file.
+    pub store: PathBuf,
+    /// The network.
+    pub network: NetworkConfig,
+    /// The global schema.
+    pub catalog: Catalog,
+    /// Mode of every global relation.
+    pub modes: BTreeMap<String, RelationMode>,
+    /// Extra indexes: relation → attribute lists.
+    pub indexes: BTreeMap<String, Vec<Vec<String>>>,
+    /// Token → site code.
+    pub tokens: BTreeMap<String, String>,
+}
+
+impl GlobalConfig {
+    /// Reads and checks `global.toml`.
+    pub fn load(path: &Path) -> Result<GlobalConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file: File =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let network = NetworkConfig::load(&dir.join(&file.network))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut tokens = BTreeMap::new();
+        for (code, c) in &file.credentials {
+            let token = match (&c.token, &c.token_file) {
+                (Some(t), None) => t.clone(),
+                (None, Some(f)) => std::fs::read_to_string(dir.join(f))
+                    .map_err(|e| Error::Config(format!("token file of site {code}: {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "credential of site {code}: give exactly one of token, token_file"
+                    )));
+                }
+            };
+            tokens.insert(token, code.clone());
+        }
+        GlobalConfig::new(
+            file.listen,
+            dir.join(&file.store),
+            network,
+            file.relations,
+            file.indexes,
+            tokens,
+        )
+    }
+
+    /// Builds a configuration in code (tests, the demo), with the same
+    /// checks as [`GlobalConfig::load`].
+    pub fn new(
+        listen: SocketAddr,
+        store: PathBuf,
+        network: NetworkConfig,
+        mode_overrides: BTreeMap<String, RelationMode>,
+        indexes: BTreeMap<String, Vec<Vec<String>>>,
+        tokens: BTreeMap<String, String>,
+    ) -> Result<GlobalConfig> {
+        let catalog = network
+            .global_catalog()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut modes = BTreeMap::new();
+        for r in catalog.relations() {
+            modes.insert(r.name.clone(), network.mode(&r.name));
+        }
+        for (r, m) in mode_overrides {
+            if !modes.contains_key(&r) {
+                return Err(Error::Config(format!("mode given for {r}, which is not a global relation")));
+            }
+            modes.insert(r, m);
+        }
+        for (r, lists) in &indexes {
+            let rel = catalog
+                .relation(r)
+                .ok_or_else(|| Error::Config(format!("index on {r}, which is not a global relation")))?;
+            for a in lists.iter().flatten() {
+                if rel.attribute(a).is_none() {
+                    return Err(Error::Config(format!("index on {r}.{a}, which is not an attribute")));
+                }
+            }
+        }
+        for (token, code) in &tokens {
+            network
+                .site(code)
+                .map_err(|_| Error::Config(format!("credential for {code}, which is not a site of the network")))?;
+            if token.len() < 16 {
+                return Err(Error::Config(format!(
+                    "the token of site {code} is shorter than 16 characters"
+                )));
+            }
+        }
+        for s in &network.sites {
+            if !tokens.values().any(|c| c == s.code.as_str()) {
+                tracing::warn!(site = %s.code, "no credential: the site cannot connect");
+            }
+        }
+        Ok(GlobalConfig {
+            listen,
+            store,
+            network,
+            catalog,
+            modes,
+            indexes,
+            tokens,
+        })
+    }
+
+    /// The site a token belongs to.
+    pub fn site_of_token(&self, token: &str) -> Option<&SiteConfig> {
+        // Compare every configured token in full, so the time taken does not
+        // tell how much of a guess was right.
+        let mut found = None;
+        for (t, code) in &self.tokens {
+            let same = t.len() == token.len()
+                && t.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            if same {
+                found = Some(code);
+            }
+        }
+        found.and_then(|c| self.network.site(c).ok())
+    }
+
+    /// The mode of a global relation.
+    pub fn mode(&self, relation: &str) -> RelationMode {
+        self.modes.get(relation).copied().unwrap_or(RelationMode::ReadOnly)
+    }
+}

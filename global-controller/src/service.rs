@@ -1,0 +1,357 @@
+//! The gRPC service: authenticates each request by its credential, decodes
+//! and checks it, runs it on the store off the async threads, and counts the
+//! bytes each site sends and receives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use snaps_proto::v1::global_snapshot_server::GlobalSnapshot;
+use snaps_proto::{encode_rows, v1};
+use snaps_schema::{RelationMode, SiteNo};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::GlobalConfig;
+use crate::error::Error;
+use crate::query::FetchQuery;
+use crate::store::{
+    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Refusal, SiteId, TupleRef,
+};
+
+/// Largest message either side accepts: a fetch of many tuples can be big.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The global snapshot service.
+pub struct Service {
+    config: Arc<GlobalConfig>,
+    store: Arc<dyn GlobalStore>,
+    activity: Arc<Mutex<HashMap<u32, Activity>>>,
+}
+
+impl Service {
+    /// A service over a store.
+    pub fn new(config: Arc<GlobalConfig>, store: Arc<dyn GlobalStore>) -> Service {
+        Service {
+            config,
+            store,
+            activity: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// A handle that flushes this service's activity.
+    pub fn flusher(&self) -> impl Fn() -> crate::Result<()> + Send + Sync + 'static {
+        let activity = self.activity.clone();
+        let store = self.store.clone();
+        move || flush(&activity, store.as_ref())
+    }
+
+    fn site<T>(&self, req: &Request<T>) -> Result<SiteId, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("no credential: send authorization: Bearer <token>"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("the credential is not a bearer token"))?;
+        let site = self
+            .config
+            .site_of_token(token.trim())
+            .ok_or_else(|| Status::unauthenticated("unknown credential"))?;
+        Ok(SiteId {
+            code: site.code.to_string(),
+            number: site.number,
+        })
+    }
+
+    fn count(&self, site: &SiteId, received: usize, sent: usize) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        let e = a.entry(site.number.0).or_default();
+        e.bytes_received += received as u64;
+        e.bytes_sent += sent as u64;
+        e.last_seen = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn GlobalStore) -> crate::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn flush(activity: &Mutex<HashMap<u32, Activity>>, store: &dyn GlobalStore) -> crate::Result<()> {
+    let taken: Vec<(SiteNo, Activity)> = {
+        let mut a = activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.drain().map(|(n, a)| (SiteNo(n), a)).collect()
+    };
+    if taken.is_empty() {
+        return Ok(());
+    }
+    store.record_activity(&taken)
+}
+
+fn wire_mode(m: RelationMode) -> v1::RelationMode {
+    match m {
+        RelationMode::ReadOnly => v1::RelationMode::ReadOnly,
+        RelationMode::ReadWrite => v1::RelationMode::ReadWrite,
+    }
+}
+
+fn refs(tuples: &[v1::TupleRef]) -> Result<Vec<TupleRef>, Status> {
+    tuples
+        .iter()
+        .map(|t| TupleRef::decode(t).map_err(Status::from))
+        .collect()
+}
+
+fn encode_table(
+    t: FetchedTable,
+    widths: &[usize],
+) -> Result<v1::TableTuples, Status> {
+    let count = t.len() as u32;
+    let parts = t
+        .parts
+        .into_iter()
+        .zip(widths)
+        .map(|(p, w)| {
+            Ok(v1::PartTuples {
+                tuple_ids: p.tuple_ids,
+                values: Some(encode_rows(*w, &p.rows).map_err(|e| Status::internal(e.to_string()))?),
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    Ok(v1::TableTuples {
+        group: t.group as u32,
+        table: t.table as u32,
+        count,
+        parts,
+    })
+}
+
+#[tonic::async_trait]
+impl GlobalSnapshot for Service {
+    async fn hello(&self, req: Request<v1::HelloRequest>) -> Result<Response<v1::HelloReply>, Status> {
+        let site = self.site(&req)?;
+        let req_len = req.get_ref().encoded_len();
+        let theirs = &req.get_ref().schema_fingerprint;
+        let ours = self.config.catalog.fingerprint();
+        if *theirs != ours {
+            return Err(Error::FailedPrecondition(format!(
+                "site {} was configured with global schema {theirs}, the global controller has {ours}",
+                site.code
+            ))
+            .into());
+        }
+        let conf = self
+            .config
+            .network
+            .site(&site.code)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(site = %site.code, software = %req.get_ref().software, "hello");
+        let range = |r: &snaps_schema::KeyRange| v1::KeyRange {
+            first: r.first,
+            last: r.last,
+        };
+        let reply = v1::HelloReply {
+            network: self.config.network.name.clone(),
+            site_code: site.code.clone(),
+            site_number: site.number.0,
+            keys: Some(range(&conf.keys)),
+            key_ranges: conf.key_ranges.iter().map(|(k, r)| (k.clone(), range(r))).collect(),
+            modes: self
+                .config
+                .modes
+                .iter()
+                .map(|(r, m)| (r.clone(), wire_mode(*m) as i32))
+                .collect(),
+            schema_fingerprint: ours,
+        };
+        self.count(&site, req_len, reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn load(
+        &self,
+        req: Request<Streaming<v1::LoadBatch>>,
+    ) -> Result<Response<v1::LoadReply>, Status> {
+        let site = self.site(&req)?;
+        let mut stream = req.into_inner();
+        let mut reply = v1::LoadReply::default();
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            self.count(&site, batch.encoded_len(), 0);
+            let batch = LoadBatch::decode(&batch, &self.config.catalog)?;
+            let s = site.clone();
+            let outcome = self.blocking(move |store| store.load(&s, &batch)).await?;
+            reply.loaded += outcome.loaded;
+            reply.already_loaded += outcome.already_loaded;
+            reply.conflicts.extend(outcome.conflicts.into_iter().map(|c| v1::Conflict {
+                relation: c.relation,
+                origin: c.origin,
+                key: c.key.iter().map(snaps_proto::encode_value).collect(),
+                holder_site: c.holder,
+            }));
+        }
+        tracing::info!(site = %site.code, loaded = reply.loaded, already = reply.already_loaded,
+            conflicts = reply.conflicts.len(), "load");
+        self.count(&site, 0, reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn load_progress(
+        &self,
+        req: Request<v1::LoadProgressRequest>,
+    ) -> Result<Response<v1::LoadProgressReply>, Status> {
+        let site = self.site(&req)?;
+        let relation = req.get_ref().relation.clone();
+        let s = site.clone();
+        let max_origin = self.blocking(move |store| store.load_progress(&s, &relation)).await?;
+        let reply = v1::LoadProgressReply { max_origin };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn fetch(&self, req: Request<v1::FetchRequest>) -> Result<Response<v1::FetchReply>, Status> {
+        let site = self.site(&req)?;
+        let query = FetchQuery::decode(req.get_ref(), &self.config.catalog)?;
+        let widths: Vec<Vec<Vec<usize>>> = query
+            .groups
+            .iter()
+            .map(|g| {
+                g.tables
+                    .iter()
+                    .map(|t| t.shape.parts.iter().map(|p| p.columns.len()).collect())
+                    .collect()
+            })
+            .collect();
+        let s = site.clone();
+        let tables = self.blocking(move |store| store.fetch(&s, &query)).await?;
+        let mut reply = v1::FetchReply::default();
+        let mut tuples = 0;
+        for t in tables {
+            tuples += t.len();
+            let w = &widths[t.group][t.table];
+            reply.tables.push(encode_table(t, w)?);
+        }
+        tracing::debug!(site = %site.code, tuples, "fetch");
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn lock(&self, req: Request<v1::LockRequest>) -> Result<Response<v1::LockReply>, Status> {
+        let site = self.site(&req)?;
+        let tuples = refs(&req.get_ref().tuples)?;
+        let s = site.clone();
+        let outcome = self.blocking(move |store| store.lock(&s, &tuples)).await?;
+        let reply = match outcome {
+            LockOutcome::Granted => v1::LockReply {
+                granted: true,
+                ..Default::default()
+            },
+            LockOutcome::Refused {
+                tuple,
+                reason,
+                holder,
+            } => {
+                let (r, message) = match reason {
+                    Refusal::Locked => (
+                        v1::RefusalReason::Locked,
+                        format!("{tuple} is locked by site {holder}"),
+                    ),
+                    Refusal::ReadOnly => (
+                        v1::RefusalReason::ReadOnly,
+                        format!(
+                            "{} is read-only for every site but the owner; {tuple} belongs to site {holder}",
+                            tuple.relation
+                        ),
+                    ),
+                };
+                v1::LockReply {
+                    granted: false,
+                    refused: Some(tuple.encode()),
+                    reason: r as i32,
+                    holder_site: holder,
+                    message,
+                }
+            }
+        };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn unlock(&self, req: Request<v1::UnlockRequest>) -> Result<Response<v1::UnlockReply>, Status> {
+        let site = self.site(&req)?;
+        let tuples = refs(&req.get_ref().tuples)?;
+        let s = site.clone();
+        let released = self.blocking(move |store| store.unlock(&s, &tuples)).await?;
+        let reply = v1::UnlockReply { released };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn release_copies(
+        &self,
+        req: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::ReleaseReply>, Status> {
+        let site = self.site(&req)?;
+        let tuples = refs(&req.get_ref().tuples)?;
+        let s = site.clone();
+        let released = self.blocking(move |store| store.release_copies(&s, &tuples)).await?;
+        let reply = v1::ReleaseReply { released };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+
+    async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
+        let site = self.site(&req)?;
+        let flush = self.flusher();
+        let report = self
+            .blocking(move |store| {
+                flush()?;
+                store.status()
+            })
+            .await?;
+        let reply = v1::StatusReply {
+            network: self.config.network.name.clone(),
+            relations: report
+                .relations
+                .into_iter()
+                .map(|r| v1::RelationStatus {
+                    name: r.name,
+                    mode: wire_mode(r.mode) as i32,
+                    tuples: r.tuples,
+                    locked: r.locked,
+                })
+                .collect(),
+            sites: report
+                .sites
+                .into_iter()
+                .map(|s| v1::SiteStatus {
+                    code: s.code,
+                    number: s.number,
+                    name: s.name,
+                    owned_tuples: s.owned_tuples,
+                    last_seen: s.last_seen,
+                    fetches: s.fetches,
+                    tuples_sent: s.tuples_sent,
+                    bytes_received: s.bytes_received,
+                    bytes_sent: s.bytes_sent,
+                    locks_granted: s.locks_granted,
+                    locks_refused: s.locks_refused,
+                })
+                .collect(),
+            conflicts: report.conflicts,
+        };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(Response::new(reply))
+    }
+}

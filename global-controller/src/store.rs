@@ -1,0 +1,324 @@
+//! The global store: what the controller keeps, behind a trait so the
+//! embedded SQLite store can be replaced by one on PostgreSQL for large
+//! networks. Every operation is one transaction.
+
+use snaps_proto::{decode_rows, v1};
+use snaps_schema::{Catalog, RelationMode, SiteNo, Value};
+
+use crate::error::{Error, Result};
+use crate::query::{FetchQuery, Shape};
+
+/// The site a request comes from (taken from its credential).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteId {
+    /// Its code, e.g. `CPH`.
+    pub code: String,
+    /// Its number: its bit in sent-to bitmaps.
+    pub number: SiteNo,
+}
+
+/// A batch of a site's initial export, checked against the catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadBatch {
+    /// How the local relation lies in the global snapshot.
+    pub shape: Shape,
+    /// The site's stable number of each local tuple.
+    pub origins: Vec<u64>,
+    /// Per part, per tuple, the values of the part's columns.
+    pub parts: Vec<Vec<Vec<Value>>>,
+}
+
+impl LoadBatch {
+    /// Decodes a batch and checks every value against its attribute's type.
+    pub fn decode(b: &v1::LoadBatch, catalog: &Catalog) -> Result<LoadBatch> {
+        let shape = b
+            .shape
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("a load batch has no shape".into()))?;
+        let (shape, _) = Shape::decode(shape, catalog)?;
+        if b.values.len() != shape.parts.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a load batch has values for {} parts of {}",
+                b.values.len(),
+                shape.parts.len()
+            )));
+        }
+        let mut parts = Vec::new();
+        for (p, rows) in shape.parts.iter().zip(&b.values) {
+            let rel = catalog
+                .relation(&p.relation)
+                .ok_or_else(|| Error::InvalidArgument(format!("unknown global relation {}", p.relation)))?;
+            let rows = decode_rows(p.columns.len(), rows)?;
+            if rows.len() != b.origins.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} rows of {} for {} origins",
+                    rows.len(),
+                    p.relation,
+                    b.origins.len()
+                )));
+            }
+            let mut checked = Vec::with_capacity(rows.len());
+            for (row, origin) in rows.into_iter().zip(&b.origins) {
+                let row = row
+                    .into_iter()
+                    .zip(&p.columns)
+                    .map(|(v, c)| {
+                        let a = rel.attribute(c).ok_or_else(|| {
+                            Error::InvalidArgument(format!("{} has no attribute {c}", rel.name))
+                        })?;
+                        a.ty.check(v, &format!("{}.{c}", rel.name)).map_err(|e| {
+                            Error::InvalidArgument(format!("tuple {origin}: {e}"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                checked.push(row);
+            }
+            parts.push(checked);
+        }
+        if b.origins.contains(&0) {
+            return Err(Error::InvalidArgument("origin 0 is not a tuple number".into()));
+        }
+        Ok(LoadBatch {
+            shape,
+            origins: b.origins.clone(),
+            parts,
+        })
+    }
+}
+
+/// A tuple that was not loaded because its key is taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictRecord {
+    /// The global relation whose key clashed.
+    pub relation: String,
+    /// The site's number of the refused tuple.
+    pub origin: u64,
+    /// The key values.
+    pub key: Vec<Value>,
+    /// The site holding the key already.
+    pub holder: String,
+}
+
+/// What a load batch did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOutcome {
+    /// Tuples appended.
+    pub loaded: u64,
+    /// Tuples already there from an earlier load (or already recorded as
+    /// conflicts).
+    pub already_loaded: u64,
+    /// Tuples refused because their key is taken.
+    pub conflicts: Vec<ConflictRecord>,
+}
+
+/// One part of the tuples returned for a table: row *i* of every part
+/// belongs to the same local tuple.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchedPart {
+    /// Tuple ids; 0 where the part is absent.
+    pub tuple_ids: Vec<u64>,
+    /// Values of the part's columns; NULLs where absent.
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// The tuples of one table the site did not hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FetchedTable {
+    /// The group of the request.
+    pub group: usize,
+    /// The table in the group.
+    pub table: usize,
+    /// Per part of the table's shape.
+    pub parts: Vec<FetchedPart>,
+}
+
+impl FetchedTable {
+    /// Number of local tuples returned.
+    pub fn len(&self) -> usize {
+        self.parts.first().map_or(0, |p| p.tuple_ids.len())
+    }
+
+    /// True when nothing is returned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A global tuple named by a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TupleRef {
+    /// The global relation.
+    pub relation: String,
+    /// How it is named.
+    pub id: TupleSel,
+}
+
+/// How a request names a tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TupleSel {
+    /// By tuple id.
+    Id(u64),
+    /// By the origin the requesting site exported it with (its own tuples).
+    Origin(u64),
+}
+
+impl TupleRef {
+    /// Decodes a tuple reference.
+    pub fn decode(t: &v1::TupleRef) -> Result<TupleRef> {
+        let id = match t.id {
+            Some(v1::tuple_ref::Id::TupleId(i)) => TupleSel::Id(i),
+            Some(v1::tuple_ref::Id::Origin(o)) => TupleSel::Origin(o),
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "a tuple of {} is named by neither tuple id nor origin",
+                    t.relation
+                )));
+            }
+        };
+        Ok(TupleRef {
+            relation: t.relation.clone(),
+            id,
+        })
+    }
+
+    /// The wire form.
+    pub fn encode(&self) -> v1::TupleRef {
+        v1::TupleRef {
+            relation: self.relation.clone(),
+            id: Some(match self.id {
+                TupleSel::Id(i) => v1::tuple_ref::Id::TupleId(i),
+                TupleSel::Origin(o) => v1::tuple_ref::Id::Origin(o),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for TupleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            TupleSel::Id(i) => write!(f, "{} tuple {i}", self.relation),
+            TupleSel::Origin(o) => write!(f, "{} tuple of origin {o}", self.relation),
+        }
+    }
+}
+
+/// Why a lock was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another site holds the lock.
+    Locked,
+    /// The relation is read-only for every site but the owner.
+    ReadOnly,
+}
+
+/// The answer to a lock request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Every tuple is locked by the requesting site.
+    Granted,
+    /// None is; this one could not be.
+    Refused {
+        /// The tuple.
+        tuple: TupleRef,
+        /// Why.
+        reason: Refusal,
+        /// The site holding the lock, or owning the read-only tuple.
+        holder: String,
+    },
+}
+
+/// Activity of a site not yet written to the store (bytes are counted as
+/// requests are served and written in batches).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Request bytes received from the site.
+    pub bytes_received: u64,
+    /// Reply bytes sent to it.
+    pub bytes_sent: u64,
+    /// Unix seconds of its last request.
+    pub last_seen: i64,
+}
+
+/// One relation in a status report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationReport {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: RelationMode,
+    /// Tuples held.
+    pub tuples: u64,
+    /// Tuples locked by some site.
+    pub locked: u64,
+}
+
+/// One site in a status report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SiteReport {
+    /// Code.
+    pub code: String,
+    /// Number.
+    pub number: u32,
+    /// Name.
+    pub name: String,
+    /// Tuples it owns.
+    pub owned_tuples: u64,
+    /// Unix seconds of its last request (0: never).
+    pub last_seen: i64,
+    /// Fetches served.
+    pub fetches: u64,
+    /// Tuples sent to it.
+    pub tuples_sent: u64,
+    /// Request bytes received from it.
+    pub bytes_received: u64,
+    /// Reply bytes sent to it.
+    pub bytes_sent: u64,
+    /// Lock requests granted.
+    pub locks_granted: u64,
+    /// Lock requests refused.
+    pub locks_refused: u64,
+}
+
+/// The controller's state in numbers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusReport {
+    /// Per relation.
+    pub relations: Vec<RelationReport>,
+    /// Per site.
+    pub sites: Vec<SiteReport>,
+    /// Conflicts awaiting an administrator.
+    pub conflicts: u64,
+}
+
+/// What the controller keeps. Implementations make each call one
+/// transaction and serialise the calls that write.
+pub trait GlobalStore: Send + Sync {
+    /// Appends a batch of a site's export (chapter 7, "Algorithm to Load the
+    /// Global Snapshot"): owned by the site; a tuple loaded before is not
+    /// loaded again; a taken key becomes a recorded conflict.
+    fn load(&self, site: &SiteId, batch: &LoadBatch) -> Result<LoadOutcome>;
+
+    /// The highest origin of the site's export processed for `relation`.
+    fn load_progress(&self, site: &SiteId, relation: &str) -> Result<u64>;
+
+    /// Evaluates a fetch over the global snapshot and the request's
+    /// temporary tuples; returns the tuples the site neither owns nor holds,
+    /// and records that it holds them.
+    fn fetch(&self, site: &SiteId, query: &FetchQuery) -> Result<Vec<FetchedTable>>;
+
+    /// Grants the primary-copy locks on all the tuples or on none.
+    fn lock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome>;
+
+    /// Releases the site's locks on these tuples; returns how many it held.
+    fn unlock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<u64>;
+
+    /// Records that the site no longer holds copies of these tuples; returns
+    /// how many it held.
+    fn release_copies(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<u64>;
+
+    /// Adds counted activity of sites.
+    fn record_activity(&self, activity: &[(SiteNo, Activity)]) -> Result<()>;
+
+    /// Counters and sizes.
+    fn status(&self) -> Result<StatusReport>;
+}

@@ -1,0 +1,372 @@
+//! The site's side of the gRPC contract: a client of the global snapshot
+//! controller that sends the site's credential with every request,
+//! compresses, and counts the bytes that really cross the wire (HTTP/2
+//! framing and headers included) — the thesis' first cost; and the
+//! conversions between the site's mapping and the wire (export batches,
+//! semi-join projections, fetched tuples mapped back).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use snaps_mapping::mapping::{RelationMapping, SiteMapping};
+use snaps_mapping::rewrite::{GlobalQuery, GlobalTable};
+use snaps_proto::v1::global_snapshot_client::GlobalSnapshotClient;
+use snaps_proto::{decode_rows, encode_rows, shape_of_relation, v1};
+use snaps_schema::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::codec::CompressionEncoding;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{Error, Result};
+
+/// Largest message the client accepts (a fetch of many tuples can be big).
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Bytes sent to and received from the global controller on the wire.
+#[derive(Debug, Default)]
+pub struct WireCounters {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl WireCounters {
+    /// Bytes written to the connection.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read from the connection.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// A TCP stream that counts what passes through it.
+struct Counted {
+    inner: TcpStream,
+    counters: Arc<WireCounters>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Adds the site's credential to every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// The generated client with the credential attached.
+pub type RawClient = GlobalSnapshotClient<InterceptedService<Channel, Bearer>>;
+
+/// A connection to the global snapshot controller.
+#[derive(Clone)]
+pub struct GlobalClient {
+    client: RawClient,
+    counters: Arc<WireCounters>,
+}
+
+impl GlobalClient {
+    /// Connects to `addr` (`http://host:port`) with the site's token.
+    pub async fn connect(addr: &str, token: &str) -> Result<GlobalClient> {
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| Error::Invalid(format!("global controller address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let counters = Arc::new(WireCounters::default());
+        let c = counters.clone();
+        let connector = tower::service_fn(move |uri: Uri| {
+            let counters = c.clone();
+            async move {
+                let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
+                let port = uri.port_u16().unwrap_or(80);
+                let inner = TcpStream::connect((host.as_str(), port)).await?;
+                inner.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(TokioIo::new(Counted { inner, counters }))
+            }
+        });
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| Error::Unreachable(format!("{addr}: {e}")))?;
+        let bearer = format!("Bearer {token}")
+            .parse::<MetadataValue<Ascii>>()
+            .map_err(|_| Error::Invalid("the token has characters a header cannot carry".into()))?;
+        let client = GlobalSnapshotClient::with_interceptor(channel, Bearer(bearer))
+            .send_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(GlobalClient { client, counters })
+    }
+
+    /// The wire byte counters of this connection.
+    pub fn counters(&self) -> &WireCounters {
+        &self.counters
+    }
+
+    /// The generated client, for calls this type does not wrap.
+    pub fn raw(&self) -> RawClient {
+        self.client.clone()
+    }
+
+    /// Registers: checks the schema fingerprint, learns code, number, key
+    /// ranges and relation modes.
+    pub async fn hello(&self, schema_fingerprint: &str) -> Result<v1::HelloReply> {
+        let req = v1::HelloRequest {
+            schema_fingerprint: schema_fingerprint.to_string(),
+            software: concat!("snaps ", env!("CARGO_PKG_VERSION")).to_string(),
+        };
+        Ok(self.raw().hello(req).await?.into_inner())
+    }
+
+    /// Sends export batches in one stream.
+    pub async fn load(&self, batches: Vec<v1::LoadBatch>) -> Result<v1::LoadReply> {
+        let stream = tokio_stream_iter(batches);
+        Ok(self.raw().load(stream).await?.into_inner())
+    }
+
+    /// The highest origin already processed for a global relation.
+    pub async fn load_progress(&self, relation: &str) -> Result<u64> {
+        let req = v1::LoadProgressRequest {
+            relation: relation.to_string(),
+        };
+        Ok(self.raw().load_progress(req).await?.into_inner().max_origin)
+    }
+
+    /// One fetch.
+    pub async fn fetch(&self, req: v1::FetchRequest) -> Result<v1::FetchReply> {
+        Ok(self.raw().fetch(req).await?.into_inner())
+    }
+
+    /// Asks for primary-copy locks (all or none).
+    pub async fn lock(&self, tuples: Vec<v1::TupleRef>) -> Result<v1::LockReply> {
+        Ok(self.raw().lock(v1::LockRequest { tuples }).await?.into_inner())
+    }
+
+    /// Gives locks back.
+    pub async fn unlock(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
+        Ok(self
+            .raw()
+            .unlock(v1::UnlockRequest { tuples })
+            .await?
+            .into_inner()
+            .released)
+    }
+
+    /// Says the site no longer holds these copies.
+    pub async fn release_copies(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
+        Ok(self
+            .raw()
+            .release_copies(v1::ReleaseRequest { tuples })
+            .await?
+            .into_inner()
+            .released)
+    }
+
+    /// The controller's counters.
+    pub async fn status(&self) -> Result<v1::StatusReply> {
+        Ok(self.raw().status(v1::StatusRequest {}).await?.into_inner())
+    }
+}
+
+/// A stream over batches already built.
+fn tokio_stream_iter(
+    batches: Vec<v1::LoadBatch>,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = v1::LoadBatch> + Send + 'static {
+    tonic::codegen::tokio_stream::iter(batches)
+}
+
+/// The export of a local relation as load batches of at most `batch_rows`
+/// tuples: `tuples` are (origin, values in the local attribute order).
+/// Only mapped attributes leave the site, converted to the global types.
+pub fn export_batches(
+    rm: &RelationMapping,
+    tuples: &[(u64, Vec<Value>)],
+    batch_rows: usize,
+) -> Result<Vec<v1::LoadBatch>> {
+    let shape = shape_of_relation(rm);
+    let mut batches = Vec::new();
+    for chunk in tuples.chunks(batch_rows.max(1)) {
+        let mut parts: Vec<Vec<Vec<Value>>> = vec![Vec::with_capacity(chunk.len()); rm.parts.len()];
+        for (origin, values) in chunk {
+            let exported = rm
+                .export(values)
+                .map_err(|e| Error::Invalid(format!("{} tuple {origin}: {e}", rm.local.name)))?;
+            for (p, v) in parts.iter_mut().zip(exported) {
+                p.push(v);
+            }
+        }
+        let values = parts
+            .iter()
+            .zip(&rm.parts)
+            .map(|(rows, p)| encode_rows(p.attrs.len(), rows))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        batches.push(v1::LoadBatch {
+            shape: Some(shape.clone()),
+            origins: chunk.iter().map(|(o, _)| *o).collect(),
+            values,
+        });
+    }
+    Ok(batches)
+}
+
+/// The semi-join projection of table `table` of group `group`: `rows` are
+/// values of the local attributes `attrs` of the site's new or modified
+/// tuples; each goes to every global attribute it maps onto, converted.
+pub fn semijoin(
+    group: usize,
+    table: usize,
+    t: &GlobalTable,
+    rm: &RelationMapping,
+    attrs: &[String],
+    rows: &[Vec<Value>],
+) -> Result<v1::SemiJoin> {
+    let mut columns = Vec::new();
+    // (index into attrs, conversion target) per wire column.
+    let mut sources = Vec::new();
+    for (i, a) in attrs.iter().enumerate() {
+        for (p, m) in rm.targets(a) {
+            columns.push(v1::ColumnRef {
+                var: t.parts[p].var.clone(),
+                attr: m.global.clone(),
+            });
+            sources.push((i, m));
+        }
+    }
+    let converted = rows
+        .iter()
+        .map(|row| {
+            sources
+                .iter()
+                .map(|(i, m)| {
+                    let v = row.get(*i).cloned().unwrap_or(Value::Null);
+                    let what = format!("{}.{}", rm.local.name, m.local);
+                    match m.to_global {
+                        Some(c) => c.apply(&v, m.global_type, &what).map_err(Error::from),
+                        None => m.global_type.check(v, &what).map_err(Error::from),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(v1::SemiJoin {
+        group: group as u32,
+        table: table as u32,
+        rows: Some(encode_rows(columns.len(), &converted).map_err(|e| Error::Invalid(e.to_string()))?),
+        columns,
+    })
+}
+
+/// Fetched tuples of one local range variable, mapped back to the site's
+/// relation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalTuples {
+    /// The local range variable.
+    pub local_var: String,
+    /// Its local relation.
+    pub local_relation: String,
+    /// Per tuple: the global tuple id of each part (0 where absent) and the
+    /// values in the local attribute order (NULL where not mapped).
+    pub tuples: Vec<(Vec<u64>, Vec<Value>)>,
+}
+
+/// Maps a fetch reply back to local tuples.
+pub fn map_back(
+    reply: &v1::FetchReply,
+    query: &GlobalQuery,
+    mapping: &SiteMapping,
+) -> Result<Vec<LocalTuples>> {
+    let mut out = Vec::new();
+    for t in &reply.tables {
+        let table = query
+            .groups
+            .get(t.group as usize)
+            .and_then(|g| g.tables.get(t.table as usize))
+            .ok_or_else(|| Error::Invalid(format!("reply names table {} of group {}, not asked for", t.table, t.group)))?;
+        let rm = mapping
+            .relation(&table.local_relation)
+            .ok_or_else(|| Error::Invalid(format!("{} is not mapped", table.local_relation)))?;
+        if t.parts.len() != rm.parts.len() {
+            return Err(Error::Invalid(format!(
+                "reply has {} parts for {}, which maps onto {}",
+                t.parts.len(),
+                rm.local.name,
+                rm.parts.len()
+            )));
+        }
+        let mut parts = Vec::new();
+        for (p, m) in t.parts.iter().zip(&rm.parts) {
+            let rows = p
+                .values
+                .as_ref()
+                .map_or(Ok(Vec::new()), |r| decode_rows(m.attrs.len(), r))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            if rows.len() != t.count as usize || p.tuple_ids.len() != t.count as usize {
+                return Err(Error::Invalid("reply rows and tuple ids disagree".into()));
+            }
+            parts.push((p.tuple_ids.clone(), rows));
+        }
+        let mut tuples = Vec::new();
+        for i in 0..t.count as usize {
+            let ids: Vec<u64> = parts.iter().map(|(ids, _)| ids[i]).collect();
+            let values: Vec<Option<Vec<Value>>> = parts
+                .iter()
+                .map(|(ids, rows)| (ids[i] != 0).then(|| rows[i].clone()))
+                .collect();
+            tuples.push((ids, rm.map_back(&values)?));
+        }
+        out.push(LocalTuples {
+            local_var: table.local_var.clone(),
+            local_relation: table.local_relation.clone(),
+            tuples,
+        });
+    }
+    Ok(out)
+}
