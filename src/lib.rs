@@ -1,0 +1,4 @@
+//! The pieces of the `snaps` command that tests, benchmarks and the demo
+//! share: running a network of SNAPS processes on this machine.
+
+pub mod localnet;

@@ -1,0 +1,158 @@
+//! A SNAPS network on loopback: the global snapshot controller in this
+//! process on a free port, with a fresh credential per site, and helpers to
+//! connect as a site and load its export. Used by the demo, the
+//! end-to-end tests and the benchmarks.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use snaps_global::{GlobalConfig, GlobalController};
+use snaps_local::remote::{GlobalClient, export_batches};
+use snaps_mapping::SiteMapping;
+use snaps_proto::v1;
+use snaps_schema::{NetworkConfig, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A running global controller and what a site needs to reach it.
+pub struct LocalNetwork {
+    /// The network.
+    pub network: NetworkConfig,
+    /// `http://127.0.0.1:port`.
+    pub addr: String,
+    /// Site code → token.
+    pub tokens: BTreeMap<String, String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<snaps_global::Result<()>>>,
+}
+
+/// A token nobody can guess from the site code or the time alone.
+pub fn new_token(code: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::from(code);
+    out.push('-');
+    for _ in 0..2 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write(code.as_bytes());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+impl LocalNetwork {
+    /// Starts the global controller of `network` with its store at `store`,
+    /// on a free loopback port, with the given extra indexes.
+    pub async fn start(
+        network: NetworkConfig,
+        store: PathBuf,
+        indexes: BTreeMap<String, Vec<Vec<String>>>,
+    ) -> Result<LocalNetwork> {
+        let tokens: BTreeMap<String, String> = network
+            .sites
+            .iter()
+            .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
+            .collect();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let local: SocketAddr = listener.local_addr()?;
+        let config = GlobalConfig::new(
+            local,
+            store,
+            network.clone(),
+            BTreeMap::new(),
+            indexes,
+            tokens.iter().map(|(c, t)| (t.clone(), c.clone())).collect(),
+        )?;
+        let controller = GlobalController::open(config)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(LocalNetwork {
+            network,
+            addr: format!("http://{local}"),
+            tokens,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Connects as site `code`.
+    pub async fn client(&self, code: &str) -> Result<GlobalClient> {
+        let token = self
+            .tokens
+            .get(code)
+            .with_context(|| format!("no site {code} in the network"))?;
+        Ok(GlobalClient::connect(&self.addr, token).await?)
+    }
+
+    /// The mapping of site `code`.
+    pub fn mapping(&self, code: &str) -> Result<SiteMapping> {
+        site_mapping(&self.network, code)
+    }
+
+    /// Stops the controller and waits for it to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalNetwork {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Reads a site's mapping from the network folder.
+pub fn site_mapping(network: &NetworkConfig, code: &str) -> Result<SiteMapping> {
+    let site = network.site(code)?;
+    let local = network.local_catalog(site)?;
+    let global = network.global_catalog()?;
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(network.path(p))
+            .with_context(|| format!("{}", network.path(p).display()))
+    };
+    let mapping = read(&site.mapping)?;
+    let qualification = match &site.qualification {
+        Some(q) => read(q)?,
+        None => String::new(),
+    };
+    Ok(SiteMapping::from_text(&mapping, &qualification, &local, &global)?)
+}
+
+/// Loads a site's export of every mapped relation in `rows` (local relation
+/// → tuples), numbering each relation's tuples 1, 2, ... as their origins.
+pub async fn load_site(
+    client: &GlobalClient,
+    mapping: &SiteMapping,
+    rows: &BTreeMap<String, Vec<Vec<Value>>>,
+    batch_rows: usize,
+) -> Result<v1::LoadReply> {
+    let mut batches = Vec::new();
+    for rm in mapping.relations() {
+        let Some(tuples) = rows.get(&rm.local.name) else {
+            continue;
+        };
+        let numbered: Vec<(u64, Vec<Value>)> = tuples
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i as u64 + 1, t.clone()))
+            .collect();
+        batches.extend(export_batches(rm, &numbered, batch_rows)?);
+    }
+    Ok(client.load(batches).await?)
+}
