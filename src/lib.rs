@@ -1,4 +1,5 @@
 //! The pieces of the `snaps` command that tests, benchmarks and the demo
 //! share: running a network of SNAPS processes on this machine.
 
+pub mod bench;
 pub mod localnet;

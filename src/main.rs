@@ -1,5 +1,6 @@
-//! `snaps`: the command line of SNAPS — explain how a site's query maps onto
-//! the global snapshot, check a site's mapping, and run the demo network.
+//! `snaps`: the command line of SNAPS — run the global snapshot controller,
+//! explain how a site's query maps onto the global snapshot, check a site's
+//! mapping, run the demo network and the benchmarks.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,16 @@ enum Command {
         #[arg(long)]
         site: Option<String>,
     },
+    /// The global snapshot controller.
+    Global {
+        #[command(subcommand)]
+        command: GlobalCommand,
+    },
+    /// Measure SNAPS on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Generate the demo network's data: one SQLite database per site.
     Demo {
         /// The network folder (holding network.toml).
@@ -63,8 +74,60 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum GlobalCommand {
+    /// Serve the global snapshot controller until SIGINT or SIGTERM.
+    Serve {
+        /// The controller's configuration (listen address, store, network,
+        /// credentials; see fixtures/radiology/global.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The global controller on loopback: load rate, point fetches and lock
+    /// requests per second, bytes on the wire per fetched tuple.
+    Global(snaps::bench::GlobalBenchOptions),
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Global {
+            command: GlobalCommand::Serve { config },
+        } => {
+            init_logging();
+            let config = snaps_global::GlobalConfig::load(&config)
+                .with_context(|| format!("read {}", config.display()))?;
+            let controller = snaps_global::GlobalController::open(config)
+                .context("open the global store")?;
+            runtime()?.block_on(controller.run())?;
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Global(opts),
+        } => {
+            let report = runtime()?.block_on(snaps::bench::bench_global(&opts))?;
+            print!("{report}");
+            Ok(())
+        }
         Command::Explain {
             network,
             site,

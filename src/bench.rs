@@ -1,0 +1,416 @@
+//! `snaps bench global`: the global snapshot controller on loopback.
+//!
+//! Every figure comes with a baseline measured in the same run, so the
+//! ratios mean something on any machine:
+//! * point fetches per second, against the same point lookup done directly
+//!   on the global store's SQLite file (what the network and the protocol
+//!   cost on top of the store);
+//! * bytes on the wire per fetched tuple, against the raw size of the
+//!   tuple's values (declared widths: i2 = 2, i4 = 4, f4 = 4 bytes, text its
+//!   length) and against the same tuples as JSON text rows (what a text
+//!   protocol would carry);
+//! * lock requests per second, against point fetches.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use snaps_local::remote::GlobalClient;
+use snaps_mapping::{Statement, rewrite};
+use snaps_proto::{decode_rows, fetch_request, v1};
+use snaps_schema::{Catalog, NetworkConfig, Value, ValueType, datagen};
+
+use crate::localnet::{LocalNetwork, load_site};
+
+/// Options of `snaps bench global`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalBenchOptions {
+    /// The network folder (holding network.toml).
+    #[arg(long, default_value = "fixtures/radiology")]
+    pub network: PathBuf,
+    /// Patients per site in the generated data.
+    #[arg(long, default_value_t = 2000)]
+    pub patients: usize,
+    /// Point fetches to time (each of a tuple the site does not hold).
+    #[arg(long, default_value_t = 1000)]
+    pub fetches: usize,
+    /// Lock requests to time.
+    #[arg(long, default_value_t = 1000)]
+    pub locks: usize,
+    /// Concurrent clients for the concurrent point fetches.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Seed of the data generator.
+    #[arg(long, default_value_t = 1988)]
+    pub seed: u64,
+}
+
+/// One measured rate.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    /// What was done.
+    pub what: String,
+    /// How many times.
+    pub count: usize,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+impl Rate {
+    /// Operations per second.
+    pub fn per_second(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Bytes of one kind of fetch.
+#[derive(Debug, Clone)]
+pub struct Bytes {
+    /// What was fetched.
+    pub what: String,
+    /// Tuples fetched.
+    pub tuples: u64,
+    /// Bytes on the wire, both directions.
+    pub wire: u64,
+    /// Raw size of the tuples' values.
+    pub raw: u64,
+    /// The same tuples as JSON text rows.
+    pub json: u64,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone)]
+pub struct GlobalBenchReport {
+    /// Patients per site.
+    pub patients: usize,
+    /// Tuples in the global snapshot after the load.
+    pub tuples: u64,
+    /// The initial load of every site.
+    pub load: Rate,
+    /// Rates; the first is the baseline the others are compared with.
+    pub rates: Vec<Rate>,
+    /// Bytes.
+    pub bytes: Vec<Bytes>,
+}
+
+impl fmt::Display for GlobalBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "global controller on loopback: {} patients per site, {} tuples in the global snapshot",
+            self.patients, self.tuples
+        )?;
+        writeln!(
+            f,
+            "{}: {} in {:.2} s, {:.0} tuples per second",
+            self.load.what,
+            self.load.count,
+            self.load.elapsed.as_secs_f64(),
+            self.load.per_second()
+        )?;
+        writeln!(f)?;
+        writeln!(f, "{:<58} {:>8} {:>12} {:>10}", "operation", "count", "per second", "vs first")?;
+        let base = self.rates.first().map_or(1.0, Rate::per_second);
+        for r in &self.rates {
+            writeln!(
+                f,
+                "{:<58} {:>8} {:>12.0} {:>9.3}x",
+                r.what,
+                r.count,
+                r.per_second(),
+                r.per_second() / base
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<34} {:>7} {:>11} {:>10} {:>11} {:>9} {:>9}",
+            "fetch", "tuples", "wire B/tup", "raw B/tup", "JSON B/tup", "wire/raw", "wire/JSON"
+        )?;
+        for b in &self.bytes {
+            let t = b.tuples.max(1) as f64;
+            writeln!(
+                f,
+                "{:<34} {:>7} {:>11.1} {:>10.1} {:>11.1} {:>9.2} {:>9.2}",
+                b.what,
+                b.tuples,
+                b.wire as f64 / t,
+                b.raw as f64 / t,
+                b.json as f64 / t,
+                b.wire as f64 / b.raw.max(1) as f64,
+                b.wire as f64 / b.json.max(1) as f64
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Raw size of a value of a declared type.
+fn raw_size(ty: ValueType, v: &Value) -> u64 {
+    match (ty, v) {
+        (_, Value::Null) => 0,
+        (ValueType::Int2, _) => 2,
+        (ValueType::Int4 | ValueType::Float4, _) => 4,
+        (ValueType::Char(_), Value::Text(s)) => s.len() as u64,
+        (ValueType::Char(_), other) => other.to_string().len() as u64,
+    }
+}
+
+/// Raw and JSON sizes of the tuples in a reply.
+fn reply_sizes(reply: &v1::FetchReply, query: &v1::FetchRequest, global: &Catalog) -> Result<(u64, u64, u64)> {
+    let (mut tuples, mut raw, mut json) = (0, 0, 0);
+    for t in &reply.tables {
+        let shape = query.groups[t.group as usize].tables[t.table as usize]
+            .shape
+            .as_ref()
+            .context("shape")?;
+        tuples += u64::from(t.count);
+        for (part, p) in t.parts.iter().zip(&shape.parts) {
+            let rel = global.relation(&p.relation).context("relation")?;
+            let rows = decode_rows(p.columns.len(), part.values.as_ref().context("values")?)?;
+            for row in &rows {
+                let mut obj = serde_json::Map::new();
+                for (c, v) in p.columns.iter().zip(row) {
+                    let ty = rel.attribute(c).context("attribute")?.ty;
+                    raw += raw_size(ty, v);
+                    obj.insert(c.clone(), serde_json::to_value(v)?);
+                }
+                json += serde_json::to_string(&obj)?.len() as u64;
+            }
+        }
+    }
+    Ok((tuples, raw, json))
+}
+
+fn plan_request(network: &NetworkConfig, code: &str, sql: &str) -> Result<v1::FetchRequest> {
+    let site = network.site(code)?;
+    let local = network.local_catalog(site)?;
+    let mapping = crate::localnet::site_mapping(network, code)?;
+    let (_, stmts) = snaps_mapping::parse(sql)?;
+    let Some(Statement::Select(s)) = stmts.first() else {
+        bail!("not a retrieval: {sql}");
+    };
+    let plan = rewrite::plan(s, &local, &mapping)?;
+    Ok(fetch_request(plan.query.as_ref().context("nothing mapped")?))
+}
+
+/// Runs the benchmark.
+pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport> {
+    let network = NetworkConfig::load(&opts.network)
+        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let global = network.global_catalog()?;
+    for code in ["CPH", "STG", "GRC"] {
+        network
+            .site(code)
+            .with_context(|| "the global benchmark runs on the radiology network (sites CPH, STG, GRC)")?;
+    }
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("global.db");
+    let mut indexes = BTreeMap::new();
+    indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
+    indexes.insert("visit".to_string(), vec![vec!["pno".to_string()], vec!["date".to_string()]]);
+    let net = LocalNetwork::start(network.clone(), store.clone(), indexes).await?;
+    let data = datagen::generate(&network, &datagen::Scale::new(opts.patients), opts.seed)?;
+    let mut rates = Vec::new();
+    let mut bytes = Vec::new();
+
+    // Initial load of every site.
+    let started = Instant::now();
+    let mut tuples = 0;
+    for (code, d) in &data {
+        let c = net.client(code.as_str()).await?;
+        let r = load_site(&c, &net.mapping(code.as_str())?, &d.rows, 5000).await?;
+        tuples += r.loaded;
+    }
+    let load = Rate {
+        what: "initial load of 3 sites".into(),
+        count: tuples as usize,
+        elapsed: started.elapsed(),
+    };
+
+    // CPH patient numbers, for point fetches from STG and GRC.
+    let cph = data
+        .iter()
+        .find(|(c, _)| c.as_str() == "CPH")
+        .map(|(_, d)| d)
+        .context("no CPH data")?;
+    let pnos: Vec<i64> = cph.rows["patient"]
+        .iter()
+        .filter_map(|r| match r.first() {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        })
+        .collect();
+    let n = opts.fetches.min(pnos.len() / 2);
+    if n == 0 {
+        bail!("too few patients for point fetches: raise --patients");
+    }
+
+    // Baseline: the same point lookup straight on the store file.
+    let direct = rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let started = Instant::now();
+    let mut found = 0;
+    for pno in &pnos[..n] {
+        let mut stmt = direct.prepare_cached("SELECT * FROM patient WHERE pno = ?1")?;
+        let mut rows = stmt.query([pno])?;
+        while rows.next()?.is_some() {
+            found += 1;
+        }
+    }
+    if found != n {
+        bail!("direct lookups found {found} of {n} patients");
+    }
+    rates.push(Rate {
+        what: "baseline: point lookup on the store's SQLite file".into(),
+        count: n,
+        elapsed: started.elapsed(),
+    });
+
+    // Point fetches of tuples the site does not hold yet, one at a time.
+    let stg = net.client("STG").await?;
+    let requests: Vec<v1::FetchRequest> = pnos[..n]
+        .iter()
+        .map(|p| plan_request(&network, "STG", &format!("SELECT * FROM patient WHERE pno = {p}")))
+        .collect::<Result<_>>()?;
+    let (sent0, recv0) = (stg.counters().sent(), stg.counters().received());
+    let started = Instant::now();
+    let mut replies = Vec::with_capacity(n);
+    for r in &requests {
+        replies.push(stg.fetch(r.clone()).await?);
+    }
+    let elapsed = started.elapsed();
+    let wire = stg.counters().sent() - sent0 + stg.counters().received() - recv0;
+    let (mut t, mut raw, mut json) = (0, 0, 0);
+    for (reply, req) in replies.iter().zip(&requests) {
+        let (a, b, c) = reply_sizes(reply, req, &global)?;
+        t += a;
+        raw += b;
+        json += c;
+    }
+    if t != n as u64 {
+        bail!("{n} point fetches returned {t} tuples");
+    }
+    rates.push(Rate {
+        what: "point fetch over gRPC, new tuple, 1 client".into(),
+        count: n,
+        elapsed,
+    });
+    bytes.push(Bytes {
+        what: "point fetch (one patient)".into(),
+        tuples: t,
+        wire,
+        raw,
+        json,
+    });
+
+    // The same fetches again: the site holds them, nothing comes back.
+    let started = Instant::now();
+    for r in &requests {
+        let reply = stg.fetch(r.clone()).await?;
+        if !reply.tables.is_empty() {
+            bail!("a repeated fetch returned tuples");
+        }
+    }
+    rates.push(Rate {
+        what: "point fetch over gRPC, already held, 1 client".into(),
+        count: n,
+        elapsed: started.elapsed(),
+    });
+
+    // Concurrent point fetches from GRC of the other half.
+    let clients = opts.clients.max(1);
+    let mut handles = Vec::new();
+    let grc_requests: Vec<v1::FetchRequest> = pnos[n..2 * n]
+        .iter()
+        .map(|p| plan_request(&network, "GRC", &format!("SELECT * FROM patient WHERE pno = {p}")))
+        .collect::<Result<_>>()?;
+    let mut conns: Vec<GlobalClient> = Vec::new();
+    for _ in 0..clients {
+        conns.push(net.client("GRC").await?);
+    }
+    let started = Instant::now();
+    for (i, c) in conns.into_iter().enumerate() {
+        let mine: Vec<v1::FetchRequest> = grc_requests.iter().skip(i).step_by(clients).cloned().collect();
+        handles.push(tokio::spawn(async move {
+            let mut got = 0u64;
+            for r in mine {
+                got += c.fetch(r).await?.tables.iter().map(|t| u64::from(t.count)).sum::<u64>();
+            }
+            Ok::<_, anyhow::Error>(got)
+        }));
+    }
+    let mut got = 0;
+    for h in handles {
+        got += h.await??;
+    }
+    if got != n as u64 {
+        bail!("concurrent point fetches returned {got} tuples of {n}");
+    }
+    rates.push(Rate {
+        what: format!("point fetch over gRPC, new tuple, {clients} clients"),
+        count: n,
+        elapsed: started.elapsed(),
+    });
+
+    // A bulk fetch: every CPH visit of a year, as GRC.
+    let bulk = plan_request(
+        &network,
+        "GRC",
+        "SELECT * FROM visit WHERE date BETWEEN 19870101 AND 19871231",
+    )?;
+    let grc = net.client("GRC").await?;
+    let (sent0, recv0) = (grc.counters().sent(), grc.counters().received());
+    let reply = grc.fetch(bulk.clone()).await?;
+    let wire = grc.counters().sent() - sent0 + grc.counters().received() - recv0;
+    let (t, raw, json) = reply_sizes(&reply, &bulk, &global)?;
+    bytes.push(Bytes {
+        what: "bulk fetch (visits of 1987)".into(),
+        tuples: t,
+        wire,
+        raw,
+        json,
+    });
+
+    // Lock requests: STG locks CPH patients one request at a time.
+    let locks = opts.locks.min(pnos.len());
+    let refs: Vec<v1::TupleRef> = (0..locks)
+        .map(|i| v1::TupleRef {
+            relation: "patient".into(),
+            id: Some(v1::tuple_ref::Id::TupleId(i as u64 + 1)),
+        })
+        .collect();
+    let started = Instant::now();
+    for r in &refs {
+        let reply = stg.lock(vec![r.clone()]).await?;
+        if !reply.granted {
+            bail!("lock refused: {}", reply.message);
+        }
+    }
+    rates.push(Rate {
+        what: "lock request over gRPC, granted".into(),
+        count: locks,
+        elapsed: started.elapsed(),
+    });
+    let started = Instant::now();
+    for r in &refs {
+        let reply = grc.lock(vec![r.clone()]).await?;
+        if reply.granted {
+            bail!("a lock held by STG was granted to GRC");
+        }
+    }
+    rates.push(Rate {
+        what: "lock request over gRPC, refused (held by another site)".into(),
+        count: locks,
+        elapsed: started.elapsed(),
+    });
+    net.stop().await?;
+    Ok(GlobalBenchReport {
+        patients: opts.patients,
+        tuples,
+        load,
+        rates,
+        bytes,
+    })
+}
