@@ -144,3 +144,92 @@ fn bad_input_gets_a_clear_error() {
         stderr(&o)
     );
 }
+
+/// A `global.toml` in `dir` for the radiology network, listening on a free
+/// loopback port; returns its path and the address.
+fn global_config(dir: &std::path::Path, cph_token: &str) -> (std::path::PathBuf, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let text = format!(
+        "listen = \"127.0.0.1:{port}\"\nstore = \"global.db\"\nnetwork = {:?}\n\n[credentials]\nCPH = {{ token = {cph_token:?} }}\nSTG = {{ token_file = \"stg.token\" }}\n",
+        network.display().to_string()
+    );
+    std::fs::write(dir.join("stg.token"), "stg-token-0123456789abcdef\n").expect("write token");
+    let path = dir.join("global.toml");
+    std::fs::write(&path, text).expect("write config");
+    (path, format!("http://127.0.0.1:{port}"))
+}
+
+#[test]
+fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, addr) = global_config(dir.path(), "cph-token-0123456789abcdef");
+    let child = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["global", "serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start snaps global serve");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let fingerprint = snaps_schema::NetworkConfig::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology"),
+    )
+    .and_then(|n| n.global_catalog())
+    .expect("network")
+    .fingerprint();
+    let hello = rt.block_on(async {
+        for _ in 0..100 {
+            if let Ok(c) =
+                snaps_local::remote::GlobalClient::connect(&addr, "stg-token-0123456789abcdef")
+                    .await
+            {
+                return c.hello(&fingerprint).await.expect("hello");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the global controller did not start listening at {addr}");
+    });
+    assert_eq!(hello.site_code, "STG");
+    assert_eq!(hello.site_number, 2);
+    assert_eq!(hello.keys.map(|k| (k.first, k.last)), Some((10_000_000, 19_999_999)));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("SIGTERM: shutting down"), "{err}");
+    assert!(err.contains("global controller stopped"), "{err}");
+    assert!(dir.path().join("global.db").exists());
+}
+
+#[test]
+fn global_serve_refuses_a_short_token_naming_the_site() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _) = global_config(dir.path(), "short");
+    let o = snaps(&["global", "serve", "--config", config.to_str().expect("path")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the token of site CPH is shorter than 16 characters"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bench_global_runs_and_reports_ratios() {
+    let o = snaps(&[
+        "bench", "global", "--patients", "40", "--fetches", "15", "--locks", "15", "--clients", "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("baseline: point lookup on the store's SQLite file"), "{out}");
+    assert!(out.contains("point fetch over gRPC, new tuple, 1 client"), "{out}");
+    assert!(out.contains("lock request over gRPC, refused"), "{out}");
+    assert!(out.contains("wire/raw"), "{out}");
+}

@@ -218,6 +218,9 @@ impl SqliteStore {
     }
 }
 
+/// A part tuple read for a fetch reply: owner, sent-to bitmap, values.
+type PartTuple = (i64, Vec<u8>, Vec<Value>);
+
 /// A tuple's status as read for a lock or release.
 struct Status {
     tuple_id: i64,
@@ -501,7 +504,7 @@ impl GlobalStore for SqliteStore {
             for (ti, rows) in wanted {
                 let shape = &g.tables[ti].shape;
                 // Values of every part tuple needed, by id.
-                let mut values: Vec<HashMap<i64, (i64, Vec<u8>, Vec<Value>)>> = Vec::new();
+                let mut values: Vec<HashMap<i64, PartTuple>> = Vec::new();
                 for (pi, p) in shape.parts.iter().enumerate() {
                     let ids: BTreeSet<i64> = rows.iter().filter_map(|r| r[pi]).collect();
                     let ids: Vec<i64> = ids.into_iter().collect();
