@@ -1,6 +1,8 @@
 //! Every mapped query of the golden mapping cases is a valid SQLite query
-//! over the global schema (with the global snapshot's tuple id columns): the
-//! global controller can compile what the sites send.
+//! over the global schema (with the global snapshot's tuple id columns), and
+//! the global controller accepts it as the sites send it — through its
+//! checks, compiled with and without semi-join temporary tuples — into SQL
+//! its store can run.
 
 use std::path::{Path, PathBuf};
 
@@ -64,17 +66,21 @@ fn site_mapping(config: &NetworkConfig, code: &str) -> (snaps_schema::Catalog, S
     (local, mapping)
 }
 
-#[test]
-fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
+fn golden_cases() -> Vec<PathBuf> {
     let dir = root().join("mapping/tests/golden");
-    let mut checked = 0;
     let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("golden cases")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "case"))
         .collect();
     entries.sort();
-    for path in entries {
+    entries
+}
+
+#[test]
+fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
+    let mut checked = 0;
+    for path in golden_cases() {
         let text = std::fs::read_to_string(&path).expect("read case");
         let Some((network, site, query)) = case(&text) else {
             continue;
@@ -110,4 +116,105 @@ fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
         checked >= 40,
         "only {checked} mapped queries found in the golden cases"
     );
+}
+
+/// The global store of a network in `dir`, and a second connection to it.
+fn global_store(config: &NetworkConfig, dir: &Path) -> (snaps_global::GlobalConfig, rusqlite::Connection) {
+    let store = dir.join(format!("{}.db", config.name));
+    let global = snaps_global::GlobalConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        store.clone(),
+        config.clone(),
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+    .expect("global config");
+    snaps_global::SqliteStore::open(&store, &global).expect("open store");
+    (global, rusqlite::Connection::open(&store).expect("second connection"))
+}
+
+#[test]
+fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
+    use snaps_global::compile::{compile_group, temp_table};
+    use snaps_global::query::FetchQuery;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut compiled = 0;
+    for path in golden_cases() {
+        let text = std::fs::read_to_string(&path).expect("read case");
+        let Some((network, site, query)) = case(&text) else {
+            continue;
+        };
+        let config = NetworkConfig::load(&root().join("fixtures").join(&network)).expect("network");
+        let (global, conn) = global_store(&config, dir.path());
+        let (local, mapping) = site_mapping(&config, &site);
+        let Ok((_, statements)) = snaps_mapping::parse(&query) else {
+            continue;
+        };
+        for statement in statements {
+            let select = match statement {
+                Statement::Select(s) => s,
+                Statement::DefineSnapshot { query, .. } => query,
+                _ => continue,
+            };
+            let Ok(plan) = rewrite::plan(&select, &local, &mapping) else {
+                continue;
+            };
+            let Some(q) = &plan.query else { continue };
+            let mut req = snaps_proto::fetch_request(q);
+            // A semi-join row of NULLs for every projection the site makes.
+            for sj in &plan.semijoins {
+                let (gi, ti) = q
+                    .groups
+                    .iter()
+                    .enumerate()
+                    .find_map(|(gi, g)| {
+                        g.tables
+                            .iter()
+                            .position(|t| t.local_var == sj.local_var)
+                            .map(|ti| (gi, ti))
+                    })
+                    .expect("projected variable is a mapped table");
+                let rm = mapping.relation(&sj.local_relation).expect("mapped");
+                let row = vec![snaps_schema::Value::Null; sj.attributes.len()];
+                req.semijoins.push(
+                    snaps_local::remote::semijoin(gi, ti, &q.groups[gi].tables[ti], rm, &sj.attributes, &[row])
+                        .expect("semi-join message"),
+                );
+            }
+            let checked = FetchQuery::decode(&req, &global.catalog).unwrap_or_else(|e| {
+                panic!("{}: the global controller refuses the mapped query: {e}", path.display())
+            });
+            for (gi, g) in checked.groups.iter().enumerate() {
+                let sjs: Vec<_> = checked.semijoins.iter().filter(|s| s.group == gi).collect();
+                for sj in &sjs {
+                    let cols: Vec<String> = (0..sj.columns.len()).map(|n| format!("c{n}")).collect();
+                    conn.execute_batch(&format!(
+                        "DROP TABLE IF EXISTS temp.{0}; CREATE TEMP TABLE {0} ({1})",
+                        temp_table(sj.table),
+                        cols.join(", ")
+                    ))
+                    .expect("temp table");
+                }
+                for mask in 0u32..(1 << sjs.len()) {
+                    let temps: Vec<_> = sjs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| mask & (1 << i) != 0)
+                        .map(|(_, s)| (s.table, *s))
+                        .collect();
+                    if temps.len() == g.tables.len() {
+                        continue;
+                    }
+                    let c = compile_group(g, &temps);
+                    conn.prepare(&c.sql).unwrap_or_else(|e| {
+                        panic!("{}: compiled fetch does not run: {e}\n{}", path.display(), c.sql)
+                    });
+                    compiled += 1;
+                }
+            }
+        }
+    }
+    assert!(compiled >= 60, "only {compiled} compiled fetches from the golden cases");
 }
