@@ -188,3 +188,59 @@ impl GlobalConfig {
         self.modes.get(relation).copied().unwrap_or(RelationMode::ReadOnly)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn radiology() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/radiology")
+    }
+
+    fn write(dir: &Path, extra: &str) -> PathBuf {
+        let text = format!(
+            "listen = \"127.0.0.1:7400\"\nstore = \"g.db\"\nnetwork = {:?}\n{extra}",
+            radiology().display().to_string()
+        );
+        let p = dir.join("global.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_credentials_modes_and_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("grc.token"), "  grc-token-0123456789abcdef\n").unwrap();
+        let p = write(
+            dir.path(),
+            "[relations]\ndoctor = \"read-only\"\n[indexes]\npatient = [[\"surname\"]]\n\
+             [credentials]\nCPH = { token = \"cph-token-0123456789abcdef\" }\nGRC = { token_file = \"grc.token\" }\n",
+        );
+        let c = GlobalConfig::load(&p).unwrap();
+        assert_eq!(c.store, dir.path().join("g.db"));
+        assert_eq!(c.mode("doctor"), RelationMode::ReadOnly);
+        assert_eq!(c.mode("patient"), RelationMode::ReadWrite);
+        assert_eq!(c.site_of_token("grc-token-0123456789abcdef").unwrap().code.as_str(), "GRC");
+        assert_eq!(c.site_of_token("cph-token-0123456789abcdef").unwrap().code.as_str(), "CPH");
+        assert!(c.site_of_token("cph-token-0123456789abcdeX").is_none());
+        assert!(c.site_of_token("").is_none());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("[relations]\nxray = \"read-only\"\n", "mode given for xray"),
+            ("[indexes]\npatient = [[\"shoe_size\"]]\n", "index on patient.shoe_size"),
+            ("[credentials]\nXYZ = { token = \"xyz-token-0123456789abcdef\" }\n", "credential for XYZ"),
+            ("[credentials]\nCPH = {}\n", "give exactly one of token, token_file"),
+            ("[credentials]\nCPH = { token_file = \"missing.token\" }\n", "token file of site CPH"),
+            ("port = 1\n", "unknown field `port`"),
+        ];
+        for (extra, expected) in cases {
+            let p = write(dir.path(), extra);
+            let err = GlobalConfig::load(&p).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra:?}: {err}");
+        }
+    }
+}

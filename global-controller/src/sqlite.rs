@@ -766,3 +766,61 @@ impl GlobalStore for SqliteStore {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn config(network: &str, store: &Path) -> GlobalConfig {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(network);
+        let network = snaps_schema::NetworkConfig::load(&dir).unwrap();
+        GlobalConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            store.to_path_buf(),
+            network,
+            BTreeMap::new(),
+            BTreeMap::new(),
+            BTreeMap::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_store_refuses_another_global_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        SqliteStore::open(&path, &config("radiology", &path)).unwrap();
+        // Reopening with the same schema is fine.
+        SqliteStore::open(&path, &config("radiology", &path)).unwrap();
+        let err = SqliteStore::open(&path, &config("figures", &path)).err().unwrap().to_string();
+        assert!(err.contains("the store was made for global schema"), "{err}");
+    }
+
+    #[test]
+    fn every_relation_has_its_status_columns_and_key_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        SqliteStore::open(&path, &config("radiology", &path)).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let cols: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('patient')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        for c in STATUS_COLUMNS {
+            assert!(cols.iter().any(|x| x == c), "patient lacks {c}: {cols:?}");
+        }
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_index_list('visit')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(indexes.iter().any(|i| i == "visit__vno_pno"), "{indexes:?}");
+        assert!(indexes.iter().any(|i| i == "visit__origin"), "{indexes:?}");
+    }
+}
