@@ -351,12 +351,13 @@ fn demo(network: &Path, dir: &Path, patients: usize, seed: u64) -> Result<()> {
     }
     let first = config.sites.first().map_or("CPH", |s| s.code.as_str());
     println!();
-    println!("Not built yet: the global snapshot controller and the SQL endpoint. They arrive");
-    println!("with the next issues: the global controller will serve the sites' mapped queries,");
-    println!(
-        "and the local controller's PostgreSQL-wire endpoint will let psql connect to a site."
-    );
+    println!("Not built yet: the local controller's query path and its SQL endpoint, which");
+    println!("will connect these sites to the global controller and let psql connect to a site.");
     println!("Meanwhile:");
+    println!(
+        "  run the global controller:  snaps global serve --config {}",
+        network.join("global.example.toml").display()
+    );
     println!(
         "  inspect a site's database:  sqlite3 {}",
         dir.join(format!("{first}.db")).display()
