@@ -22,6 +22,21 @@ use crate::store::{
 /// Largest message either side accepts: a fetch of many tuples can be big.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
+/// Replies smaller than this go uncompressed: gzip's header and trailer
+/// alone are 18 bytes, more than it saves on a small message.
+pub const COMPRESS_FROM_BYTES: usize = 512;
+
+/// A reply, compressed only when that saves bytes.
+fn respond<T: Message>(message: T) -> Response<T> {
+    let small = message.encoded_len() < COMPRESS_FROM_BYTES;
+    let mut r = Response::new(message);
+    if small {
+        r.extensions_mut()
+            .insert(tonic::codec::SingleMessageCompressionOverride::Disable);
+    }
+    r
+}
+
 /// The global snapshot service.
 pub struct Service {
     config: Arc<GlobalConfig>,
@@ -176,7 +191,7 @@ impl GlobalSnapshot for Service {
             schema_fingerprint: ours,
         };
         self.count(&site, req_len, reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn load(
@@ -204,7 +219,7 @@ impl GlobalSnapshot for Service {
         tracing::info!(site = %site.code, loaded = reply.loaded, already = reply.already_loaded,
             conflicts = reply.conflicts.len(), "load");
         self.count(&site, 0, reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn load_progress(
@@ -217,7 +232,7 @@ impl GlobalSnapshot for Service {
         let max_origin = self.blocking(move |store| store.load_progress(&s, &relation)).await?;
         let reply = v1::LoadProgressReply { max_origin };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn fetch(&self, req: Request<v1::FetchRequest>) -> Result<Response<v1::FetchReply>, Status> {
@@ -244,7 +259,7 @@ impl GlobalSnapshot for Service {
         }
         tracing::debug!(site = %site.code, tuples, "fetch");
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn lock(&self, req: Request<v1::LockRequest>) -> Result<Response<v1::LockReply>, Status> {
@@ -285,7 +300,7 @@ impl GlobalSnapshot for Service {
             }
         };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn unlock(&self, req: Request<v1::UnlockRequest>) -> Result<Response<v1::UnlockReply>, Status> {
@@ -295,7 +310,7 @@ impl GlobalSnapshot for Service {
         let released = self.blocking(move |store| store.unlock(&s, &tuples)).await?;
         let reply = v1::UnlockReply { released };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn release_copies(
@@ -308,7 +323,7 @@ impl GlobalSnapshot for Service {
         let released = self.blocking(move |store| store.release_copies(&s, &tuples)).await?;
         let reply = v1::ReleaseReply { released };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 
     async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
@@ -352,6 +367,6 @@ impl GlobalSnapshot for Service {
             conflicts: report.conflicts,
         };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
-        Ok(Response::new(reply))
+        Ok(respond(reply))
     }
 }

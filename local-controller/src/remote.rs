@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use prost::Message;
 use snaps_mapping::mapping::{RelationMapping, SiteMapping};
 use snaps_mapping::rewrite::{GlobalQuery, GlobalTable};
 use snaps_proto::v1::global_snapshot_client::GlobalSnapshotClient;
@@ -104,10 +105,17 @@ impl tonic::service::Interceptor for Bearer {
 /// The generated client with the credential attached.
 pub type RawClient = GlobalSnapshotClient<InterceptedService<Channel, Bearer>>;
 
+/// Requests smaller than this go uncompressed: gzip's header and trailer
+/// alone are 18 bytes, more than it saves on a small message.
+const COMPRESS_FROM_BYTES: usize = 512;
+
 /// A connection to the global snapshot controller.
 #[derive(Clone)]
 pub struct GlobalClient {
+    /// Compresses what it sends.
     client: RawClient,
+    /// The same connection, sending uncompressed.
+    plain: RawClient,
     counters: Arc<WireCounters>,
 }
 
@@ -137,12 +145,16 @@ impl GlobalClient {
         let bearer = format!("Bearer {token}")
             .parse::<MetadataValue<Ascii>>()
             .map_err(|_| Error::Invalid("the token has characters a header cannot carry".into()))?;
-        let client = GlobalSnapshotClient::with_interceptor(channel, Bearer(bearer))
-            .send_compressed(CompressionEncoding::Gzip)
+        let plain = GlobalSnapshotClient::with_interceptor(channel, Bearer(bearer))
             .accept_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(GlobalClient { client, counters })
+        let client = plain.clone().send_compressed(CompressionEncoding::Gzip);
+        Ok(GlobalClient {
+            client,
+            plain,
+            counters,
+        })
     }
 
     /// The wire byte counters of this connection.
@@ -150,9 +162,19 @@ impl GlobalClient {
         &self.counters
     }
 
-    /// The generated client, for calls this type does not wrap.
+    /// The generated client, for calls this type does not wrap (it
+    /// compresses every request).
     pub fn raw(&self) -> RawClient {
         self.client.clone()
+    }
+
+    /// The client to send a request of `len` bytes with.
+    fn for_len(&self, len: usize) -> RawClient {
+        if len < COMPRESS_FROM_BYTES {
+            self.plain.clone()
+        } else {
+            self.client.clone()
+        }
     }
 
     /// Registers: checks the schema fingerprint, learns code, number, key
@@ -162,7 +184,7 @@ impl GlobalClient {
             schema_fingerprint: schema_fingerprint.to_string(),
             software: concat!("snaps ", env!("CARGO_PKG_VERSION")).to_string(),
         };
-        Ok(self.raw().hello(req).await?.into_inner())
+        Ok(self.plain.clone().hello(req).await?.into_inner())
     }
 
     /// Sends export batches in one stream.
@@ -176,24 +198,32 @@ impl GlobalClient {
         let req = v1::LoadProgressRequest {
             relation: relation.to_string(),
         };
-        Ok(self.raw().load_progress(req).await?.into_inner().max_origin)
+        Ok(self
+            .plain
+            .clone()
+            .load_progress(req)
+            .await?
+            .into_inner()
+            .max_origin)
     }
 
     /// One fetch.
     pub async fn fetch(&self, req: v1::FetchRequest) -> Result<v1::FetchReply> {
-        Ok(self.raw().fetch(req).await?.into_inner())
+        Ok(self.for_len(req.encoded_len()).fetch(req).await?.into_inner())
     }
 
     /// Asks for primary-copy locks (all or none).
     pub async fn lock(&self, tuples: Vec<v1::TupleRef>) -> Result<v1::LockReply> {
-        Ok(self.raw().lock(v1::LockRequest { tuples }).await?.into_inner())
+        let req = v1::LockRequest { tuples };
+        Ok(self.for_len(req.encoded_len()).lock(req).await?.into_inner())
     }
 
     /// Gives locks back.
     pub async fn unlock(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
+        let req = v1::UnlockRequest { tuples };
         Ok(self
-            .raw()
-            .unlock(v1::UnlockRequest { tuples })
+            .for_len(req.encoded_len())
+            .unlock(req)
             .await?
             .into_inner()
             .released)
@@ -201,9 +231,10 @@ impl GlobalClient {
 
     /// Says the site no longer holds these copies.
     pub async fn release_copies(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
+        let req = v1::ReleaseRequest { tuples };
         Ok(self
-            .raw()
-            .release_copies(v1::ReleaseRequest { tuples })
+            .for_len(req.encoded_len())
+            .release_copies(req)
             .await?
             .into_inner()
             .released)
@@ -211,7 +242,12 @@ impl GlobalClient {
 
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
-        Ok(self.raw().status(v1::StatusRequest {}).await?.into_inner())
+        Ok(self
+            .plain
+            .clone()
+            .status(v1::StatusRequest {})
+            .await?
+            .into_inner())
     }
 }
 
