@@ -82,8 +82,14 @@ impl Service {
     }
 
     fn count(&self, site: &SiteId, received: usize, sent: usize) {
+        self.tally(site, received, sent, |_| {});
+    }
+
+    /// Counts bytes and whatever else `more` adds.
+    fn tally(&self, site: &SiteId, received: usize, sent: usize, more: impl FnOnce(&mut Activity)) {
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         let e = a.entry(site.number.0).or_default();
+        more(e);
         e.bytes_received += received as u64;
         e.bytes_sent += sent as u64;
         e.last_seen = std::time::SystemTime::now()
@@ -258,7 +264,10 @@ impl GlobalSnapshot for Service {
             reply.tables.push(encode_table(t, w)?);
         }
         tracing::debug!(site = %site.code, tuples, "fetch");
-        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        self.tally(&site, req.get_ref().encoded_len(), reply.encoded_len(), |a| {
+            a.fetches += 1;
+            a.tuples_sent += tuples as u64;
+        });
         Ok(respond(reply))
     }
 
@@ -267,6 +276,7 @@ impl GlobalSnapshot for Service {
         let tuples = refs(&req.get_ref().tuples)?;
         let s = site.clone();
         let outcome = self.blocking(move |store| store.lock(&s, &tuples)).await?;
+        let granted = outcome == LockOutcome::Granted;
         let reply = match outcome {
             LockOutcome::Granted => v1::LockReply {
                 granted: true,
@@ -299,7 +309,13 @@ impl GlobalSnapshot for Service {
                 }
             }
         };
-        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        self.tally(&site, req.get_ref().encoded_len(), reply.encoded_len(), |a| {
+            if granted {
+                a.locks_granted += 1;
+            } else {
+                a.locks_refused += 1;
+            }
+        });
         Ok(respond(reply))
     }
 

@@ -572,19 +572,13 @@ impl GlobalStore for SqliteStore {
                 }
             }
         }
-        let mut sent_count = 0u64;
         for ((relation, id), sent) in &returned {
             let mut stmt = tx.prepare_cached(&format!(
                 "UPDATE {} SET snaps_sent_to = ?1 WHERE tuple_id = ?2",
                 sql_ident(relation)
             ))?;
             stmt.execute(rusqlite::params![sent.to_bytes(), id])?;
-            sent_count += 1;
         }
-        tx.execute(
-            "UPDATE snaps_sites SET fetches = fetches + 1, tuples_sent = tuples_sent + ?1 WHERE number = ?2",
-            rusqlite::params![sent_count as i64, me],
-        )?;
         tx.commit()?;
         Ok(out)
     }
@@ -618,17 +612,11 @@ impl GlobalStore for SqliteStore {
             }
         }
         let outcome = match refusal {
-            Some((tuple, reason, holder)) => {
-                tx.execute(
-                    "UPDATE snaps_sites SET locks_refused = locks_refused + 1 WHERE number = ?1",
-                    [me],
-                )?;
-                LockOutcome::Refused {
-                    tuple,
-                    reason,
-                    holder,
-                }
-            }
+            Some((tuple, reason, holder)) => LockOutcome::Refused {
+                tuple,
+                reason,
+                holder,
+            },
             None => {
                 for (relation, id) in &to_lock {
                     tx.prepare_cached(&format!(
@@ -637,10 +625,6 @@ impl GlobalStore for SqliteStore {
                     ))?
                     .execute(rusqlite::params![GlobalRights::Locked.code(), me, id])?;
                 }
-                tx.execute(
-                    "UPDATE snaps_sites SET locks_granted = locks_granted + 1 WHERE number = ?1",
-                    [me],
-                )?;
                 LockOutcome::Granted
             }
         };
@@ -703,9 +687,20 @@ impl GlobalStore for SqliteStore {
         for (site, a) in activity {
             tx.execute(
                 "UPDATE snaps_sites SET bytes_received = bytes_received + ?1,
-                     bytes_sent = bytes_sent + ?2, last_seen = max(last_seen, ?3)
-                 WHERE number = ?4",
-                rusqlite::params![a.bytes_received as i64, a.bytes_sent as i64, a.last_seen, site.0],
+                     bytes_sent = bytes_sent + ?2, last_seen = max(last_seen, ?3),
+                     fetches = fetches + ?4, tuples_sent = tuples_sent + ?5,
+                     locks_granted = locks_granted + ?6, locks_refused = locks_refused + ?7
+                 WHERE number = ?8",
+                rusqlite::params![
+                    a.bytes_received as i64,
+                    a.bytes_sent as i64,
+                    a.last_seen,
+                    a.fetches as i64,
+                    a.tuples_sent as i64,
+                    a.locks_granted as i64,
+                    a.locks_refused as i64,
+                    site.0
+                ],
             )?;
         }
         tx.commit()?;

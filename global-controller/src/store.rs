@@ -227,8 +227,9 @@ pub enum LockOutcome {
     },
 }
 
-/// Activity of a site not yet written to the store (bytes are counted as
-/// requests are served and written in batches).
+/// Activity of a site not yet written to the store: counted as requests
+/// are served and written in batches, so a fetch that finds nothing new
+/// writes nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Activity {
     /// Request bytes received from the site.
@@ -237,6 +238,14 @@ pub struct Activity {
     pub bytes_sent: u64,
     /// Unix seconds of its last request.
     pub last_seen: i64,
+    /// Fetches served.
+    pub fetches: u64,
+    /// Tuples sent.
+    pub tuples_sent: u64,
+    /// Lock requests granted.
+    pub locks_granted: u64,
+    /// Lock requests refused.
+    pub locks_refused: u64,
 }
 
 /// One relation in a status report.
