@@ -111,7 +111,11 @@ impl fmt::Display for GlobalBenchReport {
             self.load.per_second()
         )?;
         writeln!(f)?;
-        writeln!(f, "{:<58} {:>8} {:>12} {:>10}", "operation", "count", "per second", "vs first")?;
+        writeln!(
+            f,
+            "{:<58} {:>8} {:>12} {:>10}",
+            "operation", "count", "per second", "vs first"
+        )?;
         let base = self.rates.first().map_or(1.0, Rate::per_second);
         for r in &self.rates {
             writeln!(
@@ -159,7 +163,11 @@ fn raw_size(ty: ValueType, v: &Value) -> u64 {
 }
 
 /// Raw and JSON sizes of the tuples in a reply.
-fn reply_sizes(reply: &v1::FetchReply, query: &v1::FetchRequest, global: &Catalog) -> Result<(u64, u64, u64)> {
+fn reply_sizes(
+    reply: &v1::FetchReply,
+    query: &v1::FetchRequest,
+    global: &Catalog,
+) -> Result<(u64, u64, u64)> {
     let (mut tuples, mut raw, mut json) = (0, 0, 0);
     for t in &reply.tables {
         let shape = query.groups[t.group as usize].tables[t.table as usize]
@@ -193,7 +201,9 @@ fn plan_request(network: &NetworkConfig, code: &str, sql: &str) -> Result<v1::Fe
         bail!("not a retrieval: {sql}");
     };
     let plan = rewrite::plan(s, &local, &mapping)?;
-    Ok(fetch_request(plan.query.as_ref().context("nothing mapped")?))
+    Ok(fetch_request(
+        plan.query.as_ref().context("nothing mapped")?,
+    ))
 }
 
 /// Runs the benchmark.
@@ -202,15 +212,18 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
         .with_context(|| format!("load network {}", opts.network.display()))?;
     let global = network.global_catalog()?;
     for code in ["CPH", "STG", "GRC"] {
-        network
-            .site(code)
-            .with_context(|| "the global benchmark runs on the radiology network (sites CPH, STG, GRC)")?;
+        network.site(code).with_context(
+            || "the global benchmark runs on the radiology network (sites CPH, STG, GRC)",
+        )?;
     }
     let dir = tempfile::tempdir()?;
     let store = dir.path().join("global.db");
     let mut indexes = BTreeMap::new();
     indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
-    indexes.insert("visit".to_string(), vec![vec!["pno".to_string()], vec!["date".to_string()]]);
+    indexes.insert(
+        "visit".to_string(),
+        vec![vec!["pno".to_string()], vec!["date".to_string()]],
+    );
     let net = LocalNetwork::start(network.clone(), store.clone(), indexes).await?;
     let data = datagen::generate(&network, &datagen::Scale::new(opts.patients), opts.seed)?;
     let mut rates = Vec::new();
@@ -249,7 +262,8 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
     }
 
     // Baseline: the same point lookup straight on the store file.
-    let direct = rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let direct =
+        rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let started = Instant::now();
     let mut found = 0;
     for pno in &pnos[..n] {
@@ -272,7 +286,13 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
     let stg = net.client("STG").await?;
     let requests: Vec<v1::FetchRequest> = pnos[..n]
         .iter()
-        .map(|p| plan_request(&network, "STG", &format!("SELECT * FROM patient WHERE pno = {p}")))
+        .map(|p| {
+            plan_request(
+                &network,
+                "STG",
+                &format!("SELECT * FROM patient WHERE pno = {p}"),
+            )
+        })
         .collect::<Result<_>>()?;
     let (sent0, recv0) = (stg.counters().sent(), stg.counters().received());
     let started = Instant::now();
@@ -324,7 +344,13 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
     let mut handles = Vec::new();
     let grc_requests: Vec<v1::FetchRequest> = pnos[n..2 * n]
         .iter()
-        .map(|p| plan_request(&network, "GRC", &format!("SELECT * FROM patient WHERE pno = {p}")))
+        .map(|p| {
+            plan_request(
+                &network,
+                "GRC",
+                &format!("SELECT * FROM patient WHERE pno = {p}"),
+            )
+        })
         .collect::<Result<_>>()?;
     let mut conns: Vec<GlobalClient> = Vec::new();
     for _ in 0..clients {
@@ -332,11 +358,22 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
     }
     let started = Instant::now();
     for (i, c) in conns.into_iter().enumerate() {
-        let mine: Vec<v1::FetchRequest> = grc_requests.iter().skip(i).step_by(clients).cloned().collect();
+        let mine: Vec<v1::FetchRequest> = grc_requests
+            .iter()
+            .skip(i)
+            .step_by(clients)
+            .cloned()
+            .collect();
         handles.push(tokio::spawn(async move {
             let mut got = 0u64;
             for r in mine {
-                got += c.fetch(r).await?.tables.iter().map(|t| u64::from(t.count)).sum::<u64>();
+                got += c
+                    .fetch(r)
+                    .await?
+                    .tables
+                    .iter()
+                    .map(|t| u64::from(t.count))
+                    .sum::<u64>();
             }
             Ok::<_, anyhow::Error>(got)
         }));

@@ -131,7 +131,12 @@ pub fn site_mapping(network: &NetworkConfig, code: &str) -> Result<SiteMapping> 
         Some(q) => read(q)?,
         None => String::new(),
     };
-    Ok(SiteMapping::from_text(&mapping, &qualification, &local, &global)?)
+    Ok(SiteMapping::from_text(
+        &mapping,
+        &qualification,
+        &local,
+        &global,
+    )?)
 }
 
 /// Loads a site's export of every mapped relation in `rows` (local relation

@@ -116,8 +116,8 @@ fn main() -> Result<()> {
             init_logging();
             let config = snaps_global::GlobalConfig::load(&config)
                 .with_context(|| format!("read {}", config.display()))?;
-            let controller = snaps_global::GlobalController::open(config)
-                .context("open the global store")?;
+            let controller =
+                snaps_global::GlobalController::open(config).context("open the global store")?;
             runtime()?.block_on(controller.run())?;
             Ok(())
         }

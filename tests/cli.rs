@@ -194,7 +194,10 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
     });
     assert_eq!(hello.site_code, "STG");
     assert_eq!(hello.site_number, 2);
-    assert_eq!(hello.keys.map(|k| (k.first, k.last)), Some((10_000_000, 19_999_999)));
+    assert_eq!(
+        hello.keys.map(|k| (k.first, k.last)),
+        Some((10_000_000, 19_999_999))
+    );
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -212,7 +215,12 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
 fn global_serve_refuses_a_short_token_naming_the_site() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, _) = global_config(dir.path(), "short");
-    let o = snaps(&["global", "serve", "--config", config.to_str().expect("path")]);
+    let o = snaps(&[
+        "global",
+        "serve",
+        "--config",
+        config.to_str().expect("path"),
+    ]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("the token of site CPH is shorter than 16 characters"),
@@ -224,12 +232,27 @@ fn global_serve_refuses_a_short_token_naming_the_site() {
 #[test]
 fn bench_global_runs_and_reports_ratios() {
     let o = snaps(&[
-        "bench", "global", "--patients", "40", "--fetches", "15", "--locks", "15", "--clients", "3",
+        "bench",
+        "global",
+        "--patients",
+        "40",
+        "--fetches",
+        "15",
+        "--locks",
+        "15",
+        "--clients",
+        "3",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("baseline: point lookup on the store's SQLite file"), "{out}");
-    assert!(out.contains("point fetch over gRPC, new tuple, 1 client"), "{out}");
+    assert!(
+        out.contains("baseline: point lookup on the store's SQLite file"),
+        "{out}"
+    );
+    assert!(
+        out.contains("point fetch over gRPC, new tuple, 1 client"),
+        "{out}"
+    );
     assert!(out.contains("lock request over gRPC, refused"), "{out}");
     assert!(out.contains("wire/raw"), "{out}");
 }

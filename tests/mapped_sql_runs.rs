@@ -119,7 +119,10 @@ fn mapped_queries_of_the_golden_cases_compile_in_sqlite() {
 }
 
 /// The global store of a network in `dir`, and a second connection to it.
-fn global_store(config: &NetworkConfig, dir: &Path) -> (snaps_global::GlobalConfig, rusqlite::Connection) {
+fn global_store(
+    config: &NetworkConfig,
+    dir: &Path,
+) -> (snaps_global::GlobalConfig, rusqlite::Connection) {
     let store = dir.join(format!("{}.db", config.name));
     let global = snaps_global::GlobalConfig::new(
         "127.0.0.1:0".parse().expect("addr"),
@@ -131,7 +134,10 @@ fn global_store(config: &NetworkConfig, dir: &Path) -> (snaps_global::GlobalConf
     )
     .expect("global config");
     snaps_global::SqliteStore::open(&store, &global).expect("open store");
-    (global, rusqlite::Connection::open(&store).expect("second connection"))
+    (
+        global,
+        rusqlite::Connection::open(&store).expect("second connection"),
+    )
 }
 
 #[test]
@@ -179,17 +185,28 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
                 let rm = mapping.relation(&sj.local_relation).expect("mapped");
                 let row = vec![snaps_schema::Value::Null; sj.attributes.len()];
                 req.semijoins.push(
-                    snaps_local::remote::semijoin(gi, ti, &q.groups[gi].tables[ti], rm, &sj.attributes, &[row])
-                        .expect("semi-join message"),
+                    snaps_local::remote::semijoin(
+                        gi,
+                        ti,
+                        &q.groups[gi].tables[ti],
+                        rm,
+                        &sj.attributes,
+                        &[row],
+                    )
+                    .expect("semi-join message"),
                 );
             }
             let checked = FetchQuery::decode(&req, &global.catalog).unwrap_or_else(|e| {
-                panic!("{}: the global controller refuses the mapped query: {e}", path.display())
+                panic!(
+                    "{}: the global controller refuses the mapped query: {e}",
+                    path.display()
+                )
             });
             for (gi, g) in checked.groups.iter().enumerate() {
                 let sjs: Vec<_> = checked.semijoins.iter().filter(|s| s.group == gi).collect();
                 for sj in &sjs {
-                    let cols: Vec<String> = (0..sj.columns.len()).map(|n| format!("c{n}")).collect();
+                    let cols: Vec<String> =
+                        (0..sj.columns.len()).map(|n| format!("c{n}")).collect();
                     conn.execute_batch(&format!(
                         "DROP TABLE IF EXISTS temp.{0}; CREATE TEMP TABLE {0} ({1})",
                         temp_table(sj.table),
@@ -209,12 +226,19 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
                     }
                     let c = compile_group(g, &temps);
                     conn.prepare(&c.sql).unwrap_or_else(|e| {
-                        panic!("{}: compiled fetch does not run: {e}\n{}", path.display(), c.sql)
+                        panic!(
+                            "{}: compiled fetch does not run: {e}\n{}",
+                            path.display(),
+                            c.sql
+                        )
                     });
                     compiled += 1;
                 }
             }
         }
     }
-    assert!(compiled >= 60, "only {compiled} compiled fetches from the golden cases");
+    assert!(
+        compiled >= 60,
+        "only {compiled} compiled fetches from the golden cases"
+    );
 }

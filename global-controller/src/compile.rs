@@ -56,7 +56,11 @@ pub fn compile_group(g: &Group, temps: &[(usize, &SemiJoin)]) -> Compiled {
                 }
                 return match temp_of(ti) {
                     None => format!("{var}.{}", sql_ident(&c.attr)),
-                    Some(sj) => match sj.columns.iter().position(|(p, a)| *p == pi && *a == c.attr) {
+                    Some(sj) => match sj
+                        .columns
+                        .iter()
+                        .position(|(p, a)| *p == pi && *a == c.attr)
+                    {
                         Some(n) => format!("t{ti}.c{n}"),
                         None => "NULL".into(),
                     },
@@ -135,7 +139,13 @@ pub fn compile_group(g: &Group, temps: &[(usize, &SemiJoin)]) -> Compiled {
 
 /// The FROM item of a table read from the global snapshot.
 fn reassembled(ti: usize, t: &Table) -> String {
-    let item = |pi: usize| format!("{} AS {}", sql_ident(&t.shape.parts[pi].relation), alias(ti, pi));
+    let item = |pi: usize| {
+        format!(
+            "{} AS {}",
+            sql_ident(&t.shape.parts[pi].relation),
+            alias(ti, pi)
+        )
+    };
     match &t.shape.split {
         Split::None => item(0),
         Split::Key(keys) => {

@@ -88,7 +88,9 @@ impl GlobalConfig {
             let token = match (&c.token, &c.token_file) {
                 (Some(t), None) => t.clone(),
                 (None, Some(f)) => std::fs::read_to_string(dir.join(f))
-                    .map_err(|e| Error::Config(format!("token file of site {code}: {}: {e}", f.display())))?
+                    .map_err(|e| {
+                        Error::Config(format!("token file of site {code}: {}: {e}", f.display()))
+                    })?
                     .trim()
                     .to_string(),
                 _ => {
@@ -128,24 +130,30 @@ impl GlobalConfig {
         }
         for (r, m) in mode_overrides {
             if !modes.contains_key(&r) {
-                return Err(Error::Config(format!("mode given for {r}, which is not a global relation")));
+                return Err(Error::Config(format!(
+                    "mode given for {r}, which is not a global relation"
+                )));
             }
             modes.insert(r, m);
         }
         for (r, lists) in &indexes {
-            let rel = catalog
-                .relation(r)
-                .ok_or_else(|| Error::Config(format!("index on {r}, which is not a global relation")))?;
+            let rel = catalog.relation(r).ok_or_else(|| {
+                Error::Config(format!("index on {r}, which is not a global relation"))
+            })?;
             for a in lists.iter().flatten() {
                 if rel.attribute(a).is_none() {
-                    return Err(Error::Config(format!("index on {r}.{a}, which is not an attribute")));
+                    return Err(Error::Config(format!(
+                        "index on {r}.{a}, which is not an attribute"
+                    )));
                 }
             }
         }
         for (token, code) in &tokens {
-            network
-                .site(code)
-                .map_err(|_| Error::Config(format!("credential for {code}, which is not a site of the network")))?;
+            network.site(code).map_err(|_| {
+                Error::Config(format!(
+                    "credential for {code}, which is not a site of the network"
+                ))
+            })?;
             if token.len() < 16 {
                 return Err(Error::Config(format!(
                     "the token of site {code} is shorter than 16 characters"
@@ -175,7 +183,10 @@ impl GlobalConfig {
         let mut found = None;
         for (t, code) in &self.tokens {
             let same = t.len() == token.len()
-                && t.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+                && t.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0;
             if same {
                 found = Some(code);
             }
@@ -185,7 +196,10 @@ impl GlobalConfig {
 
     /// The mode of a global relation.
     pub fn mode(&self, relation: &str) -> RelationMode {
-        self.modes.get(relation).copied().unwrap_or(RelationMode::ReadOnly)
+        self.modes
+            .get(relation)
+            .copied()
+            .unwrap_or(RelationMode::ReadOnly)
     }
 }
 
@@ -210,7 +224,11 @@ mod tests {
     #[test]
     fn reads_credentials_modes_and_indexes() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("grc.token"), "  grc-token-0123456789abcdef\n").unwrap();
+        std::fs::write(
+            dir.path().join("grc.token"),
+            "  grc-token-0123456789abcdef\n",
+        )
+        .unwrap();
         let p = write(
             dir.path(),
             "[relations]\ndoctor = \"read-only\"\n[indexes]\npatient = [[\"surname\"]]\n\
@@ -220,8 +238,20 @@ mod tests {
         assert_eq!(c.store, dir.path().join("g.db"));
         assert_eq!(c.mode("doctor"), RelationMode::ReadOnly);
         assert_eq!(c.mode("patient"), RelationMode::ReadWrite);
-        assert_eq!(c.site_of_token("grc-token-0123456789abcdef").unwrap().code.as_str(), "GRC");
-        assert_eq!(c.site_of_token("cph-token-0123456789abcdef").unwrap().code.as_str(), "CPH");
+        assert_eq!(
+            c.site_of_token("grc-token-0123456789abcdef")
+                .unwrap()
+                .code
+                .as_str(),
+            "GRC"
+        );
+        assert_eq!(
+            c.site_of_token("cph-token-0123456789abcdef")
+                .unwrap()
+                .code
+                .as_str(),
+            "CPH"
+        );
         assert!(c.site_of_token("cph-token-0123456789abcdeX").is_none());
         assert!(c.site_of_token("").is_none());
     }
@@ -231,10 +261,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
             ("[relations]\nxray = \"read-only\"\n", "mode given for xray"),
-            ("[indexes]\npatient = [[\"shoe_size\"]]\n", "index on patient.shoe_size"),
-            ("[credentials]\nXYZ = { token = \"xyz-token-0123456789abcdef\" }\n", "credential for XYZ"),
-            ("[credentials]\nCPH = {}\n", "give exactly one of token, token_file"),
-            ("[credentials]\nCPH = { token_file = \"missing.token\" }\n", "token file of site CPH"),
+            (
+                "[indexes]\npatient = [[\"shoe_size\"]]\n",
+                "index on patient.shoe_size",
+            ),
+            (
+                "[credentials]\nXYZ = { token = \"xyz-token-0123456789abcdef\" }\n",
+                "credential for XYZ",
+            ),
+            (
+                "[credentials]\nCPH = {}\n",
+                "give exactly one of token, token_file",
+            ),
+            (
+                "[credentials]\nCPH = { token_file = \"missing.token\" }\n",
+                "token file of site CPH",
+            ),
             ("port = 1\n", "unknown field `port`"),
         ];
         for (extra, expected) in cases {

@@ -74,7 +74,11 @@ impl Shape {
         }
         let split = match &s.split {
             None if parts.len() == 1 => Split::None,
-            None => return Err(invalid("a table of several parts does not say how they join")),
+            None => {
+                return Err(invalid(
+                    "a table of several parts does not say how they join",
+                ));
+            }
             Some(_) if parts.len() == 1 => {
                 return Err(invalid("a table of one part cannot be split"));
             }
@@ -245,7 +249,9 @@ impl FetchQuery {
                             seen.push(*t);
                         }
                     });
-                    let t = *seen.first().ok_or_else(|| invalid("a join side names no attribute"))?;
+                    let t = *seen
+                        .first()
+                        .ok_or_else(|| invalid("a join side names no attribute"))?;
                     if seen.iter().any(|x| *x != t) {
                         return Err(invalid("a join side spans two tables"));
                     }
@@ -259,7 +265,9 @@ impl FetchQuery {
                 let outer_table = match j.outer_table {
                     Some(o) if o as usize == lt || o as usize == rt => Some(o as usize),
                     Some(o) => {
-                        return Err(invalid(format!("outer table {o} is not a side of its join")));
+                        return Err(invalid(format!(
+                            "outer table {o} is not a side of its join"
+                        )));
                     }
                     None => None,
                 };
@@ -270,7 +278,9 @@ impl FetchQuery {
                 });
             }
             if tables[0].outer {
-                return Err(invalid("the first table of a group cannot be the null-supplying side of a LEFT JOIN"));
+                return Err(invalid(
+                    "the first table of a group cannot be the null-supplying side of a LEFT JOIN",
+                ));
             }
             for (ti, t) in tables.iter().enumerate() {
                 let has_on = joins.iter().any(|j| j.outer_table == Some(ti));
@@ -286,9 +296,15 @@ impl FetchQuery {
             let table = groups
                 .get(gi)
                 .and_then(|g| g.tables.get(ti))
-                .ok_or_else(|| invalid(format!("semi-join for table {ti} of group {gi}, which does not exist")))?;
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "semi-join for table {ti} of group {gi}, which does not exist"
+                    ))
+                })?;
             if semijoins.iter().any(|x| x.group == gi && x.table == ti) {
-                return Err(invalid(format!("two semi-joins for table {ti} of group {gi}")));
+                return Err(invalid(format!(
+                    "two semi-joins for table {ti} of group {gi}"
+                )));
             }
             let vars: Vec<&String> = req.groups[gi].tables[ti]
                 .shape
@@ -298,19 +314,23 @@ impl FetchQuery {
             let mut columns = Vec::new();
             let mut types = Vec::new();
             for c in &s.columns {
-                let p = vars
-                    .iter()
-                    .position(|v| **v == c.var)
-                    .ok_or_else(|| invalid(format!("semi-join column of unknown variable {:?}", c.var)))?;
+                let p = vars.iter().position(|v| **v == c.var).ok_or_else(|| {
+                    invalid(format!("semi-join column of unknown variable {:?}", c.var))
+                })?;
                 let rel = relation(catalog, &table.shape.parts[p].relation)?;
                 let a = attribute(rel, &c.attr)?;
                 types.push((a.ty, format!("{}.{}", rel.name, a.name)));
                 columns.push((p, c.attr.clone()));
             }
             if columns.is_empty() {
-                return Err(invalid(format!("the semi-join for table {ti} of group {gi} gives no columns")));
+                return Err(invalid(format!(
+                    "the semi-join for table {ti} of group {gi} gives no columns"
+                )));
             }
-            let rows = s.rows.as_ref().map_or(Ok(Vec::new()), |r| decode_rows(columns.len(), r))?;
+            let rows = s
+                .rows
+                .as_ref()
+                .map_or(Ok(Vec::new()), |r| decode_rows(columns.len(), r))?;
             let rows = rows
                 .into_iter()
                 .map(|row| {
@@ -351,7 +371,9 @@ fn check_expr(e: &Expr, scope: &Scope) -> Result<Expr> {
         }
         match x {
             Expr::Function { name, .. } if !GLOBAL_FUNCTIONS.contains(&name.as_str()) => {
-                err = Some(invalid(format!("function {name} is not evaluated by the global controller")));
+                err = Some(invalid(format!(
+                    "function {name} is not evaluated by the global controller"
+                )));
             }
             Expr::Binary { op, left, right } if op.is_comparison() => {
                 if let (Expr::Column(c), Expr::Literal(v)) | (Expr::Literal(v), Expr::Column(c)) =
@@ -369,7 +391,9 @@ fn check_expr(e: &Expr, scope: &Scope) -> Result<Expr> {
                     }
                 }
             }
-            Expr::Between { expr, low, high, .. } => {
+            Expr::Between {
+                expr, low, high, ..
+            } => {
                 if let Expr::Column(c) = expr.as_ref() {
                     for v in [low, high] {
                         if let Expr::Literal(v) = v.as_ref() {

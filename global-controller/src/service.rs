@@ -62,10 +62,9 @@ impl Service {
     }
 
     fn site<T>(&self, req: &Request<T>) -> Result<SiteId, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no credential: send authorization: Bearer <token>"))?;
+        let header = req.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated("no credential: send authorization: Bearer <token>")
+        })?;
         let token = header
             .to_str()
             .ok()
@@ -134,10 +133,7 @@ fn refs(tuples: &[v1::TupleRef]) -> Result<Vec<TupleRef>, Status> {
         .collect()
 }
 
-fn encode_table(
-    t: FetchedTable,
-    widths: &[usize],
-) -> Result<v1::TableTuples, Status> {
+fn encode_table(t: FetchedTable, widths: &[usize]) -> Result<v1::TableTuples, Status> {
     let count = t.len() as u32;
     let parts = t
         .parts
@@ -146,7 +142,9 @@ fn encode_table(
         .map(|(p, w)| {
             Ok(v1::PartTuples {
                 tuple_ids: p.tuple_ids,
-                values: Some(encode_rows(*w, &p.rows).map_err(|e| Status::internal(e.to_string()))?),
+                values: Some(
+                    encode_rows(*w, &p.rows).map_err(|e| Status::internal(e.to_string()))?,
+                ),
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
@@ -160,7 +158,10 @@ fn encode_table(
 
 #[tonic::async_trait]
 impl GlobalSnapshot for Service {
-    async fn hello(&self, req: Request<v1::HelloRequest>) -> Result<Response<v1::HelloReply>, Status> {
+    async fn hello(
+        &self,
+        req: Request<v1::HelloRequest>,
+    ) -> Result<Response<v1::HelloReply>, Status> {
         let site = self.site(&req)?;
         let req_len = req.get_ref().encoded_len();
         let theirs = &req.get_ref().schema_fingerprint;
@@ -187,7 +188,11 @@ impl GlobalSnapshot for Service {
             site_code: site.code.clone(),
             site_number: site.number.0,
             keys: Some(range(&conf.keys)),
-            key_ranges: conf.key_ranges.iter().map(|(k, r)| (k.clone(), range(r))).collect(),
+            key_ranges: conf
+                .key_ranges
+                .iter()
+                .map(|(k, r)| (k.clone(), range(r)))
+                .collect(),
             modes: self
                 .config
                 .modes
@@ -215,12 +220,14 @@ impl GlobalSnapshot for Service {
             let outcome = self.blocking(move |store| store.load(&s, &batch)).await?;
             reply.loaded += outcome.loaded;
             reply.already_loaded += outcome.already_loaded;
-            reply.conflicts.extend(outcome.conflicts.into_iter().map(|c| v1::Conflict {
-                relation: c.relation,
-                origin: c.origin,
-                key: c.key.iter().map(snaps_proto::encode_value).collect(),
-                holder_site: c.holder,
-            }));
+            reply
+                .conflicts
+                .extend(outcome.conflicts.into_iter().map(|c| v1::Conflict {
+                    relation: c.relation,
+                    origin: c.origin,
+                    key: c.key.iter().map(snaps_proto::encode_value).collect(),
+                    holder_site: c.holder,
+                }));
         }
         tracing::info!(site = %site.code, loaded = reply.loaded, already = reply.already_loaded,
             conflicts = reply.conflicts.len(), "load");
@@ -235,13 +242,18 @@ impl GlobalSnapshot for Service {
         let site = self.site(&req)?;
         let relation = req.get_ref().relation.clone();
         let s = site.clone();
-        let max_origin = self.blocking(move |store| store.load_progress(&s, &relation)).await?;
+        let max_origin = self
+            .blocking(move |store| store.load_progress(&s, &relation))
+            .await?;
         let reply = v1::LoadProgressReply { max_origin };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
         Ok(respond(reply))
     }
 
-    async fn fetch(&self, req: Request<v1::FetchRequest>) -> Result<Response<v1::FetchReply>, Status> {
+    async fn fetch(
+        &self,
+        req: Request<v1::FetchRequest>,
+    ) -> Result<Response<v1::FetchReply>, Status> {
         let site = self.site(&req)?;
         let query = FetchQuery::decode(req.get_ref(), &self.config.catalog)?;
         let widths: Vec<Vec<Vec<usize>>> = query
@@ -264,10 +276,15 @@ impl GlobalSnapshot for Service {
             reply.tables.push(encode_table(t, w)?);
         }
         tracing::debug!(site = %site.code, tuples, "fetch");
-        self.tally(&site, req.get_ref().encoded_len(), reply.encoded_len(), |a| {
-            a.fetches += 1;
-            a.tuples_sent += tuples as u64;
-        });
+        self.tally(
+            &site,
+            req.get_ref().encoded_len(),
+            reply.encoded_len(),
+            |a| {
+                a.fetches += 1;
+                a.tuples_sent += tuples as u64;
+            },
+        );
         Ok(respond(reply))
     }
 
@@ -309,21 +326,31 @@ impl GlobalSnapshot for Service {
                 }
             }
         };
-        self.tally(&site, req.get_ref().encoded_len(), reply.encoded_len(), |a| {
-            if granted {
-                a.locks_granted += 1;
-            } else {
-                a.locks_refused += 1;
-            }
-        });
+        self.tally(
+            &site,
+            req.get_ref().encoded_len(),
+            reply.encoded_len(),
+            |a| {
+                if granted {
+                    a.locks_granted += 1;
+                } else {
+                    a.locks_refused += 1;
+                }
+            },
+        );
         Ok(respond(reply))
     }
 
-    async fn unlock(&self, req: Request<v1::UnlockRequest>) -> Result<Response<v1::UnlockReply>, Status> {
+    async fn unlock(
+        &self,
+        req: Request<v1::UnlockRequest>,
+    ) -> Result<Response<v1::UnlockReply>, Status> {
         let site = self.site(&req)?;
         let tuples = refs(&req.get_ref().tuples)?;
         let s = site.clone();
-        let released = self.blocking(move |store| store.unlock(&s, &tuples)).await?;
+        let released = self
+            .blocking(move |store| store.unlock(&s, &tuples))
+            .await?;
         let reply = v1::UnlockReply { released };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
         Ok(respond(reply))
@@ -336,13 +363,18 @@ impl GlobalSnapshot for Service {
         let site = self.site(&req)?;
         let tuples = refs(&req.get_ref().tuples)?;
         let s = site.clone();
-        let released = self.blocking(move |store| store.release_copies(&s, &tuples)).await?;
+        let released = self
+            .blocking(move |store| store.release_copies(&s, &tuples))
+            .await?;
         let reply = v1::ReleaseReply { released };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
         Ok(respond(reply))
     }
 
-    async fn status(&self, req: Request<v1::StatusRequest>) -> Result<Response<v1::StatusReply>, Status> {
+    async fn status(
+        &self,
+        req: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
         let site = self.site(&req)?;
         let flush = self.flusher();
         let report = self

@@ -22,9 +22,7 @@ use std::sync::Mutex;
 
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params_from_iter};
-use snaps_schema::{
-    Catalog, GlobalRights, RelationMode, SentTo, SiteNo, Value, sql_ident,
-};
+use snaps_schema::{Catalog, GlobalRights, RelationMode, SentTo, SiteNo, Value, sql_ident};
 
 use crate::compile::{STATUS_COLUMNS, compile_group, temp_table};
 use crate::config::GlobalConfig;
@@ -55,7 +53,9 @@ fn from_sql(v: ValueRef<'_>) -> Value {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(i) => Value::Int(i),
         ValueRef::Real(f) => Value::Float(f),
-        ValueRef::Text(t) | ValueRef::Blob(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => {
+            Value::Text(String::from_utf8_lossy(t).into_owned())
+        }
     }
 }
 
@@ -116,7 +116,10 @@ impl SqliteStore {
     }
 
     fn mode(&self, relation: &str) -> RelationMode {
-        self.modes.get(relation).copied().unwrap_or(RelationMode::ReadOnly)
+        self.modes
+            .get(relation)
+            .copied()
+            .unwrap_or(RelationMode::ReadOnly)
     }
 
     fn create(&self, config: &GlobalConfig) -> Result<()> {
@@ -139,7 +142,11 @@ impl SqliteStore {
         )?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
-            .query_row("SELECT value FROM snaps_meta WHERE key = 'schema'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM snaps_meta WHERE key = 'schema'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         match stored {
             Some(f) if f != fingerprint => {
@@ -236,12 +243,16 @@ fn read_status(
     site: &SiteId,
     t: &TupleRef,
 ) -> Result<Status> {
-    let rel = catalog
-        .relation(&t.relation)
-        .ok_or_else(|| Error::InvalidArgument(format!("unknown global relation {:?}", t.relation)))?;
+    let rel = catalog.relation(&t.relation).ok_or_else(|| {
+        Error::InvalidArgument(format!("unknown global relation {:?}", t.relation))
+    })?;
     let (cond, a, b) = match t.id {
         TupleSel::Id(i) => ("tuple_id = ?1 AND ?2 = ?2", i as i64, 0),
-        TupleSel::Origin(o) => ("snaps_origin = ?1 AND snaps_owner = ?2", o as i64, i64::from(site.number.0)),
+        TupleSel::Origin(o) => (
+            "snaps_origin = ?1 AND snaps_owner = ?2",
+            o as i64,
+            i64::from(site.number.0),
+        ),
     };
     let sql = format!(
         "SELECT tuple_id, snaps_owner, snaps_rights, snaps_lock_site, snaps_sent_to FROM {} WHERE {cond}",
@@ -270,10 +281,9 @@ impl GlobalStore for SqliteStore {
         // Where each part's key attributes are among its columns.
         let mut keys: Vec<Vec<usize>> = Vec::new();
         for p in &shape.parts {
-            let rel = self
-                .catalog
-                .relation(&p.relation)
-                .ok_or_else(|| Error::InvalidArgument(format!("unknown global relation {}", p.relation)))?;
+            let rel = self.catalog.relation(&p.relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {}", p.relation))
+            })?;
             let pos = rel
                 .key
                 .iter()
@@ -308,7 +318,8 @@ impl GlobalStore for SqliteStore {
                 if keys[pi].is_empty() {
                     continue;
                 }
-                let values: Vec<&Value> = keys[pi].iter().map(|&k| &batch.parts[pi][row][k]).collect();
+                let values: Vec<&Value> =
+                    keys[pi].iter().map(|&k| &batch.parts[pi][row][k]).collect();
                 if let Some(k) = keys[pi].iter().zip(&values).find(|(_, v)| v.is_null()) {
                     return Err(Error::InvalidArgument(format!(
                         "tuple {origin}: key attribute {}.{} is NULL",
@@ -326,7 +337,9 @@ impl GlobalStore for SqliteStore {
                         sql_ident(&p.relation),
                         cond.join(" AND ")
                     ))?
-                    .query_row(params_from_iter(values.iter().map(|v| to_sql(v))), |r| r.get(0))
+                    .query_row(params_from_iter(values.iter().map(|v| to_sql(v))), |r| {
+                        r.get(0)
+                    })
                     .optional()?;
                 if let Some(h) = holder {
                     conflict = Some(ConflictRecord {
@@ -344,7 +357,12 @@ impl GlobalStore for SqliteStore {
                     .iter()
                     .enumerate()
                     .map(|(pi, p)| {
-                        let vals = p.columns.iter().map(String::as_str).zip(&batch.parts[pi][row]).collect();
+                        let vals = p
+                            .columns
+                            .iter()
+                            .map(String::as_str)
+                            .zip(&batch.parts[pi][row])
+                            .collect();
                         (p.relation.as_str(), vals)
                     })
                     .collect();
@@ -389,8 +407,11 @@ impl GlobalStore for SqliteStore {
                     Split::Main(_) if pi != main => main_id,
                     _ => None,
                 };
-                let mut params: Vec<ToSqlOutput> = batch.parts[pi][row].iter().map(to_sql).collect();
-                params.push(ToSqlOutput::Owned(link.map_or(SqlValue::Null, SqlValue::Integer)));
+                let mut params: Vec<ToSqlOutput> =
+                    batch.parts[pi][row].iter().map(to_sql).collect();
+                params.push(ToSqlOutput::Owned(
+                    link.map_or(SqlValue::Null, SqlValue::Integer),
+                ));
                 params.push(ToSqlOutput::Owned(SqlValue::Integer(me)));
                 params.push(ToSqlOutput::Owned(SqlValue::Integer(origin as i64)));
                 params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(rights))));
@@ -410,10 +431,9 @@ impl GlobalStore for SqliteStore {
     }
 
     fn load_progress(&self, site: &SiteId, relation: &str) -> Result<u64> {
-        let rel = self
-            .catalog
-            .relation(relation)
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown global relation {relation:?}")))?;
+        let rel = self.catalog.relation(relation).ok_or_else(|| {
+            Error::InvalidArgument(format!("unknown global relation {relation:?}"))
+        })?;
         let conn = self.conn();
         let max: i64 = conn.query_row(
             &format!(
@@ -448,7 +468,11 @@ impl GlobalStore for SqliteStore {
                 let name = temp_table(sj.table);
                 tx.execute_batch(&format!(
                     "DROP TABLE IF EXISTS temp.{name}; CREATE TEMP TABLE {name} ({})",
-                    if cols.is_empty() { "c0".into() } else { cols.join(", ") }
+                    if cols.is_empty() {
+                        "c0".into()
+                    } else {
+                        cols.join(", ")
+                    }
                 ))?;
                 let marks: Vec<String> = (1..=sj.columns.len()).map(|i| format!("?{i}")).collect();
                 let mut ins = tx.prepare(&format!(
@@ -487,7 +511,8 @@ impl GlobalStore for SqliteStore {
                             let sent: Option<Vec<u8>> = r.get(col + 2)?;
                             col += 3;
                             if let (Some(_), Some(owner)) = (id, owner) {
-                                let held = SentTo::from_bytes(&sent.unwrap_or_default()).contains(site.number);
+                                let held = SentTo::from_bytes(&sent.unwrap_or_default())
+                                    .contains(site.number);
                                 want |= owner != me && !held;
                             }
                             ids.push(id);
@@ -511,7 +536,8 @@ impl GlobalStore for SqliteStore {
                     let mut found = HashMap::new();
                     let cols: Vec<String> = p.columns.iter().map(|c| sql_ident(c)).collect();
                     for chunk in ids.chunks(500) {
-                        let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("?{i}")).collect();
+                        let marks: Vec<String> =
+                            (1..=chunk.len()).map(|i| format!("?{i}")).collect();
                         let sql = format!(
                             "SELECT tuple_id, snaps_owner, snaps_sent_to{}{} FROM {} WHERE tuple_id IN ({})",
                             if cols.is_empty() { "" } else { ", " },
@@ -522,7 +548,9 @@ impl GlobalStore for SqliteStore {
                         let mut stmt = tx.prepare_cached(&sql)?;
                         let mut rs = stmt.query(params_from_iter(chunk))?;
                         while let Some(r) = rs.next()? {
-                            let vals = (0..cols.len()).map(|i| r.get_ref(3 + i).map(from_sql)).collect::<rusqlite::Result<Vec<_>>>()?;
+                            let vals = (0..cols.len())
+                                .map(|i| r.get_ref(3 + i).map(from_sql))
+                                .collect::<rusqlite::Result<Vec<_>>>()?;
                             found.insert(r.get(0)?, (r.get(1)?, r.get(2)?, vals));
                         }
                     }
@@ -542,7 +570,9 @@ impl GlobalStore for SqliteStore {
                 };
                 for ids in rows {
                     let fresh = ids.iter().enumerate().any(|(pi, id)| {
-                        id.is_some_and(|id| !returned.contains_key(&(shape.parts[pi].relation.clone(), id)))
+                        id.is_some_and(|id| {
+                            !returned.contains_key(&(shape.parts[pi].relation.clone(), id))
+                        })
                     });
                     if !fresh {
                         continue;
@@ -585,7 +615,9 @@ impl GlobalStore for SqliteStore {
 
     fn lock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome> {
         if tuples.is_empty() {
-            return Err(Error::InvalidArgument("a lock request names no tuples".into()));
+            return Err(Error::InvalidArgument(
+                "a lock request names no tuples".into(),
+            ));
         }
         let me = i64::from(site.number.0);
         let mut conn = self.conn();
@@ -611,23 +643,24 @@ impl GlobalStore for SqliteStore {
                 _ => to_lock.push((t.relation.clone(), s.tuple_id)),
             }
         }
-        let outcome = match refusal {
-            Some((tuple, reason, holder)) => LockOutcome::Refused {
-                tuple,
-                reason,
-                holder,
-            },
-            None => {
-                for (relation, id) in &to_lock {
-                    tx.prepare_cached(&format!(
+        let outcome =
+            match refusal {
+                Some((tuple, reason, holder)) => LockOutcome::Refused {
+                    tuple,
+                    reason,
+                    holder,
+                },
+                None => {
+                    for (relation, id) in &to_lock {
+                        tx.prepare_cached(&format!(
                         "UPDATE {} SET snaps_rights = ?1, snaps_lock_site = ?2 WHERE tuple_id = ?3",
                         sql_ident(relation)
                     ))?
                     .execute(rusqlite::params![GlobalRights::Locked.code(), me, id])?;
+                    }
+                    LockOutcome::Granted
                 }
-                LockOutcome::Granted
-            }
-        };
+            };
         tx.commit()?;
         Ok(outcome)
     }
@@ -714,16 +747,16 @@ impl GlobalStore for SqliteStore {
         for r in self.catalog.relations() {
             let name = sql_ident(&r.name);
             let (tuples, locked): (i64, i64) = conn.query_row(
-                &format!(
-                    "SELECT count(*), count(snaps_lock_site) FROM {name}"
-                ),
+                &format!("SELECT count(*), count(snaps_lock_site) FROM {name}"),
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
             let mut stmt = conn.prepare(&format!(
                 "SELECT snaps_owner, count(*) FROM {name} GROUP BY snaps_owner"
             ))?;
-            for row in stmt.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))? {
+            for row in
+                stmt.query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?
+            {
                 let (o, n) = row?;
                 *owned.entry(o).or_default() += n as u64;
             }
@@ -757,7 +790,9 @@ impl GlobalStore for SqliteStore {
             s.owned_tuples = owned.get(&i64::from(s.number)).copied().unwrap_or(0);
             report.sites.push(s);
         }
-        report.conflicts = conn.query_row("SELECT count(*) FROM snaps_conflicts", [], |r| r.get::<_, i64>(0))? as u64;
+        report.conflicts = conn.query_row("SELECT count(*) FROM snaps_conflicts", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64;
         Ok(report)
     }
 }
@@ -768,7 +803,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn config(network: &str, store: &Path) -> GlobalConfig {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(network);
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures")
+            .join(network);
         let network = snaps_schema::NetworkConfig::load(&dir).unwrap();
         GlobalConfig::new(
             "127.0.0.1:0".parse().unwrap(),
@@ -788,8 +825,14 @@ mod tests {
         SqliteStore::open(&path, &config("radiology", &path)).unwrap();
         // Reopening with the same schema is fine.
         SqliteStore::open(&path, &config("radiology", &path)).unwrap();
-        let err = SqliteStore::open(&path, &config("figures", &path)).err().unwrap().to_string();
-        assert!(err.contains("the store was made for global schema"), "{err}");
+        let err = SqliteStore::open(&path, &config("figures", &path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("the store was made for global schema"),
+            "{err}"
+        );
     }
 
     #[test]

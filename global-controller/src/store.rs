@@ -45,9 +45,9 @@ impl LoadBatch {
         }
         let mut parts = Vec::new();
         for (p, rows) in shape.parts.iter().zip(&b.values) {
-            let rel = catalog
-                .relation(&p.relation)
-                .ok_or_else(|| Error::InvalidArgument(format!("unknown global relation {}", p.relation)))?;
+            let rel = catalog.relation(&p.relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {}", p.relation))
+            })?;
             let rows = decode_rows(p.columns.len(), rows)?;
             if rows.len() != b.origins.len() {
                 return Err(Error::InvalidArgument(format!(
@@ -66,9 +66,8 @@ impl LoadBatch {
                         let a = rel.attribute(c).ok_or_else(|| {
                             Error::InvalidArgument(format!("{} has no attribute {c}", rel.name))
                         })?;
-                        a.ty.check(v, &format!("{}.{c}", rel.name)).map_err(|e| {
-                            Error::InvalidArgument(format!("tuple {origin}: {e}"))
-                        })
+                        a.ty.check(v, &format!("{}.{c}", rel.name))
+                            .map_err(|e| Error::InvalidArgument(format!("tuple {origin}: {e}")))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 checked.push(row);
@@ -76,7 +75,9 @@ impl LoadBatch {
             parts.push(checked);
         }
         if b.origins.contains(&0) {
-            return Err(Error::InvalidArgument("origin 0 is not a tuple number".into()));
+            return Err(Error::InvalidArgument(
+                "origin 0 is not a tuple number".into(),
+            ));
         }
         Ok(LoadBatch {
             shape,

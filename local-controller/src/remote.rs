@@ -64,7 +64,9 @@ impl AsyncRead for Counted {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.counters.received.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters
+            .received
+            .fetch_add(n as u64, Ordering::Relaxed);
         r
     }
 }
@@ -131,7 +133,11 @@ impl GlobalClient {
         let connector = tower::service_fn(move |uri: Uri| {
             let counters = c.clone();
             async move {
-                let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
+                let host = uri
+                    .host()
+                    .unwrap_or("127.0.0.1")
+                    .trim_matches(['[', ']'])
+                    .to_string();
                 let port = uri.port_u16().unwrap_or(80);
                 let inner = TcpStream::connect((host.as_str(), port)).await?;
                 inner.set_nodelay(true)?;
@@ -209,13 +215,21 @@ impl GlobalClient {
 
     /// One fetch.
     pub async fn fetch(&self, req: v1::FetchRequest) -> Result<v1::FetchReply> {
-        Ok(self.for_len(req.encoded_len()).fetch(req).await?.into_inner())
+        Ok(self
+            .for_len(req.encoded_len())
+            .fetch(req)
+            .await?
+            .into_inner())
     }
 
     /// Asks for primary-copy locks (all or none).
     pub async fn lock(&self, tuples: Vec<v1::TupleRef>) -> Result<v1::LockReply> {
         let req = v1::LockRequest { tuples };
-        Ok(self.for_len(req.encoded_len()).lock(req).await?.into_inner())
+        Ok(self
+            .for_len(req.encoded_len())
+            .lock(req)
+            .await?
+            .into_inner())
     }
 
     /// Gives locks back.
@@ -335,7 +349,9 @@ pub fn semijoin(
     Ok(v1::SemiJoin {
         group: group as u32,
         table: table as u32,
-        rows: Some(encode_rows(columns.len(), &converted).map_err(|e| Error::Invalid(e.to_string()))?),
+        rows: Some(
+            encode_rows(columns.len(), &converted).map_err(|e| Error::Invalid(e.to_string()))?,
+        ),
         columns,
     })
 }
@@ -365,7 +381,12 @@ pub fn map_back(
             .groups
             .get(t.group as usize)
             .and_then(|g| g.tables.get(t.table as usize))
-            .ok_or_else(|| Error::Invalid(format!("reply names table {} of group {}, not asked for", t.table, t.group)))?;
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "reply names table {} of group {}, not asked for",
+                    t.table, t.group
+                ))
+            })?;
         let rm = mapping
             .relation(&table.local_relation)
             .ok_or_else(|| Error::Invalid(format!("{} is not mapped", table.local_relation)))?;

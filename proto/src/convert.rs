@@ -93,9 +93,17 @@ pub fn decode_rows(width: usize, rows: &v1::Rows) -> Result<Vec<Vec<Value>>, Wir
     let n = rows.count as usize;
     let mut out: Vec<Vec<Value>> = (0..n).map(|_| Vec::with_capacity(width)).collect();
     for (c, col) in rows.columns.iter().enumerate() {
-        let is_null = |i: usize| col.nulls.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+        let is_null = |i: usize| {
+            col.nulls
+                .get(i / 8)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        };
         let nulls = (0..n).filter(|&i| is_null(i)).count();
-        let lists = [!col.ints.is_empty(), !col.floats.is_empty(), !col.texts.is_empty()];
+        let lists = [
+            !col.ints.is_empty(),
+            !col.floats.is_empty(),
+            !col.texts.is_empty(),
+        ];
         if lists.iter().filter(|x| **x).count() > 1 {
             return Err(malformed(format!("column {c} has values of two types")));
         }
@@ -240,42 +248,48 @@ fn need(e: &Option<Box<v1::Expr>>, what: &str) -> Result<Box<Expr>, WireError> {
 /// names and types against its catalog).
 pub fn decode_expr(e: &v1::Expr) -> Result<Expr, WireError> {
     use v1::expr::Kind;
-    Ok(match e.kind.as_ref().ok_or_else(|| malformed("empty expression"))? {
-        Kind::Column(c) => Expr::Column(ColumnRef::new(&c.var, &c.attr)),
-        Kind::Literal(v) => Expr::Literal(decode_value(v)),
-        Kind::Binary(b) => Expr::Binary {
-            op: decode_op(b.op)?,
-            left: need(&b.left, "operator")?,
-            right: need(&b.right, "operator")?,
+    Ok(
+        match e
+            .kind
+            .as_ref()
+            .ok_or_else(|| malformed("empty expression"))?
+        {
+            Kind::Column(c) => Expr::Column(ColumnRef::new(&c.var, &c.attr)),
+            Kind::Literal(v) => Expr::Literal(decode_value(v)),
+            Kind::Binary(b) => Expr::Binary {
+                op: decode_op(b.op)?,
+                left: need(&b.left, "operator")?,
+                right: need(&b.right, "operator")?,
+            },
+            Kind::Not(x) => Expr::Not(Box::new(decode_expr(x)?)),
+            Kind::Neg(x) => Expr::Neg(Box::new(decode_expr(x)?)),
+            Kind::IsNull(x) => Expr::IsNull {
+                expr: need(&x.expr, "IS NULL")?,
+                negated: x.negated,
+            },
+            Kind::InList(x) => Expr::InList {
+                expr: need(&x.expr, "IN")?,
+                list: x.list.iter().map(decode_expr).collect::<Result<_, _>>()?,
+                negated: x.negated,
+            },
+            Kind::Between(x) => Expr::Between {
+                expr: need(&x.expr, "BETWEEN")?,
+                low: need(&x.low, "BETWEEN")?,
+                high: need(&x.high, "BETWEEN")?,
+                negated: x.negated,
+            },
+            Kind::Like(x) => Expr::Like {
+                expr: need(&x.expr, "LIKE")?,
+                pattern: need(&x.pattern, "LIKE")?,
+                negated: x.negated,
+            },
+            Kind::Function(f) => Expr::Function {
+                name: f.name.to_ascii_lowercase(),
+                args: f.args.iter().map(decode_expr).collect::<Result<_, _>>()?,
+                distinct: false,
+            },
         },
-        Kind::Not(x) => Expr::Not(Box::new(decode_expr(x)?)),
-        Kind::Neg(x) => Expr::Neg(Box::new(decode_expr(x)?)),
-        Kind::IsNull(x) => Expr::IsNull {
-            expr: need(&x.expr, "IS NULL")?,
-            negated: x.negated,
-        },
-        Kind::InList(x) => Expr::InList {
-            expr: need(&x.expr, "IN")?,
-            list: x.list.iter().map(decode_expr).collect::<Result<_, _>>()?,
-            negated: x.negated,
-        },
-        Kind::Between(x) => Expr::Between {
-            expr: need(&x.expr, "BETWEEN")?,
-            low: need(&x.low, "BETWEEN")?,
-            high: need(&x.high, "BETWEEN")?,
-            negated: x.negated,
-        },
-        Kind::Like(x) => Expr::Like {
-            expr: need(&x.expr, "LIKE")?,
-            pattern: need(&x.pattern, "LIKE")?,
-            negated: x.negated,
-        },
-        Kind::Function(f) => Expr::Function {
-            name: f.name.to_ascii_lowercase(),
-            args: f.args.iter().map(decode_expr).collect::<Result<_, _>>()?,
-            distinct: false,
-        },
-    })
+    )
 }
 
 /// The shape of a mapped table: its parts and how they reassemble.
@@ -326,7 +340,11 @@ pub fn shape_of_relation(rm: &RelationMapping) -> v1::Shape {
                 keys: keys
                     .iter()
                     .map(|k| v1::KeyAttribute {
-                        names: rm.targets(k).iter().map(|(_, a)| a.global.clone()).collect(),
+                        names: rm
+                            .targets(k)
+                            .iter()
+                            .map(|(_, a)| a.global.clone())
+                            .collect(),
                     })
                     .collect(),
             })),
@@ -407,7 +425,13 @@ mod tests {
     #[test]
     fn nulls_cost_a_bit_each() {
         let rows: Vec<Vec<Value>> = (0..16)
-            .map(|i| vec![if i % 2 == 0 { Value::Int(i) } else { Value::Null }])
+            .map(|i| {
+                vec![if i % 2 == 0 {
+                    Value::Int(i)
+                } else {
+                    Value::Null
+                }]
+            })
             .collect();
         let wire = encode_rows(1, &rows).unwrap();
         assert_eq!(wire.columns[0].nulls.len(), 2);
