@@ -26,6 +26,7 @@
 //! the refresh epochs, eviction of unused snapshots, and the PostgreSQL-wire SQL
 //! endpoint that hides the status column from the application.
 
+pub mod engine;
 pub mod remote;
 pub mod store;
 pub mod value;
