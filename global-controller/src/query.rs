@@ -175,6 +175,8 @@ pub struct FetchQuery {
     pub groups: Vec<Group>,
     /// The semi-join projections.
     pub semijoins: Vec<SemiJoin>,
+    /// Return tuples the site holds too.
+    pub include_held: bool,
 }
 
 /// The alias of part `p` of table `t` in compiled SQL.
@@ -347,7 +349,11 @@ impl FetchQuery {
                 rows,
             });
         }
-        Ok(FetchQuery { groups, semijoins })
+        Ok(FetchQuery {
+            groups,
+            semijoins,
+            include_held: req.include_held,
+        })
     }
 }
 

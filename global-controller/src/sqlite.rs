@@ -513,7 +513,7 @@ impl GlobalStore for SqliteStore {
                             if let (Some(_), Some(owner)) = (id, owner) {
                                 let held = SentTo::from_bytes(&sent.unwrap_or_default())
                                     .contains(site.number);
-                                want |= owner != me && !held;
+                                want |= owner != me && (q.include_held || !held);
                             }
                             ids.push(id);
                         }

@@ -45,7 +45,7 @@ use crate::value::{from_sqlite, to_sqlite};
 use crate::{Error, Result};
 
 /// The version of the site database layout, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The hidden status column on every mapped relation: the appendix-A byte.
 pub const STATUS_COLUMN: &str = "snaps_status";
@@ -110,6 +110,21 @@ CREATE TABLE snaps_snapshot_membership (
 -- Eviction goes by snapshot: find a snapshot's tuples without a scan.
 CREATE INDEX snaps_snapshot_membership_by_snapshot
     ON snaps_snapshot_membership (snapshot_no);
+-- The global tuples behind each snapshot tuple (one per part of a split):
+-- a tuple fetched again is recognised, and locks and refresh name it.
+CREATE TABLE snaps_copy (
+    global_relation TEXT NOT NULL,
+    tuple_id        INTEGER NOT NULL,
+    relation        TEXT NOT NULL,
+    tuple_rowid     INTEGER NOT NULL,
+    PRIMARY KEY (global_relation, tuple_id)
+);
+CREATE INDEX snaps_copy_by_tuple ON snaps_copy (relation, tuple_rowid);
+-- Small facts about the site's state (initial load done, ...).
+CREATE TABLE snaps_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE snaps_stats (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL

@@ -1,0 +1,879 @@
+//! A site at work: the query path of chapter 7 ("Algorithm to Perform a
+//! Local Query") behind the [`Engine`] interface the SQL endpoint serves.
+//!
+//! For a retrieval: parse (SQL or QUEL) → plan (decompose and map) →
+//! *performed?* (an earlier snapshot covers every join group: answer
+//! locally) → fetch the uncovered groups in one round trip with the
+//! semi-join projections of the site's new and modified tuples → store what
+//! comes back as a snapshot in one transaction (definition, tuples with
+//! status *snapshot*, memberships, copies) → run the statement on the site's
+//! database. When the global controller cannot be reached the answer comes
+//! from local data with a notice saying so.
+//!
+//! Everything SNAPS does not manage — relations the mapping does not name,
+//! DDL, PRAGMAs, transactions — goes to SQLite unchanged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rusqlite::fallible_iterator::FallibleIterator;
+use rusqlite::{Batch, Connection, OpenFlags, OptionalExtension, params};
+use snaps_mapping::ir::{Select, Statement};
+use snaps_mapping::mapping::{MappingRow, QualificationRow};
+use snaps_mapping::performed::{SnapshotDefinition, performed};
+use snaps_mapping::quel::{QuelSession, looks_like_quel};
+use snaps_mapping::rewrite::{Plan, plan};
+use snaps_mapping::{Language, SiteMapping};
+use snaps_proto::fetch_request;
+use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Value};
+
+use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
+use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
+use crate::store::STATUS_COLUMN;
+use crate::value::{from_sqlite, to_sqlite};
+use crate::{Error, Result};
+
+/// Appendix-A new and modified bits: the tuples a semi-join projects.
+const CHANGED_BITS: u8 = 0x18;
+/// Appendix-A tuple-type bit: set on snapshot tuples.
+const SNAPSHOT_BIT: u8 = 0x80;
+/// The notice a local-only answer carries.
+pub const LOCAL_ONLY_NOTICE: &str = "the global snapshot controller is unreachable: \
+     this answer comes from this site's data only and may miss tuples recorded at other sites";
+/// `snaps_meta` key set once the initial export is loaded.
+const INITIAL_LOAD_DONE: &str = "initial_load_done";
+/// `snaps_meta` key set when a fetch's reply may have been lost.
+const UNCERTAIN: &str = "sent_to_uncertain";
+
+/// How a site reaches the global controller.
+#[derive(Debug, Clone)]
+pub struct GlobalLink {
+    /// `http://host:port`.
+    pub addr: String,
+    /// The site's token.
+    pub token: String,
+    /// How long a fetch may take before the answer is given from local data.
+    pub fetch_timeout: Duration,
+}
+
+/// A site's shared state: its catalog and mapping, the connection snapshots
+/// are stored through, the snapshot definitions, the link to the global
+/// controller.
+pub struct Site {
+    path: PathBuf,
+    code: String,
+    catalog: Catalog,
+    mapped: BTreeSet<String>,
+    mapping: SiteMapping,
+    global_fingerprint: String,
+    writer: Mutex<Connection>,
+    definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
+    link: Option<GlobalLink>,
+    client: tokio::sync::Mutex<Option<GlobalClient>>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn open_conn(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+fn today() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64 / 86_400)
+}
+
+impl Site {
+    /// Opens the site database at `path` (made by [`crate::SiteStore::create`]),
+    /// with the global schema `global` its mapping refers to. Must be called
+    /// inside a tokio runtime: fetches run on it.
+    pub fn open(path: &Path, global: &Catalog, link: Option<GlobalLink>) -> Result<Arc<Site>> {
+        let store = crate::SiteStore::open(path)?;
+        let code = store.site_code()?;
+        let catalog = store.catalog().clone();
+        let mapped: BTreeSet<String> = catalog
+            .relations()
+            .filter(|r| store.is_mapped(&r.name))
+            .map(|r| r.name.clone())
+            .collect();
+        drop(store);
+        let writer = open_conn(path)?;
+        let mapping = read_mapping(&writer, &catalog, global)?;
+        let definitions = read_definitions(&writer)?;
+        Ok(Arc::new(Site {
+            path: path.to_path_buf(),
+            code,
+            catalog,
+            mapped,
+            mapping,
+            global_fingerprint: global.fingerprint(),
+            writer: Mutex::new(writer),
+            definitions: RwLock::new(definitions),
+            link,
+            client: tokio::sync::Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    /// The site's code.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connected client, connecting (and saying hello) if needed.
+    async fn client(&self) -> Result<GlobalClient> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| Error::Unreachable("this site has no global controller configured".into()))?;
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = GlobalClient::connect(&link.addr, &link.token).await?;
+        let hello = c.hello(&self.global_fingerprint).await?;
+        if hello.site_code != self.code {
+            return Err(Error::Invalid(format!(
+                "the credential belongs to site {}, this database to site {}",
+                hello.site_code, self.code
+            )));
+        }
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_client(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// Registers with the global controller and loads the site's export,
+    /// once: a load broken off is resumed where the controller says it got
+    /// to. Returns the number of tuples loaded now.
+    pub async fn initial_load(&self) -> Result<u64> {
+        if self.meta(INITIAL_LOAD_DONE)?.is_some() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        let mut loaded = 0;
+        for rm in self.mapping.relations() {
+            let main = match rm.split {
+                snaps_mapping::mapping::Split::MainTupleId(m) => m,
+                _ => 0,
+            };
+            let from = client.load_progress(&rm.parts[main].global).await?;
+            let tuples = self.own_tuples(&rm.local.name, from)?;
+            for chunk in tuples.chunks(20_000) {
+                let reply = client.load(export_batches(rm, chunk, 5_000)?).await?;
+                loaded += reply.loaded;
+                for c in &reply.conflicts {
+                    tracing::warn!(site = %self.code, relation = %c.relation, origin = c.origin,
+                        holder = %c.holder_site, "not loaded: the key belongs to another site");
+                }
+            }
+        }
+        self.writer().execute(
+            "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, '1')",
+            [INITIAL_LOAD_DONE],
+        )?;
+        tracing::info!(site = %self.code, loaded, "initial load done");
+        Ok(loaded)
+    }
+
+    /// The site's own tuples of a relation after rowid `from`, numbered by
+    /// rowid (their origin at the global controller).
+    fn own_tuples(&self, relation: &str, from: u64) -> Result<Vec<(u64, Vec<Value>)>> {
+        let rel = self
+            .catalog
+            .relation(relation)
+            .ok_or_else(|| Error::Invalid(format!("no relation {relation}")))?;
+        let cols: Vec<String> = rel.attributes.iter().map(|a| snaps_schema::sql_ident(&a.name)).collect();
+        let conn = self.writer();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT rowid, {} FROM {} WHERE ({STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0 AND rowid > ?1 ORDER BY rowid",
+            cols.join(", "),
+            snaps_schema::sql_ident(&rel.name)
+        ))?;
+        let mut rows = stmt.query([from as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let origin: i64 = r.get(0)?;
+            let values = rel
+                .attributes
+                .iter()
+                .enumerate()
+                .map(|(i, a)| from_sqlite(r.get_ref(i + 1)?, &a.name))
+                .collect::<Result<Vec<_>>>()?;
+            out.push((origin as u64, values));
+        }
+        Ok(out)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .writer()
+            .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn bump(conn: &Connection, counters: &[(&str, i64)]) -> Result<()> {
+        for (name, by) in counters {
+            conn.execute(
+                "UPDATE snaps_stats SET value = value + ?1 WHERE name = ?2",
+                params![by, name],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Fetches the plan's groups and stores the reply as a snapshot. Returns
+    /// `Ok(false)` when the global controller could not be reached (the
+    /// caller answers from local data).
+    fn fetch(&self, plan: &Plan, current: &BTreeMap<String, Vec<Vec<Value>>>, lang: Language, text: &str) -> Result<bool> {
+        let Some(q) = &plan.query else { return Ok(true) };
+        let mut req = fetch_request(q);
+        req.include_held = self.meta(UNCERTAIN)?.is_some();
+        for sj in &plan.semijoins {
+            let Some(rows) = current.get(&sj.local_var).filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            let Some((gi, ti)) = q.groups.iter().enumerate().find_map(|(gi, g)| {
+                g.tables.iter().position(|t| t.local_var == sj.local_var).map(|ti| (gi, ti))
+            }) else {
+                continue;
+            };
+            let rm = self
+                .mapping
+                .relation(&sj.local_relation)
+                .ok_or_else(|| Error::Invalid(format!("{} is not mapped", sj.local_relation)))?;
+            req.semijoins.push(semijoin(gi, ti, &q.groups[gi].tables[ti], rm, &sj.attributes, rows)?);
+        }
+        let timeout = self.link.as_ref().map_or(Duration::from_secs(10), |l| l.fetch_timeout);
+        let outcome = self.runtime.block_on(async {
+            let client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => return Err((e, false)),
+            };
+            let (sent0, recv0) = (client.counters().sent(), client.counters().received());
+            match tokio::time::timeout(timeout, client.fetch(req)).await {
+                Ok(Ok(reply)) => Ok((
+                    reply,
+                    client.counters().sent() - sent0,
+                    client.counters().received() - recv0,
+                )),
+                Ok(Err(e @ Error::Remote(_))) if is_request_error(&e) => Err((e, false)),
+                Ok(Err(e)) => {
+                    self.forget_client().await;
+                    Err((e, true))
+                }
+                Err(_) => {
+                    self.forget_client().await;
+                    Err((Error::Unreachable(format!("no reply within {timeout:?}")), true))
+                }
+            }
+        });
+        let (reply, sent, received) = match outcome {
+            Ok(x) => x,
+            Err((e, maybe_recorded)) => {
+                if maybe_recorded {
+                    // The controller may have recorded copies this site never
+                    // stored: until the next refresh, ask for held tuples too.
+                    self.writer().execute(
+                        "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
+                        params![UNCERTAIN, today().to_string()],
+                    )?;
+                }
+                if matches!(e, Error::Remote(_)) && is_request_error(&e) {
+                    return Err(e);
+                }
+                tracing::warn!(site = %self.code, error = %e, "fetch failed: answering from local data");
+                let conn = self.writer();
+                Site::bump(&conn, &[("local_only_answers", 1)])?;
+                return Ok(false);
+            }
+        };
+        let tuples = map_back(&reply, q, &self.mapping)?;
+        let definition = SnapshotDefinition::from_plan(plan, current);
+        self.store_snapshot(&definition, &tuples, q, lang, text, sent, received)?;
+        Ok(true)
+    }
+
+    /// Stores fetched tuples as one snapshot, in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    fn store_snapshot(
+        &self,
+        definition: &SnapshotDefinition,
+        tuples: &[LocalTuples],
+        q: &snaps_mapping::GlobalQuery,
+        lang: Language,
+        text: &str,
+        sent: u64,
+        received: u64,
+    ) -> Result<()> {
+        let status = LocalStatus {
+            tuple_type: TupleType::Snapshot,
+            rights: LocalRights::Unknown,
+            new: false,
+            modified: false,
+            just_copied: 0,
+        }
+        .to_byte()?;
+        let day = today();
+        let mut conn = self.writer();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned)
+             VALUES (?1, ?2, ?3, ?4, 0)",
+            params![
+                if lang == Language::Quel { "quel" } else { "sql" },
+                text,
+                serde_json::to_string(definition).map_err(|e| Error::Invalid(e.to_string()))?,
+                day
+            ],
+        )?;
+        let no = tx.last_insert_rowid();
+        let mut stored = 0i64;
+        for lt in tuples {
+            let rel = self
+                .catalog
+                .relation(&lt.local_relation)
+                .ok_or_else(|| Error::Invalid(format!("no relation {}", lt.local_relation)))?;
+            let table = q
+                .groups
+                .iter()
+                .flat_map(|g| &g.tables)
+                .find(|t| t.local_var == lt.local_var)
+                .ok_or_else(|| Error::Invalid(format!("reply for unknown variable {}", lt.local_var)))?;
+            let mut cols: Vec<String> = rel.attributes.iter().map(|a| snaps_schema::sql_ident(&a.name)).collect();
+            cols.push(STATUS_COLUMN.to_string());
+            let insert = format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                snaps_schema::sql_ident(&rel.name),
+                cols.join(", "),
+                vec!["?"; cols.len()].join(", ")
+            );
+            for (ids, values) in &lt.tuples {
+                // A tuple already here (fetched before) only joins this snapshot.
+                let mut rowid: Option<i64> = None;
+                for (p, id) in ids.iter().enumerate() {
+                    if *id == 0 {
+                        continue;
+                    }
+                    rowid = tx
+                        .prepare_cached(
+                            "SELECT tuple_rowid FROM snaps_copy WHERE global_relation = ?1 AND tuple_id = ?2",
+                        )?
+                        .query_row(params![table.parts[p].relation, *id as i64], |r| r.get(0))
+                        .optional()?;
+                    if rowid.is_some() {
+                        break;
+                    }
+                }
+                let rowid = match rowid {
+                    Some(r) => r,
+                    None => {
+                        let params = values
+                            .iter()
+                            .map(to_sqlite)
+                            .chain(std::iter::once(rusqlite::types::Value::Integer(status.into())));
+                        match tx.prepare_cached(&insert)?.execute(rusqlite::params_from_iter(params)) {
+                            Ok(_) => {}
+                            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                                // The site has a tuple with this key of its own:
+                                // its own data wins.
+                                tracing::warn!(site = %self.code, relation = %rel.name, error = %e,
+                                    "fetched tuple not stored: key taken locally");
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                        stored += 1;
+                        tx.last_insert_rowid()
+                    }
+                };
+                for (p, id) in ids.iter().enumerate() {
+                    if *id != 0 {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO snaps_copy (global_relation, tuple_id, relation, tuple_rowid)
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![table.parts[p].relation, *id as i64, rel.name, rowid])?;
+                    }
+                }
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO snaps_snapshot_membership (relation, tuple_rowid, snapshot_no, last_access_day)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![rel.name, rowid, no, day])?;
+            }
+        }
+        Site::bump(
+            &tx,
+            &[
+                ("global_fetches", 1),
+                ("tuples_received", tuples.iter().map(|t| t.tuples.len() as i64).sum()),
+                ("bytes_sent", sent as i64),
+                ("bytes_received", received as i64),
+                ("snapshots", 1),
+                ("snapshot_tuples", stored),
+            ],
+        )?;
+        tx.commit()?;
+        self.definitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((SnapshotNo(no as u32), definition.clone()));
+        Ok(())
+    }
+
+    /// Records that snapshots were used today (at most one write per
+    /// snapshot and day).
+    fn touch(&self, snapshots: &[SnapshotNo]) -> Result<()> {
+        let day = today();
+        let conn = self.writer();
+        for s in snapshots {
+            conn.prepare_cached(
+                "UPDATE snaps_snapshot_membership SET last_access_day = ?1
+                 WHERE snapshot_no = ?2 AND last_access_day < ?1",
+            )?
+            .execute(params![day, s.0])?;
+        }
+        Ok(())
+    }
+}
+
+/// An error about the request itself (the controller refused it): the
+/// client should see it rather than a local-only answer.
+fn is_request_error(e: &Error) -> bool {
+    matches!(e, Error::Remote(s) if matches!(s.code(),
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated))
+}
+
+fn read_mapping(conn: &Connection, local: &Catalog, global: &Catalog) -> Result<SiteMapping> {
+    let mut stmt = conn.prepare(
+        "SELECT row, local_relation, local_attribute, global_relation, global_attribute, to_global, to_local
+         FROM snaps_mapping ORDER BY row",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(MappingRow {
+                row: r.get::<_, i64>(0)? as usize,
+                local_relation: r.get(1)?,
+                local_attribute: r.get(2)?,
+                global_relation: r.get(3)?,
+                global_attribute: r.get(4)?,
+                to_global: r.get(5)?,
+                to_local: r.get(6)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut stmt = conn.prepare("SELECT row, local_relation, qualification FROM snaps_mapping_qualification ORDER BY row")?;
+    let quals = stmt
+        .query_map([], |r| {
+            Ok(QualificationRow {
+                row: r.get::<_, i64>(0)? as usize,
+                local_relation: r.get(1)?,
+                qualification: r.get(2)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(SiteMapping::new(&rows, &quals, local, global)?)
+}
+
+fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefinition)>> {
+    let mut stmt = conn.prepare("SELECT snapshot_no, plan FROM snaps_snapshot_definition ORDER BY snapshot_no")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(no, plan)| {
+            let def: SnapshotDefinition = serde_json::from_str(&plan)
+                .map_err(|e| Error::Invalid(format!("snapshot definition {no} is unreadable: {e}")))?;
+            Ok((SnapshotNo(no as u32), def))
+        })
+        .collect()
+}
+
+/// The endpoint's view of a site.
+pub struct SiteEngine(pub Arc<Site>);
+
+impl Engine for SiteEngine {
+    fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
+        let conn = open_conn(&self.0.path).map_err(|e| EngineError::new("58000", e.to_string()))?;
+        Ok(Box::new(SiteSession {
+            site: self.0.clone(),
+            conn,
+            quel: QuelSession::new(),
+            user: user.to_string(),
+        }))
+    }
+}
+
+/// One client connection.
+pub struct SiteSession {
+    site: Arc<Site>,
+    conn: Connection,
+    quel: QuelSession,
+    user: String,
+}
+
+fn sqlstate_of(e: &Error) -> &'static str {
+    match e {
+        Error::Mapping(snaps_mapping::Error::Unsupported(_)) | Error::Unsupported(_) => "0A000",
+        Error::Mapping(snaps_mapping::Error::Unknown(m)) if m.contains("relation") => "42P01",
+        Error::Mapping(snaps_mapping::Error::Unknown(_)) => "42703",
+        Error::Mapping(snaps_mapping::Error::Conversion(_)) => "22000",
+        Error::Mapping(_) => "42601",
+        Error::Storage(e) => sqlite_state(e),
+        Error::Remote(_) | Error::Unreachable(_) => "08006",
+        Error::Schema(_) => "22000",
+        Error::Invalid(_) => "22023",
+        Error::Io { .. } => "58030",
+    }
+}
+
+fn sqlite_state(e: &rusqlite::Error) -> &'static str {
+    let msg = e.to_string();
+    if msg.contains("no such table") {
+        "42P01"
+    } else if msg.contains("no such column") {
+        "42703"
+    } else if msg.contains("syntax error") || msg.contains("incomplete input") {
+        "42601"
+    } else if msg.contains("UNIQUE constraint") || msg.contains("PRIMARY KEY") {
+        "23505"
+    } else if msg.contains("NOT NULL constraint") {
+        "23502"
+    } else if msg.contains("constraint") {
+        "23000"
+    } else if msg.contains("already exists") {
+        "42P07"
+    } else {
+        "XX000"
+    }
+}
+
+fn engine_error(e: Error) -> EngineError {
+    EngineError::new(sqlstate_of(&e), e.to_string())
+}
+
+fn kind_of_decl(decl: Option<&str>) -> Option<ColumnKind> {
+    let d = decl?.to_ascii_uppercase();
+    Some(if d.contains("INT") {
+        ColumnKind::Int
+    } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
+        ColumnKind::Float
+    } else {
+        ColumnKind::Text
+    })
+}
+
+/// The PostgreSQL command tag of a statement that returned no rows.
+fn command_tag(sql: &str, changes: u64) -> String {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(2)
+        .map(|w| w.trim_end_matches(';').to_ascii_uppercase())
+        .collect();
+    match words.first().map(String::as_str) {
+        Some("INSERT" | "REPLACE") => format!("INSERT 0 {changes}"),
+        Some("UPDATE") => format!("UPDATE {changes}"),
+        Some("DELETE") => format!("DELETE {changes}"),
+        Some("BEGIN") => "BEGIN".into(),
+        Some("COMMIT" | "END") => "COMMIT".into(),
+        Some("ROLLBACK") => "ROLLBACK".into(),
+        Some(first @ ("CREATE" | "DROP" | "ALTER")) => {
+            format!("{first} {}", words.get(1).map_or("", String::as_str)).trim().to_string()
+        }
+        Some(first) => first.to_string(),
+        None => String::new(),
+    }
+}
+
+impl SiteSession {
+    /// Runs SQL text on the site's database exactly as SQLite would, one
+    /// statement after another; the status column never reaches the client.
+    fn run_local(&self, text: &str) -> Result<Vec<Outcome>> {
+        let mut out = Vec::new();
+        let mut batch = Batch::new(&self.conn, text);
+        while let Some(mut stmt) = batch.next()? {
+            let sql = stmt.expanded_sql().unwrap_or_default();
+            if stmt.column_count() == 0 {
+                stmt.raw_execute()?;
+                out.push(Outcome::Command {
+                    tag: command_tag(&sql, self.conn.changes()),
+                });
+                continue;
+            }
+            let keep: Vec<usize> = (0..stmt.column_count())
+                .filter(|&i| stmt.column_name(i).is_ok_and(|n| n != STATUS_COLUMN))
+                .collect();
+            let decls: Vec<Option<ColumnKind>> = stmt
+                .columns()
+                .map(|c| kind_of_decl(c.decl_type()))
+                .collect();
+            let names: Vec<String> = keep
+                .iter()
+                .map(|&i| stmt.column_name(i).map(str::to_string))
+                .collect::<rusqlite::Result<_>>()?;
+            let mut rows = Vec::new();
+            let mut q = stmt.raw_query();
+            while let Some(r) = q.next()? {
+                let row = keep
+                    .iter()
+                    .map(|&i| from_sqlite(r.get_ref(i)?, &names[0]).or_else(|_| Ok(Value::Null)))
+                    .collect::<Result<Vec<_>>>()?;
+                rows.push(row);
+            }
+            let columns = keep
+                .iter()
+                .zip(&names)
+                .map(|(&i, name)| {
+                    let kind = decls[i].unwrap_or_else(|| {
+                        match rows.iter().map(|r: &Vec<Value>| &r[keep.iter().position(|k| *k == i).unwrap_or(0)]).find(|v| !v.is_null()) {
+                            Some(Value::Int(_)) => ColumnKind::Int,
+                            Some(Value::Float(_)) => ColumnKind::Float,
+                            _ => ColumnKind::Text,
+                        }
+                    });
+                    ResultColumn { name: name.clone(), kind }
+                })
+                .collect();
+            out.push(Outcome::Rows { columns, rows });
+        }
+        Ok(out)
+    }
+
+    /// The current semi-join projections of a plan, per variable.
+    fn projections(&self, plan: &Plan) -> Result<BTreeMap<String, Vec<Vec<Value>>>> {
+        let mut out = BTreeMap::new();
+        for sj in &plan.semijoins {
+            let changed = format!(
+                "({}.{STATUS_COLUMN} & {CHANGED_BITS}) <> 0",
+                snaps_schema::sql_ident(&sj.local_var)
+            );
+            let sql = sj.local_sql(&changed);
+            let mut stmt = self.conn.prepare(&sql)?;
+            let n = sj.attributes.len();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect::<rusqlite::Result<Vec<_>>>()
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let rows = rows
+                .into_iter()
+                .map(|row| {
+                    row.into_iter()
+                        .map(|v| match v {
+                            rusqlite::types::Value::Null => Value::Null,
+                            rusqlite::types::Value::Integer(i) => Value::Int(i),
+                            rusqlite::types::Value::Real(f) => Value::Float(f),
+                            rusqlite::types::Value::Text(s) => Value::Text(s),
+                            rusqlite::types::Value::Blob(b) => Value::Text(String::from_utf8_lossy(&b).into_owned()),
+                        })
+                        .collect()
+                })
+                .collect();
+            out.insert(sj.local_var.clone(), rows);
+        }
+        Ok(out)
+    }
+
+    /// Makes sure the site holds what `select` needs (steps 2–5); returns
+    /// a notice when the answer will be local-only.
+    fn prepare_retrieval(&self, select: &Select, lang: Language, text: &str) -> Result<Option<String>> {
+        let site = &self.site;
+        let mut plan = plan(select, &site.catalog, &site.mapping)?;
+        if plan.query.is_none() {
+            return Ok(None);
+        }
+        let current = self.projections(&plan)?;
+        let coverage = {
+            let defs = site.definitions.read().unwrap_or_else(|p| p.into_inner());
+            performed(&plan, &current, &site.catalog, &defs)
+        };
+        let used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
+        site.touch(&used)?;
+        if coverage.covered() {
+            return Ok(None);
+        }
+        // Fetch only the groups no snapshot covers.
+        let Some(query) = plan.query.as_mut() else {
+            return Ok(None);
+        };
+        let mut keep = coverage.groups.iter().map(Option::is_none);
+        query.groups.retain(|_| keep.next().unwrap_or(true));
+        let vars: BTreeSet<String> = query
+            .groups
+            .iter()
+            .flat_map(|g| g.tables.iter().map(|t| t.local_var.clone()))
+            .collect();
+        plan.semijoins.retain(|s| vars.contains(&s.local_var));
+        if site.fetch(&plan, &current, lang, text)? {
+            Ok(None)
+        } else {
+            Ok(Some(LOCAL_ONLY_NOTICE.to_string()))
+        }
+    }
+
+    fn explain(&self, text: &str) -> Result<Outcome> {
+        let site = &self.site;
+        let mut quel = self.quel.clone();
+        let stmts = if looks_like_quel(text) {
+            quel.parse(text)?
+        } else {
+            snaps_mapping::sql::parse(text)?
+        };
+        let mut lines = Vec::new();
+        for s in stmts {
+            let select = match s {
+                Statement::Select(s) => s,
+                Statement::DefineSnapshot { query, .. } => query,
+                _ => {
+                    lines.push("not a retrieval: runs at this site only".to_string());
+                    continue;
+                }
+            };
+            let plan = plan(&select, &site.catalog, &site.mapping)?;
+            let current = self.projections(&plan)?;
+            let coverage = {
+                let defs = site.definitions.read().unwrap_or_else(|p| p.into_inner());
+                performed(&plan, &current, &site.catalog, &defs)
+            };
+            lines.push(match (&plan.query, coverage.covered()) {
+                (None, _) => "covered: nothing to fetch (no relation of the query is mapped)".into(),
+                (Some(_), true) => {
+                    let nos: Vec<String> = coverage.groups.iter().flatten().map(|n| n.0.to_string()).collect();
+                    format!("covered: yes, by snapshot {}", nos.join(", "))
+                }
+                (Some(_), false) => "covered: no, the global snapshot will be asked".into(),
+            });
+            lines.extend(plan.to_string().lines().map(str::to_string));
+        }
+        Ok(Outcome::Rows {
+            columns: vec![ResultColumn {
+                name: "plan".into(),
+                kind: ColumnKind::Text,
+            }],
+            rows: lines.into_iter().map(|l| vec![Value::Text(l)]).collect(),
+        })
+    }
+
+    fn execute_text(&mut self, text: &str) -> Result<Answer> {
+        let trimmed = text.trim_start();
+        let mut answer = Answer::default();
+        if trimmed.trim().trim_end_matches(';').trim().is_empty() {
+            return Ok(answer);
+        }
+        let lower = trimmed.to_ascii_lowercase();
+        if let Some(rest) = lower.strip_prefix("explain snaps") {
+            let stmt = &trimmed[trimmed.len() - rest.len()..];
+            answer.outcomes.push(self.explain(stmt)?);
+            return Ok(answer);
+        }
+        let (lang, parsed) = if looks_like_quel(text) {
+            (Language::Quel, self.quel.parse(text).map_err(Error::from))
+        } else {
+            (Language::Sql, snaps_mapping::sql::parse(text).map_err(Error::from))
+        };
+        let stmts = match parsed {
+            Ok(s) => s,
+            // Statements SNAPS does not model (DDL, PRAGMA, transactions,
+            // SQLite's own syntax) go to SQLite as they are.
+            Err(_) if lang == Language::Sql => {
+                answer.outcomes = self.run_local(text)?;
+                return Ok(answer);
+            }
+            Err(e) => return Err(e),
+        };
+        let single = stmts.len() == 1;
+        for stmt in stmts {
+            // SQL runs as the client wrote it; QUEL as its SQL translation.
+            let local_sql = if single && lang == Language::Sql {
+                text.to_string()
+            } else {
+                stmt.to_string()
+            };
+            match &stmt {
+                Statement::Select(s) => {
+                    if let Some(n) = self.prepare_retrieval(s, lang, text)? {
+                        if !answer.notices.contains(&n) {
+                            answer.notices.push(n);
+                        }
+                    }
+                    answer.outcomes.extend(self.run_local(&local_sql)?);
+                }
+                Statement::DefineSnapshot { query, .. } => {
+                    if let Some(n) = self.prepare_retrieval(query, lang, text)? {
+                        answer.notices.push(n);
+                    }
+                    answer.outcomes.push(Outcome::Command {
+                        tag: "DEFINE SNAPSHOT".into(),
+                    });
+                }
+                Statement::Update(u) if self.site.mapped.contains(&u.target.relation) => {
+                    return Err(Error::Unsupported(format!(
+                        "updating {}, which this site shares through SNAPS, needs primary-copy locks; \
+                         not supported by this version",
+                        u.target.relation
+                    )));
+                }
+                Statement::Delete(d) if self.site.mapped.contains(&d.target.relation) => {
+                    return Err(Error::Unsupported(format!(
+                        "deleting from {}, which this site shares through SNAPS, is not supported by this version",
+                        d.target.relation
+                    )));
+                }
+                _ => answer.outcomes.extend(self.run_local(&local_sql)?),
+            }
+        }
+        Ok(answer)
+    }
+}
+
+impl Session for SiteSession {
+    fn execute(&mut self, text: &str) -> std::result::Result<Answer, EngineError> {
+        tracing::debug!(site = %self.site.code, user = %self.user, text, "execute");
+        self.execute_text(text).map_err(engine_error)
+    }
+
+    fn describe(&mut self, text: &str) -> std::result::Result<Vec<ResultColumn>, EngineError> {
+        let lower = text.trim_start().to_ascii_lowercase();
+        if lower.starts_with("explain snaps") {
+            return Ok(vec![ResultColumn {
+                name: "plan".into(),
+                kind: ColumnKind::Text,
+            }]);
+        }
+        let sql = if looks_like_quel(text) {
+            let mut quel = self.quel.clone();
+            let stmts = quel.parse(text).map_err(|e| engine_error(e.into()))?;
+            match stmts.first() {
+                Some(s) => s.to_string(),
+                None => return Ok(Vec::new()),
+            }
+        } else {
+            text.to_string()
+        };
+        let stmt = self.conn.prepare(&sql).map_err(|e| engine_error(e.into()))?;
+        Ok(stmt
+            .columns()
+            .filter(|c| c.name() != STATUS_COLUMN)
+            .map(|c| ResultColumn {
+                name: c.name().to_string(),
+                kind: kind_of_decl(c.decl_type()).unwrap_or(ColumnKind::Text),
+            })
+            .collect())
+    }
+}
