@@ -59,7 +59,22 @@ impl LocalNetwork {
             .iter()
             .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
             .collect();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        LocalNetwork::start_at(network, store, indexes, "127.0.0.1:0".parse()?, tokens).await
+    }
+
+    /// Starts the global controller on `addr` with the given site tokens
+    /// (code → token): a restart on the address and credentials sites
+    /// already know.
+    pub async fn start_at(
+        network: NetworkConfig,
+        store: PathBuf,
+        indexes: BTreeMap<String, Vec<Vec<String>>>,
+        addr: SocketAddr,
+        tokens: BTreeMap<String, String>,
+    ) -> Result<LocalNetwork> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr}"))?;
         let local: SocketAddr = listener.local_addr()?;
         let config = GlobalConfig::new(
             local,

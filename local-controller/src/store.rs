@@ -200,6 +200,34 @@ impl SiteStore {
         })
     }
 
+    /// Creates a site database for site `code` of `network` at `path` from the
+    /// network's files (local schema, mapping, qualification), empty, making
+    /// its folder if needed.
+    pub fn create_in_network(network: &snaps_schema::NetworkConfig, code: &str, path: &Path) -> Result<SiteStore> {
+        let site = network.site(code)?;
+        let local = network.local_catalog(site)?;
+        let global = network.global_catalog()?;
+        let read = |p: &Path| {
+            let path = network.path(p);
+            std::fs::read_to_string(&path).map_err(|source| Error::Io { path, source })
+        };
+        let mapping_text = read(&site.mapping)?;
+        let qual_text = match &site.qualification {
+            Some(q) => read(q)?,
+            None => String::new(),
+        };
+        let rows = snaps_mapping::mapping::parse_mapping_rows(&mapping_text)?;
+        let quals = snaps_mapping::mapping::parse_qualification_rows(&qual_text)?;
+        let mapping = SiteMapping::new(&rows, &quals, &local, &global)?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::Io {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        SiteStore::create(path, site, &local, &rows, &quals, &mapping)
+        }
+
     /// Opens an existing site database. Fails, naming the path, when the file
     /// is missing, is not an SQLite database, lacks the `snaps_site` table or
     /// its one row, or has a layout version this build does not read.

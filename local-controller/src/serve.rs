@@ -1,0 +1,160 @@
+//! Running a site: `site.toml`, creating the site database on first start,
+//! registration and initial load, and the SQL endpoint.
+//!
+//! ```toml
+//! site = "CPH"                       # the site code in the network
+//! network = "../fixtures/radiology"  # global schema, local schema, mapping
+//! database = "CPH/local.db"          # created on first start
+//! listen = "127.0.0.1:7701"          # SQL endpoint (PostgreSQL protocol)
+//! global = "http://127.0.0.1:7700"   # the global snapshot controller
+//! token = "..."                      # or token_file = "cph.token"
+//! fetch_timeout_ms = 10000           # then answer from local data
+//! users = ["radiology"]              # who may connect; empty: anyone
+//! ```
+//!
+//! Relative paths are resolved against the folder of `site.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use snaps_schema::NetworkConfig;
+
+use crate::engine::{Engine, EngineError, Session};
+use crate::site::{GlobalLink, Site, SiteEngine};
+use crate::{Error, Result, SiteStore};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    site: String,
+    network: PathBuf,
+    database: PathBuf,
+    listen: SocketAddr,
+    global: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default = "default_timeout")]
+    fetch_timeout_ms: u64,
+    #[serde(default)]
+    users: Vec<String>,
+}
+
+fn default_timeout() -> u64 {
+    10_000
+}
+
+/// A site's configuration, checked and resolved.
+#[derive(Debug, Clone)]
+pub struct SiteServeConfig {
+    /// The site code.
+    pub site: String,
+    /// The network.
+    pub network: NetworkConfig,
+    /// The site database.
+    pub database: PathBuf,
+    /// SQL endpoint address.
+    pub listen: SocketAddr,
+    /// How the global controller is reached.
+    pub link: GlobalLink,
+    /// User names allowed to connect; empty: anyone.
+    pub users: Vec<String>,
+}
+
+impl SiteServeConfig {
+    /// Reads and checks `site.toml`.
+    pub fn load(path: &Path) -> Result<SiteServeConfig> {
+        let bad = |m: String| Error::Invalid(format!("{}: {m}", path.display()));
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let f: File = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let network = NetworkConfig::load(&dir.join(&f.network))?;
+        network.site(&f.site)?;
+        let token = match (f.token, f.token_file) {
+            (Some(t), None) => t,
+            (None, Some(p)) => std::fs::read_to_string(dir.join(&p))
+                .map_err(|e| bad(format!("token file {}: {e}", p.display())))?
+                .trim()
+                .to_string(),
+            _ => return Err(bad("give exactly one of token, token_file".into())),
+        };
+        Ok(SiteServeConfig {
+            site: f.site,
+            network,
+            database: dir.join(f.database),
+            listen: f.listen,
+            link: GlobalLink {
+                addr: f.global,
+                token,
+                fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
+            },
+            users: f.users,
+        })
+    }
+}
+
+/// The engine, restricted to configured user names.
+struct Users {
+    inner: SiteEngine,
+    users: Vec<String>,
+}
+
+impl Engine for Users {
+    fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
+        if !self.users.is_empty() && !self.users.iter().any(|u| u == user) {
+            return Err(EngineError::new(
+                "28000",
+                format!("user {user:?} may not connect to this site"),
+            ));
+        }
+        self.inner.open_session(user)
+    }
+}
+
+/// Opens the site (creating its database if missing), registers and loads
+/// its export when the global controller is reachable — retrying in the
+/// background while it is not — and serves SQL on `listener` until
+/// `shutdown`.
+pub async fn serve_site(
+    config: SiteServeConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    if !config.database.exists() {
+        tracing::info!(site = %config.site, path = %config.database.display(), "creating the site database");
+        SiteStore::create_in_network(&config.network, &config.site, &config.database)?;
+    }
+    let global = config.network.global_catalog()?;
+    let site = Site::open(&config.database, &global, Some(config.link.clone()))?;
+    let loader = {
+        let site = site.clone();
+        tokio::spawn(async move {
+            loop {
+                match site.initial_load().await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(site = %site.code(), error = %e, "initial load: retrying in 5 s");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            }
+        })
+    };
+    let engine: Arc<dyn Engine> = Arc::new(Users {
+        inner: SiteEngine(site.clone()),
+        users: config.users.clone(),
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(site = %site.code(), %addr, "SQL endpoint serving");
+    }
+    let served = crate::endpoint::serve(engine, listener, shutdown).await;
+    loader.abort();
+    served.map_err(|e| Error::Io {
+        path: PathBuf::from("SQL endpoint"),
+        source: e,
+    })
+}

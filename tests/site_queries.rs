@@ -1,0 +1,284 @@
+//! The query path end to end: three radiology sites with generated data,
+//! each a real site database in front of a real global controller on
+//! loopback; a workload of lookups by name and by number, visit histories,
+//! reports, aggregates, QUEL and SQL, at every site. Every answer must equal
+//! the oracle's (DESIGN.md, "A query at a site"): the same statement on one
+//! database holding the site's own data plus every other site's data as of
+//! the last refresh, restricted to the attributes the site maps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use snaps::localnet::LocalNetwork;
+use snaps_local::SiteStore;
+use snaps_local::engine::{Answer, Engine, Outcome, Session};
+use snaps_local::site::{GlobalLink, LOCAL_ONLY_NOTICE, Site, SiteEngine};
+use snaps_mapping::SiteMapping;
+use snaps_schema::datagen::{self, Scale};
+use snaps_schema::{NetworkConfig, Value};
+
+/// Local relation → tuples.
+type Rows = BTreeMap<String, Vec<Vec<Value>>>;
+
+fn network() -> NetworkConfig {
+    NetworkConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology")).unwrap()
+}
+
+struct Net {
+    _dir: tempfile::TempDir,
+    store: PathBuf,
+    global: Option<LocalNetwork>,
+    sites: BTreeMap<String, Arc<Site>>,
+    data: BTreeMap<String, Rows>,
+    network: NetworkConfig,
+}
+
+async fn setup(patients: usize) -> Net {
+    let network = network();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("global.db");
+    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new()).await.unwrap();
+    let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
+        .unwrap()
+        .into_iter()
+        .map(|(c, d)| (c.to_string(), d.rows))
+        .collect();
+    let catalog = network.global_catalog().unwrap();
+    let mut sites = BTreeMap::new();
+    for (code, rows) in &data {
+        let path = dir.path().join(code).join("local.db");
+        let mut store = SiteStore::create_in_network(&network, code, &path).unwrap();
+        for (relation, tuples) in rows {
+            store.load(relation, tuples).unwrap();
+        }
+        drop(store);
+        let link = GlobalLink {
+            addr: global.addr.clone(),
+            token: global.tokens[code].clone(),
+            fetch_timeout: Duration::from_secs(5),
+        };
+        let site = Site::open(&path, &catalog, Some(link)).unwrap();
+        site.initial_load().await.unwrap();
+        sites.insert(code.clone(), site);
+    }
+    Net {
+        _dir: dir,
+        store,
+        global: Some(global),
+        sites,
+        data,
+        network,
+    }
+}
+
+/// The oracle of one site: its own data plus the others' mapped onto its
+/// schema, in an in-memory SQLite database.
+fn oracle(net: &Net, code: &str) -> rusqlite::Connection {
+    let site = net.network.site(code).unwrap();
+    let local = net.network.local_catalog(site).unwrap();
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    conn.execute_batch(&local.to_ddl()).unwrap();
+    let insert = |relation: &str, row: &[Value]| {
+        let marks = vec!["?"; row.len()].join(", ");
+        conn.execute(
+            &format!("INSERT INTO {} VALUES ({marks})", snaps_schema::sql_ident(relation)),
+            rusqlite::params_from_iter(row.iter().map(to_sql)),
+        )
+        .unwrap();
+    };
+    for (relation, rows) in &net.data[code] {
+        for row in rows {
+            insert(relation, row);
+        }
+    }
+    let mine = snaps::localnet::site_mapping(&net.network, code).unwrap();
+    for (other, rows) in &net.data {
+        if other == code {
+            continue;
+        }
+        let theirs: SiteMapping = snaps::localnet::site_mapping(&net.network, other).unwrap();
+        for rm in theirs.relations() {
+            for row in rows.get(&rm.local.name).into_iter().flatten() {
+                let parts = rm.export(row).unwrap();
+                let global = &rm.parts[0].global;
+                let by_attr: BTreeMap<&str, &Value> = rm.parts[0]
+                    .attrs
+                    .iter()
+                    .map(|a| a.global.as_str())
+                    .zip(&parts[0])
+                    .collect();
+                for my in mine.relations().filter(|m| &m.parts[0].global == global) {
+                    let values: Vec<Value> = my.parts[0]
+                        .attrs
+                        .iter()
+                        .map(|a| by_attr.get(a.global.as_str()).map_or(Value::Null, |v| (*v).clone()))
+                        .collect();
+                    insert(&my.local.name, &my.map_back(&[Some(values)]).unwrap());
+                }
+            }
+        }
+    }
+    conn
+}
+
+fn to_sql(v: &Value) -> rusqlite::types::Value {
+    match v {
+        Value::Null => rusqlite::types::Value::Null,
+        Value::Int(i) => rusqlite::types::Value::Integer(*i),
+        Value::Float(f) => rusqlite::types::Value::Real(*f),
+        Value::Text(s) => rusqlite::types::Value::Text(s.clone()),
+    }
+}
+
+fn oracle_rows(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<Value>> {
+    let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("oracle: {e}\n{sql}"));
+    let n = stmt.column_count();
+    let mut rows: Vec<Vec<Value>> = stmt
+        .query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get::<_, rusqlite::types::Value>(i)? {
+                        rusqlite::types::Value::Null => Value::Null,
+                        rusqlite::types::Value::Integer(x) => Value::Int(x),
+                        rusqlite::types::Value::Real(x) => Value::Float(x),
+                        rusqlite::types::Value::Text(x) => Value::Text(x),
+                        rusqlite::types::Value::Blob(_) => Value::Null,
+                    })
+                })
+                .collect()
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    rows.sort();
+    rows
+}
+
+async fn run(site: &Arc<Site>, text: &str) -> Answer {
+    let engine = SiteEngine(site.clone());
+    let text = text.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut s: Box<dyn Session> = engine.open_session("radiology").unwrap();
+        s.execute(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    })
+    .await
+    .unwrap()
+}
+
+fn rows_of(a: &Answer) -> Vec<Vec<Value>> {
+    let Some(Outcome::Rows { rows, .. }) = a.outcomes.last() else {
+        panic!("no rows: {a:?}")
+    };
+    let mut rows = rows.clone();
+    rows.sort();
+    rows
+}
+
+fn stat(site_db: &Path, name: &str) -> i64 {
+    let conn = rusqlite::Connection::open(site_db).unwrap();
+    conn.query_row("SELECT value FROM snaps_stats WHERE name = ?1", [name], |r| r.get(0)).unwrap()
+}
+
+/// The workload: (statement at the site, the same in SQL for the oracle,
+/// whether an earlier statement of the workload already covers it).
+fn workload(net: &Net, code: &str) -> Vec<(String, String, bool)> {
+    let mut out = Vec::new();
+    let text = |v: &Value| match v {
+        Value::Text(s) => s.replace('\'', "''"),
+        other => other.to_string(),
+    };
+    for (other, rows) in &net.data {
+        let patients = &rows["patient"];
+        for (i, p) in patients.iter().enumerate().step_by(7).take(6) {
+            let (pno, surname) = (p[0].to_string(), text(&p[3]));
+            let by_name = format!("SELECT * FROM patient WHERE surname = '{surname}'");
+            out.push((by_name.clone(), by_name, false));
+            let by_no = format!("SELECT pno, surname, first_names, dob FROM patient WHERE pno = {pno}");
+            out.push((by_no.clone(), by_no, false));
+            let history = format!(
+                "SELECT p.surname, v.vno, v.date, v.description FROM patient p, visit v \
+                 WHERE p.pno = v.pno AND p.surname = '{surname}' ORDER BY v.date"
+            );
+            out.push((history.clone(), history, false));
+            let count = format!("SELECT count(*), max(date) FROM visit WHERE pno = {pno}");
+            out.push((count.clone(), count, false));
+            let raw = match &p[3] {
+                Value::Text(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let quel = format!(
+                "range of p is patient\nretrieve (p.surname, p.first_names, p.dob) where p.surname = \"{raw}\""
+            );
+            let quel_sql = format!("SELECT p.surname, p.first_names, p.dob FROM patient AS p WHERE p.surname = '{surname}'");
+            out.push((quel, quel_sql, false));
+            if i % 2 == 0 && other != code {
+                let specific = format!("SELECT * FROM patient WHERE surname = '{surname}' AND pno = {pno}");
+                // More specific than the lookup by name: covered.
+                out.push((specific.clone(), specific, true));
+            }
+        }
+        for v in rows["visit"].iter().step_by(11).take(4) {
+            let reports = format!("SELECT line_no, line FROM visit_rep WHERE vno = {} ORDER BY line_no", v[0]);
+            out.push((reports.clone(), reports, false));
+        }
+    }
+    let agg = "SELECT surname, count(*) FROM patient WHERE dob BETWEEN 19400101 AND 19601231 GROUP BY surname ORDER BY surname".to_string();
+    out.push((agg.clone(), agg, false));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
+    let net = setup(40).await;
+    for (code, site) in &net.sites {
+        let oracle = oracle(&net, code);
+        let db = net._dir.path().join(code).join("local.db");
+        let mut checked = 0;
+        for (query, oracle_sql, covered) in workload(&net, code) {
+            let before = stat(&db, "global_fetches");
+            let answer = run(site, &query).await;
+            if covered {
+                assert_eq!(stat(&db, "global_fetches"), before, "{code}: {query} was covered but fetched");
+            }
+            assert!(answer.notices.is_empty(), "{code}: {query}: {:?}", answer.notices);
+            assert_eq!(rows_of(&answer), oracle_rows(&oracle, &oracle_sql), "{code}: {query}");
+            // Asking again sends nothing to the global controller.
+            let fetches = stat(&db, "global_fetches");
+            let again = run(site, &query).await;
+            assert_eq!(rows_of(&again), oracle_rows(&oracle, &oracle_sql), "{code}: again {query}");
+            assert_eq!(stat(&db, "global_fetches"), fetches, "{code}: repeating {query} fetched");
+            checked += 1;
+        }
+        assert!(checked > 50, "{code}: only {checked} queries");
+        assert!(stat(&db, "global_fetches") > 0);
+        assert!(stat(&db, "tuples_received") > 0);
+        assert!(stat(&db, "bytes_received") > 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_global_controller_answers_are_local_with_a_notice() {
+    let mut net = setup(30).await;
+    let stg = net.sites["STG"].clone();
+    let cph_patient = net.data["CPH"]["patient"][3].clone();
+    let query = format!("SELECT pno, surname FROM patient WHERE pno = {}", cph_patient[0]);
+    let global = net.global.take().unwrap();
+    let (addr, tokens) = (global.addr.clone(), global.tokens.clone());
+    global.stop().await.unwrap();
+    let answer = run(&stg, &query).await;
+    assert_eq!(answer.notices, vec![LOCAL_ONLY_NOTICE.to_string()]);
+    assert!(rows_of(&answer).is_empty(), "STG does not hold CPH's patient yet");
+    let db = net._dir.path().join("STG").join("local.db");
+    assert_eq!(stat(&db, "local_only_answers"), 1);
+    // The controller comes back on the same address: the next query fetches.
+    let sock: std::net::SocketAddr = addr.trim_start_matches("http://").parse().unwrap();
+    let global = LocalNetwork::start_at(net.network.clone(), net.store.clone(), BTreeMap::new(), sock, tokens)
+        .await
+        .unwrap();
+    net.global = Some(global);
+    let answer = run(&stg, &query).await;
+    assert!(answer.notices.is_empty(), "{:?}", answer.notices);
+    assert_eq!(rows_of(&answer), vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]]);
+}
