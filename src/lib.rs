@@ -2,4 +2,5 @@
 //! share: running a network of SNAPS processes on this machine.
 
 pub mod bench;
+pub mod demo;
 pub mod localnet;

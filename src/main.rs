@@ -57,20 +57,13 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Generate the demo network's data: one SQLite database per site.
-    Demo {
-        /// The network folder (holding network.toml).
-        #[arg(long, default_value = "fixtures/radiology")]
-        network: PathBuf,
-        /// Where to write the site databases.
-        #[arg(long, default_value = "demo")]
-        dir: PathBuf,
-        /// Patients per site.
-        #[arg(long, default_value_t = 200)]
-        patients: usize,
-        /// Seed of the data generator.
-        #[arg(long, default_value_t = 1988)]
-        seed: u64,
+    /// Run the demo network: the global controller and the radiology sites
+    /// on localhost, generated data, ready for psql. Runs until SIGINT/SIGTERM.
+    Demo(snaps::demo::DemoOptions),
+    /// A site's local controller.
+    Site {
+        #[command(subcommand)]
+        command: SiteCommand,
     },
 }
 
@@ -80,6 +73,19 @@ enum GlobalCommand {
     Serve {
         /// The controller's configuration (listen address, store, network,
         /// credentials; see fixtures/radiology/global.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteCommand {
+    /// Serve a site: its database (created on first start), registration and
+    /// initial load at the global controller, and the SQL endpoint
+    /// (PostgreSQL protocol), until SIGINT or SIGTERM.
+    Serve {
+        /// The site's configuration (site code, network, database, SQL listen
+        /// address, global controller address and credential, users).
         #[arg(long)]
         config: PathBuf,
     },
@@ -97,6 +103,16 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("start the async runtime")
+}
+
+/// Warnings only: the demo's own output is what its user reads.
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn init_logging() {
@@ -135,12 +151,27 @@ fn main() -> Result<()> {
             statement,
         } => explain(&network, &site, json, &statement),
         Command::Check { network, site } => check(&network, site.as_deref()),
-        Command::Demo {
-            network,
-            dir,
-            patients,
-            seed,
-        } => demo(&network, &dir, patients, seed),
+        Command::Demo(opts) => {
+            init_logging_quiet();
+            runtime()?.block_on(snaps::demo::run_demo(
+                &opts,
+                snaps_global::shutdown_signal(),
+            ))
+        }
+        Command::Site {
+            command: SiteCommand::Serve { config },
+        } => {
+            init_logging();
+            let config = snaps_local::serve::SiteServeConfig::load(&config)?;
+            runtime()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("listen on {}", config.listen))?;
+                snaps_local::serve::serve_site(config, listener, snaps_global::shutdown_signal())
+                    .await?;
+                Ok(())
+            })
+        }
     }
 }
 
@@ -246,126 +277,5 @@ fn check(network: &Path, only: Option<&str>) -> Result<()> {
     if failed > 0 {
         bail!("{failed} site mapping(s) are invalid");
     }
-    Ok(())
-}
-
-/// Builds the demo network's site databases: generates every site's data,
-/// creates `<dir>/<CODE>.db` for each site and loads the data as the site's
-/// own, then says what can be done with them so far.
-fn demo(network: &Path, dir: &Path, patients: usize, seed: u64) -> Result<()> {
-    let config = load_network(network)?;
-    println!(
-        "SNAPS demo: network {}, {} sites, {patients} patients per site, seed {seed}",
-        config.name,
-        config.sites.len()
-    );
-    // A second run reuses the databases of the first: the demo never
-    // overwrites a site database.
-    let missing = config
-        .sites
-        .iter()
-        .any(|s| !dir.join(format!("{}.db", s.code)).exists());
-    let mut data = if missing {
-        println!("generating the sites' data...");
-        snaps_schema::datagen::generate(&config, &snaps_schema::datagen::Scale::new(patients), seed)
-            .context("generate the demo data")?
-    } else {
-        Default::default()
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("create folder {}", dir.display()))?;
-    let read = |p: &Path| {
-        let path = config.path(p);
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
-    };
-    let mut summary = Vec::new();
-    for site in &config.sites {
-        let code = site.code.as_str();
-        let Site { local, mapping } = load_site(&config, code)?;
-        let rows = snaps_mapping::mapping::parse_mapping_rows(&read(&site.mapping)?)
-            .with_context(|| format!("mapping rows of site {code}"))?;
-        let quals = match &site.qualification {
-            Some(q) => snaps_mapping::mapping::parse_qualification_rows(&read(q)?)
-                .with_context(|| format!("mapping-qualification rows of site {code}"))?,
-            None => Vec::new(),
-        };
-        let path = dir.join(format!("{code}.db"));
-        let store = if path.exists() {
-            let store = snaps_local::SiteStore::open(&path).with_context(|| {
-                format!("open the database of site {code} at {}", path.display())
-            })?;
-            let holder = store.site_code().context("read the site code")?;
-            if holder != code {
-                bail!(
-                    "{} holds the database of site {holder}, not {code}: remove {} or pass --dir with another folder",
-                    path.display(),
-                    dir.display()
-                );
-            }
-            println!("{code}: using the existing database {}", path.display());
-            store
-        } else {
-            println!("{code} ({}): creating {}", site.name, path.display());
-            let mut store =
-                snaps_local::SiteStore::create(&path, site, &local, &rows, &quals, &mapping)
-                    .with_context(|| {
-                        format!("create the database of site {code} at {}", path.display())
-                    })?;
-            let site_data = data
-                .remove(&site.code)
-                .with_context(|| format!("the generator made no data for site {code}"))?;
-            let mut tuples = 0;
-            for (relation, tuple_rows) in &site_data.rows {
-                tuples += store
-                    .load(relation, tuple_rows)
-                    .with_context(|| format!("load {relation} at site {code}"))?;
-            }
-            println!(
-                "{code}: loaded {tuples} tuples into {} relations",
-                site_data.rows.len()
-            );
-            store
-        };
-        for relation in store.catalog().relations() {
-            let count = store
-                .count(&relation.name)
-                .with_context(|| format!("count {} at site {code}", relation.name))?;
-            summary.push((
-                code,
-                relation.name.clone(),
-                count,
-                store.is_mapped(&relation.name),
-            ));
-        }
-    }
-
-    println!();
-    println!(
-        "{:<6}{:<12}{:>8}  mapped onto the global snapshot",
-        "site", "relation", "rows"
-    );
-    for (code, relation, count, mapped) in &summary {
-        println!(
-            "{code:<6}{relation:<12}{count:>8}  {}",
-            if *mapped { "yes" } else { "no" }
-        );
-    }
-    let first = config.sites.first().map_or("CPH", |s| s.code.as_str());
-    println!();
-    println!("Not built yet: the local controller's query path and its SQL endpoint, which");
-    println!("will connect these sites to the global controller and let psql connect to a site.");
-    println!("Meanwhile:");
-    println!(
-        "  run the global controller:  snaps global serve --config {}",
-        network.join("global.example.toml").display()
-    );
-    println!(
-        "  inspect a site's database:  sqlite3 {}",
-        dir.join(format!("{first}.db")).display()
-    );
-    println!(
-        "  explain a query:            snaps explain --network {} --site {first} \
-         \"SELECT surname, dob FROM patient WHERE surname = 'Smith'\"",
-        network.display()
-    );
     Ok(())
 }

@@ -23,7 +23,8 @@ use snaps_schema::{NetworkConfig, Value};
 type Rows = BTreeMap<String, Vec<Vec<Value>>>;
 
 fn network() -> NetworkConfig {
-    NetworkConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology")).unwrap()
+    NetworkConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology"))
+        .unwrap()
 }
 
 struct Net {
@@ -39,7 +40,9 @@ async fn setup(patients: usize) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
-    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new()).await.unwrap();
+    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new())
+        .await
+        .unwrap();
     let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
         .unwrap()
         .into_iter()
@@ -83,7 +86,10 @@ fn oracle(net: &Net, code: &str) -> rusqlite::Connection {
     let insert = |relation: &str, row: &[Value]| {
         let marks = vec!["?"; row.len()].join(", ");
         conn.execute(
-            &format!("INSERT INTO {} VALUES ({marks})", snaps_schema::sql_ident(relation)),
+            &format!(
+                "INSERT INTO {} VALUES ({marks})",
+                snaps_schema::sql_ident(relation)
+            ),
             rusqlite::params_from_iter(row.iter().map(to_sql)),
         )
         .unwrap();
@@ -113,7 +119,11 @@ fn oracle(net: &Net, code: &str) -> rusqlite::Connection {
                     let values: Vec<Value> = my.parts[0]
                         .attrs
                         .iter()
-                        .map(|a| by_attr.get(a.global.as_str()).map_or(Value::Null, |v| (*v).clone()))
+                        .map(|a| {
+                            by_attr
+                                .get(a.global.as_str())
+                                .map_or(Value::Null, |v| (*v).clone())
+                        })
                         .collect();
                     insert(&my.local.name, &my.map_back(&[Some(values)]).unwrap());
                 }
@@ -133,7 +143,9 @@ fn to_sql(v: &Value) -> rusqlite::types::Value {
 }
 
 fn oracle_rows(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<Value>> {
-    let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("oracle: {e}\n{sql}"));
+    let mut stmt = conn
+        .prepare(sql)
+        .unwrap_or_else(|e| panic!("oracle: {e}\n{sql}"));
     let n = stmt.column_count();
     let mut rows: Vec<Vec<Value>> = stmt
         .query_map([], |r| {
@@ -178,7 +190,12 @@ fn rows_of(a: &Answer) -> Vec<Vec<Value>> {
 
 fn stat(site_db: &Path, name: &str) -> i64 {
     let conn = rusqlite::Connection::open(site_db).unwrap();
-    conn.query_row("SELECT value FROM snaps_stats WHERE name = ?1", [name], |r| r.get(0)).unwrap()
+    conn.query_row(
+        "SELECT value FROM snaps_stats WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+    .unwrap()
 }
 
 /// The workload: (statement at the site, the same in SQL for the oracle,
@@ -195,7 +212,8 @@ fn workload(net: &Net, code: &str) -> Vec<(String, String, bool)> {
             let (pno, surname) = (p[0].to_string(), text(&p[3]));
             let by_name = format!("SELECT * FROM patient WHERE surname = '{surname}'");
             out.push((by_name.clone(), by_name, false));
-            let by_no = format!("SELECT pno, surname, first_names, dob FROM patient WHERE pno = {pno}");
+            let by_no =
+                format!("SELECT pno, surname, first_names, dob FROM patient WHERE pno = {pno}");
             out.push((by_no.clone(), by_no, false));
             let history = format!(
                 "SELECT p.surname, v.vno, v.date, v.description FROM patient p, visit v \
@@ -211,16 +229,22 @@ fn workload(net: &Net, code: &str) -> Vec<(String, String, bool)> {
             let quel = format!(
                 "range of p is patient\nretrieve (p.surname, p.first_names, p.dob) where p.surname = \"{raw}\""
             );
-            let quel_sql = format!("SELECT p.surname, p.first_names, p.dob FROM patient AS p WHERE p.surname = '{surname}'");
+            let quel_sql = format!(
+                "SELECT p.surname, p.first_names, p.dob FROM patient AS p WHERE p.surname = '{surname}'"
+            );
             out.push((quel, quel_sql, false));
             if i % 2 == 0 && other != code {
-                let specific = format!("SELECT * FROM patient WHERE surname = '{surname}' AND pno = {pno}");
+                let specific =
+                    format!("SELECT * FROM patient WHERE surname = '{surname}' AND pno = {pno}");
                 // More specific than the lookup by name: covered.
                 out.push((specific.clone(), specific, true));
             }
         }
         for v in rows["visit"].iter().step_by(11).take(4) {
-            let reports = format!("SELECT line_no, line FROM visit_rep WHERE vno = {} ORDER BY line_no", v[0]);
+            let reports = format!(
+                "SELECT line_no, line FROM visit_rep WHERE vno = {} ORDER BY line_no",
+                v[0]
+            );
             out.push((reports.clone(), reports, false));
         }
     }
@@ -240,15 +264,35 @@ async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
             let before = stat(&db, "global_fetches");
             let answer = run(site, &query).await;
             if covered {
-                assert_eq!(stat(&db, "global_fetches"), before, "{code}: {query} was covered but fetched");
+                assert_eq!(
+                    stat(&db, "global_fetches"),
+                    before,
+                    "{code}: {query} was covered but fetched"
+                );
             }
-            assert!(answer.notices.is_empty(), "{code}: {query}: {:?}", answer.notices);
-            assert_eq!(rows_of(&answer), oracle_rows(&oracle, &oracle_sql), "{code}: {query}");
+            assert!(
+                answer.notices.is_empty(),
+                "{code}: {query}: {:?}",
+                answer.notices
+            );
+            assert_eq!(
+                rows_of(&answer),
+                oracle_rows(&oracle, &oracle_sql),
+                "{code}: {query}"
+            );
             // Asking again sends nothing to the global controller.
             let fetches = stat(&db, "global_fetches");
             let again = run(site, &query).await;
-            assert_eq!(rows_of(&again), oracle_rows(&oracle, &oracle_sql), "{code}: again {query}");
-            assert_eq!(stat(&db, "global_fetches"), fetches, "{code}: repeating {query} fetched");
+            assert_eq!(
+                rows_of(&again),
+                oracle_rows(&oracle, &oracle_sql),
+                "{code}: again {query}"
+            );
+            assert_eq!(
+                stat(&db, "global_fetches"),
+                fetches,
+                "{code}: repeating {query} fetched"
+            );
             checked += 1;
         }
         assert!(checked > 50, "{code}: only {checked} queries");
@@ -263,22 +307,37 @@ async fn without_the_global_controller_answers_are_local_with_a_notice() {
     let mut net = setup(30).await;
     let stg = net.sites["STG"].clone();
     let cph_patient = net.data["CPH"]["patient"][3].clone();
-    let query = format!("SELECT pno, surname FROM patient WHERE pno = {}", cph_patient[0]);
+    let query = format!(
+        "SELECT pno, surname FROM patient WHERE pno = {}",
+        cph_patient[0]
+    );
     let global = net.global.take().unwrap();
     let (addr, tokens) = (global.addr.clone(), global.tokens.clone());
     global.stop().await.unwrap();
     let answer = run(&stg, &query).await;
     assert_eq!(answer.notices, vec![LOCAL_ONLY_NOTICE.to_string()]);
-    assert!(rows_of(&answer).is_empty(), "STG does not hold CPH's patient yet");
+    assert!(
+        rows_of(&answer).is_empty(),
+        "STG does not hold CPH's patient yet"
+    );
     let db = net._dir.path().join("STG").join("local.db");
     assert_eq!(stat(&db, "local_only_answers"), 1);
     // The controller comes back on the same address: the next query fetches.
     let sock: std::net::SocketAddr = addr.trim_start_matches("http://").parse().unwrap();
-    let global = LocalNetwork::start_at(net.network.clone(), net.store.clone(), BTreeMap::new(), sock, tokens)
-        .await
-        .unwrap();
+    let global = LocalNetwork::start_at(
+        net.network.clone(),
+        net.store.clone(),
+        BTreeMap::new(),
+        sock,
+        tokens,
+    )
+    .await
+    .unwrap();
     net.global = Some(global);
     let answer = run(&stg, &query).await;
     assert!(answer.notices.is_empty(), "{:?}", answer.notices);
-    assert_eq!(rows_of(&answer), vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]]);
+    assert_eq!(
+        rows_of(&answer),
+        vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]]
+    );
 }

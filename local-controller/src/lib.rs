@@ -26,8 +26,11 @@
 //! the refresh epochs, eviction of unused snapshots, and the PostgreSQL-wire SQL
 //! endpoint that hides the status column from the application.
 
+pub mod endpoint;
 pub mod engine;
 pub mod remote;
+pub mod serve;
+pub mod site;
 pub mod store;
 pub mod value;
 
@@ -62,6 +65,9 @@ pub enum Error {
     /// The global snapshot controller could not be reached.
     #[error("global controller unreachable: {0}")]
     Unreachable(String),
+    /// A statement SNAPS does not support (yet).
+    #[error("{0}")]
+    Unsupported(String),
     /// A request the store refuses: bad data, an unknown relation, a file that
     /// is not a site database, a database that already exists.
     #[error("{0}")]

@@ -133,10 +133,9 @@ impl Site {
 
     /// The connected client, connecting (and saying hello) if needed.
     async fn client(&self) -> Result<GlobalClient> {
-        let link = self
-            .link
-            .as_ref()
-            .ok_or_else(|| Error::Unreachable("this site has no global controller configured".into()))?;
+        let link = self.link.as_ref().ok_or_else(|| {
+            Error::Unreachable("this site has no global controller configured".into())
+        })?;
         let mut slot = self.client.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
@@ -197,7 +196,11 @@ impl Site {
             .catalog
             .relation(relation)
             .ok_or_else(|| Error::Invalid(format!("no relation {relation}")))?;
-        let cols: Vec<String> = rel.attributes.iter().map(|a| snaps_schema::sql_ident(&a.name)).collect();
+        let cols: Vec<String> = rel
+            .attributes
+            .iter()
+            .map(|a| snaps_schema::sql_ident(&a.name))
+            .collect();
         let conn = self.writer();
         let mut stmt = conn.prepare(&format!(
             "SELECT rowid, {} FROM {} WHERE ({STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0 AND rowid > ?1 ORDER BY rowid",
@@ -222,7 +225,9 @@ impl Site {
     fn meta(&self, key: &str) -> Result<Option<String>> {
         Ok(self
             .writer()
-            .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 
@@ -239,8 +244,16 @@ impl Site {
     /// Fetches the plan's groups and stores the reply as a snapshot. Returns
     /// `Ok(false)` when the global controller could not be reached (the
     /// caller answers from local data).
-    fn fetch(&self, plan: &Plan, current: &BTreeMap<String, Vec<Vec<Value>>>, lang: Language, text: &str) -> Result<bool> {
-        let Some(q) = &plan.query else { return Ok(true) };
+    fn fetch(
+        &self,
+        plan: &Plan,
+        current: &BTreeMap<String, Vec<Vec<Value>>>,
+        lang: Language,
+        text: &str,
+    ) -> Result<bool> {
+        let Some(q) = &plan.query else {
+            return Ok(true);
+        };
         let mut req = fetch_request(q);
         req.include_held = self.meta(UNCERTAIN)?.is_some();
         for sj in &plan.semijoins {
@@ -248,7 +261,10 @@ impl Site {
                 continue;
             };
             let Some((gi, ti)) = q.groups.iter().enumerate().find_map(|(gi, g)| {
-                g.tables.iter().position(|t| t.local_var == sj.local_var).map(|ti| (gi, ti))
+                g.tables
+                    .iter()
+                    .position(|t| t.local_var == sj.local_var)
+                    .map(|ti| (gi, ti))
             }) else {
                 continue;
             };
@@ -256,9 +272,19 @@ impl Site {
                 .mapping
                 .relation(&sj.local_relation)
                 .ok_or_else(|| Error::Invalid(format!("{} is not mapped", sj.local_relation)))?;
-            req.semijoins.push(semijoin(gi, ti, &q.groups[gi].tables[ti], rm, &sj.attributes, rows)?);
+            req.semijoins.push(semijoin(
+                gi,
+                ti,
+                &q.groups[gi].tables[ti],
+                rm,
+                &sj.attributes,
+                rows,
+            )?);
         }
-        let timeout = self.link.as_ref().map_or(Duration::from_secs(10), |l| l.fetch_timeout);
+        let timeout = self
+            .link
+            .as_ref()
+            .map_or(Duration::from_secs(10), |l| l.fetch_timeout);
         let outcome = self.runtime.block_on(async {
             let client = match self.client().await {
                 Ok(c) => c,
@@ -278,7 +304,10 @@ impl Site {
                 }
                 Err(_) => {
                     self.forget_client().await;
-                    Err((Error::Unreachable(format!("no reply within {timeout:?}")), true))
+                    Err((
+                        Error::Unreachable(format!("no reply within {timeout:?}")),
+                        true,
+                    ))
                 }
             }
         });
@@ -335,7 +364,11 @@ impl Site {
             "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned)
              VALUES (?1, ?2, ?3, ?4, 0)",
             params![
-                if lang == Language::Quel { "quel" } else { "sql" },
+                if lang == Language::Quel {
+                    "quel"
+                } else {
+                    "sql"
+                },
                 text,
                 serde_json::to_string(definition).map_err(|e| Error::Invalid(e.to_string()))?,
                 day
@@ -353,8 +386,14 @@ impl Site {
                 .iter()
                 .flat_map(|g| &g.tables)
                 .find(|t| t.local_var == lt.local_var)
-                .ok_or_else(|| Error::Invalid(format!("reply for unknown variable {}", lt.local_var)))?;
-            let mut cols: Vec<String> = rel.attributes.iter().map(|a| snaps_schema::sql_ident(&a.name)).collect();
+                .ok_or_else(|| {
+                    Error::Invalid(format!("reply for unknown variable {}", lt.local_var))
+                })?;
+            let mut cols: Vec<String> = rel
+                .attributes
+                .iter()
+                .map(|a| snaps_schema::sql_ident(&a.name))
+                .collect();
             cols.push(STATUS_COLUMN.to_string());
             let insert = format!(
                 "INSERT INTO {} ({}) VALUES ({})",
@@ -382,13 +421,18 @@ impl Site {
                 let rowid = match rowid {
                     Some(r) => r,
                     None => {
-                        let params = values
-                            .iter()
-                            .map(to_sqlite)
-                            .chain(std::iter::once(rusqlite::types::Value::Integer(status.into())));
-                        match tx.prepare_cached(&insert)?.execute(rusqlite::params_from_iter(params)) {
+                        let params = values.iter().map(to_sqlite).chain(std::iter::once(
+                            rusqlite::types::Value::Integer(status.into()),
+                        ));
+                        match tx
+                            .prepare_cached(&insert)?
+                            .execute(rusqlite::params_from_iter(params))
+                        {
                             Ok(_) => {}
-                            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                            Err(e)
+                                if e.sqlite_error_code()
+                                    == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+                            {
                                 // The site has a tuple with this key of its own:
                                 // its own data wins.
                                 tracing::warn!(site = %self.code, relation = %rel.name, error = %e,
@@ -421,7 +465,10 @@ impl Site {
             &tx,
             &[
                 ("global_fetches", 1),
-                ("tuples_received", tuples.iter().map(|t| t.tuples.len() as i64).sum()),
+                (
+                    "tuples_received",
+                    tuples.iter().map(|t| t.tuples.len() as i64).sum(),
+                ),
                 ("bytes_sent", sent as i64),
                 ("bytes_received", received as i64),
                 ("snapshots", 1),
@@ -478,7 +525,9 @@ fn read_mapping(conn: &Connection, local: &Catalog, global: &Catalog) -> Result<
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut stmt = conn.prepare("SELECT row, local_relation, qualification FROM snaps_mapping_qualification ORDER BY row")?;
+    let mut stmt = conn.prepare(
+        "SELECT row, local_relation, qualification FROM snaps_mapping_qualification ORDER BY row",
+    )?;
     let quals = stmt
         .query_map([], |r| {
             Ok(QualificationRow {
@@ -492,14 +541,16 @@ fn read_mapping(conn: &Connection, local: &Catalog, global: &Catalog) -> Result<
 }
 
 fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefinition)>> {
-    let mut stmt = conn.prepare("SELECT snapshot_no, plan FROM snaps_snapshot_definition ORDER BY snapshot_no")?;
+    let mut stmt = conn
+        .prepare("SELECT snapshot_no, plan FROM snaps_snapshot_definition ORDER BY snapshot_no")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter()
         .map(|(no, plan)| {
-            let def: SnapshotDefinition = serde_json::from_str(&plan)
-                .map_err(|e| Error::Invalid(format!("snapshot definition {no} is unreadable: {e}")))?;
+            let def: SnapshotDefinition = serde_json::from_str(&plan).map_err(|e| {
+                Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
+            })?;
             Ok((SnapshotNo(no as u32), def))
         })
         .collect()
@@ -594,7 +645,9 @@ fn command_tag(sql: &str, changes: u64) -> String {
         Some("COMMIT" | "END") => "COMMIT".into(),
         Some("ROLLBACK") => "ROLLBACK".into(),
         Some(first @ ("CREATE" | "DROP" | "ALTER")) => {
-            format!("{first} {}", words.get(1).map_or("", String::as_str)).trim().to_string()
+            format!("{first} {}", words.get(1).map_or("", String::as_str))
+                .trim()
+                .to_string()
         }
         Some(first) => first.to_string(),
         None => String::new(),
@@ -641,13 +694,22 @@ impl SiteSession {
                 .zip(&names)
                 .map(|(&i, name)| {
                     let kind = decls[i].unwrap_or_else(|| {
-                        match rows.iter().map(|r: &Vec<Value>| &r[keep.iter().position(|k| *k == i).unwrap_or(0)]).find(|v| !v.is_null()) {
+                        match rows
+                            .iter()
+                            .map(|r: &Vec<Value>| {
+                                &r[keep.iter().position(|k| *k == i).unwrap_or(0)]
+                            })
+                            .find(|v| !v.is_null())
+                        {
                             Some(Value::Int(_)) => ColumnKind::Int,
                             Some(Value::Float(_)) => ColumnKind::Float,
                             _ => ColumnKind::Text,
                         }
                     });
-                    ResultColumn { name: name.clone(), kind }
+                    ResultColumn {
+                        name: name.clone(),
+                        kind,
+                    }
                 })
                 .collect();
             out.push(Outcome::Rows { columns, rows });
@@ -668,7 +730,9 @@ impl SiteSession {
             let n = sj.attributes.len();
             let rows = stmt
                 .query_map([], |r| {
-                    (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect::<rusqlite::Result<Vec<_>>>()
+                    (0..n)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let rows = rows
@@ -680,7 +744,9 @@ impl SiteSession {
                             rusqlite::types::Value::Integer(i) => Value::Int(i),
                             rusqlite::types::Value::Real(f) => Value::Float(f),
                             rusqlite::types::Value::Text(s) => Value::Text(s),
-                            rusqlite::types::Value::Blob(b) => Value::Text(String::from_utf8_lossy(&b).into_owned()),
+                            rusqlite::types::Value::Blob(b) => {
+                                Value::Text(String::from_utf8_lossy(&b).into_owned())
+                            }
                         })
                         .collect()
                 })
@@ -692,7 +758,12 @@ impl SiteSession {
 
     /// Makes sure the site holds what `select` needs (steps 2–5); returns
     /// a notice when the answer will be local-only.
-    fn prepare_retrieval(&self, select: &Select, lang: Language, text: &str) -> Result<Option<String>> {
+    fn prepare_retrieval(
+        &self,
+        select: &Select,
+        lang: Language,
+        text: &str,
+    ) -> Result<Option<String>> {
         let site = &self.site;
         let mut plan = plan(select, &site.catalog, &site.mapping)?;
         if plan.query.is_none() {
@@ -752,9 +823,16 @@ impl SiteSession {
                 performed(&plan, &current, &site.catalog, &defs)
             };
             lines.push(match (&plan.query, coverage.covered()) {
-                (None, _) => "covered: nothing to fetch (no relation of the query is mapped)".into(),
+                (None, _) => {
+                    "covered: nothing to fetch (no relation of the query is mapped)".into()
+                }
                 (Some(_), true) => {
-                    let nos: Vec<String> = coverage.groups.iter().flatten().map(|n| n.0.to_string()).collect();
+                    let nos: Vec<String> = coverage
+                        .groups
+                        .iter()
+                        .flatten()
+                        .map(|n| n.0.to_string())
+                        .collect();
                     format!("covered: yes, by snapshot {}", nos.join(", "))
                 }
                 (Some(_), false) => "covered: no, the global snapshot will be asked".into(),
@@ -785,7 +863,10 @@ impl SiteSession {
         let (lang, parsed) = if looks_like_quel(text) {
             (Language::Quel, self.quel.parse(text).map_err(Error::from))
         } else {
-            (Language::Sql, snaps_mapping::sql::parse(text).map_err(Error::from))
+            (
+                Language::Sql,
+                snaps_mapping::sql::parse(text).map_err(Error::from),
+            )
         };
         let stmts = match parsed {
             Ok(s) => s,
@@ -807,10 +888,10 @@ impl SiteSession {
             };
             match &stmt {
                 Statement::Select(s) => {
-                    if let Some(n) = self.prepare_retrieval(s, lang, text)? {
-                        if !answer.notices.contains(&n) {
-                            answer.notices.push(n);
-                        }
+                    if let Some(n) = self.prepare_retrieval(s, lang, text)?
+                        && !answer.notices.contains(&n)
+                    {
+                        answer.notices.push(n);
                     }
                     answer.outcomes.extend(self.run_local(&local_sql)?);
                 }
@@ -866,7 +947,10 @@ impl Session for SiteSession {
         } else {
             text.to_string()
         };
-        let stmt = self.conn.prepare(&sql).map_err(|e| engine_error(e.into()))?;
+        let stmt = self
+            .conn
+            .prepare(&sql)
+            .map_err(|e| engine_error(e.into()))?;
         Ok(stmt
             .columns()
             .filter(|c| c.name() != STATUS_COLUMN)

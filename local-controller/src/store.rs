@@ -203,7 +203,11 @@ impl SiteStore {
     /// Creates a site database for site `code` of `network` at `path` from the
     /// network's files (local schema, mapping, qualification), empty, making
     /// its folder if needed.
-    pub fn create_in_network(network: &snaps_schema::NetworkConfig, code: &str, path: &Path) -> Result<SiteStore> {
+    pub fn create_in_network(
+        network: &snaps_schema::NetworkConfig,
+        code: &str,
+        path: &Path,
+    ) -> Result<SiteStore> {
         let site = network.site(code)?;
         let local = network.local_catalog(site)?;
         let global = network.global_catalog()?;
@@ -226,7 +230,7 @@ impl SiteStore {
             })?;
         }
         SiteStore::create(path, site, &local, &rows, &quals, &mapping)
-        }
+    }
 
     /// Opens an existing site database. Fails, naming the path, when the file
     /// is missing, is not an SQLite database, lacks the `snaps_site` table or
@@ -1342,14 +1346,15 @@ mod tests {
         fixture("GRC").create(&future).unwrap();
         Connection::open(&future)
             .unwrap()
-            .pragma_update(None, "user_version", 2)
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let e = SiteStore::open(&future).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
-                "{} is a SNAPS site database of layout version 2; this build reads version 1",
-                future.display()
+                "{} is a SNAPS site database of layout version {}; this build reads version {SCHEMA_VERSION}",
+                future.display(),
+                SCHEMA_VERSION + 1
             )
         );
     }

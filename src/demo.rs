@@ -1,0 +1,186 @@
+//! `snaps demo`: the Christchurch radiology network on this machine — the
+//! global controller and the sites CPH, STG and GRC, each with its own
+//! SQLite database of generated data and its own PostgreSQL-protocol
+//! endpoint, ready for `psql`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use snaps_local::SiteStore;
+use snaps_local::engine::Engine;
+use snaps_local::site::{GlobalLink, Site, SiteEngine};
+use snaps_schema::NetworkConfig;
+use snaps_schema::datagen::{self, Scale};
+
+use crate::localnet::{LocalNetwork, new_token};
+
+/// How much data the demo generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoScale {
+    /// 200 patients per site.
+    Small,
+    /// 2,000 patients per site.
+    Medium,
+    /// 20,000 patients per site.
+    Large,
+}
+
+impl DemoScale {
+    /// Patients per site.
+    pub fn patients(self) -> usize {
+        match self {
+            DemoScale::Small => 200,
+            DemoScale::Medium => 2_000,
+            DemoScale::Large => 20_000,
+        }
+    }
+}
+
+/// Options of `snaps demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoOptions {
+    /// Where the network lives: DIR/global/ holds the global store, DIR/<SITE>/local.db
+    /// each site's database. Reused when it exists.
+    #[arg(long, default_value = "snaps-demo")]
+    pub dir: PathBuf,
+    /// How much data to generate (on first run only).
+    #[arg(long, value_enum, default_value_t = DemoScale::Small)]
+    pub scale: DemoScale,
+    /// The global controller listens on this port (gRPC), the sites' SQL
+    /// endpoints on the next ones, in the network's site order.
+    #[arg(long, default_value_t = 7700)]
+    pub port_base: u16,
+    /// The network folder (holding network.toml).
+    #[arg(long, default_value = "fixtures/radiology")]
+    pub network: PathBuf,
+    /// Seed of the data generator.
+    #[arg(long, default_value_t = 1988)]
+    pub seed: u64,
+}
+
+/// Runs the demo until `shutdown` completes.
+pub async fn run_demo(
+    opts: &DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let network = NetworkConfig::load(&opts.network)
+        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let global_catalog = network.global_catalog()?;
+    if opts.dir.exists() && !opts.dir.is_dir() {
+        bail!("{} exists and is not a folder", opts.dir.display());
+    }
+    let port = |i: usize| -> Result<u16> {
+        opts.port_base
+            .checked_add(i as u16)
+            .context("--port-base is too high for the network's sites")
+    };
+    std::fs::create_dir_all(opts.dir.join("global"))
+        .with_context(|| format!("create {}", opts.dir.join("global").display()))?;
+
+    // Site databases: generated on the first run, reused afterwards.
+    let paths: Vec<(String, PathBuf)> = network
+        .sites
+        .iter()
+        .map(|s| {
+            (
+                s.code.to_string(),
+                opts.dir.join(s.code.as_str()).join("local.db"),
+            )
+        })
+        .collect();
+    if paths.iter().any(|(_, p)| !p.exists()) {
+        let patients = opts.scale.patients();
+        println!("generating {patients} patients per site...");
+        let data = datagen::generate(&network, &Scale::new(patients), opts.seed)?;
+        for (code, path) in &paths {
+            if path.exists() {
+                continue;
+            }
+            let rows = &data
+                .iter()
+                .find(|(c, _)| c.as_str() == code)
+                .with_context(|| format!("no data generated for {code}"))?
+                .1
+                .rows;
+            let mut store = SiteStore::create_in_network(&network, code, path)
+                .with_context(|| format!("create {}", path.display()))?;
+            let mut n = 0;
+            for (relation, tuples) in rows {
+                n += store.load(relation, tuples)?;
+            }
+            println!("{code}: {n} tuples in {}", path.display());
+        }
+    }
+
+    // The global controller, then the sites.
+    let tokens: BTreeMap<String, String> = network
+        .sites
+        .iter()
+        .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
+        .collect();
+    let global_addr: SocketAddr = format!("127.0.0.1:{}", port(0)?).parse()?;
+    let mut indexes = BTreeMap::new();
+    indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
+    indexes.insert("visit".to_string(), vec![vec!["pno".to_string()]]);
+    let global = LocalNetwork::start_at(
+        network.clone(),
+        opts.dir.join("global").join("global.db"),
+        indexes,
+        global_addr,
+        tokens.clone(),
+    )
+    .await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut endpoints = Vec::new();
+    let mut lines = Vec::new();
+    for (i, (code, path)) in paths.iter().enumerate() {
+        let link = GlobalLink {
+            addr: global.addr.clone(),
+            token: tokens[code].clone(),
+            fetch_timeout: Duration::from_secs(10),
+        };
+        let site = Site::open(path, &global_catalog, Some(link))
+            .with_context(|| format!("open site {code} at {}", path.display()))?;
+        let loaded = site
+            .initial_load()
+            .await
+            .with_context(|| format!("initial load of {code}"))?;
+        if loaded > 0 {
+            println!("{code}: loaded {loaded} tuples into the global snapshot");
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{}", port(i + 1)?).parse()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr} for site {code}"))?;
+        let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
+        let mut rx = stopped.clone();
+        endpoints.push(tokio::spawn(snaps_local::endpoint::serve(
+            engine,
+            listener,
+            async move {
+                let _ = rx.changed().await;
+            },
+        )));
+        lines.push(format!(
+            "{code}: psql -h 127.0.0.1 -p {} -U radiology {code}",
+            addr.port()
+        ));
+    }
+    println!("global snapshot controller: {} (gRPC)", global.addr);
+    for l in &lines {
+        println!("{l}");
+    }
+    println!("ready");
+    shutdown.await;
+    println!("stopping");
+    let _ = stop.send(true);
+    for e in endpoints {
+        e.await??;
+    }
+    global.stop().await?;
+    Ok(())
+}

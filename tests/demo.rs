@@ -1,0 +1,190 @@
+//! `snaps demo` as a newcomer runs it: the network comes up, prints a psql
+//! line per site and `ready`; a site finds a patient registered at another
+//! site, through a PostgreSQL driver and through `psql`; SIGTERM stops it;
+//! a second run reuses the folder.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A port P such that P..P+3 are free now.
+fn free_ports() -> u16 {
+    for _ in 0..50 {
+        let base = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        if base > 65_000 {
+            continue;
+        }
+        if (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no four free ports in a row");
+}
+
+/// The demo process; killed if a test fails before stopping it.
+struct Demo(Option<Child>);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts the demo and waits for `ready`; returns the child and the lines
+/// it printed.
+fn start(dir: &std::path::Path, port: u16) -> (Demo, Vec<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["demo", "--dir"])
+        .arg(dir)
+        .args(["--scale", "small", "--port-base", &port.to_string()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start snaps demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) if l == "ready" => return (Demo(Some(child)), lines),
+            Ok(l) => lines.push(l),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("the demo did not get ready ({e}); it printed {lines:?}");
+            }
+        }
+    }
+}
+
+fn stop(mut demo: Demo) {
+    let child = demo.0.take().expect("running");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "the demo exited with {}", out.status);
+}
+
+async fn connect(port: u16, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=radiology dbname={db}"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_psql_and_finds_patients_across_sites() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_ports();
+    let (child, lines) = start(dir.path(), port);
+    for (i, code) in ["CPH", "STG", "GRC"].iter().enumerate() {
+        let expected = format!(
+            "{code}: psql -h 127.0.0.1 -p {} -U radiology {code}",
+            port + 1 + i as u16
+        );
+        assert!(lines.contains(&expected), "{expected:?} not in {lines:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("generating 200 patients per site")),
+        "{lines:?}"
+    );
+
+    // A patient registered at CPH, looked up at STG by number.
+    let cph = connect(port + 1, "CPH").await;
+    let row = cph
+        .query_one("SELECT pno, surname FROM patient ORDER BY pno LIMIT 1", &[])
+        .await
+        .expect("CPH patient");
+    let (pno, surname): (i64, String) = (row.get(0), row.get(1));
+    assert!(
+        (1_000_000..10_000_000).contains(&pno),
+        "a CPH number: {pno}"
+    );
+    let stg = connect(port + 2, "STG").await;
+    let by_pno = stg
+        .prepare_typed(
+            "SELECT surname FROM patient WHERE pno = $1",
+            &[tokio_postgres::types::Type::INT8],
+        )
+        .await
+        .expect("prepare");
+    let rows = stg.query(&by_pno, &[&pno]).await.expect("STG lookup");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), surname);
+    let stats = stg
+        .query_one(
+            "SELECT value FROM snaps_stats WHERE name = 'global_fetches'",
+            &[],
+        )
+        .await
+        .expect("stats");
+    assert!(stats.get::<_, i64>(0) >= 1);
+
+    // The same through psql at GRC, when psql is installed (CI installs it).
+    match Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &(port + 3).to_string(),
+            "-U",
+            "radiology",
+            "-At",
+            "-c",
+        ])
+        .arg(format!("SELECT surname FROM patient WHERE pno = {pno}"))
+        .arg("GRC")
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "psql: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), surname);
+        }
+        Err(e) => eprintln!("psql not run ({e}): install postgresql-client to check it"),
+    }
+    stop(child);
+
+    // A second run reuses the folder: no new data, the same patient.
+    let (child, lines) = start(dir.path(), port);
+    assert!(
+        !lines.iter().any(|l| l.starts_with("generating")),
+        "{lines:?}"
+    );
+    let stg = connect(port + 2, "STG").await;
+    let rows = stg
+        .query(
+            "SELECT surname FROM patient WHERE pno = $1",
+            &[&pno.to_string()],
+        )
+        .await
+        .expect("STG lookup after restart");
+    assert_eq!(rows.len(), 1);
+    stop(child);
+}
