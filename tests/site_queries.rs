@@ -1,6 +1,7 @@
 //! The query path end to end: three radiology sites with generated data,
-//! each a real site database in front of a real global controller on
-//! loopback; a workload of lookups by name and by number, visit histories,
+//! each a real site database with its SQL endpoint on a real port, in front
+//! of a real global controller on loopback, driven through a PostgreSQL
+//! driver (tokio-postgres); a workload of lookups by name and by number, visit histories,
 //! reports, aggregates, QUEL and SQL, at every site. Every answer must equal
 //! the oracle's (DESIGN.md, "A query at a site"): the same statement on one
 //! database holding the site's own data plus every other site's data as of
@@ -13,11 +14,12 @@ use std::time::Duration;
 
 use snaps::localnet::LocalNetwork;
 use snaps_local::SiteStore;
-use snaps_local::engine::{Answer, Engine, Outcome, Session};
+use snaps_local::engine::Engine;
 use snaps_local::site::{GlobalLink, LOCAL_ONLY_NOTICE, Site, SiteEngine};
 use snaps_mapping::SiteMapping;
 use snaps_schema::datagen::{self, Scale};
 use snaps_schema::{NetworkConfig, Value};
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 
 /// Local relation → tuples.
 type Rows = BTreeMap<String, Vec<Vec<Value>>>;
@@ -31,7 +33,8 @@ struct Net {
     _dir: tempfile::TempDir,
     store: PathBuf,
     global: Option<LocalNetwork>,
-    sites: BTreeMap<String, Arc<Site>>,
+    /// Site code → SQL endpoint address.
+    sites: BTreeMap<String, std::net::SocketAddr>,
     data: BTreeMap<String, Rows>,
     network: NetworkConfig,
 }
@@ -64,7 +67,14 @@ async fn setup(patients: usize) -> Net {
         };
         let site = Site::open(&path, &catalog, Some(link)).unwrap();
         site.initial_load().await.unwrap();
-        sites.insert(code.clone(), site);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        sites.insert(code.clone(), listener.local_addr().unwrap());
+        let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
+        tokio::spawn(snaps_local::endpoint::serve(
+            engine,
+            listener,
+            std::future::pending(),
+        ));
     }
     Net {
         _dir: dir,
@@ -168,24 +178,77 @@ fn oracle_rows(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<Value>> {
     rows
 }
 
-async fn run(site: &Arc<Site>, text: &str) -> Answer {
-    let engine = SiteEngine(site.clone());
-    let text = text.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut s: Box<dyn Session> = engine.open_session("radiology").unwrap();
-        s.execute(&text).unwrap_or_else(|e| panic!("{text}: {e}"))
-    })
-    .await
-    .unwrap()
+/// A client of a site's SQL endpoint, with the notices it receives.
+struct Client {
+    client: tokio_postgres::Client,
+    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-fn rows_of(a: &Answer) -> Vec<Vec<Value>> {
-    let Some(Outcome::Rows { rows, .. }) = a.outcomes.last() else {
-        panic!("no rows: {a:?}")
-    };
-    let mut rows = rows.clone();
+async fn connect(addr: std::net::SocketAddr) -> Client {
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!("host={} port={} user=radiology", addr.ip(), addr.port()),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = futures::StreamExt::next(&mut messages).await {
+            match m {
+                Ok(AsyncMessage::Notice(n)) => {
+                    let _ = tx.send(n.message().to_string());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    Client { client, notices }
+}
+
+/// Rows as text, sorted, and the notices of one statement text.
+async fn run(c: &mut Client, text: &str) -> (Vec<Vec<Option<String>>>, Vec<String>) {
+    let messages = c
+        .client
+        .simple_query(text)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    tokio::task::yield_now().await;
+    let mut notices = Vec::new();
+    while let Ok(n) = c.notices.try_recv() {
+        notices.push(n);
+    }
+    let mut rows: Vec<Vec<Option<String>>> = messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect();
     rows.sort();
-    rows
+    (rows, notices)
+}
+
+/// The oracle's rows as the endpoint writes them in text.
+fn as_text(rows: Vec<Vec<Value>>) -> Vec<Vec<Option<String>>> {
+    let mut out: Vec<Vec<Option<String>>> = rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|v| match v {
+                    Value::Null => None,
+                    Value::Int(i) => Some(i.to_string()),
+                    Value::Float(f) => Some(format!("{f}")),
+                    Value::Text(s) => Some(s),
+                })
+                .collect()
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn stat(site_db: &Path, name: &str) -> i64 {
@@ -256,13 +319,14 @@ fn workload(net: &Net, code: &str) -> Vec<(String, String, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
     let net = setup(40).await;
-    for (code, site) in &net.sites {
+    for (code, addr) in &net.sites {
+        let mut client = connect(*addr).await;
         let oracle = oracle(&net, code);
         let db = net._dir.path().join(code).join("local.db");
         let mut checked = 0;
         for (query, oracle_sql, covered) in workload(&net, code) {
             let before = stat(&db, "global_fetches");
-            let answer = run(site, &query).await;
+            let (rows, notices) = run(&mut client, &query).await;
             if covered {
                 assert_eq!(
                     stat(&db, "global_fetches"),
@@ -270,24 +334,13 @@ async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
                     "{code}: {query} was covered but fetched"
                 );
             }
-            assert!(
-                answer.notices.is_empty(),
-                "{code}: {query}: {:?}",
-                answer.notices
-            );
-            assert_eq!(
-                rows_of(&answer),
-                oracle_rows(&oracle, &oracle_sql),
-                "{code}: {query}"
-            );
+            assert!(notices.is_empty(), "{code}: {query}: {notices:?}");
+            let expected = as_text(oracle_rows(&oracle, &oracle_sql));
+            assert_eq!(rows, expected, "{code}: {query}");
             // Asking again sends nothing to the global controller.
             let fetches = stat(&db, "global_fetches");
-            let again = run(site, &query).await;
-            assert_eq!(
-                rows_of(&again),
-                oracle_rows(&oracle, &oracle_sql),
-                "{code}: again {query}"
-            );
+            let (again, _) = run(&mut client, &query).await;
+            assert_eq!(again, expected, "{code}: again {query}");
             assert_eq!(
                 stat(&db, "global_fetches"),
                 fetches,
@@ -305,7 +358,7 @@ async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_global_controller_answers_are_local_with_a_notice() {
     let mut net = setup(30).await;
-    let stg = net.sites["STG"].clone();
+    let mut stg = connect(net.sites["STG"]).await;
     let cph_patient = net.data["CPH"]["patient"][3].clone();
     let query = format!(
         "SELECT pno, surname FROM patient WHERE pno = {}",
@@ -314,12 +367,9 @@ async fn without_the_global_controller_answers_are_local_with_a_notice() {
     let global = net.global.take().unwrap();
     let (addr, tokens) = (global.addr.clone(), global.tokens.clone());
     global.stop().await.unwrap();
-    let answer = run(&stg, &query).await;
-    assert_eq!(answer.notices, vec![LOCAL_ONLY_NOTICE.to_string()]);
-    assert!(
-        rows_of(&answer).is_empty(),
-        "STG does not hold CPH's patient yet"
-    );
+    let (rows, notices) = run(&mut stg, &query).await;
+    assert_eq!(notices, vec![LOCAL_ONLY_NOTICE.to_string()]);
+    assert!(rows.is_empty(), "STG does not hold CPH's patient yet");
     let db = net._dir.path().join("STG").join("local.db");
     assert_eq!(stat(&db, "local_only_answers"), 1);
     // The controller comes back on the same address: the next query fetches.
@@ -334,10 +384,10 @@ async fn without_the_global_controller_answers_are_local_with_a_notice() {
     .await
     .unwrap();
     net.global = Some(global);
-    let answer = run(&stg, &query).await;
-    assert!(answer.notices.is_empty(), "{:?}", answer.notices);
+    let (rows, notices) = run(&mut stg, &query).await;
+    assert!(notices.is_empty(), "{notices:?}");
     assert_eq!(
-        rows_of(&answer),
-        vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]]
+        rows,
+        as_text(vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]])
     );
 }
