@@ -10,6 +10,11 @@
 //!   length) and against the same tuples as JSON text rows (what a text
 //!   protocol would carry);
 //! * lock requests per second, against point fetches.
+//!
+//! `snaps bench site`: a site through its SQL endpoint — a covered query
+//! against the same query straight on the site's SQLite file, and the bytes
+//! a first lookup of another site's patient costs against the raw size of
+//! the tuple it brings.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -449,5 +454,199 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
         load,
         rates,
         bytes,
+    })
+}
+
+/// Options of `snaps bench site`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SiteBenchOptions {
+    /// The network folder (holding network.toml).
+    #[arg(long, default_value = "fixtures/radiology")]
+    pub network: PathBuf,
+    /// Patients per site in the generated data.
+    #[arg(long, default_value_t = 2000)]
+    pub patients: usize,
+    /// Times the covered query is asked.
+    #[arg(long, default_value_t = 2000)]
+    pub queries: usize,
+    /// First (uncovered) lookups to measure the bytes of.
+    #[arg(long, default_value_t = 200)]
+    pub lookups: usize,
+    /// Seed of the data generator.
+    #[arg(long, default_value_t = 1988)]
+    pub seed: u64,
+}
+
+/// The figures of `snaps bench site`.
+#[derive(Debug, Clone)]
+pub struct SiteBenchReport {
+    /// Patients per site.
+    pub patients: usize,
+    /// The covered query.
+    pub query: String,
+    /// Baseline (SQLite directly), then through the SQL endpoint.
+    pub rates: Vec<Rate>,
+    /// First lookups: bytes on the wire against the raw size of the tuples
+    /// they brought.
+    pub lookups: Bytes,
+}
+
+impl fmt::Display for SiteBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "site STG of the radiology network, {} patients per site",
+            self.patients
+        )?;
+        writeln!(f, "covered query: {}", self.query)?;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<58} {:>8} {:>12} {:>10}",
+            "operation", "count", "per second", "vs first"
+        )?;
+        let base = self.rates.first().map_or(1.0, Rate::per_second);
+        for r in &self.rates {
+            writeln!(
+                f,
+                "{:<58} {:>8} {:>12.0} {:>9.3}x",
+                r.what,
+                r.count,
+                r.per_second(),
+                r.per_second() / base
+            )?;
+        }
+        let b = &self.lookups;
+        let t = b.tuples.max(1) as f64;
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{}: {} tuples, {:.1} B on the wire per tuple, {:.1} B raw per tuple, wire/raw {:.2}",
+            b.what,
+            b.tuples,
+            b.wire as f64 / t,
+            b.raw as f64 / t,
+            b.wire as f64 / b.raw.max(1) as f64
+        )
+    }
+}
+
+/// Runs `snaps bench site`.
+pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
+    let network = NetworkConfig::load(&opts.network)
+        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let global = network.global_catalog()?;
+    let dir = tempfile::tempdir()?;
+    let net = LocalNetwork::start(
+        network.clone(),
+        dir.path().join("global.db"),
+        BTreeMap::new(),
+    )
+    .await?;
+    let data: BTreeMap<String, BTreeMap<String, Vec<Vec<Value>>>> =
+        datagen::generate(&network, &datagen::Scale::new(opts.patients), opts.seed)?
+            .into_iter()
+            .map(|(c, d)| (c.to_string(), d.rows))
+            .collect();
+    let sites = crate::localnet::start_sites(&net, dir.path(), &data).await?;
+    let stg = sites.get("STG").context("no site STG")?;
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={} user=bench", stg.sql.port()),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    let stat = |name: &str| -> Result<i64> {
+        let c = rusqlite::Connection::open(&stg.database)?;
+        Ok(c.query_row(
+            "SELECT value FROM snaps_stats WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )?)
+    };
+
+    // First lookups of CPH patients by number: each brings one tuple.
+    let cph = &data.get("CPH").context("no CPH data")?["patient"];
+    let cph_mapping = crate::localnet::site_mapping(&network, "CPH")?;
+    let rm = cph_mapping
+        .relation("patient")
+        .context("CPH maps no patient")?;
+    let rel = global.relation("patient").context("no global patient")?;
+    let n = opts.lookups.min(cph.len());
+    let (sent0, recv0, tuples0) = (
+        stat("bytes_sent")?,
+        stat("bytes_received")?,
+        stat("tuples_received")?,
+    );
+    let mut raw = 0;
+    for row in &cph[..n] {
+        let pno = row.first().context("patient without pno")?;
+        client
+            .simple_query(&format!(
+                "SELECT surname, dob FROM patient WHERE pno = {pno}"
+            ))
+            .await?;
+        for (a, v) in rm.parts[0].attrs.iter().zip(&rm.export(row)?[0]) {
+            raw += raw_size(rel.attribute(&a.global).context("attribute")?.ty, v);
+        }
+    }
+    let tuples = (stat("tuples_received")? - tuples0) as u64;
+    if tuples != n as u64 {
+        bail!("{n} first lookups brought {tuples} tuples");
+    }
+    let lookups = Bytes {
+        what: "first lookup of another site's patient (by pno)".into(),
+        tuples,
+        wire: (stat("bytes_sent")? - sent0 + stat("bytes_received")? - recv0) as u64,
+        raw,
+        json: 0,
+    };
+
+    // A covered query: Smiths born after 1950, asked once to fetch, then
+    // timed through the endpoint and straight on the same SQLite file.
+    let query = "SELECT pno, surname, first_names, dob FROM patient WHERE surname = 'Smith' AND dob > 19500101".to_string();
+    client.simple_query(&query).await?;
+    let fetches = stat("global_fetches")?;
+    let direct = rusqlite::Connection::open(&stg.database)?;
+    let started = Instant::now();
+    let mut rows_direct = 0;
+    for _ in 0..opts.queries {
+        let mut stmt = direct.prepare_cached(&query)?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {
+            rows_direct += 1;
+        }
+    }
+    let baseline = Rate {
+        what: "baseline: the query on the site's SQLite file directly".into(),
+        count: opts.queries,
+        elapsed: started.elapsed(),
+    };
+    let started = Instant::now();
+    let mut rows_snaps = 0;
+    for _ in 0..opts.queries {
+        for m in client.simple_query(&query).await? {
+            if let tokio_postgres::SimpleQueryMessage::Row(_) = m {
+                rows_snaps += 1;
+            }
+        }
+    }
+    let through = Rate {
+        what: "the query through the SQL endpoint (covered)".into(),
+        count: opts.queries,
+        elapsed: started.elapsed(),
+    };
+    if rows_snaps != rows_direct {
+        bail!("the endpoint returned {rows_snaps} rows, SQLite {rows_direct}");
+    }
+    if stat("global_fetches")? != fetches {
+        bail!("the covered query fetched from the global controller");
+    }
+    net.stop().await?;
+    Ok(SiteBenchReport {
+        patients: opts.patients,
+        query,
+        rates: vec![baseline, through],
+        lookups,
     })
 }

@@ -176,3 +176,59 @@ pub async fn load_site(
     }
     Ok(client.load(batches).await?)
 }
+
+/// A site running in this process: its database, its SQL endpoint.
+pub struct RunningSite {
+    /// The site.
+    pub site: std::sync::Arc<snaps_local::site::Site>,
+    /// Its database file.
+    pub database: PathBuf,
+    /// Its SQL endpoint.
+    pub sql: SocketAddr,
+}
+
+/// Creates each site's database under `dir/<CODE>/local.db` with `data` as
+/// its own tuples, opens it against `global`, loads its export and serves
+/// its SQL endpoint on a free loopback port (until the runtime ends).
+pub async fn start_sites(
+    global: &LocalNetwork,
+    dir: &std::path::Path,
+    data: &BTreeMap<String, BTreeMap<String, Vec<Vec<Value>>>>,
+) -> Result<BTreeMap<String, RunningSite>> {
+    let catalog = global.network.global_catalog()?;
+    let mut out = BTreeMap::new();
+    for (code, rows) in data {
+        let database = dir.join(code).join("local.db");
+        let mut store =
+            snaps_local::SiteStore::create_in_network(&global.network, code, &database)?;
+        for (relation, tuples) in rows {
+            store.load(relation, tuples)?;
+        }
+        drop(store);
+        let link = snaps_local::site::GlobalLink {
+            addr: global.addr.clone(),
+            token: global.tokens[code].clone(),
+            fetch_timeout: std::time::Duration::from_secs(10),
+        };
+        let site = snaps_local::site::Site::open(&database, &catalog, Some(link))?;
+        site.initial_load().await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sql = listener.local_addr()?;
+        let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
+            std::sync::Arc::new(snaps_local::site::SiteEngine(site.clone()));
+        tokio::spawn(snaps_local::endpoint::serve(
+            engine,
+            listener,
+            std::future::pending(),
+        ));
+        out.insert(
+            code.clone(),
+            RunningSite {
+                site,
+                database,
+                sql,
+            },
+        );
+    }
+    Ok(out)
+}

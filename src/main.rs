@@ -96,6 +96,9 @@ enum BenchCommand {
     /// The global controller on loopback: load rate, point fetches and lock
     /// requests per second, bytes on the wire per fetched tuple.
     Global(snaps::bench::GlobalBenchOptions),
+    /// A site through its SQL endpoint: a covered query against the same
+    /// query on SQLite directly; bytes of first lookups against raw size.
+    Site(snaps::bench::SiteBenchOptions),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -135,6 +138,13 @@ fn main() -> Result<()> {
             let controller =
                 snaps_global::GlobalController::open(config).context("open the global store")?;
             runtime()?.block_on(controller.run())?;
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Site(opts),
+        } => {
+            let report = runtime()?.block_on(snaps::bench::bench_site(&opts))?;
+            print!("{report}");
             Ok(())
         }
         Command::Bench {

@@ -256,3 +256,118 @@ fn bench_global_runs_and_reports_ratios() {
     assert!(out.contains("lock request over gRPC, refused"), "{out}");
     assert!(out.contains("wire/raw"), "{out}");
 }
+
+/// Processes killed if a test fails before stopping them.
+struct Running(Vec<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn site_serve_creates_its_database_registers_and_answers_sql() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (global_config, global_addr) = global_config(dir.path(), "cph-token-0123456789abcdef");
+    let global = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["global", "serve", "--config"])
+        .arg(&global_config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the global controller");
+    let sql_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let site_toml = dir.path().join("site.toml");
+    std::fs::write(
+        &site_toml,
+        format!(
+            "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:{sql_port}\"\n\
+             global = {global_addr:?}\ntoken_file = \"stg.token\"\nusers = [\"radiology\"]\n",
+            network.display().to_string()
+        ),
+    )
+    .expect("write site.toml");
+    let site = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["site", "serve", "--config"])
+        .arg(&site_toml)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the site");
+    let mut running = Running(vec![site, global]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (count, refused) = rt.block_on(async {
+        let connect = |user: &'static str| async move {
+            let config = format!("host=127.0.0.1 port={sql_port} user={user}");
+            tokio_postgres::connect(&config, tokio_postgres::NoTls).await
+        };
+        for _ in 0..100 {
+            if let Ok((client, conn)) = connect("radiology").await {
+                tokio::spawn(conn);
+                let count: i64 = client
+                    .query_one("SELECT count(*) FROM patient", &[])
+                    .await
+                    .expect("count")
+                    .get(0);
+                let refused = connect("mallory").await.err().map(|e| format!("{e:?}"));
+                return (count, refused);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the site did not start serving SQL on port {sql_port}");
+    });
+    assert_eq!(count, 0, "a new site holds no patients");
+    let refused = refused.expect("an unknown user is refused");
+    assert!(refused.contains("may not connect"), "{refused}");
+    assert!(dir.path().join("STG/local.db").exists());
+    for child in std::mem::take(&mut running.0) {
+        let id = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &id])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn bench_site_runs_and_reports_ratios() {
+    let o = snaps(&[
+        "bench",
+        "site",
+        "--patients",
+        "40",
+        "--queries",
+        "20",
+        "--lookups",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("baseline: the query on the site's SQLite file directly"),
+        "{out}"
+    );
+    assert!(
+        out.contains("the query through the SQL endpoint (covered)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("first lookup of another site's patient (by pno): 10 tuples"),
+        "{out}"
+    );
+}

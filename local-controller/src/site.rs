@@ -619,6 +619,29 @@ fn engine_error(e: Error) -> EngineError {
     EngineError::new(sqlstate_of(&e), e.to_string())
 }
 
+/// The kind of a result column SQLite declares no type for (an
+/// expression), from its name alone: describing a statement and running it
+/// must agree, or a driver decodes binary values wrongly.
+fn kind_of_expression(name: &str) -> ColumnKind {
+    let n = name.trim_start().to_ascii_lowercase();
+    let int = [
+        "count(",
+        "length(",
+        "instr(",
+        "changes(",
+        "total_changes(",
+        "unicode(",
+    ];
+    let float = ["avg(", "total("];
+    if int.iter().any(|f| n.starts_with(f)) {
+        ColumnKind::Int
+    } else if float.iter().any(|f| n.starts_with(f)) {
+        ColumnKind::Float
+    } else {
+        ColumnKind::Text
+    }
+}
+
 fn kind_of_decl(decl: Option<&str>) -> Option<ColumnKind> {
     let d = decl?.to_ascii_uppercase();
     Some(if d.contains("INT") {
@@ -693,19 +716,7 @@ impl SiteSession {
                 .iter()
                 .zip(&names)
                 .map(|(&i, name)| {
-                    let kind = decls[i].unwrap_or_else(|| {
-                        match rows
-                            .iter()
-                            .map(|r: &Vec<Value>| {
-                                &r[keep.iter().position(|k| *k == i).unwrap_or(0)]
-                            })
-                            .find(|v| !v.is_null())
-                        {
-                            Some(Value::Int(_)) => ColumnKind::Int,
-                            Some(Value::Float(_)) => ColumnKind::Float,
-                            _ => ColumnKind::Text,
-                        }
-                    });
+                    let kind = decls[i].unwrap_or_else(|| kind_of_expression(name));
                     ResultColumn {
                         name: name.clone(),
                         kind,
@@ -956,7 +967,7 @@ impl Session for SiteSession {
             .filter(|c| c.name() != STATUS_COLUMN)
             .map(|c| ResultColumn {
                 name: c.name().to_string(),
-                kind: kind_of_decl(c.decl_type()).unwrap_or(ColumnKind::Text),
+                kind: kind_of_decl(c.decl_type()).unwrap_or_else(|| kind_of_expression(c.name())),
             })
             .collect())
     }
