@@ -391,3 +391,54 @@ async fn without_the_global_controller_answers_are_local_with_a_notice() {
         as_text(vec![vec![cph_patient[0].clone(), cph_patient[3].clone()]])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inside_a_client_transaction_fetched_tuples_are_seen_and_a_rollback_loses_nothing() {
+    let net = setup(30).await;
+    let oracle = oracle(&net, "STG");
+    let mut stg = connect(net.sites["STG"]).await;
+    let db = net._dir.path().join("STG").join("local.db");
+    let names: Vec<String> = ["CPH", "GRC"]
+        .iter()
+        .flat_map(|c| net.data[*c]["patient"].iter().step_by(5).take(3))
+        .map(|p| match &p[3] {
+            Value::Text(s) => s.replace('\'', "''"),
+            v => v.to_string(),
+        })
+        .collect();
+    let query = |n: &str| format!("SELECT pno, surname, dob FROM patient WHERE surname = '{n}'");
+    let check = |rows: &Vec<Vec<Option<String>>>, n: &str| {
+        assert_eq!(*rows, as_text(oracle_rows(&oracle, &query(n))), "{n}");
+    };
+
+    // Autocommit off, as psycopg does: several fetches in one transaction.
+    stg.client.simple_query("BEGIN").await.unwrap();
+    for n in &names[..3] {
+        let (rows, _) = run(&mut stg, &query(n)).await;
+        check(&rows, n);
+    }
+    stg.client.simple_query("COMMIT").await.unwrap();
+    let fetches = stat(&db, "global_fetches");
+    for n in &names[..3] {
+        let (rows, _) = run(&mut stg, &query(n)).await;
+        check(&rows, n);
+    }
+    assert_eq!(
+        stat(&db, "global_fetches"),
+        fetches,
+        "committed snapshots cover"
+    );
+
+    // A rolled-back transaction takes its snapshot with it; asking again
+    // still gets every tuple (the controller had marked them sent).
+    stg.client.simple_query("BEGIN").await.unwrap();
+    let (rows, _) = run(&mut stg, &query(&names[3])).await;
+    check(&rows, &names[3]);
+    stg.client.simple_query("ROLLBACK").await.unwrap();
+    let (rows, _) = run(&mut stg, &query(&names[3])).await;
+    check(&rows, &names[3]);
+    // And from another connection too.
+    let mut other = connect(net.sites["STG"]).await;
+    let (rows, _) = run(&mut other, &query(&names[4])).await;
+    check(&rows, &names[4]);
+}

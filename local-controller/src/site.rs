@@ -246,13 +246,14 @@ impl Site {
     /// caller answers from local data).
     fn fetch(
         &self,
+        conn: &Connection,
         plan: &Plan,
         current: &BTreeMap<String, Vec<Vec<Value>>>,
         lang: Language,
         text: &str,
-    ) -> Result<bool> {
+    ) -> Result<Fetched> {
         let Some(q) = &plan.query else {
-            return Ok(true);
+            return Ok(Fetched::Nothing);
         };
         let mut req = fetch_request(q);
         req.include_held = self.meta(UNCERTAIN)?.is_some();
@@ -315,12 +316,7 @@ impl Site {
             Ok(x) => x,
             Err((e, maybe_recorded)) => {
                 if maybe_recorded {
-                    // The controller may have recorded copies this site never
-                    // stored: until the next refresh, ask for held tuples too.
-                    self.writer().execute(
-                        "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
-                        params![UNCERTAIN, today().to_string()],
-                    )?;
+                    self.mark_uncertain()?;
                 }
                 if matches!(e, Error::Remote(_)) && is_request_error(&e) {
                     return Err(e);
@@ -328,19 +324,41 @@ impl Site {
                 tracing::warn!(site = %self.code, error = %e, "fetch failed: answering from local data");
                 let conn = self.writer();
                 Site::bump(&conn, &[("local_only_answers", 1)])?;
-                return Ok(false);
+                return Ok(Fetched::LocalOnly);
             }
         };
-        let tuples = map_back(&reply, q, &self.mapping)?;
         let definition = SnapshotDefinition::from_plan(plan, current);
-        self.store_snapshot(&definition, &tuples, q, lang, text, sent, received)?;
-        Ok(true)
+        let stored = map_back(&reply, q, &self.mapping).and_then(|tuples| {
+            self.store_snapshot(conn, &definition, &tuples, q, lang, text, sent, received)
+        });
+        match stored {
+            Ok(no) => Ok(Fetched::Stored(no, definition)),
+            Err(e) => {
+                // The controller recorded copies this site did not store.
+                self.mark_uncertain()?;
+                Err(e)
+            }
+        }
     }
 
-    /// Stores fetched tuples as one snapshot, in one transaction.
+    /// Until the next refresh, fetches ask for held tuples too: the
+    /// controller's sent-to bits may name tuples this site does not have.
+    fn mark_uncertain(&self) -> Result<()> {
+        self.writer().execute(
+            "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
+            params![UNCERTAIN, today().to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Stores fetched tuples as one snapshot through the session's own
+    /// connection, so the session sees them even inside a transaction of its
+    /// client: in a transaction of its own (`BEGIN IMMEDIATE`), or inside the
+    /// client's as a savepoint. All of it or nothing.
     #[allow(clippy::too_many_arguments)]
     fn store_snapshot(
         &self,
+        conn: &Connection,
         definition: &SnapshotDefinition,
         tuples: &[LocalTuples],
         q: &snaps_mapping::GlobalQuery,
@@ -348,7 +366,7 @@ impl Site {
         text: &str,
         sent: u64,
         received: u64,
-    ) -> Result<()> {
+    ) -> Result<SnapshotNo> {
         let status = LocalStatus {
             tuple_type: TupleType::Snapshot,
             rights: LocalRights::Unknown,
@@ -358,8 +376,46 @@ impl Site {
         }
         .to_byte()?;
         let day = today();
-        let mut conn = self.writer();
-        let tx = conn.transaction()?;
+        let own = conn.is_autocommit();
+        conn.execute_batch(if own {
+            "BEGIN IMMEDIATE"
+        } else {
+            "SAVEPOINT snaps_store"
+        })?;
+        let stored = self.store_tuples(
+            conn, definition, tuples, q, lang, text, sent, received, status, day,
+        );
+        let end = match (&stored, own) {
+            (Ok(_), true) => "COMMIT",
+            (Ok(_), false) => "RELEASE snaps_store",
+            (Err(_), true) => "ROLLBACK",
+            (Err(_), false) => "ROLLBACK TO snaps_store; RELEASE snaps_store",
+        };
+        conn.execute_batch(end)?;
+        let no = stored?;
+        if own {
+            self.definitions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((no, definition.clone()));
+        }
+        Ok(no)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_tuples(
+        &self,
+        tx: &Connection,
+        definition: &SnapshotDefinition,
+        tuples: &[LocalTuples],
+        q: &snaps_mapping::GlobalQuery,
+        lang: Language,
+        text: &str,
+        sent: u64,
+        received: u64,
+        status: u8,
+        day: i64,
+    ) -> Result<SnapshotNo> {
         tx.execute(
             "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned)
              VALUES (?1, ?2, ?3, ?4, 0)",
@@ -462,7 +518,7 @@ impl Site {
             }
         }
         Site::bump(
-            &tx,
+            tx,
             &[
                 ("global_fetches", 1),
                 (
@@ -475,12 +531,7 @@ impl Site {
                 ("snapshot_tuples", stored),
             ],
         )?;
-        tx.commit()?;
-        self.definitions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((SnapshotNo(no as u32), definition.clone()));
-        Ok(())
+        Ok(SnapshotNo(no as u32))
     }
 
     /// Records that snapshots were used today (at most one write per
@@ -556,6 +607,16 @@ fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefini
         .collect()
 }
 
+/// What a fetch did.
+enum Fetched {
+    /// Nothing of the query is mapped.
+    Nothing,
+    /// The global controller could not be reached: answer from local data.
+    LocalOnly,
+    /// Stored as this snapshot.
+    Stored(SnapshotNo, SnapshotDefinition),
+}
+
 /// The endpoint's view of a site.
 pub struct SiteEngine(pub Arc<Site>);
 
@@ -567,6 +628,7 @@ impl Engine for SiteEngine {
             conn,
             quel: QuelSession::new(),
             user: user.to_string(),
+            pending: Vec::new(),
         }))
     }
 }
@@ -577,6 +639,22 @@ pub struct SiteSession {
     conn: Connection,
     quel: QuelSession,
     user: String,
+    /// Snapshots stored inside the client's open transaction: they count
+    /// for this session now, for everyone once it commits, and for nobody
+    /// if it rolls back.
+    pending: Vec<(SnapshotNo, SnapshotDefinition)>,
+}
+
+impl Drop for SiteSession {
+    fn drop(&mut self) {
+        // A client leaving inside its transaction rolls it back, snapshots
+        // included.
+        if !self.pending.is_empty() && !self.conn.is_autocommit() {
+            if let Err(e) = self.site.mark_uncertain() {
+                tracing::warn!(error = %e, "cannot record a rolled-back snapshot");
+            }
+        }
+    }
 }
 
 fn sqlstate_of(e: &Error) -> &'static str {
@@ -596,7 +674,14 @@ fn sqlstate_of(e: &Error) -> &'static str {
 
 fn sqlite_state(e: &rusqlite::Error) -> &'static str {
     let msg = e.to_string();
-    if msg.contains("no such table") {
+    if matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    ) {
+        // Another session wrote since this transaction began: PostgreSQL
+        // clients retry on serialization_failure.
+        "40001"
+    } else if msg.contains("no such table") {
         "42P01"
     } else if msg.contains("no such column") {
         "42703"
@@ -770,7 +855,7 @@ impl SiteSession {
     /// Makes sure the site holds what `select` needs (steps 2–5); returns
     /// a notice when the answer will be local-only.
     fn prepare_retrieval(
-        &self,
+        &mut self,
         select: &Select,
         lang: Language,
         text: &str,
@@ -781,10 +866,7 @@ impl SiteSession {
             return Ok(None);
         }
         let current = self.projections(&plan)?;
-        let coverage = {
-            let defs = site.definitions.read().unwrap_or_else(|p| p.into_inner());
-            performed(&plan, &current, &site.catalog, &defs)
-        };
+        let coverage = self.coverage(&plan, &current);
         let used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
         site.touch(&used)?;
         if coverage.covered() {
@@ -802,11 +884,62 @@ impl SiteSession {
             .flat_map(|g| g.tables.iter().map(|t| t.local_var.clone()))
             .collect();
         plan.semijoins.retain(|s| vars.contains(&s.local_var));
-        if site.fetch(&plan, &current, lang, text)? {
-            Ok(None)
-        } else {
-            Ok(Some(LOCAL_ONLY_NOTICE.to_string()))
+        match site.fetch(&self.conn, &plan, &current, lang, text)? {
+            Fetched::Nothing => Ok(None),
+            Fetched::LocalOnly => Ok(Some(LOCAL_ONLY_NOTICE.to_string())),
+            Fetched::Stored(no, def) => {
+                if !self.conn.is_autocommit() {
+                    self.pending.push((no, def));
+                }
+                Ok(None)
+            }
         }
+    }
+
+    /// The performed check against the site's snapshots and this session's
+    /// uncommitted ones.
+    fn coverage(
+        &self,
+        plan: &Plan,
+        current: &BTreeMap<String, Vec<Vec<Value>>>,
+    ) -> snaps_mapping::performed::Coverage {
+        let shared = self
+            .site
+            .definitions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.pending.is_empty() {
+            return performed(plan, current, &self.site.catalog, &shared);
+        }
+        let mut all = shared.clone();
+        all.extend(self.pending.iter().cloned());
+        performed(plan, current, &self.site.catalog, &all)
+    }
+
+    /// After the client's transaction ended: its snapshots become everyone's
+    /// if it committed; if it rolled back they are gone, and the controller
+    /// believes this site holds their tuples.
+    fn settle(&mut self) -> Result<()> {
+        if self.pending.is_empty() || !self.conn.is_autocommit() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let (first, _) = &pending[0];
+        let committed: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM snaps_snapshot_definition WHERE snapshot_no = ?1)",
+            [first.0],
+            |r| r.get(0),
+        )?;
+        if committed {
+            self.site
+                .definitions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pending);
+        } else {
+            self.site.mark_uncertain()?;
+        }
+        Ok(())
     }
 
     fn explain(&self, text: &str) -> Result<Outcome> {
@@ -829,10 +962,7 @@ impl SiteSession {
             };
             let plan = plan(&select, &site.catalog, &site.mapping)?;
             let current = self.projections(&plan)?;
-            let coverage = {
-                let defs = site.definitions.read().unwrap_or_else(|p| p.into_inner());
-                performed(&plan, &current, &site.catalog, &defs)
-            };
+            let coverage = self.coverage(&plan, &current);
             lines.push(match (&plan.query, coverage.covered()) {
                 (None, _) => {
                     "covered: nothing to fetch (no relation of the query is mapped)".into()
@@ -937,7 +1067,9 @@ impl SiteSession {
 impl Session for SiteSession {
     fn execute(&mut self, text: &str) -> std::result::Result<Answer, EngineError> {
         tracing::debug!(site = %self.site.code, user = %self.user, text, "execute");
-        self.execute_text(text).map_err(engine_error)
+        let answer = self.execute_text(text);
+        self.settle().map_err(engine_error)?;
+        answer.map_err(engine_error)
     }
 
     fn describe(&mut self, text: &str) -> std::result::Result<Vec<ResultColumn>, EngineError> {
