@@ -649,10 +649,11 @@ impl Drop for SiteSession {
     fn drop(&mut self) {
         // A client leaving inside its transaction rolls it back, snapshots
         // included.
-        if !self.pending.is_empty() && !self.conn.is_autocommit() {
-            if let Err(e) = self.site.mark_uncertain() {
-                tracing::warn!(error = %e, "cannot record a rolled-back snapshot");
-            }
+        if !self.pending.is_empty()
+            && !self.conn.is_autocommit()
+            && let Err(e) = self.site.mark_uncertain()
+        {
+            tracing::warn!(error = %e, "cannot record a rolled-back snapshot");
         }
     }
 }
