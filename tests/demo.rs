@@ -169,6 +169,41 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
         }
         Err(e) => eprintln!("psql not run ({e}): install postgresql-client to check it"),
     }
+    // And through psycopg (autocommit off: every statement inside a
+    // transaction), when Python has it (CI installs it).
+    let script = format!(
+        r#"
+import psycopg
+with psycopg.connect("host=127.0.0.1 port={port} user=radiology dbname=STG") as conn:
+    with conn.cursor() as cur:
+        cur.execute("SELECT surname FROM patient WHERE pno = %s", ({pno},))
+        print(cur.fetchone()[0])
+        cur.execute("SELECT count(*) FROM patient WHERE surname = %s", ({surname:?},))
+        print(cur.fetchone()[0] >= 1)
+"#,
+        port = port + 2
+    );
+    match Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let out = Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .expect("python3");
+            assert!(
+                out.status.success(),
+                "psycopg: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("{surname}\nTrue\n")
+            );
+        }
+        _ => eprintln!("psycopg not run: pip install 'psycopg[binary]' to check it"),
+    }
     stop(child);
 
     // A second run reuses the folder: no new data, the same patient.
