@@ -97,7 +97,12 @@ pub fn compile_group(g: &Group, temps: &[(usize, &SemiJoin)]) -> Compiled {
                 .map(|e| sql(e, &mut params, &column))
                 .collect()
         };
-        if t.outer {
+        if t.outer && temp_of(ti).is_some() {
+            // Temporary tuples of a null-supplying table stand for new tuples
+            // whose partner on the preserved side may be the site's own:
+            // they reach their other partners whatever they match here.
+            from.push_str(&format!(" LEFT JOIN {item} ON 1"));
+        } else if t.outer {
             let mut on: Vec<String> = g
                 .joins
                 .iter()

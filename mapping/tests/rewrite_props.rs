@@ -1039,9 +1039,13 @@ fn group_rows(
         for (ci, cand) in cands[i].iter().enumerate() {
             let mut b = bound.clone();
             b.push(Some(ci));
-            let selected = cand.owner.is_none() || selections[i].iter().all(|e| holds(e, &b));
+            let temporary = cand.owner.is_none();
+            let selected = temporary || selections[i].iter().all(|e| holds(e, &b));
+            // A temporary tuple of a null-supplying table stands for a new
+            // tuple whose partner on the preserved side may be the site's
+            // own: it reaches its other partners whatever it matches here.
             if selected
-                && outer_joins.iter().all(|e| holds(e, &b))
+                && (temporary || outer_joins.iter().all(|e| holds(e, &b)))
                 && inner_joins.iter().all(|e| holds(e, &b))
             {
                 next.push(b);
