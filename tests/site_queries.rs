@@ -442,3 +442,72 @@ async fn inside_a_client_transaction_fetched_tuples_are_seen_and_a_rollback_lose
     let (rows, _) = run(&mut other, &query(&names[4])).await;
     check(&rows, &names[4]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_applications_own_tables_and_ddl_go_to_sqlite_unchanged() {
+    let net = setup(10).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    let (rows, _) = run(
+        &mut cph,
+        "CREATE TABLE films (id INTEGER PRIMARY KEY, img BLOB, note TEXT); \
+         INSERT INTO films (img, note) VALUES (x'cafe', 'chest'), (NULL, 'knee'); \
+         SELECT id, img, note, typeof(img) FROM films",
+    )
+    .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                Some("1".into()),
+                Some("\\xcafe".into()),
+                Some("chest".into()),
+                Some("blob".into())
+            ],
+            vec![
+                Some("2".into()),
+                None,
+                Some("knee".into()),
+                Some("null".into())
+            ],
+        ]
+    );
+    // Errors come back with PostgreSQL's SQLSTATE for SQLite's complaint.
+    let err = cph
+        .client
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+    );
+    let err = cph
+        .client
+        .simple_query("INSERT INTO films (id) VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    // SELECT * on a mapped relation never shows the status column.
+    let (rows, _) = run(&mut cph, "SELECT * FROM doctor LIMIT 1").await;
+    let doctor = net
+        .network
+        .local_catalog(net.network.site("CPH").unwrap())
+        .unwrap();
+    assert_eq!(
+        rows[0].len(),
+        doctor.relation("doctor").unwrap().attributes.len()
+    );
+    // Updates of shared relations wait for primary-copy locks.
+    let err = cph
+        .client
+        .simple_query("UPDATE patient SET add1 = 'x'")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
+    );
+}

@@ -739,6 +739,24 @@ fn kind_of_decl(decl: Option<&str>) -> Option<ColumnKind> {
     })
 }
 
+/// A value of a result row as the client sees it. Whatever SQLite holds
+/// comes through: text that is not UTF-8 with replacement characters, a blob
+/// (an application's own table may hold images) as PostgreSQL writes `bytea`
+/// in text, `\x` and hex digits.
+fn result_value(v: rusqlite::types::ValueRef<'_>) -> Value {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Int(i),
+        ValueRef::Real(f) => Value::Float(f),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => {
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            Value::Text(format!("\\x{hex}"))
+        }
+    }
+}
+
 /// The PostgreSQL command tag of a statement that returned no rows.
 fn command_tag(sql: &str, changes: u64) -> String {
     let words: Vec<String> = sql
@@ -794,7 +812,7 @@ impl SiteSession {
             while let Some(r) = q.next()? {
                 let row = keep
                     .iter()
-                    .map(|&i| from_sqlite(r.get_ref(i)?, &names[0]).or_else(|_| Ok(Value::Null)))
+                    .map(|&i| Ok(result_value(r.get_ref(i)?)))
                     .collect::<Result<Vec<_>>>()?;
                 rows.push(row);
             }
@@ -825,29 +843,15 @@ impl SiteSession {
             let sql = sj.local_sql(&changed);
             let mut stmt = self.conn.prepare(&sql)?;
             let n = sj.attributes.len();
+            // Mapped attributes hold i2, i4, f4 or cN values (the schema
+            // checks them), so nothing is lost reading them as result values.
             let rows = stmt
                 .query_map([], |r| {
                     (0..n)
-                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .map(|i| Ok(result_value(r.get_ref(i)?)))
                         .collect::<rusqlite::Result<Vec<_>>>()
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            let rows = rows
-                .into_iter()
-                .map(|row| {
-                    row.into_iter()
-                        .map(|v| match v {
-                            rusqlite::types::Value::Null => Value::Null,
-                            rusqlite::types::Value::Integer(i) => Value::Int(i),
-                            rusqlite::types::Value::Real(f) => Value::Float(f),
-                            rusqlite::types::Value::Text(s) => Value::Text(s),
-                            rusqlite::types::Value::Blob(b) => {
-                                Value::Text(String::from_utf8_lossy(&b).into_owned())
-                            }
-                        })
-                        .collect()
-                })
-                .collect();
             out.insert(sj.local_var.clone(), rows);
         }
         Ok(out)
