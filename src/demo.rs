@@ -142,6 +142,7 @@ pub async fn run_demo(
             addr: global.addr.clone(),
             token: tokens[code].clone(),
             fetch_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(10),
         };
         let site = Site::open(path, &global_catalog, Some(link))
             .with_context(|| format!("open site {code} at {}", path.display()))?;

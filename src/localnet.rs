@@ -209,6 +209,7 @@ pub async fn start_sites(
             addr: global.addr.clone(),
             token: global.tokens[code].clone(),
             fetch_timeout: std::time::Duration::from_secs(10),
+            retry_after: std::time::Duration::from_secs(10),
         };
         let site = snaps_local::site::Site::open(&database, &catalog, Some(link))?;
         site.initial_load().await?;

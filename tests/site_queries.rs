@@ -64,6 +64,8 @@ async fn setup(patients: usize) -> Net {
             addr: global.addr.clone(),
             token: global.tokens[code].clone(),
             fetch_timeout: Duration::from_secs(5),
+            // The restart test asks again right after the controller is back.
+            retry_after: Duration::ZERO,
         };
         let site = Site::open(&path, &catalog, Some(link)).unwrap();
         site.initial_load().await.unwrap();
@@ -510,4 +512,55 @@ async fn the_applications_own_tables_and_ddl_go_to_sqlite_unchanged() {
         err.code(),
         Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_time() {
+    let mut net = setup(10).await;
+    let global = net.global.take().unwrap();
+    let (addr, tokens) = (global.addr.clone(), global.tokens.clone());
+    global.stop().await.unwrap();
+    let link = GlobalLink {
+        addr: addr.clone(),
+        token: tokens["STG"].clone(),
+        fetch_timeout: Duration::from_secs(5),
+        retry_after: Duration::from_secs(3600),
+    };
+    let db = net._dir.path().join("STG").join("local.db");
+    let site = Site::open(&db, &net.network.global_catalog().unwrap(), Some(link)).unwrap();
+    let query = format!(
+        "SELECT surname FROM patient WHERE pno = {}",
+        net.data["CPH"]["patient"][0][0]
+    );
+    let ask = |site: Arc<Site>, query: String| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut session = SiteEngine(site).open_session("radiology").unwrap();
+            session.execute(&query).unwrap().notices
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        ask(site.clone(), query.clone()).await,
+        vec![LOCAL_ONLY_NOTICE.to_string()]
+    );
+    // The controller is back, but this site waits out its retry time.
+    let sock: std::net::SocketAddr = addr.trim_start_matches("http://").parse().unwrap();
+    net.global = Some(
+        LocalNetwork::start_at(
+            net.network.clone(),
+            net.store.clone(),
+            BTreeMap::new(),
+            sock,
+            tokens,
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        ask(site, query.clone()).await,
+        vec![LOCAL_ONLY_NOTICE.to_string()]
+    );
+    assert_eq!(stat(&db, "local_only_answers"), 2);
+    assert_eq!(stat(&db, "global_fetches"), 0);
 }

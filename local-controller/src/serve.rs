@@ -9,6 +9,7 @@
 //! global = "http://127.0.0.1:7700"   # the global snapshot controller
 //! token = "..."                      # or token_file = "cph.token"
 //! fetch_timeout_ms = 10000           # then answer from local data
+//! retry_after_ms = 10000             # after a failure, local answers at once
 //! users = ["radiology"]              # who may connect; empty: anyone
 //! ```
 //!
@@ -40,6 +41,8 @@ struct File {
     token_file: Option<PathBuf>,
     #[serde(default = "default_timeout")]
     fetch_timeout_ms: u64,
+    #[serde(default = "default_timeout")]
+    retry_after_ms: u64,
     #[serde(default)]
     users: Vec<String>,
 }
@@ -91,6 +94,7 @@ impl SiteServeConfig {
                 addr: f.global,
                 token,
                 fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
+                retry_after: Duration::from_millis(f.retry_after_ms),
             },
             users: f.users,
         })

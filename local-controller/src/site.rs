@@ -56,6 +56,10 @@ pub struct GlobalLink {
     pub token: String,
     /// How long a fetch may take before the answer is given from local data.
     pub fetch_timeout: Duration,
+    /// After the controller could not be reached, how long queries answer
+    /// from local data at once instead of trying again (a radiologist should
+    /// not wait for a connect timeout on every query while the link is down).
+    pub retry_after: Duration,
 }
 
 /// A site's shared state: its catalog and mapping, the connection snapshots
@@ -72,6 +76,8 @@ pub struct Site {
     definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
     link: Option<GlobalLink>,
     client: tokio::sync::Mutex<Option<GlobalClient>>,
+    /// When connecting last failed.
+    unreachable_since: Mutex<Option<std::time::Instant>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -118,6 +124,7 @@ impl Site {
             definitions: RwLock::new(definitions),
             link,
             client: tokio::sync::Mutex::new(None),
+            unreachable_since: Mutex::new(None),
             runtime: tokio::runtime::Handle::current(),
         }))
     }
@@ -140,8 +147,31 @@ impl Site {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = GlobalClient::connect(&link.addr, &link.token).await?;
-        let hello = c.hello(&self.global_fingerprint).await?;
+        let failed = *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = failed
+            && at.elapsed() < link.retry_after
+        {
+            return Err(Error::Unreachable(format!(
+                "{} did not answer {} s ago; trying again after {} s",
+                link.addr,
+                at.elapsed().as_secs(),
+                link.retry_after.as_secs()
+            )));
+        }
+        let connected = async {
+            let c = GlobalClient::connect(&link.addr, &link.token).await?;
+            let hello = c.hello(&self.global_fingerprint).await?;
+            Ok::<_, Error>((c, hello))
+        }
+        .await;
+        *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = connected.is_err().then(std::time::Instant::now);
+        let (c, hello) = connected?;
         if hello.site_code != self.code {
             return Err(Error::Invalid(format!(
                 "the credential belongs to site {}, this database to site {}",
