@@ -70,6 +70,27 @@ impl Rate {
     }
 }
 
+/// A table of rates, each against the first (the baseline).
+fn write_rates(f: &mut fmt::Formatter<'_>, rates: &[Rate]) -> fmt::Result {
+    writeln!(
+        f,
+        "{:<58} {:>8} {:>12} {:>10}",
+        "operation", "count", "per second", "vs first"
+    )?;
+    let base = rates.first().map_or(1.0, Rate::per_second);
+    for r in rates {
+        writeln!(
+            f,
+            "{:<58} {:>8} {:>12.0} {:>9.3}x",
+            r.what,
+            r.count,
+            r.per_second(),
+            r.per_second() / base
+        )?;
+    }
+    Ok(())
+}
+
 /// Bytes of one kind of fetch.
 #[derive(Debug, Clone)]
 pub struct Bytes {
@@ -116,22 +137,7 @@ impl fmt::Display for GlobalBenchReport {
             self.load.per_second()
         )?;
         writeln!(f)?;
-        writeln!(
-            f,
-            "{:<58} {:>8} {:>12} {:>10}",
-            "operation", "count", "per second", "vs first"
-        )?;
-        let base = self.rates.first().map_or(1.0, Rate::per_second);
-        for r in &self.rates {
-            writeln!(
-                f,
-                "{:<58} {:>8} {:>12.0} {:>9.3}x",
-                r.what,
-                r.count,
-                r.per_second(),
-                r.per_second() / base
-            )?;
-        }
+        write_rates(f, &self.rates)?;
         writeln!(f)?;
         writeln!(
             f,
@@ -500,22 +506,7 @@ impl fmt::Display for SiteBenchReport {
         )?;
         writeln!(f, "covered query: {}", self.query)?;
         writeln!(f)?;
-        writeln!(
-            f,
-            "{:<58} {:>8} {:>12} {:>10}",
-            "operation", "count", "per second", "vs first"
-        )?;
-        let base = self.rates.first().map_or(1.0, Rate::per_second);
-        for r in &self.rates {
-            writeln!(
-                f,
-                "{:<58} {:>8} {:>12.0} {:>9.3}x",
-                r.what,
-                r.count,
-                r.per_second(),
-                r.per_second() / base
-            )?;
-        }
+        write_rates(f, &self.rates)?;
         let b = &self.lookups;
         let t = b.tuples.max(1) as f64;
         writeln!(f)?;

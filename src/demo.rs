@@ -6,17 +6,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use snaps_local::SiteStore;
-use snaps_local::engine::Engine;
-use snaps_local::site::{GlobalLink, Site, SiteEngine};
 use snaps_schema::NetworkConfig;
 use snaps_schema::datagen::{self, Scale};
 
-use crate::localnet::{LocalNetwork, new_token};
+use crate::localnet::{LocalNetwork, new_token, run_site};
 
 /// How much data the demo generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,7 +65,6 @@ pub async fn run_demo(
 ) -> Result<()> {
     let network = NetworkConfig::load(&opts.network)
         .with_context(|| format!("load network {}", opts.network.display()))?;
-    let global_catalog = network.global_catalog()?;
     if opts.dir.exists() && !opts.dir.is_dir() {
         bail!("{} exists and is not a folder", opts.dir.display());
     }
@@ -138,34 +133,19 @@ pub async fn run_demo(
     let mut endpoints = Vec::new();
     let mut lines = Vec::new();
     for (i, (code, path)) in paths.iter().enumerate() {
-        let link = GlobalLink {
-            addr: global.addr.clone(),
-            token: tokens[code].clone(),
-            fetch_timeout: Duration::from_secs(10),
-            retry_after: Duration::from_secs(10),
-        };
-        let site = Site::open(path, &global_catalog, Some(link))
-            .with_context(|| format!("open site {code} at {}", path.display()))?;
-        let loaded = site
-            .initial_load()
-            .await
-            .with_context(|| format!("initial load of {code}"))?;
-        if loaded > 0 {
-            println!("{code}: loaded {loaded} tuples into the global snapshot");
-        }
         let addr: SocketAddr = format!("127.0.0.1:{}", port(i + 1)?).parse()?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen on {addr} for site {code}"))?;
-        let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
         let mut rx = stopped.clone();
-        endpoints.push(tokio::spawn(snaps_local::endpoint::serve(
-            engine,
-            listener,
-            async move {
-                let _ = rx.changed().await;
-            },
-        )));
+        let site = run_site(&global, code, path.clone(), addr, async move {
+            let _ = rx.changed().await;
+        })
+        .await?;
+        if site.loaded > 0 {
+            println!(
+                "{code}: loaded {} tuples into the global snapshot",
+                site.loaded
+            );
+        }
+        endpoints.push(site.endpoint);
         lines.push(format!(
             "{code}: psql -h 127.0.0.1 -p {} -U radiology {code}",
             addr.port()

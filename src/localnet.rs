@@ -179,23 +179,66 @@ pub async fn load_site(
 
 /// A site running in this process: its database, its SQL endpoint.
 pub struct RunningSite {
-    /// The site.
-    pub site: std::sync::Arc<snaps_local::site::Site>,
     /// Its database file.
     pub database: PathBuf,
     /// Its SQL endpoint.
     pub sql: SocketAddr,
+    /// Tuples its initial load sent to the global snapshot now (0 when an
+    /// earlier run loaded them).
+    pub loaded: u64,
+    /// The endpoint's task.
+    pub endpoint: JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens site `code`'s database (which must exist) against `global`, loads
+/// its export once, and serves its SQL endpoint on `sql` until `shutdown`.
+pub async fn run_site(
+    global: &LocalNetwork,
+    code: &str,
+    database: PathBuf,
+    sql: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<RunningSite> {
+    let link = snaps_local::site::GlobalLink {
+        addr: global.addr.clone(),
+        token: global
+            .tokens
+            .get(code)
+            .with_context(|| format!("no site {code} in the network"))?
+            .clone(),
+        fetch_timeout: std::time::Duration::from_secs(10),
+        retry_after: std::time::Duration::from_secs(10),
+    };
+    let site =
+        snaps_local::site::Site::open(&database, &global.network.global_catalog()?, Some(link))
+            .with_context(|| format!("open site {code} at {}", database.display()))?;
+    let loaded = site
+        .initial_load()
+        .await
+        .with_context(|| format!("initial load of {code}"))?;
+    let listener = tokio::net::TcpListener::bind(sql)
+        .await
+        .with_context(|| format!("listen on {sql} for site {code}"))?;
+    let sql = listener.local_addr()?;
+    let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
+        std::sync::Arc::new(snaps_local::site::SiteEngine(site));
+    let endpoint = tokio::spawn(snaps_local::endpoint::serve(engine, listener, shutdown));
+    Ok(RunningSite {
+        database,
+        sql,
+        loaded,
+        endpoint,
+    })
 }
 
 /// Creates each site's database under `dir/<CODE>/local.db` with `data` as
-/// its own tuples, opens it against `global`, loads its export and serves
-/// its SQL endpoint on a free loopback port (until the runtime ends).
+/// its own tuples, and runs it ([`run_site`]) on a free loopback port until
+/// the runtime ends.
 pub async fn start_sites(
     global: &LocalNetwork,
     dir: &std::path::Path,
     data: &BTreeMap<String, BTreeMap<String, Vec<Vec<Value>>>>,
 ) -> Result<BTreeMap<String, RunningSite>> {
-    let catalog = global.network.global_catalog()?;
     let mut out = BTreeMap::new();
     for (code, rows) in data {
         let database = dir.join(code).join("local.db");
@@ -205,31 +248,9 @@ pub async fn start_sites(
             store.load(relation, tuples)?;
         }
         drop(store);
-        let link = snaps_local::site::GlobalLink {
-            addr: global.addr.clone(),
-            token: global.tokens[code].clone(),
-            fetch_timeout: std::time::Duration::from_secs(10),
-            retry_after: std::time::Duration::from_secs(10),
-        };
-        let site = snaps_local::site::Site::open(&database, &catalog, Some(link))?;
-        site.initial_load().await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let sql = listener.local_addr()?;
-        let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
-            std::sync::Arc::new(snaps_local::site::SiteEngine(site.clone()));
-        tokio::spawn(snaps_local::endpoint::serve(
-            engine,
-            listener,
-            std::future::pending(),
-        ));
-        out.insert(
-            code.clone(),
-            RunningSite {
-                site,
-                database,
-                sql,
-            },
-        );
+        let free: SocketAddr = "127.0.0.1:0".parse()?;
+        let site = run_site(global, code, database, free, std::future::pending()).await?;
+        out.insert(code.clone(), site);
     }
     Ok(out)
 }

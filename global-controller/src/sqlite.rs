@@ -452,8 +452,9 @@ impl GlobalStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut out = Vec::new();
-        // (relation, tuple id) → sent-to, for every tuple returned.
-        let mut returned: HashMap<(String, i64), SentTo> = HashMap::new();
+        // (relation, tuple id) → its new sent-to bitmap where it changes,
+        // for every tuple returned.
+        let mut returned: HashMap<(&str, i64), Option<SentTo>> = HashMap::new();
         for (gi, g) in q.groups.iter().enumerate() {
             let sjs: Vec<&crate::query::SemiJoin> =
                 q.semijoins.iter().filter(|s| s.group == gi).collect();
@@ -571,7 +572,7 @@ impl GlobalStore for SqliteStore {
                 for ids in rows {
                     let fresh = ids.iter().enumerate().any(|(pi, id)| {
                         id.is_some_and(|id| {
-                            !returned.contains_key(&(shape.parts[pi].relation.clone(), id))
+                            !returned.contains_key(&(shape.parts[pi].relation.as_str(), id))
                         })
                     });
                     if !fresh {
@@ -585,10 +586,9 @@ impl GlobalStore for SqliteStore {
                                 part.tuple_ids.push(id as u64);
                                 part.rows.push(vals.clone());
                                 let mut sent = SentTo::from_bytes(sent);
-                                if *owner != me {
-                                    sent.insert(site.number);
-                                }
-                                returned.insert((p.relation.clone(), id), sent);
+                                let changed = *owner != me && !sent.contains(site.number);
+                                sent.insert(site.number);
+                                returned.insert((p.relation.as_str(), id), changed.then_some(sent));
                             }
                             None => {
                                 part.tuple_ids.push(0);
@@ -603,6 +603,7 @@ impl GlobalStore for SqliteStore {
             }
         }
         for ((relation, id), sent) in &returned {
+            let Some(sent) = sent else { continue };
             let mut stmt = tx.prepare_cached(&format!(
                 "UPDATE {} SET snaps_sent_to = ?1 WHERE tuple_id = ?2",
                 sql_ident(relation)

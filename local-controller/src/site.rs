@@ -31,8 +31,8 @@ use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Val
 
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
-use crate::store::STATUS_COLUMN;
-use crate::value::{from_sqlite, to_sqlite};
+use crate::store::{STATUS_COLUMN, read_tuples};
+use crate::value::to_sqlite;
 use crate::{Error, Result};
 
 /// Appendix-A new and modified bits: the tuples a semi-join projects.
@@ -78,6 +78,9 @@ pub struct Site {
     client: tokio::sync::Mutex<Option<GlobalClient>>,
     /// When connecting last failed.
     unreachable_since: Mutex<Option<std::time::Instant>>,
+    /// The `snaps_meta` uncertain flag, read once at open: every fetch
+    /// consults it.
+    uncertain: std::sync::atomic::AtomicBool,
     runtime: tokio::runtime::Handle,
 }
 
@@ -113,6 +116,11 @@ impl Site {
         let writer = open_conn(path)?;
         let mapping = read_mapping(&writer, &catalog, global)?;
         let definitions = read_definitions(&writer)?;
+        let uncertain: bool = writer.query_row(
+            "SELECT EXISTS (SELECT 1 FROM snaps_meta WHERE key = ?1)",
+            [UNCERTAIN],
+            |r| r.get(0),
+        )?;
         Ok(Arc::new(Site {
             path: path.to_path_buf(),
             code,
@@ -125,6 +133,7 @@ impl Site {
             link,
             client: tokio::sync::Mutex::new(None),
             unreachable_since: Mutex::new(None),
+            uncertain: std::sync::atomic::AtomicBool::new(uncertain),
             runtime: tokio::runtime::Handle::current(),
         }))
     }
@@ -226,30 +235,11 @@ impl Site {
             .catalog
             .relation(relation)
             .ok_or_else(|| Error::Invalid(format!("no relation {relation}")))?;
-        let cols: Vec<String> = rel
-            .attributes
-            .iter()
-            .map(|a| snaps_schema::sql_ident(&a.name))
-            .collect();
-        let conn = self.writer();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT rowid, {} FROM {} WHERE ({STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0 AND rowid > ?1 ORDER BY rowid",
-            cols.join(", "),
-            snaps_schema::sql_ident(&rel.name)
-        ))?;
-        let mut rows = stmt.query([from as i64])?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let origin: i64 = r.get(0)?;
-            let values = rel
-                .attributes
-                .iter()
-                .enumerate()
-                .map(|(i, a)| from_sqlite(r.get_ref(i + 1)?, &a.name))
-                .collect::<Result<Vec<_>>>()?;
-            out.push((origin as u64, values));
-        }
-        Ok(out)
+        let own = format!("({STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0");
+        Ok(read_tuples(&self.writer(), rel, &own, from as i64)?
+            .into_iter()
+            .map(|(rowid, t)| (rowid as u64, t))
+            .collect())
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>> {
@@ -286,7 +276,7 @@ impl Site {
             return Ok(Fetched::Nothing);
         };
         let mut req = fetch_request(q);
-        req.include_held = self.meta(UNCERTAIN)?.is_some();
+        req.include_held = self.uncertain.load(std::sync::atomic::Ordering::Relaxed);
         for sj in &plan.semijoins {
             let Some(rows) = current.get(&sj.local_var).filter(|r| !r.is_empty()) else {
                 continue;
@@ -359,7 +349,16 @@ impl Site {
         };
         let definition = SnapshotDefinition::from_plan(plan, current);
         let stored = map_back(&reply, q, &self.mapping).and_then(|tuples| {
-            self.store_snapshot(conn, &definition, &tuples, q, lang, text, sent, received)
+            let incoming = Incoming {
+                definition: &definition,
+                tuples: &tuples,
+                query: q,
+                lang,
+                text,
+                sent,
+                received,
+            };
+            self.store_snapshot(conn, &incoming)
         });
         match stored {
             Ok(no) => Ok(Fetched::Stored(no, definition)),
@@ -374,6 +373,8 @@ impl Site {
     /// Until the next refresh, fetches ask for held tuples too: the
     /// controller's sent-to bits may name tuples this site does not have.
     fn mark_uncertain(&self) -> Result<()> {
+        self.uncertain
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.writer().execute(
             "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
             params![UNCERTAIN, today().to_string()],
@@ -385,36 +386,14 @@ impl Site {
     /// connection, so the session sees them even inside a transaction of its
     /// client: in a transaction of its own (`BEGIN IMMEDIATE`), or inside the
     /// client's as a savepoint. All of it or nothing.
-    #[allow(clippy::too_many_arguments)]
-    fn store_snapshot(
-        &self,
-        conn: &Connection,
-        definition: &SnapshotDefinition,
-        tuples: &[LocalTuples],
-        q: &snaps_mapping::GlobalQuery,
-        lang: Language,
-        text: &str,
-        sent: u64,
-        received: u64,
-    ) -> Result<SnapshotNo> {
-        let status = LocalStatus {
-            tuple_type: TupleType::Snapshot,
-            rights: LocalRights::Unknown,
-            new: false,
-            modified: false,
-            just_copied: 0,
-        }
-        .to_byte()?;
-        let day = today();
+    fn store_snapshot(&self, conn: &Connection, incoming: &Incoming<'_>) -> Result<SnapshotNo> {
         let own = conn.is_autocommit();
         conn.execute_batch(if own {
             "BEGIN IMMEDIATE"
         } else {
             "SAVEPOINT snaps_store"
         })?;
-        let stored = self.store_tuples(
-            conn, definition, tuples, q, lang, text, sent, received, status, day,
-        );
+        let stored = self.store_tuples(conn, incoming);
         let end = match (&stored, own) {
             (Ok(_), true) => "COMMIT",
             (Ok(_), false) => "RELEASE snaps_store",
@@ -427,25 +406,30 @@ impl Site {
             self.definitions
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((no, definition.clone()));
+                .push((no, incoming.definition.clone()));
         }
         Ok(no)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn store_tuples(
-        &self,
-        tx: &Connection,
-        definition: &SnapshotDefinition,
-        tuples: &[LocalTuples],
-        q: &snaps_mapping::GlobalQuery,
-        lang: Language,
-        text: &str,
-        sent: u64,
-        received: u64,
-        status: u8,
-        day: i64,
-    ) -> Result<SnapshotNo> {
+    fn store_tuples(&self, tx: &Connection, incoming: &Incoming<'_>) -> Result<SnapshotNo> {
+        let Incoming {
+            definition,
+            tuples,
+            query: q,
+            lang,
+            text,
+            sent,
+            received,
+        } = *incoming;
+        let status = LocalStatus {
+            tuple_type: TupleType::Snapshot,
+            rights: LocalRights::Unknown,
+            new: false,
+            modified: false,
+            just_copied: 0,
+        }
+        .to_byte()?;
+        let day = today();
         tx.execute(
             "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned)
              VALUES (?1, ?2, ?3, ?4, 0)",
@@ -635,6 +619,20 @@ fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefini
             Ok((SnapshotNo(no as u32), def))
         })
         .collect()
+}
+
+/// A fetch's reply, mapped back, on its way into the site's database.
+#[derive(Clone, Copy)]
+struct Incoming<'a> {
+    definition: &'a SnapshotDefinition,
+    tuples: &'a [LocalTuples],
+    query: &'a snaps_mapping::GlobalQuery,
+    lang: Language,
+    /// The statement, as the snapshot definition records it.
+    text: &'a str,
+    /// Wire bytes of the fetch, both ways.
+    sent: u64,
+    received: u64,
 }
 
 /// What a fetch did.

@@ -374,25 +374,10 @@ impl SiteStore {
             .catalog
             .relation(relation)
             .ok_or_else(|| unknown(relation))?;
-        let columns: Vec<String> = rel.attributes.iter().map(|a| quote(&a.name)).collect();
-        let sql = format!(
-            "SELECT {} FROM {} ORDER BY rowid",
-            columns.join(", "),
-            quote(&rel.name)
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let mut rows = stmt.query([])?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            let tuple = rel
-                .attributes
-                .iter()
-                .enumerate()
-                .map(|(i, a)| from_sqlite(row.get_ref(i)?, &format!("{}.{}", rel.name, a.name)))
-                .collect::<Result<Vec<_>>>()?;
-            out.push(tuple);
-        }
-        Ok(out)
+        Ok(read_tuples(&self.conn, rel, "1", 0)?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
     }
 
     /// This site's code, from `snaps_site`.
@@ -533,6 +518,36 @@ impl Definition<'_> {
             mapped,
         })
     }
+}
+
+/// The tuples of `rel` that satisfy `filter` (SQL over its columns) and
+/// have a rowid above `after`, in rowid order, with their rowids; every value
+/// read back as a SNAPS value (an error names the attribute).
+pub(crate) fn read_tuples(
+    conn: &Connection,
+    rel: &Relation,
+    filter: &str,
+    after: i64,
+) -> Result<Vec<(i64, Vec<Value>)>> {
+    let columns: Vec<String> = rel.attributes.iter().map(|a| quote(&a.name)).collect();
+    let sql = format!(
+        "SELECT rowid, {} FROM {} WHERE ({filter}) AND rowid > ?1 ORDER BY rowid",
+        columns.join(", "),
+        quote(&rel.name)
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query([after])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let tuple = rel
+            .attributes
+            .iter()
+            .enumerate()
+            .map(|(i, a)| from_sqlite(row.get_ref(i + 1)?, &format!("{}.{}", rel.name, a.name)))
+            .collect::<Result<Vec<_>>>()?;
+        out.push((row.get(0)?, tuple));
+    }
+    Ok(out)
 }
 
 /// Refuses a definition the database could not represent faithfully.
