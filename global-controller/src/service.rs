@@ -153,6 +153,7 @@ fn encode_table(t: FetchedTable, widths: &[usize]) -> Result<v1::TableTuples, St
         table: t.table as u32,
         count,
         parts,
+        owners: t.owners.iter().map(|o| o.0).collect(),
     })
 }
 
@@ -200,6 +201,16 @@ impl GlobalSnapshot for Service {
                 .map(|(r, m)| (r.clone(), wire_mode(*m) as i32))
                 .collect(),
             schema_fingerprint: ours,
+            sites: self
+                .config
+                .network
+                .sites
+                .iter()
+                .map(|s| v1::SiteRef {
+                    number: s.number.0,
+                    code: s.code.to_string(),
+                })
+                .collect(),
         };
         self.count(&site, req_len, reply.encoded_len());
         Ok(respond(reply))
@@ -338,6 +349,58 @@ impl GlobalSnapshot for Service {
                 }
             },
         );
+        Ok(respond(reply))
+    }
+
+    async fn key_owners(
+        &self,
+        req: Request<v1::KeyOwnersRequest>,
+    ) -> Result<Response<v1::KeyOwnersReply>, Status> {
+        let site = self.site(&req)?;
+        let r = req.get_ref();
+        let rel = self.config.catalog.relation(&r.relation).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown global relation {:?}", r.relation))
+        })?;
+        // Only a relation's key may be asked about: the answer says who owns
+        // a tuple, never anything of its other attributes.
+        let mut asked: Vec<&str> = r.attributes.iter().map(String::as_str).collect();
+        let mut key: Vec<&str> = rel.key.iter().map(String::as_str).collect();
+        asked.sort_unstable();
+        key.sort_unstable();
+        if key.is_empty() || asked != key {
+            return Err(Status::invalid_argument(format!(
+                "{} is not the key of {} (its key is ({}))",
+                r.attributes.join(", "),
+                rel.name,
+                rel.key.join(", ")
+            )));
+        }
+        let wire = r.keys.clone().unwrap_or_default();
+        let rows = snaps_proto::decode_rows(r.attributes.len(), &wire)
+            .map_err(|e| Status::invalid_argument(format!("keys of {}: {e}", rel.name)))?;
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            let checked = row
+                .into_iter()
+                .zip(&r.attributes)
+                .map(|(v, a)| {
+                    let attr = rel.attribute(a).expect("checked to be a key attribute");
+                    attr.ty
+                        .check(v, &format!("{}.{a}", rel.name))
+                        .map_err(|e| Status::invalid_argument(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            keys.push(checked);
+        }
+        let relation = rel.name.clone();
+        let attributes = r.attributes.clone();
+        let owners = self
+            .blocking(move |store| store.key_owners(&relation, &attributes, &keys))
+            .await?;
+        let reply = v1::KeyOwnersReply {
+            owners: owners.into_iter().map(Option::unwrap_or_default).collect(),
+        };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
         Ok(respond(reply))
     }
 

@@ -568,6 +568,7 @@ impl GlobalStore for SqliteStore {
                             rows: Vec::new(),
                         })
                         .collect(),
+                    owners: Vec::new(),
                 };
                 for ids in rows {
                     let fresh = ids.iter().enumerate().any(|(pi, id)| {
@@ -578,6 +579,11 @@ impl GlobalStore for SqliteStore {
                     if !fresh {
                         continue;
                     }
+                    // Every part of a tuple has the same owner.
+                    let owner = ids.iter().enumerate().find_map(|(pi, id)| {
+                        id.and_then(|id| values[pi].get(&id)).map(|v| v.0)
+                    });
+                    table.owners.push(SiteNo(owner.unwrap_or(0) as u32));
                     for (pi, id) in ids.iter().enumerate() {
                         let p = &shape.parts[pi];
                         let part = &mut table.parts[pi];
@@ -664,6 +670,34 @@ impl GlobalStore for SqliteStore {
             };
         tx.commit()?;
         Ok(outcome)
+    }
+
+    fn key_owners(
+        &self,
+        relation: &str,
+        attributes: &[String],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Option<String>>> {
+        let conn = self.conn();
+        let cond: Vec<String> = attributes
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{} = ?{}", sql_ident(a), i + 1))
+            .collect();
+        let sql = format!(
+            "SELECT snaps_owner FROM {} WHERE {} LIMIT 1",
+            sql_ident(relation),
+            cond.join(" AND ")
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        keys.iter()
+            .map(|k| {
+                let owner: Option<i64> = stmt
+                    .query_row(params_from_iter(k.iter().map(to_sql)), |r| r.get(0))
+                    .optional()?;
+                Ok(owner.map(|o| self.code(o)))
+            })
+            .collect()
     }
 
     fn unlock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<u64> {

@@ -131,6 +131,8 @@ pub struct FetchedTable {
     pub table: usize,
     /// Per part of the table's shape.
     pub parts: Vec<FetchedPart>,
+    /// The owner of each local tuple.
+    pub owners: Vec<SiteNo>,
 }
 
 impl FetchedTable {
@@ -318,6 +320,16 @@ pub trait GlobalStore: Send + Sync {
 
     /// Grants the primary-copy locks on all the tuples or on none.
     fn lock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome>;
+
+    /// The owner (site code) of a tuple of `relation` with each of `keys`
+    /// (values of `attributes`, the relation's key), `None` where no tuple
+    /// has the key.
+    fn key_owners(
+        &self,
+        relation: &str,
+        attributes: &[String],
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Option<String>>>;
 
     /// Releases the site's locks on these tuples; returns how many it held.
     fn unlock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<u64>;

@@ -33,6 +33,7 @@ pub mod serve;
 pub mod site;
 pub mod store;
 pub mod value;
+mod write;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,17 @@ pub enum Error {
     /// The global snapshot controller could not be reached.
     #[error("global controller unreachable: {0}")]
     Unreachable(String),
+    /// Another site holds the primary-copy lock on a tuple the statement
+    /// would change.
+    #[error("{0}")]
+    Locked(String),
+    /// The tuple belongs to another site and this site may not change it.
+    #[error("{0}")]
+    ReadOnly(String),
+    /// An inserted key already exists in the global snapshot under another
+    /// owner.
+    #[error("{0}")]
+    DuplicateKey(String),
     /// A statement SNAPS does not support (yet).
     #[error("{0}")]
     Unsupported(String),

@@ -232,6 +232,40 @@ impl GlobalClient {
             .into_inner())
     }
 
+    /// The owner of each key of `relation` (global attribute values of
+    /// `attributes`, the relation's key): a site code, or `None` if free.
+    pub async fn key_owners(
+        &self,
+        relation: &str,
+        attributes: Vec<String>,
+        keys: &[Vec<Value>],
+    ) -> Result<Vec<Option<String>>> {
+        let req = v1::KeyOwnersRequest {
+            relation: relation.to_string(),
+            keys: Some(
+                encode_rows(attributes.len(), keys).map_err(|e| Error::Invalid(e.to_string()))?,
+            ),
+            attributes,
+        };
+        let owners = self
+            .for_len(req.encoded_len())
+            .key_owners(req)
+            .await?
+            .into_inner()
+            .owners;
+        if owners.len() != keys.len() {
+            return Err(Error::Invalid(format!(
+                "the global controller named {} owners for {} keys",
+                owners.len(),
+                keys.len()
+            )));
+        }
+        Ok(owners
+            .into_iter()
+            .map(|o| (!o.is_empty()).then_some(o))
+            .collect())
+    }
+
     /// Gives locks back.
     pub async fn unlock(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
         let req = v1::UnlockRequest { tuples };
@@ -367,6 +401,8 @@ pub struct LocalTuples {
     /// Per tuple: the global tuple id of each part (0 where absent) and the
     /// values in the local attribute order (NULL where not mapped).
     pub tuples: Vec<(Vec<u64>, Vec<Value>)>,
+    /// Per tuple: the owner's site number (0 where the reply names none).
+    pub owners: Vec<u32>,
 }
 
 /// Maps a fetch reply back to local tuples.
@@ -419,10 +455,13 @@ pub fn map_back(
                 .collect();
             tuples.push((ids, rm.map_back(&values)?));
         }
+        let mut owners = t.owners.clone();
+        owners.resize(tuples.len(), 0);
         out.push(LocalTuples {
             local_var: table.local_var.clone(),
             local_relation: table.local_relation.clone(),
             tuples,
+            owners,
         });
     }
     Ok(out)

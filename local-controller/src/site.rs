@@ -33,6 +33,7 @@ use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColu
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
 use crate::store::{STATUS_COLUMN, read_tuples};
 use crate::value::to_sqlite;
+use crate::write::{KeyCheck, register_next_key};
 use crate::{Error, Result};
 
 /// Appendix-A new and modified bits: the tuples a semi-join projects.
@@ -68,9 +69,12 @@ pub struct GlobalLink {
 pub struct Site {
     path: PathBuf,
     code: String,
-    catalog: Catalog,
+    pub(crate) catalog: Catalog,
     mapped: BTreeSet<String>,
-    mapping: SiteMapping,
+    pub(crate) mapping: SiteMapping,
+    /// Per local relation whose key maps onto a global key: how an insert's
+    /// keys are checked at the global controller.
+    pub(crate) key_checks: BTreeMap<String, KeyCheck>,
     global_fingerprint: String,
     writer: Mutex<Connection>,
     definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
@@ -121,12 +125,17 @@ impl Site {
             [UNCERTAIN],
             |r| r.get(0),
         )?;
+        let key_checks = mapping
+            .relations()
+            .filter_map(|rm| KeyCheck::of(rm, global).map(|c| (rm.local.name.clone(), c)))
+            .collect();
         Ok(Arc::new(Site {
             path: path.to_path_buf(),
             code,
             catalog,
             mapped,
             mapping,
+            key_checks,
             global_fingerprint: global.fingerprint(),
             writer: Mutex::new(writer),
             definitions: RwLock::new(definitions),
@@ -187,12 +196,101 @@ impl Site {
                 hello.site_code, self.code
             )));
         }
+        self.record_hello(&hello)?;
         *slot = Some(c.clone());
         Ok(c)
     }
 
+    /// Keeps what the controller says at every connect — which relations
+    /// other sites may change under lock, the site's key ranges, the
+    /// network's sites — so the update rules hold offline and for programs
+    /// writing to the file directly (the triggers read these tables).
+    fn record_hello(&self, hello: &snaps_proto::v1::HelloReply) -> Result<()> {
+        use snaps_proto::v1::RelationMode;
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "DELETE FROM snaps_relation_mode; DELETE FROM snaps_key_range; DELETE FROM snaps_network_site;",
+        )?;
+        for rm in self.mapping.relations() {
+            let read_write = rm.parts.iter().any(|p| {
+                hello.modes.get(&p.global).copied() == Some(RelationMode::ReadWrite as i32)
+            });
+            tx.execute(
+                "INSERT INTO snaps_relation_mode (relation, read_write) VALUES (?1, ?2)",
+                params![rm.local.name, read_write],
+            )?;
+        }
+        let ranges = hello
+            .keys
+            .iter()
+            .map(|r| ("", r))
+            .chain(hello.key_ranges.iter().map(|(k, r)| (k.as_str(), r)));
+        for (relation, r) in ranges {
+            tx.execute(
+                "INSERT INTO snaps_key_range (relation, first, last) VALUES (?1, ?2, ?3)",
+                params![relation, r.first, r.last],
+            )?;
+        }
+        for site in &hello.sites {
+            tx.execute(
+                "INSERT INTO snaps_network_site (number, code) VALUES (?1, ?2)",
+                params![site.number, site.code],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     async fn forget_client(&self) {
         *self.client.lock().await = None;
+    }
+
+    /// Runs one request on the global controller within the fetch timeout.
+    /// A connection that failed or timed out is dropped (the next request
+    /// connects again); an error is `Unreachable` unless the controller
+    /// answered with one.
+    pub(crate) fn remote<T, F, Fut>(&self, request: F) -> Result<T>
+    where
+        F: FnOnce(GlobalClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let timeout = self
+            .link
+            .as_ref()
+            .map_or(Duration::from_secs(10), |l| l.fetch_timeout);
+        self.runtime.block_on(async {
+            let client = self.client().await?;
+            match tokio::time::timeout(timeout, request(client)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e @ Error::Remote(_))) if is_request_error(&e) => Err(e),
+                Ok(Err(e)) => {
+                    self.forget_client().await;
+                    Err(e)
+                }
+                Err(_) => {
+                    self.forget_client().await;
+                    Err(Error::Unreachable(format!("no reply within {timeout:?}")))
+                }
+            }
+        })
+    }
+
+    /// Whether other sites may change `relation`'s tuples under lock, as
+    /// the global controller said at the last connect.
+    pub(crate) fn read_write(&self, conn: &Connection, relation: &str) -> Result<bool> {
+        let rw: Option<bool> = conn
+            .query_row(
+                "SELECT read_write FROM snaps_relation_mode WHERE relation = ?1",
+                [relation],
+                |r| r.get(0),
+            )
+            .optional()?;
+        rw.ok_or_else(|| {
+            Error::Unreachable(format!(
+                "this site has not reached the global controller yet, so it does not know                  whether other sites may change {relation}"
+            ))
+        })
     }
 
     /// Registers with the global controller and loads the site's export,
@@ -204,6 +302,9 @@ impl Site {
         }
         let client = self.client().await?;
         let mut loaded = 0;
+        // Per relation, the last rowid exported: those tuples are no longer
+        // new once the load is done.
+        let mut exported: Vec<(&str, i64)> = Vec::new();
         for rm in self.mapping.relations() {
             let main = match rm.split {
                 snaps_mapping::mapping::Split::MainTupleId(m) => m,
@@ -211,6 +312,8 @@ impl Site {
             };
             let from = client.load_progress(&rm.parts[main].global).await?;
             let tuples = self.own_tuples(&rm.local.name, from)?;
+            let last = tuples.last().map_or(from as i64, |(o, _)| *o as i64);
+            exported.push((rm.local.name.as_str(), last));
             for chunk in tuples.chunks(20_000) {
                 let reply = client.load(export_batches(rm, chunk, 5_000)?).await?;
                 loaded += reply.loaded;
@@ -220,10 +323,32 @@ impl Site {
                 }
             }
         }
-        self.writer().execute(
+        // The global snapshot holds them now: own tuples, rights unknown
+        // (a relation other sites may change needs the lock from here on).
+        let settled = LocalStatus {
+            tuple_type: TupleType::Local,
+            rights: LocalRights::Unknown,
+            new: false,
+            modified: false,
+            just_copied: 0,
+        }
+        .to_byte()?;
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (relation, last) in exported {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET {STATUS_COLUMN} = ?1 WHERE rowid <= ?2 AND ({STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0",
+                    snaps_schema::sql_ident(relation)
+                ),
+                params![settled, last],
+            )?;
+        }
+        tx.execute(
             "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, '1')",
             [INITIAL_LOAD_DONE],
         )?;
+        tx.commit()?;
         tracing::info!(site = %self.code, loaded, "initial load done");
         Ok(loaded)
     }
@@ -251,7 +376,7 @@ impl Site {
             .optional()?)
     }
 
-    fn bump(conn: &Connection, counters: &[(&str, i64)]) -> Result<()> {
+    pub(crate) fn bump(conn: &Connection, counters: &[(&str, i64)]) -> Result<()> {
         for (name, by) in counters {
             conn.execute(
                 "UPDATE snaps_stats SET value = value + ?1 WHERE name = ?2",
@@ -471,7 +596,7 @@ impl Site {
                 cols.join(", "),
                 vec!["?"; cols.len()].join(", ")
             );
-            for (ids, values) in &lt.tuples {
+            for ((ids, values), owner) in lt.tuples.iter().zip(&lt.owners) {
                 // A tuple already here (fetched before) only joins this snapshot.
                 let mut rowid: Option<i64> = None;
                 for (p, id) in ids.iter().enumerate() {
@@ -518,10 +643,10 @@ impl Site {
                 for (p, id) in ids.iter().enumerate() {
                     if *id != 0 {
                         tx.prepare_cached(
-                            "INSERT OR REPLACE INTO snaps_copy (global_relation, tuple_id, relation, tuple_rowid)
-                             VALUES (?1, ?2, ?3, ?4)",
+                            "INSERT OR REPLACE INTO snaps_copy (global_relation, tuple_id, relation, tuple_rowid, owner)
+                             VALUES (?1, ?2, ?3, ?4, (SELECT code FROM snaps_network_site WHERE number = ?5))",
                         )?
-                        .execute(params![table.parts[p].relation, *id as i64, rel.name, rowid])?;
+                        .execute(params![table.parts[p].relation, *id as i64, rel.name, rowid, owner])?;
                     }
                 }
                 tx.prepare_cached(
@@ -566,7 +691,7 @@ impl Site {
 
 /// An error about the request itself (the controller refused it): the
 /// client should see it rather than a local-only answer.
-fn is_request_error(e: &Error) -> bool {
+pub(crate) fn is_request_error(e: &Error) -> bool {
     matches!(e, Error::Remote(s) if matches!(s.code(),
         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::PermissionDenied
             | tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated))
@@ -651,6 +776,7 @@ pub struct SiteEngine(pub Arc<Site>);
 impl Engine for SiteEngine {
     fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
         let conn = open_conn(&self.0.path).map_err(|e| EngineError::new("58000", e.to_string()))?;
+        register_next_key(&conn, &self.0.catalog).map_err(|e| EngineError::new("58000", e.to_string()))?;
         Ok(Box::new(SiteSession {
             site: self.0.clone(),
             conn,
@@ -663,8 +789,8 @@ impl Engine for SiteEngine {
 
 /// One client connection.
 pub struct SiteSession {
-    site: Arc<Site>,
-    conn: Connection,
+    pub(crate) site: Arc<Site>,
+    pub(crate) conn: Connection,
     quel: QuelSession,
     user: String,
     /// Snapshots stored inside the client's open transaction: they count
@@ -694,6 +820,9 @@ fn sqlstate_of(e: &Error) -> &'static str {
         Error::Mapping(snaps_mapping::Error::Conversion(_)) => "22000",
         Error::Mapping(_) => "42601",
         Error::Storage(e) => sqlite_state(e),
+        Error::Locked(_) => "55P03",
+        Error::ReadOnly(_) => "42501",
+        Error::DuplicateKey(_) => "23505",
         Error::Remote(_) | Error::Unreachable(_) => "08006",
         Error::Schema(_) => "22000",
         Error::Invalid(_) => "22023",
@@ -703,6 +832,12 @@ fn sqlstate_of(e: &Error) -> &'static str {
 
 fn sqlite_state(e: &rusqlite::Error) -> &'static str {
     let msg = e.to_string();
+    if let rusqlite::Error::SqliteFailure(f, _) = e
+        && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER
+    {
+        // A SNAPS trigger refused the write (no lock, a copy, a key change).
+        return "42501";
+    }
     if matches!(
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
@@ -771,7 +906,7 @@ fn kind_of_decl(decl: Option<&str>) -> Option<ColumnKind> {
 /// comes through: text that is not UTF-8 with replacement characters, a blob
 /// (an application's own table may hold images) as PostgreSQL writes `bytea`
 /// in text, `\x` and hex digits.
-fn result_value(v: rusqlite::types::ValueRef<'_>) -> Value {
+pub(crate) fn result_value(v: rusqlite::types::ValueRef<'_>) -> Value {
     use rusqlite::types::ValueRef;
     match v {
         ValueRef::Null => Value::Null,
@@ -812,7 +947,7 @@ fn command_tag(sql: &str, changes: u64) -> String {
 impl SiteSession {
     /// Runs SQL text on the site's database exactly as SQLite would, one
     /// statement after another; the status column never reaches the client.
-    fn run_local(&self, text: &str) -> Result<Vec<Outcome>> {
+    pub(crate) fn run_local(&self, text: &str) -> Result<Vec<Outcome>> {
         let mut out = Vec::new();
         let mut batch = Batch::new(&self.conn, text);
         while let Some(mut stmt) = batch.next()? {
@@ -1077,18 +1212,20 @@ impl SiteSession {
                         tag: "DEFINE SNAPSHOT".into(),
                     });
                 }
+                Statement::Insert(i) if self.site.mapped.contains(&i.relation) => {
+                    let (outcome, notice) = self.insert(i)?;
+                    if let Some(n) = notice
+                        && !answer.notices.contains(&n)
+                    {
+                        answer.notices.push(n);
+                    }
+                    answer.outcomes.push(outcome);
+                }
                 Statement::Update(u) if self.site.mapped.contains(&u.target.relation) => {
-                    return Err(Error::Unsupported(format!(
-                        "updating {}, which this site shares through SNAPS, needs primary-copy locks; \
-                         not supported by this version",
-                        u.target.relation
-                    )));
+                    answer.outcomes.push(self.update(u, &local_sql)?);
                 }
                 Statement::Delete(d) if self.site.mapped.contains(&d.target.relation) => {
-                    return Err(Error::Unsupported(format!(
-                        "deleting from {}, which this site shares through SNAPS, is not supported by this version",
-                        d.target.relation
-                    )));
+                    answer.outcomes.push(self.delete(d, &local_sql)?);
                 }
                 _ => answer.outcomes.extend(self.run_local(&local_sql)?),
             }

@@ -45,7 +45,7 @@ use crate::value::{from_sqlite, to_sqlite};
 use crate::{Error, Result};
 
 /// The version of the site database layout, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The hidden status column on every mapped relation: the appendix-A byte.
 pub const STATUS_COLUMN: &str = "snaps_status";
@@ -59,6 +59,8 @@ pub const STAT_COUNTERS: &[&str] = &[
     "snapshots",
     "snapshot_tuples",
     "local_only_answers",
+    "locks_granted",
+    "locks_refused",
 ];
 
 /// Appendix-A bit 4: added at this site since the last refresh.
@@ -67,6 +69,13 @@ const NEW_BIT: u8 = 0x10;
 const MODIFIED_BIT: u8 = 0x08;
 /// Appendix-A bits 2..0: non-zero while the controller stores a fetch.
 const JUST_COPIED_BITS: u8 = 0x07;
+/// Appendix-A bit 7: a snapshot tuple (a copy from the global snapshot).
+const SNAPSHOT_BIT: u8 = 0x80;
+/// Appendix-A bits 6..5: the access rights; all set is *deleted*.
+const RIGHTS_BITS: u8 = 0x60;
+/// The rights bits of *read-write*: this site holds the lock (or the tuple
+/// is its own new tuple).
+const READ_WRITE_RIGHTS: u8 = 0x20;
 
 /// How long a statement waits for another writer (the application, or a
 /// program on the file) before giving up.
@@ -117,9 +126,44 @@ CREATE TABLE snaps_copy (
     tuple_id        INTEGER NOT NULL,
     relation        TEXT NOT NULL,
     tuple_rowid     INTEGER NOT NULL,
+    owner           TEXT,
     PRIMARY KEY (global_relation, tuple_id)
 );
 CREATE INDEX snaps_copy_by_tuple ON snaps_copy (relation, tuple_rowid);
+-- What the global controller said at the last connect: which local
+-- relations other sites may change under lock (read_write = 1), the ranges
+-- new keys come from (relation '' is the default range), the network's sites.
+CREATE TABLE snaps_relation_mode (
+    relation   TEXT PRIMARY KEY,
+    read_write INTEGER NOT NULL
+);
+CREATE TABLE snaps_key_range (
+    relation TEXT PRIMARY KEY,
+    first    INTEGER NOT NULL,
+    last     INTEGER NOT NULL
+);
+CREATE TABLE snaps_network_site (
+    number INTEGER PRIMARY KEY,
+    code   TEXT NOT NULL
+);
+-- Copies whose non-mapped attributes this site changed: permanent here,
+-- never evicted; refresh still updates their mapped attributes in place.
+CREATE TABLE snaps_pinned (
+    relation    TEXT NOT NULL,
+    tuple_rowid INTEGER NOT NULL,
+    pinned_day  INTEGER NOT NULL,
+    PRIMARY KEY (relation, tuple_rowid)
+);
+-- The site's own exported tuples it deleted, marked deleted (their status
+-- with rights 'deleted'), until the refresh removes them globally. `origin`
+-- is the number they were exported with (their rowid).
+CREATE TABLE snaps_deleted (
+    relation    TEXT NOT NULL,
+    origin      INTEGER NOT NULL,
+    status      INTEGER NOT NULL,
+    deleted_day INTEGER NOT NULL,
+    PRIMARY KEY (relation, origin)
+);
 -- Small facts about the site's state (initial load done, ...).
 CREATE TABLE snaps_meta (
     key   TEXT PRIMARY KEY,
@@ -472,6 +516,7 @@ impl Definition<'_> {
                 .filter(|a| rm.maps(a))
                 .collect();
             tx.execute_batch(&modified_trigger(&rm.local.name, &columns))?;
+            tx.execute_batch(&guard_triggers(rm))?;
         }
         tx.execute(
             "INSERT INTO snaps_site (code, number, name) VALUES (?1, ?2, ?3)",
@@ -661,6 +706,129 @@ fn modified_trigger(relation: &str, mapped_columns: &[&str]) -> String {
         changed = changed.join("\n        OR "),
         modified = MODIFIED_BIT,
     )
+}
+
+/// Today as SQLite computes it in a trigger: days since 1970-01-01 (UTC).
+const SQL_TODAY: &str = "CAST(unixepoch() / 86400 AS INTEGER)";
+
+/// The triggers that keep the update rules for whoever writes to the file
+/// (DESIGN.md, "Updates"): a copy's mapped attributes change only under the
+/// primary-copy lock (rights *read-write*); an exported own tuple of a
+/// relation other sites may change needs the lock too; the key of a tuple
+/// the global snapshot holds never changes; a copy is deleted only by its
+/// owner (at the owner's site); a change to a copy's non-mapped attribute
+/// pins it; an own exported tuple deleted is kept in `snaps_deleted` until
+/// the refresh. Tuples with just-copied bits set are the controller's own
+/// work (storing or refreshing copies) and pass.
+fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
+    let relation = rm.local.name.as_str();
+    let table = quote(relation);
+    let name = sql_literal(relation);
+    let s = quote(STATUS_COLUMN);
+    let quiet = format!("(OLD.{s} & {JUST_COPIED_BITS}) = 0");
+    let snapshot = format!("(OLD.{s} & {SNAPSHOT_BIT}) <> 0");
+    let own_exported = format!("(OLD.{s} & {}) = 0", SNAPSHOT_BIT | NEW_BIT);
+    let unlocked = format!("(OLD.{s} & {RIGHTS_BITS}) <> {READ_WRITE_RIGHTS}");
+    let read_write = format!(
+        "EXISTS (SELECT 1 FROM snaps_relation_mode WHERE relation = {name} AND read_write = 1)"
+    );
+    let owner = format!(
+        "coalesce((SELECT owner FROM snaps_copy WHERE relation = {name} \
+         AND tuple_rowid = OLD.rowid LIMIT 1), 'another site')"
+    );
+    // `patient pno=1000007`, `visit_rep (vno, line_no)=(5, 1)`, or by rowid.
+    let which = match rm.local.key.as_slice() {
+        [] => format!("{} || OLD.rowid", sql_literal(&format!("{relation} rowid "))),
+        [k] => format!(
+            "{} || quote(OLD.{})",
+            sql_literal(&format!("{relation} {k}=")),
+            quote(k)
+        ),
+        ks => format!(
+            "{} || {} || ')'",
+            sql_literal(&format!("{relation} ({})=(", ks.join(", "))),
+            ks.iter()
+                .map(|k| format!("quote(OLD.{})", quote(k)))
+                .collect::<Vec<_>>()
+                .join(" || ', ' || ")
+        ),
+    };
+    let changed = |cols: &[&str]| {
+        cols.iter()
+            .map(|c| format!("OLD.{0} IS NOT NEW.{0}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    let attrs: Vec<&str> = rm.local.attributes.iter().map(|a| a.name.as_str()).collect();
+    let unmapped: Vec<&str> = attrs.iter().copied().filter(|a| !rm.maps(a)).collect();
+    let key: Vec<&str> = rm.local.key.iter().map(String::as_str).collect();
+    let watched: Vec<&str> = attrs
+        .iter()
+        .copied()
+        .filter(|a| rm.maps(a) || key.contains(a))
+        .collect();
+    let of = |cols: &[&str]| cols.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+    let mut sql = String::new();
+    if !key.is_empty() {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {trigger} BEFORE UPDATE OF {cols} ON {table} FOR EACH ROW\n\
+             WHEN {quiet} AND (OLD.{s} & {NEW_BIT}) = 0 AND ({key_changed})\n\
+             BEGIN\n    SELECT RAISE(ABORT, {which} || ': the key of a tuple the global snapshot \
+             holds cannot change; delete the tuple and insert a new one');\nEND;\n",
+            trigger = quote(&format!("snaps_key_{relation}")),
+            cols = of(&key),
+            key_changed = changed(&key),
+        ));
+    }
+    if !watched.is_empty() {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {trigger} BEFORE UPDATE OF {cols} ON {table} FOR EACH ROW\n\
+             WHEN {quiet} AND {unlocked} AND ({mapped_changed})\n\
+             BEGIN\n    \
+             SELECT RAISE(ABORT, {which} || ' is a copy of a tuple owned by ' || {owner} || \
+             ' and this site holds no primary-copy lock on it') WHERE {snapshot};\n    \
+             SELECT RAISE(ABORT, {which} || ' is shared read-write: changing it needs the \
+             primary-copy lock, which this site does not hold') WHERE {own_exported} AND {read_write};\n\
+             END;\n",
+            trigger = quote(&format!("snaps_lock_{relation}")),
+            cols = of(&watched),
+            mapped_changed = changed(&watched),
+        ));
+    }
+    if !unmapped.is_empty() {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {trigger} AFTER UPDATE OF {cols} ON {table} FOR EACH ROW\n\
+             WHEN {quiet} AND {snapshot} AND ({unmapped_changed})\n\
+             BEGIN\n    INSERT OR IGNORE INTO snaps_pinned (relation, tuple_rowid, pinned_day) \
+             VALUES ({name}, NEW.rowid, {SQL_TODAY});\nEND;\n",
+            trigger = quote(&format!("snaps_pin_{relation}")),
+            cols = of(&unmapped),
+            unmapped_changed = changed(&unmapped),
+        ));
+    }
+    sql.push_str(&format!(
+        "CREATE TRIGGER {guard} BEFORE DELETE ON {table} FOR EACH ROW WHEN {quiet}\n\
+         BEGIN\n    \
+         SELECT RAISE(ABORT, {which} || ' is a copy of a tuple owned by ' || {owner} || \
+         ': only its owner deletes it (copies leave this site when they are no longer used)') \
+         WHERE {snapshot};\n    \
+         SELECT RAISE(ABORT, {which} || ' is shared read-write: deleting it needs the \
+         primary-copy lock, which this site does not hold') \
+         WHERE {own_exported} AND {unlocked} AND {read_write};\n\
+         END;\n\
+         CREATE TRIGGER {record} AFTER DELETE ON {table} FOR EACH ROW \
+         WHEN {quiet} AND {own_exported}\n\
+         BEGIN\n    INSERT OR REPLACE INTO snaps_deleted (relation, origin, status, deleted_day) \
+         VALUES ({name}, OLD.rowid, OLD.{s} | {RIGHTS_BITS}, {SQL_TODAY});\nEND;\n",
+        guard = quote(&format!("snaps_delete_{relation}")),
+        record = quote(&format!("snaps_deleted_{relation}")),
+    ));
+    sql
+}
+
+/// An SQL string literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// Reads the application's relations back from the database: every table
