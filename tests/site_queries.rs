@@ -7,86 +7,18 @@
 //! database holding the site's own data plus every other site's data as of
 //! the last refresh, restricted to the attributes the site maps.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Net, connect, run, setup, stat};
 use snaps::localnet::LocalNetwork;
-use snaps_local::SiteStore;
 use snaps_local::engine::Engine;
 use snaps_local::site::{GlobalLink, LOCAL_ONLY_NOTICE, Site, SiteEngine};
 use snaps_mapping::SiteMapping;
-use snaps_schema::datagen::{self, Scale};
-use snaps_schema::{NetworkConfig, Value};
-use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
-
-/// Local relation → tuples.
-type Rows = BTreeMap<String, Vec<Vec<Value>>>;
-
-fn network() -> NetworkConfig {
-    NetworkConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology"))
-        .unwrap()
-}
-
-struct Net {
-    _dir: tempfile::TempDir,
-    store: PathBuf,
-    global: Option<LocalNetwork>,
-    /// Site code → SQL endpoint address.
-    sites: BTreeMap<String, std::net::SocketAddr>,
-    data: BTreeMap<String, Rows>,
-    network: NetworkConfig,
-}
-
-async fn setup(patients: usize) -> Net {
-    let network = network();
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("global.db");
-    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new())
-        .await
-        .unwrap();
-    let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
-        .unwrap()
-        .into_iter()
-        .map(|(c, d)| (c.to_string(), d.rows))
-        .collect();
-    let catalog = network.global_catalog().unwrap();
-    let mut sites = BTreeMap::new();
-    for (code, rows) in &data {
-        let path = dir.path().join(code).join("local.db");
-        let mut store = SiteStore::create_in_network(&network, code, &path).unwrap();
-        for (relation, tuples) in rows {
-            store.load(relation, tuples).unwrap();
-        }
-        drop(store);
-        let link = GlobalLink {
-            addr: global.addr.clone(),
-            token: global.tokens[code].clone(),
-            fetch_timeout: Duration::from_secs(5),
-            // The restart test asks again right after the controller is back.
-            retry_after: Duration::ZERO,
-        };
-        let site = Site::open(&path, &catalog, Some(link)).unwrap();
-        site.initial_load().await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        sites.insert(code.clone(), listener.local_addr().unwrap());
-        let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
-        tokio::spawn(snaps_local::endpoint::serve(
-            engine,
-            listener,
-            std::future::pending(),
-        ));
-    }
-    Net {
-        _dir: dir,
-        store,
-        global: Some(global),
-        sites,
-        data,
-        network,
-    }
-}
+use snaps_schema::Value;
 
 /// The oracle of one site: its own data plus the others' mapped onto its
 /// schema, in an in-memory SQLite database.
@@ -180,60 +112,6 @@ fn oracle_rows(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<Value>> {
     rows
 }
 
-/// A client of a site's SQL endpoint, with the notices it receives.
-struct Client {
-    client: tokio_postgres::Client,
-    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-async fn connect(addr: std::net::SocketAddr) -> Client {
-    let (client, mut connection) = tokio_postgres::connect(
-        &format!("host={} port={} user=radiology", addr.ip(), addr.port()),
-        NoTls,
-    )
-    .await
-    .unwrap();
-    let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(m) = futures::StreamExt::next(&mut messages).await {
-            match m {
-                Ok(AsyncMessage::Notice(n)) => {
-                    let _ = tx.send(n.message().to_string());
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-    });
-    Client { client, notices }
-}
-
-/// Rows as text, sorted, and the notices of one statement text.
-async fn run(c: &mut Client, text: &str) -> (Vec<Vec<Option<String>>>, Vec<String>) {
-    let messages = c
-        .client
-        .simple_query(text)
-        .await
-        .unwrap_or_else(|e| panic!("{text}: {e}"));
-    tokio::task::yield_now().await;
-    let mut notices = Vec::new();
-    while let Ok(n) = c.notices.try_recv() {
-        notices.push(n);
-    }
-    let mut rows: Vec<Vec<Option<String>>> = messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
-            _ => None,
-        })
-        .collect();
-    rows.sort();
-    (rows, notices)
-}
-
 /// The oracle's rows as the endpoint writes them in text.
 fn as_text(rows: Vec<Vec<Value>>) -> Vec<Vec<Option<String>>> {
     let mut out: Vec<Vec<Option<String>>> = rows
@@ -253,15 +131,6 @@ fn as_text(rows: Vec<Vec<Value>>) -> Vec<Vec<Option<String>>> {
     out
 }
 
-fn stat(site_db: &Path, name: &str) -> i64 {
-    let conn = rusqlite::Connection::open(site_db).unwrap();
-    conn.query_row(
-        "SELECT value FROM snaps_stats WHERE name = ?1",
-        [name],
-        |r| r.get(0),
-    )
-    .unwrap()
-}
 
 /// The workload: (statement at the site, the same in SQL for the oracle,
 /// whether an earlier statement of the workload already covers it).
@@ -324,7 +193,7 @@ async fn every_answer_equals_the_oracle_and_repeats_cost_nothing() {
     for (code, addr) in &net.sites {
         let mut client = connect(*addr).await;
         let oracle = oracle(&net, code);
-        let db = net._dir.path().join(code).join("local.db");
+        let db = net.dir.path().join(code).join("local.db");
         let mut checked = 0;
         for (query, oracle_sql, covered) in workload(&net, code) {
             let before = stat(&db, "global_fetches");
@@ -372,7 +241,7 @@ async fn without_the_global_controller_answers_are_local_with_a_notice() {
     let (rows, notices) = run(&mut stg, &query).await;
     assert_eq!(notices, vec![LOCAL_ONLY_NOTICE.to_string()]);
     assert!(rows.is_empty(), "STG does not hold CPH's patient yet");
-    let db = net._dir.path().join("STG").join("local.db");
+    let db = net.dir.path().join("STG").join("local.db");
     assert_eq!(stat(&db, "local_only_answers"), 1);
     // The controller comes back on the same address: the next query fetches.
     let sock: std::net::SocketAddr = addr.trim_start_matches("http://").parse().unwrap();
@@ -399,7 +268,7 @@ async fn inside_a_client_transaction_fetched_tuples_are_seen_and_a_rollback_lose
     let net = setup(30).await;
     let oracle = oracle(&net, "STG");
     let mut stg = connect(net.sites["STG"]).await;
-    let db = net._dir.path().join("STG").join("local.db");
+    let db = net.dir.path().join("STG").join("local.db");
     let names: Vec<String> = ["CPH", "GRC"]
         .iter()
         .flat_map(|c| net.data[*c]["patient"].iter().step_by(5).take(3))
@@ -502,16 +371,6 @@ async fn the_applications_own_tables_and_ddl_go_to_sqlite_unchanged() {
         rows[0].len(),
         doctor.relation("doctor").unwrap().attributes.len()
     );
-    // Updates of shared relations wait for primary-copy locks.
-    let err = cph
-        .client
-        .simple_query("UPDATE patient SET add1 = 'x'")
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -526,7 +385,7 @@ async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_t
         fetch_timeout: Duration::from_secs(5),
         retry_after: Duration::from_secs(3600),
     };
-    let db = net._dir.path().join("STG").join("local.db");
+    let db = net.dir.path().join("STG").join("local.db");
     let site = Site::open(&db, &net.network.global_catalog().unwrap(), Some(link)).unwrap();
     let query = format!(
         "SELECT surname FROM patient WHERE pno = {}",

@@ -1092,11 +1092,20 @@ mod tests {
                 }
                 assert_eq!(columns(&store.conn, name), expected, "{code} {name}");
             }
-            // The triggers guard exactly the mapped relations.
+            // The triggers guard exactly the mapped relations; a pin trigger
+            // exists where the site keeps attributes of its own.
+            let mapping = &f.mapping;
             let mut triggers: Vec<String> = APPENDIX_H
                 .iter()
                 .filter(|r| !unmapped.contains(r))
-                .map(|r| format!("snaps_modified_{r}"))
+                .flat_map(|r| {
+                    let rm = mapping.relation(r).unwrap();
+                    let own = rm.local.attributes.iter().any(|a| !rm.maps(&a.name));
+                    ["modified", "key", "lock", "delete", "deleted"]
+                        .into_iter()
+                        .chain(own.then_some("pin"))
+                        .map(move |t| format!("snaps_{t}_{r}"))
+                })
                 .collect();
             triggers.sort();
             assert_eq!(names(&store.conn, "trigger"), triggers, "{code}");

@@ -1,0 +1,150 @@
+//! The harness the end-to-end tests of sites share: a real global
+//! controller on loopback and three radiology sites with generated data,
+//! each with its SQL endpoint on a real port, and a PostgreSQL client that
+//! collects notices.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use snaps::localnet::LocalNetwork;
+use snaps_local::SiteStore;
+use snaps_local::engine::Engine;
+use snaps_local::site::{GlobalLink, Site, SiteEngine};
+use snaps_schema::datagen::{self, Scale};
+use snaps_schema::{NetworkConfig, Value};
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
+
+/// Local relation → tuples.
+pub type Rows = BTreeMap<String, Vec<Vec<Value>>>;
+
+pub fn network() -> NetworkConfig {
+    NetworkConfig::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology"))
+        .unwrap()
+}
+
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+    pub global: Option<LocalNetwork>,
+    /// Site code → SQL endpoint address.
+    pub sites: BTreeMap<String, std::net::SocketAddr>,
+    pub data: BTreeMap<String, Rows>,
+    pub network: NetworkConfig,
+}
+
+pub async fn setup(patients: usize) -> Net {
+    let network = network();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("global.db");
+    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new())
+        .await
+        .unwrap();
+    let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
+        .unwrap()
+        .into_iter()
+        .map(|(c, d)| (c.to_string(), d.rows))
+        .collect();
+    let catalog = network.global_catalog().unwrap();
+    let mut sites = BTreeMap::new();
+    for (code, rows) in &data {
+        let path = dir.path().join(code).join("local.db");
+        let mut store = SiteStore::create_in_network(&network, code, &path).unwrap();
+        for (relation, tuples) in rows {
+            store.load(relation, tuples).unwrap();
+        }
+        drop(store);
+        let link = GlobalLink {
+            addr: global.addr.clone(),
+            token: global.tokens[code].clone(),
+            fetch_timeout: Duration::from_secs(5),
+            // The restart test asks again right after the controller is back.
+            retry_after: Duration::ZERO,
+        };
+        let site = Site::open(&path, &catalog, Some(link)).unwrap();
+        site.initial_load().await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        sites.insert(code.clone(), listener.local_addr().unwrap());
+        let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
+        tokio::spawn(snaps_local::endpoint::serve(
+            engine,
+            listener,
+            std::future::pending(),
+        ));
+    }
+    Net {
+        dir,
+        store,
+        global: Some(global),
+        sites,
+        data,
+        network,
+    }
+}
+
+/// A client of a site's SQL endpoint, with the notices it receives.
+pub struct Client {
+    pub client: tokio_postgres::Client,
+    pub notices: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> Client {
+    let (client, mut connection) = tokio_postgres::connect(
+        &format!("host={} port={} user=radiology", addr.ip(), addr.port()),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = futures::StreamExt::next(&mut messages).await {
+            match m {
+                Ok(AsyncMessage::Notice(n)) => {
+                    let _ = tx.send(n.message().to_string());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    Client { client, notices }
+}
+
+/// Rows as text, sorted, and the notices of one statement text.
+pub async fn run(c: &mut Client, text: &str) -> (Vec<Vec<Option<String>>>, Vec<String>) {
+    let messages = c
+        .client
+        .simple_query(text)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    tokio::task::yield_now().await;
+    let mut notices = Vec::new();
+    while let Ok(n) = c.notices.try_recv() {
+        notices.push(n);
+    }
+    let mut rows: Vec<Vec<Option<String>>> = messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    rows.sort();
+    (rows, notices)
+}
+
+/// A counter of `snaps_stats` in a site's database file.
+pub fn stat(site_db: &Path, name: &str) -> i64 {
+    let conn = rusqlite::Connection::open(site_db).unwrap();
+    conn.query_row(
+        "SELECT value FROM snaps_stats WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
