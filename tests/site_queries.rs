@@ -131,7 +131,6 @@ fn as_text(rows: Vec<Vec<Value>>) -> Vec<Vec<Option<String>>> {
     out
 }
 
-
 /// The workload: (statement at the site, the same in SQL for the oracle,
 /// whether an earlier statement of the workload already covers it).
 fn workload(net: &Net, code: &str) -> Vec<(String, String, bool)> {

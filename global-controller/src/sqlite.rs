@@ -580,9 +580,10 @@ impl GlobalStore for SqliteStore {
                         continue;
                     }
                     // Every part of a tuple has the same owner.
-                    let owner = ids.iter().enumerate().find_map(|(pi, id)| {
-                        id.and_then(|id| values[pi].get(&id)).map(|v| v.0)
-                    });
+                    let owner = ids
+                        .iter()
+                        .enumerate()
+                        .find_map(|(pi, id)| id.and_then(|id| values[pi].get(&id)).map(|v| v.0));
                     table.owners.push(SiteNo(owner.unwrap_or(0) as u32));
                     for (pi, id) in ids.iter().enumerate() {
                         let p = &shape.parts[pi];

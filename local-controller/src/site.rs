@@ -776,7 +776,8 @@ pub struct SiteEngine(pub Arc<Site>);
 impl Engine for SiteEngine {
     fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
         let conn = open_conn(&self.0.path).map_err(|e| EngineError::new("58000", e.to_string()))?;
-        register_next_key(&conn, &self.0.catalog).map_err(|e| EngineError::new("58000", e.to_string()))?;
+        register_next_key(&conn, &self.0.catalog)
+            .map_err(|e| EngineError::new("58000", e.to_string()))?;
         Ok(Box::new(SiteSession {
             site: self.0.clone(),
             conn,

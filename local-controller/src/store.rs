@@ -738,7 +738,10 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
     );
     // `patient pno=1000007`, `visit_rep (vno, line_no)=(5, 1)`, or by rowid.
     let which = match rm.local.key.as_slice() {
-        [] => format!("{} || OLD.rowid", sql_literal(&format!("{relation} rowid "))),
+        [] => format!(
+            "{} || OLD.rowid",
+            sql_literal(&format!("{relation} rowid "))
+        ),
         [k] => format!(
             "{} || quote(OLD.{})",
             sql_literal(&format!("{relation} {k}=")),
@@ -759,7 +762,12 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
             .collect::<Vec<_>>()
             .join(" OR ")
     };
-    let attrs: Vec<&str> = rm.local.attributes.iter().map(|a| a.name.as_str()).collect();
+    let attrs: Vec<&str> = rm
+        .local
+        .attributes
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
     let unmapped: Vec<&str> = attrs.iter().copied().filter(|a| !rm.maps(a)).collect();
     let key: Vec<&str> = rm.local.key.iter().map(String::as_str).collect();
     let watched: Vec<&str> = attrs

@@ -61,9 +61,10 @@ impl KeyCheck {
                 .key
                 .iter()
                 .map(|k| {
-                    rm.targets(k).into_iter().find(|(p, _)| *p == pi).map(|(_, a)| {
-                        (k.clone(), a.global.clone(), a.global_type, a.to_global)
-                    })
+                    rm.targets(k)
+                        .into_iter()
+                        .find(|(p, _)| *p == pi)
+                        .map(|(_, a)| (k.clone(), a.global.clone(), a.global_type, a.to_global))
                 })
                 .collect::<Option<Vec<_>>>()?;
             let mut mapped: Vec<&str> = attributes.iter().map(|a| a.1.as_str()).collect();
@@ -320,7 +321,12 @@ impl SiteSession {
     }
 
     /// The tuples of `target` a statement's qualification selects.
-    fn touched(&self, target: &Range, others: &[Range], qual: Option<&Expr>) -> Result<Vec<Touched>> {
+    fn touched(
+        &self,
+        target: &Range,
+        others: &[Range],
+        qual: Option<&Expr>,
+    ) -> Result<Vec<Touched>> {
         let v = sql_ident(&target.var);
         let mut sql = format!("SELECT DISTINCT {v}.rowid, {v}.{STATUS_COLUMN} FROM {target}");
         for o in others {
@@ -433,20 +439,18 @@ impl SiteSession {
             None => format!("a tuple of {relation}"),
         };
         let holder = reply.holder_site;
-        Err(
-            if reply.reason == v1::RefusalReason::ReadOnly as i32 {
-                Error::ReadOnly(format!(
-                    "{which} belongs to site {holder}, and {relation} is read-only for every site but \
+        Err(if reply.reason == v1::RefusalReason::ReadOnly as i32 {
+            Error::ReadOnly(format!(
+                "{which} belongs to site {holder}, and {relation} is read-only for every site but \
                      its owner: change it at {holder}; nothing was changed"
-                ))
-            } else {
-                Error::Locked(format!(
-                    "{which} is locked by site {holder} until the next refresh: {} it is refused \
+            ))
+        } else {
+            Error::Locked(format!(
+                "{which} is locked by site {holder} until the next refresh: {} it is refused \
                      and nothing was changed",
-                    change.verb()
-                ))
-            },
-        )
+                change.verb()
+            ))
+        })
     }
 
     /// The global tuples behind a copy.
