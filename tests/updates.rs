@@ -561,3 +561,149 @@ async fn a_program_writing_to_the_file_directly_meets_the_same_rules() {
     .await;
     assert!(rows.is_empty(), "{rows:?}");
 }
+
+/// Many concurrent UPDATEs from every site on a small hot set of patients
+/// (owned by all three sites, held by all three): no tuple ever has two
+/// lock holders, no statement is half applied, and every refused statement
+/// names the site holding the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 6)]
+async fn concurrent_updates_on_a_hot_set_never_share_a_lock_nor_half_apply() {
+    const CLIENTS_PER_SITE: usize = 3;
+    const STATEMENTS: usize = 12;
+    let net = setup(30).await;
+    let mut hot: Vec<i64> = Vec::new();
+    for code in ["CPH", "STG", "GRC"] {
+        hot.extend(patients(&net, code).into_iter().take(2));
+    }
+    let list = hot
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Every site holds every hot patient: its own, and copies of the others.
+    let dob = |code: &str| -> std::collections::BTreeMap<i64, i64> {
+        let conn = rusqlite::Connection::open(db(&net, code)).unwrap();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT pno, dob FROM patient WHERE pno IN ({list})"
+            ))
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let mut before = std::collections::BTreeMap::new();
+    for code in ["CPH", "STG", "GRC"] {
+        let mut c = connect(net.sites[code]).await;
+        let (rows, _) = run(
+            &mut c,
+            &format!("SELECT pno FROM patient WHERE pno IN ({list})"),
+        )
+        .await;
+        assert_eq!(rows.len(), hot.len(), "{code}");
+        before.insert(code, dob(code));
+    }
+
+    // Each statement moves the birth dates of two hot patients by one day.
+    let mut tasks = Vec::new();
+    for (si, code) in ["CPH", "STG", "GRC"].into_iter().enumerate() {
+        for ci in 0..CLIENTS_PER_SITE {
+            let addr = net.sites[code];
+            let hot = hot.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = connect(addr).await;
+                let mut seed = (si * 31 + ci * 7 + 1) as u64;
+                let mut done = Vec::new();
+                for _ in 0..STATEMENTS {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let a = (seed >> 33) as usize % hot.len();
+                    let b = (a + 1 + (seed >> 45) as usize % (hot.len() - 1)) % hot.len();
+                    let pair = (hot[a], hot[b]);
+                    let text = format!(
+                        "UPDATE patient SET dob = dob + 1 WHERE pno IN ({}, {})",
+                        pair.0, pair.1
+                    );
+                    let outcome = match c.client.simple_query(&text).await {
+                        Ok(_) => Ok(()),
+                        Err(e) => {
+                            let db = e.as_db_error().expect("a database error");
+                            Err((db.code().code().to_string(), db.message().to_string()))
+                        }
+                    };
+                    done.push((pair, outcome));
+                }
+                (code, done)
+            }));
+        }
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+
+    // The global controller's lock holders, by patient number.
+    let global = rusqlite::Connection::open(&net.store).unwrap();
+    let holder = |pno: i64| -> Option<String> {
+        let site: Option<i64> = global
+            .query_row(
+                "SELECT snaps_lock_site FROM patient WHERE pno = ?1",
+                [pno],
+                |r| r.get(0),
+            )
+            .unwrap();
+        site.map(|n| {
+            net.network
+                .sites
+                .iter()
+                .find(|s| i64::from(s.number.0) == n)
+                .unwrap()
+                .code
+                .to_string()
+        })
+    };
+    let mut applied: std::collections::BTreeMap<(&str, i64), i64> = Default::default();
+    let mut refusals = 0;
+    for (code, done) in &results {
+        for ((a, b), outcome) in done {
+            match outcome {
+                Ok(()) => {
+                    for p in [a, b] {
+                        *applied.entry((code, *p)).or_default() += 1;
+                        // Only the lock holder ever changes a tuple.
+                        assert_eq!(holder(*p).as_deref(), Some(*code), "pno {p}");
+                    }
+                }
+                Err((state, message)) => {
+                    refusals += 1;
+                    assert_eq!(state, "55P03", "{code}: {message}");
+                    let named: Vec<String> = [a, b].iter().filter_map(|p| holder(**p)).collect();
+                    assert!(
+                        named
+                            .iter()
+                            .any(|h| h != code && message.contains(&format!("locked by site {h}"))),
+                        "{code} ({a}, {b}): {message}; holders {named:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(refusals > 0, "the hot set should have produced conflicts");
+    assert!(!applied.is_empty(), "some statements should have succeeded");
+    for code in ["CPH", "STG", "GRC"] {
+        let after = dob(code);
+        for p in &hot {
+            // Every successful statement moved both its tuples; a refused
+            // one moved neither.
+            let n = applied.get(&(code, *p)).copied().unwrap_or(0);
+            assert_eq!(after[p] - before[code][p], n, "{code} pno {p}");
+            // A site with rights read-write on a tuple is its lock holder.
+            let rights = status(&net, code, "patient", "pno", *p).rights;
+            if rights == LocalRights::ReadWrite {
+                assert_eq!(holder(*p).as_deref(), Some(code), "{code} pno {p}");
+            }
+        }
+    }
+}
