@@ -1788,3 +1788,61 @@ async fn a_new_tuple_on_the_null_supplying_side_still_brings_its_partners() {
     assert_eq!(doctors, vec![&Value::Int(stg_doctor)]);
     assert!(!got.contains_key("v") && !got.contains_key("p"), "{got:?}");
 }
+
+// ------------------------------------------------------------ key owners --
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_owners_name_the_owning_site_and_fetches_name_each_tuples_owner() {
+    let network = radiology();
+    let (_dir, net, data) = loaded_radiology(20).await;
+    let stg = net.client("STG").await.unwrap();
+    let cph_pno = pno_of(&data["CPH"], 0);
+    let grc_pno = pno_of(&data["GRC"], 0);
+    let free = 19_999_999;
+    let owners = stg
+        .key_owners(
+            "patient",
+            vec!["pno".into()],
+            &[vec![int(cph_pno)], vec![int(free)], vec![int(grc_pno)]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners, vec![Some("CPH".into()), None, Some("GRC".into())]);
+
+    // Only a relation's key may be asked about, with values of its types.
+    for (relation, attributes, key) in [
+        ("patient", vec!["surname".to_string()], text("Smith")),
+        ("nosuch", vec!["pno".to_string()], int(1)),
+        ("patient", vec!["pno".to_string()], text("one")),
+    ] {
+        let e = remote(stg.key_owners(relation, attributes, &[vec![key]]).await);
+        assert_eq!(e.code(), Code::InvalidArgument, "{relation}: {e:?}");
+    }
+
+    // A fetch says who owns each tuple it returns.
+    let (q, _) = plan(
+        &network,
+        "STG",
+        &format!("SELECT * FROM patient WHERE pno IN ({cph_pno}, {grc_pno})"),
+    );
+    let reply = stg.fetch(fetch_request(&q)).await.unwrap();
+    let tuples = map_back(&reply, &q, &site_mapping(&network, "STG").unwrap()).unwrap();
+    let mut owners: Vec<(i64, u32)> = tuples[0]
+        .tuples
+        .iter()
+        .zip(&tuples[0].owners)
+        .map(|((_, values), owner)| {
+            (
+                match values[0] {
+                    Value::Int(p) => p,
+                    ref v => panic!("pno {v:?}"),
+                },
+                *owner,
+            )
+        })
+        .collect();
+    owners.sort();
+    let mut expected = vec![(cph_pno, 1), (grc_pno, 3)];
+    expected.sort();
+    assert_eq!(owners, expected);
+}
