@@ -93,6 +93,39 @@ fn visit(net: &Net, code: &str) -> (i64, i64) {
     (int(&v[0]), int(&v[1]))
 }
 
+/// STG with copies of two GRC patients, holding the lock on one of them.
+struct Scene {
+    stg: Client,
+    /// The GRC patient STG holds the lock on.
+    held: i64,
+    /// The GRC patient STG holds a copy of, without the lock.
+    other: i64,
+    /// An exported patient of STG's own.
+    mine: i64,
+    /// An exported visit of STG's own.
+    own_visit: i64,
+}
+
+async fn stg_holding_a_lock(net: &Net) -> Scene {
+    let grc = patients(net, "GRC");
+    let (held, other) = (grc[0], grc[1]);
+    let mut stg = connect(net.sites["STG"]).await;
+    run(
+        &mut stg,
+        &format!("SELECT * FROM patient WHERE pno IN ({held}, {other})"),
+    )
+    .await;
+    let text = format!("UPDATE patient SET add3 = 'locked' WHERE pno = {held}");
+    assert_eq!(changed(&stg, &text).await, 1);
+    Scene {
+        stg,
+        held,
+        other,
+        mine: patients(net, "STG")[0],
+        own_visit: visit(net, "STG").0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lock_conflict_names_the_holder_and_the_holder_does_not_ask_again() {
     let net = setup(30).await;
@@ -237,18 +270,13 @@ async fn an_update_of_several_tuples_takes_every_lock_or_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_global_controller_no_lock_can_be_had() {
     let mut net = setup(30).await;
-    let grc = patients(&net, "GRC");
-    let (held, other) = (grc[0], grc[1]);
-    let mine = patients(&net, "STG")[0];
-    let (own_visit, _) = visit(&net, "STG");
-    let mut stg = connect(net.sites["STG"]).await;
-    run(
-        &mut stg,
-        &format!("SELECT * FROM patient WHERE pno IN ({held}, {other})"),
-    )
-    .await;
-    let text = format!("UPDATE patient SET add3 = 'before' WHERE pno = {held}");
-    assert_eq!(changed(&stg, &text).await, 1);
+    let Scene {
+        mut stg,
+        held,
+        other,
+        mine,
+        own_visit,
+    } = stg_holding_a_lock(&net).await;
     net.global.take().unwrap().stop().await.unwrap();
 
     let lookup = format!("SELECT add3 FROM patient WHERE pno = {other}");
@@ -481,18 +509,13 @@ async fn a_delete_hides_the_tuple_at_once_and_is_kept_for_the_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_program_writing_to_the_file_directly_meets_the_same_rules() {
     let net = setup(30).await;
-    let grc = patients(&net, "GRC");
-    let (held, other) = (grc[0], grc[1]);
-    let mine = patients(&net, "STG")[0];
-    let (own_visit, _) = visit(&net, "STG");
-    let mut stg = connect(net.sites["STG"]).await;
-    run(
-        &mut stg,
-        &format!("SELECT * FROM patient WHERE pno IN ({held}, {other})"),
-    )
-    .await;
-    let text = format!("UPDATE patient SET add3 = 'locked' WHERE pno = {held}");
-    assert_eq!(changed(&stg, &text).await, 1);
+    let Scene {
+        mut stg,
+        held,
+        other,
+        mine,
+        own_visit,
+    } = stg_holding_a_lock(&net).await;
 
     let app = rusqlite::Connection::open(db(&net, "STG")).unwrap();
     let refuse = |sql: String, why: &str| {

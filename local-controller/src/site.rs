@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, OpenFlags, OptionalExtension, params};
-use snaps_mapping::ir::{Select, Statement};
+use snaps_mapping::ir::{Delete, Insert, Range, Select, Statement, Update};
 use snaps_mapping::mapping::{MappingRow, QualificationRow};
 use snaps_mapping::performed::{SnapshotDefinition, performed};
 use snaps_mapping::quel::{QuelSession, looks_like_quel};
@@ -1124,6 +1124,22 @@ impl SiteSession {
             let select = match s {
                 Statement::Select(s) => s,
                 Statement::DefineSnapshot { query, .. } => query,
+                Statement::Insert(Insert { relation, .. })
+                | Statement::Update(Update {
+                    target: Range { relation, .. },
+                    ..
+                })
+                | Statement::Delete(Delete {
+                    target: Range { relation, .. },
+                    ..
+                }) if site.mapped.contains(relation.as_str()) => {
+                    lines.push(format!(
+                        "a change of {relation}, which this site shares: runs at this site; \
+                         new keys are checked at the global controller, and tuples other sites \
+                         may hold need the primary-copy lock first"
+                    ));
+                    continue;
+                }
                 _ => {
                     lines.push("not a retrieval: runs at this site only".to_string());
                     continue;
