@@ -14,17 +14,20 @@
 //!
 //! The database is the contract, not the controller process: programs at the
 //! site may still open the SQLite file directly, so the rules that must hold
-//! whoever writes live in the file as triggers. The first one is here: a direct
-//! update of a mapped attribute of a tuple that is not new sets its *modified*
-//! bit, so the nightly refresh pushes the change.
+//! whoever writes live in the file as triggers: a direct update of a mapped
+//! attribute of a tuple that is not new sets its *modified* bit, so the
+//! nightly refresh pushes the change; a copy changes only under the
+//! primary-copy lock; an exported tuple's key never changes; copies are
+//! deleted only by their owner; deleted own tuples wait for the refresh.
 //!
-//! This first module, [`store`], creates a site's database from its catalog
-//! and mapping ([`SiteStore::create`]), reopens it ([`SiteStore::open`]) and
-//! loads the site's own data ([`SiteStore::load`]). Later work adds the query
-//! path (performed check, fetch from the global snapshot controller, storing
-//! snapshot tuples), the update path with primary-copy locks, participation in
-//! the refresh epochs, eviction of unused snapshots, and the PostgreSQL-wire SQL
-//! endpoint that hides the status column from the application.
+//! Modules: [`store`] creates a site's database from its catalog and mapping
+//! ([`SiteStore::create`]), reopens it ([`SiteStore::open`]) and loads the
+//! site's own data ([`SiteStore::load`]); [`site`] is the query path
+//! (performed check, fetch from the global snapshot controller, storing
+//! snapshot tuples) and, with `write`, the update path with primary-copy
+//! locks; [`remote`] the client of the global controller; [`endpoint`] the
+//! PostgreSQL-wire SQL endpoint that hides the status column from the
+//! application; [`serve`] `snaps site serve`.
 
 pub mod endpoint;
 pub mod engine;

@@ -429,7 +429,7 @@ impl SiteSession {
         let refused = reply.refused.unwrap_or_default();
         let rowid = need
             .iter()
-            .find(|(_, refs)| refs.iter().any(|r| *r == refused))
+            .find(|(_, refs)| refs.contains(&refused))
             .map(|(r, _)| *r);
         let which = match rowid {
             Some(r) => {
