@@ -24,8 +24,13 @@ pub struct LocalNetwork {
     pub addr: String,
     /// Site code → token.
     pub tokens: BTreeMap<String, String>,
+    /// The administrator's token.
+    pub admin: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<snaps_global::Result<()>>>,
+    /// The controller runs on a runtime of its own, so that killing it
+    /// ends every task it started, as a crash of its process would.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// A token nobody can guess from the site code or the time alone.
@@ -46,6 +51,40 @@ pub fn new_token(code: &str) -> String {
     out
 }
 
+/// How a network on loopback is started.
+pub struct Options {
+    /// Extra indexes of the global store.
+    pub indexes: BTreeMap<String, Vec<Vec<String>>>,
+    /// Where the controller listens.
+    pub addr: SocketAddr,
+    /// Site code → token.
+    pub tokens: BTreeMap<String, String>,
+    /// The administrator's token.
+    pub admin: String,
+    /// How the refresh runs.
+    pub refresh: snaps_global::config::RefreshConfig,
+    /// Where its epochs stop, as a crash would (tests).
+    pub halt: Option<snaps_global::epochs::Halt>,
+}
+
+impl Options {
+    /// Fresh credentials, a free port, the default refresh.
+    pub fn new(network: &NetworkConfig) -> Options {
+        Options {
+            indexes: BTreeMap::new(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tokens: network
+                .sites
+                .iter()
+                .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
+                .collect(),
+            admin: new_token("admin"),
+            refresh: Default::default(),
+            halt: None,
+        }
+    }
+}
+
 impl LocalNetwork {
     /// Starts the global controller of `network` with its store at `store`,
     /// on a free loopback port, with the given extra indexes.
@@ -54,12 +93,11 @@ impl LocalNetwork {
         store: PathBuf,
         indexes: BTreeMap<String, Vec<Vec<String>>>,
     ) -> Result<LocalNetwork> {
-        let tokens: BTreeMap<String, String> = network
-            .sites
-            .iter()
-            .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
-            .collect();
-        LocalNetwork::start_at(network, store, indexes, "127.0.0.1:0".parse()?, tokens).await
+        let options = Options {
+            indexes,
+            ..Options::new(&network)
+        };
+        LocalNetwork::start_with(network, store, options).await
     }
 
     /// Starts the global controller on `addr` with the given site tokens
@@ -72,11 +110,34 @@ impl LocalNetwork {
         addr: SocketAddr,
         tokens: BTreeMap<String, String>,
     ) -> Result<LocalNetwork> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listen on {addr}"))?;
+        let options = Options {
+            indexes,
+            addr,
+            tokens,
+            ..Options::new(&network)
+        };
+        LocalNetwork::start_with(network, store, options).await
+    }
+
+    /// Starts the global controller with every option.
+    pub async fn start_with(
+        network: NetworkConfig,
+        store: PathBuf,
+        options: Options,
+    ) -> Result<LocalNetwork> {
+        let Options {
+            indexes,
+            addr,
+            tokens,
+            admin,
+            refresh,
+            halt,
+        } = options;
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+        listener.set_nonblocking(true)?;
         let local: SocketAddr = listener.local_addr()?;
-        let config = GlobalConfig::new(
+        let mut config = GlobalConfig::new(
             local,
             store,
             network.clone(),
@@ -84,18 +145,50 @@ impl LocalNetwork {
             indexes,
             tokens.iter().map(|(c, t)| (t.clone(), c.clone())).collect(),
         )?;
-        let controller = GlobalController::open(config)?;
+        config.set_refresh(refresh)?;
+        config.admin_token = Some(admin.clone());
+        let mut controller = GlobalController::open(config)?;
+        if let Some(h) = halt {
+            controller.halt_at(h);
+        }
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller.serve(listener, async {
-            let _ = stopped.await;
-        }));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("global-controller")
+            .enable_all()
+            .build()?;
+        let task = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            controller
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         Ok(LocalNetwork {
             network,
             addr: format!("http://{local}"),
             tokens,
+            admin,
             stop: Some(stop),
             task: Some(task),
+            runtime: Some(runtime),
         })
+    }
+
+    /// Stops the controller at once, as a crash would: requests under way
+    /// are dropped, nothing more is written.
+    pub fn kill(mut self) {
+        self.stop.take();
+        self.task.take();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Connects as the network's administrator.
+    pub async fn admin_client(&self) -> Result<GlobalClient> {
+        Ok(GlobalClient::connect(&self.addr, &self.admin).await?)
     }
 
     /// Connects as site `code`.
@@ -120,6 +213,9 @@ impl LocalNetwork {
         if let Some(t) = self.task.take() {
             t.await??;
         }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
         Ok(())
     }
 }
@@ -128,6 +224,18 @@ impl Drop for LocalNetwork {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        // Let the controller finish its shutdown (counters written) on a
+        // thread of its own: a runtime cannot be dropped inside another.
+        if let (Some(rt), task) = (self.runtime.take(), self.task.take()) {
+            std::thread::spawn(move || {
+                if let Some(t) = task {
+                    let _ = rt.block_on(async {
+                        tokio::time::timeout(std::time::Duration::from_secs(5), t).await
+                    });
+                }
+                drop(rt);
+            });
         }
     }
 }
@@ -188,6 +296,10 @@ pub struct RunningSite {
     pub loaded: u64,
     /// The endpoint's task.
     pub endpoint: JoinHandle<std::io::Result<()>>,
+    /// The site, for tests that drive it directly.
+    pub site: std::sync::Arc<snaps_local::site::Site>,
+    /// Its part in the refresh epochs.
+    pub participant: JoinHandle<()>,
 }
 
 /// Opens site `code`'s database (which must exist) against `global`, loads
@@ -220,14 +332,17 @@ pub async fn run_site(
         .await
         .with_context(|| format!("listen on {sql} for site {code}"))?;
     let sql = listener.local_addr()?;
+    let participant = tokio::spawn(site.clone().participate());
     let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
-        std::sync::Arc::new(snaps_local::site::SiteEngine(site));
+        std::sync::Arc::new(snaps_local::site::SiteEngine(site.clone()));
     let endpoint = tokio::spawn(snaps_local::endpoint::serve(engine, listener, shutdown));
     Ok(RunningSite {
         database,
         sql,
         loaded,
         endpoint,
+        site,
+        participant,
     })
 }
 

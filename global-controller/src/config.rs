@@ -15,13 +15,23 @@
 //! [credentials]                      # one per site of the network
 //! CPH = { token = "..." }
 //! STG = { token_file = "stg.token" }
+//!
+//! [refresh]                          # the nightly refresh (all optional)
+//! at = "02:00"                       # daily, UTC; without it only on demand
+//! collect_timeout_secs = 300         # how long an epoch waits for pushes
+//! distribute_timeout_secs = 600      # ... and for acknowledgements
+//! propagate_deletes = ["visit_rep"]  # owners' deletes remove others' copies
+//!
+//! [admin]                            # the credential of `snaps refresh` etc.
+//! token_file = "admin.token"
 //! ```
 //!
 //! Relative paths are resolved against the folder of `global.toml`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use snaps_schema::{Catalog, NetworkConfig, RelationMode, SiteConfig};
@@ -52,6 +62,77 @@ struct File {
     indexes: BTreeMap<String, Vec<Vec<String>>>,
     #[serde(default)]
     credentials: BTreeMap<String, Credential>,
+    #[serde(default)]
+    refresh: RefreshFile,
+    #[serde(default)]
+    admin: Option<Credential>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshFile {
+    at: Option<String>,
+    collect_timeout_secs: Option<u64>,
+    distribute_timeout_secs: Option<u64>,
+    #[serde(default)]
+    propagate_deletes: Vec<String>,
+}
+
+/// How the nightly refresh runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshConfig {
+    /// The time of day (UTC; hours, minutes) it runs by itself, if any.
+    pub at: Option<(u8, u8)>,
+    /// How long an epoch waits for its participants' pushes.
+    pub collect_timeout: Duration,
+    /// How long it waits for their acknowledgements.
+    pub distribute_timeout: Duration,
+    /// Global relations whose owners' deletes remove the copies other sites
+    /// hold (by default a copy stays until its holder lets it go).
+    pub propagate_deletes: BTreeSet<String>,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> RefreshConfig {
+        RefreshConfig {
+            at: None,
+            collect_timeout: Duration::from_secs(300),
+            distribute_timeout: Duration::from_secs(600),
+            propagate_deletes: BTreeSet::new(),
+        }
+    }
+}
+
+/// `HH:MM` as hours and minutes.
+fn time_of_day(text: &str) -> Result<(u8, u8)> {
+    let bad = || {
+        Error::Config(format!(
+            "refresh.at = {text:?}: expected a time of day as HH:MM"
+        ))
+    };
+    let (h, m) = text.split_once(':').ok_or_else(bad)?;
+    let h: u8 = h.trim().parse().map_err(|_| bad())?;
+    let m: u8 = m.trim().parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok((h, m))
+}
+
+impl Credential {
+    /// The token, from the file or as given; `whose` names it in errors.
+    fn read(&self, dir: &Path, whose: &str) -> Result<String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), None) => Ok(t.clone()),
+            (None, Some(f)) => Ok(std::fs::read_to_string(dir.join(f))
+                .map_err(|e| Error::Config(format!("token file of {whose}: {}: {e}", f.display())))?
+                .trim()
+                .to_string()),
+            _ => Err(Error::Config(format!(
+                "credential of {whose}: give exactly one of token, token_file"
+            ))),
+        }
+    }
 }
 
 /// The controller's configuration, checked and resolved.
@@ -71,6 +152,10 @@ pub struct GlobalConfig {
     pub indexes: BTreeMap<String, Vec<Vec<String>>>,
     /// Token → site code.
     pub tokens: BTreeMap<String, String>,
+    /// The refresh.
+    pub refresh: RefreshConfig,
+    /// The administrator's token, if one is configured.
+    pub admin_token: Option<String>,
 }
 
 impl GlobalConfig {
@@ -85,30 +170,58 @@ impl GlobalConfig {
             .map_err(|e| Error::Config(e.to_string()))?;
         let mut tokens = BTreeMap::new();
         for (code, c) in &file.credentials {
-            let token = match (&c.token, &c.token_file) {
-                (Some(t), None) => t.clone(),
-                (None, Some(f)) => std::fs::read_to_string(dir.join(f))
-                    .map_err(|e| {
-                        Error::Config(format!("token file of site {code}: {}: {e}", f.display()))
-                    })?
-                    .trim()
-                    .to_string(),
-                _ => {
-                    return Err(Error::Config(format!(
-                        "credential of site {code}: give exactly one of token, token_file"
-                    )));
-                }
-            };
-            tokens.insert(token, code.clone());
+            tokens.insert(c.read(&dir, &format!("site {code}"))?, code.clone());
         }
-        GlobalConfig::new(
+        let mut config = GlobalConfig::new(
             file.listen,
             dir.join(&file.store),
             network,
             file.relations,
             file.indexes,
             tokens,
-        )
+        )?;
+        let defaults = RefreshConfig::default();
+        let refresh = RefreshConfig {
+            at: file.refresh.at.as_deref().map(time_of_day).transpose()?,
+            collect_timeout: file
+                .refresh
+                .collect_timeout_secs
+                .map_or(defaults.collect_timeout, Duration::from_secs),
+            distribute_timeout: file
+                .refresh
+                .distribute_timeout_secs
+                .map_or(defaults.distribute_timeout, Duration::from_secs),
+            propagate_deletes: file.refresh.propagate_deletes.into_iter().collect(),
+        };
+        config.set_refresh(refresh)?;
+        if let Some(admin) = &file.admin {
+            let token = admin.read(&dir, "the administrator")?;
+            if token.len() < 16 {
+                return Err(Error::Config(
+                    "the administrator's token is shorter than 16 characters".into(),
+                ));
+            }
+            if config.tokens.contains_key(&token) {
+                return Err(Error::Config(
+                    "the administrator's token is also a site's token".into(),
+                ));
+            }
+            config.admin_token = Some(token);
+        }
+        Ok(config)
+    }
+
+    /// Sets how the refresh runs, checking the relations it names.
+    pub fn set_refresh(&mut self, refresh: RefreshConfig) -> Result<()> {
+        for r in &refresh.propagate_deletes {
+            if self.catalog.relation(r).is_none() {
+                return Err(Error::Config(format!(
+                    "refresh.propagate_deletes names {r}, which is not a global relation"
+                )));
+            }
+        }
+        self.refresh = refresh;
+        Ok(())
     }
 
     /// Builds a configuration in code (tests, the demo), with the same
@@ -173,6 +286,8 @@ impl GlobalConfig {
             modes,
             indexes,
             tokens,
+            refresh: RefreshConfig::default(),
+            admin_token: None,
         })
     }
 

@@ -23,6 +23,9 @@ pub enum Error {
     /// The schema crate refused something (a value that does not fit).
     #[error(transparent)]
     Schema(#[from] snaps_schema::Error),
+    /// The store holds something this build cannot read.
+    #[error("global store: {0}")]
+    Internal(String),
     /// Reading a file or a socket failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -44,7 +47,7 @@ impl From<Error> for tonic::Status {
             Error::Schema(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            e @ (Error::Storage(_) | Error::Io(_) | Error::Config(_)) => {
+            e @ (Error::Storage(_) | Error::Io(_) | Error::Config(_) | Error::Internal(_)) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

@@ -8,10 +8,13 @@
 //! * [`compile`] — checked fetches as parameterised SQL;
 //! * [`store`] — the store trait and its results; [`sqlite`] — the embedded
 //!   SQLite store;
+//! * [`epochs`] — the refresh coordinator: epochs, their phases, the
+//!   daily schedule;
 //! * [`service`] — the gRPC service; [`GlobalController`] runs it.
 
 pub mod compile;
 pub mod config;
+pub mod epochs;
 pub mod error;
 pub mod query;
 pub mod service;
@@ -39,6 +42,7 @@ const ACTIVITY_FLUSH: Duration = Duration::from_secs(2);
 pub struct GlobalController {
     config: Arc<GlobalConfig>,
     store: Arc<dyn GlobalStore>,
+    halt: Option<epochs::Halt>,
 }
 
 impl GlobalController {
@@ -49,7 +53,14 @@ impl GlobalController {
         Ok(GlobalController {
             config: Arc::new(config),
             store: Arc::new(store),
+            halt: None,
         })
+    }
+
+    /// Makes the controller stop its epochs at `at`, as a crash would (for
+    /// tests of crash safety); `reached` is notified when it gets there.
+    pub fn halt_at(&mut self, halt: epochs::Halt) {
+        self.halt = Some(halt);
     }
 
     /// The configuration.
@@ -64,7 +75,14 @@ impl GlobalController {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let service = Service::new(self.config.clone(), self.store.clone());
+        let coordinator =
+            epochs::Coordinator::new(self.store.clone(), self.config.clone(), self.halt.clone())?;
+        let schedule = tokio::spawn(coordinator.clone().schedule());
+        let service = Service::new(self.config.clone(), self.store.clone(), coordinator.clone());
+        let shutdown = async move {
+            shutdown.await;
+            coordinator.close();
+        };
         let flush = Arc::new(service.flusher());
         let ticker = {
             let flush = flush.clone();
@@ -99,6 +117,7 @@ impl GlobalController {
             )
             .await;
         ticker.abort();
+        schedule.abort();
         let f = flush.clone();
         tokio::task::spawn_blocking(move || f())
             .await

@@ -13,10 +13,11 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::GlobalConfig;
+use crate::epochs::Coordinator;
 use crate::error::Error;
 use crate::query::FetchQuery;
 use crate::store::{
-    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Refusal, SiteId, TupleRef,
+    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId, TupleRef,
 };
 
 /// Largest message either side accepts: a fetch of many tuples can be big.
@@ -41,16 +42,72 @@ fn respond<T: Message>(message: T) -> Response<T> {
 pub struct Service {
     config: Arc<GlobalConfig>,
     store: Arc<dyn GlobalStore>,
+    coordinator: Arc<Coordinator>,
     activity: Arc<Mutex<HashMap<u32, Activity>>>,
 }
 
+/// The metadata key of an UNAVAILABLE reply sent while an epoch collects:
+/// the site answers from local data, knowing nothing was recorded.
+pub const REFRESHING: &str = "snaps-refreshing-epoch";
+
 impl Service {
-    /// A service over a store.
-    pub fn new(config: Arc<GlobalConfig>, store: Arc<dyn GlobalStore>) -> Service {
+    /// A service over a store, its epochs run by `coordinator`.
+    pub fn new(
+        config: Arc<GlobalConfig>,
+        store: Arc<dyn GlobalStore>,
+        coordinator: Arc<Coordinator>,
+    ) -> Service {
         Service {
             config,
             store,
+            coordinator,
             activity: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Refuses fetches and locks while an epoch collects: what they would
+    /// read or lock is about to change.
+    fn not_collecting(&self) -> Result<(), Status> {
+        match self.coordinator.collecting() {
+            None => Ok(()),
+            Some(epoch) => {
+                let mut s = Status::unavailable(format!(
+                    "refresh epoch {epoch} is collecting the sites' changes: try again in a moment"
+                ));
+                if let Ok(v) = epoch.to_string().parse() {
+                    s.metadata_mut().insert(REFRESHING, v);
+                }
+                Err(s)
+            }
+        }
+    }
+
+    /// Checks the administrator's credential.
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.config.admin_token else {
+            return Err(Status::permission_denied(
+                "no administrator credential is configured ([admin] in global.toml)",
+            ));
+        };
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("no administrator credential"))?
+            .trim();
+        let same = token.len() == expected.len()
+            && token
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "not the administrator's credential",
+            ))
         }
     }
 
@@ -86,6 +143,7 @@ impl Service {
 
     /// Counts bytes and whatever else `more` adds.
     fn tally(&self, site: &SiteId, received: usize, sent: usize, more: impl FnOnce(&mut Activity)) {
+        self.coordinator.count(received, sent);
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         let e = a.entry(site.number.0).or_default();
         more(e);
@@ -266,6 +324,7 @@ impl GlobalSnapshot for Service {
         req: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchReply>, Status> {
         let site = self.site(&req)?;
+        self.not_collecting()?;
         let query = FetchQuery::decode(req.get_ref(), &self.config.catalog)?;
         let widths: Vec<Vec<Vec<usize>>> = query
             .groups
@@ -301,6 +360,7 @@ impl GlobalSnapshot for Service {
 
     async fn lock(&self, req: Request<v1::LockRequest>) -> Result<Response<v1::LockReply>, Status> {
         let site = self.site(&req)?;
+        self.not_collecting()?;
         let tuples = refs(&req.get_ref().tuples)?;
         let s = site.clone();
         let outcome = self.blocking(move |store| store.lock(&s, &tuples)).await?;
@@ -479,5 +539,186 @@ impl GlobalSnapshot for Service {
         };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
         Ok(respond(reply))
+    }
+
+    type SubscribeStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::EpochNotice, Status>> + Send + 'static>,
+    >;
+
+    async fn subscribe(
+        &self,
+        req: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let site = self.site(&req)?;
+        tracing::info!(site = %site.code, "subscribed to refresh epochs");
+        let connected = self.coordinator.connect(site.number);
+        let notices = tokio_stream::wrappers::WatchStream::new(self.coordinator.notices());
+        // The guard lives as long as the stream: the site counts as
+        // connected until it goes away.
+        let stream = futures::StreamExt::take_until(
+            notices.map(move |n| {
+                let _ = &connected;
+                Ok(n)
+            }),
+            self.coordinator.closed(),
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn push(&self, req: Request<v1::PushRequest>) -> Result<Response<v1::PushReply>, Status> {
+        let site = self.site(&req)?;
+        let body = req.get_ref().encode_to_vec();
+        let push = Push::decode(req.get_ref(), &self.config.catalog)?;
+        let epoch = req.get_ref().epoch;
+        let s = site.clone();
+        self.blocking(move |store| store.stage_push(&s, epoch, &body))
+            .await?;
+        self.coordinator.wake();
+        tracing::info!(site = %site.code, epoch, tuples = push.len(), "push staged");
+        let reply = v1::PushReply {
+            tuples: push.len() as u64,
+        };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
+    async fn changes(
+        &self,
+        req: Request<v1::ChangesRequest>,
+    ) -> Result<Response<v1::ChangesReply>, Status> {
+        let site = self.site(&req)?;
+        let parts: Vec<(String, Vec<String>)> = req
+            .get_ref()
+            .parts
+            .iter()
+            .map(|p| (p.relation.clone(), p.columns.clone()))
+            .collect();
+        let since = req.get_ref().since;
+        let s = site.clone();
+        let changes = self
+            .blocking(move |store| store.changes(&s, since, &parts))
+            .await?;
+        let resent: usize = changes.changed.iter().map(|c| c.tuple_ids.len()).sum();
+        let reply = v1::ChangesReply {
+            epoch: changes.epoch,
+            committed_push: changes.committed_push,
+            changed: changes
+                .changed
+                .into_iter()
+                .map(|c| {
+                    Ok(v1::ChangedPart {
+                        values: Some(
+                            encode_rows(c.columns.len(), &c.rows)
+                                .map_err(|e| Status::internal(e.to_string()))?,
+                        ),
+                        relation: c.relation,
+                        columns: c.columns,
+                        tuple_ids: c.tuple_ids,
+                        origins: c.origins,
+                    })
+                })
+                .collect::<Result<Vec<_>, Status>>()?,
+            removed: changes
+                .removed
+                .into_iter()
+                .map(|(relation, tuple_ids)| v1::Removed {
+                    relation,
+                    tuple_ids,
+                })
+                .collect(),
+        };
+        self.coordinator.count_resent(resent);
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
+    async fn acknowledge(
+        &self,
+        req: Request<v1::AcknowledgeRequest>,
+    ) -> Result<Response<v1::AcknowledgeReply>, Status> {
+        let site = self.site(&req)?;
+        let epoch = req.get_ref().epoch;
+        let s = site.clone();
+        self.blocking(move |store| store.acknowledge(&s, epoch))
+            .await?;
+        self.coordinator.wake();
+        tracing::info!(site = %site.code, epoch, "epoch applied");
+        self.count(&site, req.get_ref().encoded_len(), 0);
+        Ok(respond(v1::AcknowledgeReply {}))
+    }
+
+    type RefreshStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<v1::RefreshProgress, Status>> + Send + 'static>,
+    >;
+
+    async fn refresh(
+        &self,
+        req: Request<v1::RefreshRequest>,
+    ) -> Result<Response<Self::RefreshStream>, Status> {
+        self.admin(&req)?;
+        let coordinator = self.coordinator.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut progress = coordinator.progress();
+        let run = tokio::spawn({
+            let coordinator = coordinator.clone();
+            async move { coordinator.run_epoch().await }
+        });
+        tokio::spawn(async move {
+            let mut run = run;
+            loop {
+                tokio::select! {
+                    changed = progress.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        let p = progress.borrow_and_update().clone();
+                        if p.summary.is_none() && tx.send(Ok(p)).await.is_err() {
+                            break;
+                        }
+                    }
+                    done = &mut run => {
+                        let last = match done {
+                            Ok(Ok(report)) => Ok(v1::RefreshProgress {
+                                epoch: report.epoch,
+                                phase: v1::EpochPhase::Closed as i32,
+                                done: report.sites.len() as u32,
+                                sites: report.sites.len() as u32,
+                                summary: Some(report.encode()),
+                            }),
+                            Ok(Err(e)) => Err(Status::from(e)),
+                            Err(e) => Err(Status::internal(format!("refresh task: {e}"))),
+                        };
+                        let _ = tx.send(last).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn conflicts(
+        &self,
+        req: Request<v1::ConflictsRequest>,
+    ) -> Result<Response<v1::ConflictsReply>, Status> {
+        self.admin(&req)?;
+        let list = self.blocking(|store| store.conflicts()).await?;
+        Ok(respond(v1::ConflictsReply {
+            conflicts: list
+                .into_iter()
+                .map(|c| v1::ConflictEntry {
+                    id: c.id,
+                    site: c.site,
+                    relation: c.relation,
+                    origin: c.origin,
+                    key: c.key.iter().map(snaps_proto::encode_value).collect(),
+                    holder_site: c.holder,
+                    recorded_at: c.recorded_at,
+                    tuple: c.tuple,
+                })
+                .collect(),
+        }))
     }
 }

@@ -30,6 +30,8 @@ use crate::error::{Error, Result};
 use crate::query::{FetchQuery, Split};
 use crate::store::*;
 
+mod refresh;
+
 /// The SQLite global store.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -37,6 +39,8 @@ pub struct SqliteStore {
     modes: BTreeMap<String, RelationMode>,
     /// Site number → code.
     sites: BTreeMap<u32, String>,
+    /// Relations whose owners' deletes remove the copies at other sites.
+    propagate_deletes: BTreeSet<String>,
 }
 
 fn to_sql(v: &Value) -> ToSqlOutput<'_> {
@@ -97,9 +101,172 @@ impl SqliteStore {
                 .iter()
                 .map(|s| (s.number.0, s.code.to_string()))
                 .collect(),
+            propagate_deletes: config.refresh.propagate_deletes.iter().cloned().collect(),
         };
         store.create(config)?;
         Ok(store)
+    }
+
+    /// Appends a batch of a site's own tuples inside `tx` (the initial load
+    /// and the refresh's new tuples): a tuple whose origin is known is not
+    /// appended again; a taken key becomes a recorded conflict.
+    pub(crate) fn load_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        site: &SiteId,
+        batch: &LoadBatch,
+    ) -> Result<LoadOutcome> {
+        let me = i64::from(site.number.0);
+        let shape = &batch.shape;
+        let main = shape.main();
+        let main_rel = &shape.parts[main].relation;
+        // Where each part's key attributes are among its columns.
+        let mut keys: Vec<Vec<usize>> = Vec::new();
+        for p in &shape.parts {
+            let rel = self.catalog.relation(&p.relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {}", p.relation))
+            })?;
+            let pos = rel
+                .key
+                .iter()
+                .map(|k| {
+                    p.columns.iter().position(|c| c == k).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "the export of {} leaves out its key attribute {k}",
+                            p.relation
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            keys.push(pos);
+        }
+        let mut out = LoadOutcome::default();
+        for (row, &origin) in batch.origins.iter().enumerate() {
+            let seen: bool = tx
+                .prepare_cached(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2)
+                     OR EXISTS (SELECT 1 FROM snaps_conflicts WHERE site = ?1 AND relation = ?3 AND origin = ?2)",
+                    sql_ident(main_rel)
+                ))?
+                .query_row(rusqlite::params![me, origin as i64, main_rel], |r| r.get(0))?;
+            if seen {
+                out.already_loaded += 1;
+                continue;
+            }
+            let mut conflict = None;
+            for (pi, p) in shape.parts.iter().enumerate() {
+                if keys[pi].is_empty() {
+                    continue;
+                }
+                let values: Vec<&Value> =
+                    keys[pi].iter().map(|&k| &batch.parts[pi][row][k]).collect();
+                if let Some(k) = keys[pi].iter().zip(&values).find(|(_, v)| v.is_null()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "tuple {origin}: key attribute {}.{} is NULL",
+                        p.relation, p.columns[*k.0]
+                    )));
+                }
+                let cond: Vec<String> = keys[pi]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| format!("{} = ?{}", sql_ident(&p.columns[k]), i + 1))
+                    .collect();
+                let holder: Option<i64> = tx
+                    .prepare_cached(&format!(
+                        "SELECT snaps_owner FROM {} WHERE {} LIMIT 1",
+                        sql_ident(&p.relation),
+                        cond.join(" AND ")
+                    ))?
+                    .query_row(params_from_iter(values.iter().map(|v| to_sql(v))), |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if let Some(h) = holder {
+                    conflict = Some(ConflictRecord {
+                        relation: p.relation.clone(),
+                        origin,
+                        key: values.into_iter().cloned().collect(),
+                        holder: self.code(h),
+                    });
+                    break;
+                }
+            }
+            if let Some(c) = conflict {
+                let tuple: BTreeMap<&str, BTreeMap<&str, &Value>> = shape
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(pi, p)| {
+                        let vals = p
+                            .columns
+                            .iter()
+                            .map(String::as_str)
+                            .zip(&batch.parts[pi][row])
+                            .collect();
+                        (p.relation.as_str(), vals)
+                    })
+                    .collect();
+                let holder = self
+                    .sites
+                    .iter()
+                    .find(|(_, code)| **code == c.holder)
+                    .map_or(0, |(n, _)| i64::from(*n));
+                tx.execute(
+                    "INSERT INTO snaps_conflicts (site, relation, origin, key, tuple, holder, recorded_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    rusqlite::params![
+                        me,
+                        main_rel,
+                        origin as i64,
+                        serde_json::to_string(&c.key).unwrap_or_default(),
+                        serde_json::to_string(&tuple).unwrap_or_default(),
+                        holder,
+                        now()
+                    ],
+                )?;
+                tracing::warn!(site = %site.code, relation = %c.relation, origin, holder = %c.holder, "key conflict recorded");
+                out.conflicts.push(c);
+                continue;
+            }
+            let mut main_id: Option<i64> = None;
+            let order = std::iter::once(main).chain((0..shape.parts.len()).filter(|p| *p != main));
+            for pi in order {
+                let p = &shape.parts[pi];
+                let rights = default_rights(self.mode(&p.relation)).code();
+                let cols: Vec<String> = p.columns.iter().map(|c| sql_ident(c)).collect();
+                let n = p.columns.len();
+                let marks: Vec<String> = (1..=n + 4).map(|i| format!("?{i}")).collect();
+                let sql = format!(
+                    "INSERT INTO {} ({}{}main_tuple_id, snaps_owner, snaps_origin, snaps_rights) VALUES ({})",
+                    sql_ident(&p.relation),
+                    cols.join(", "),
+                    if n > 0 { ", " } else { "" },
+                    marks.join(", ")
+                );
+                let link = match shape.split {
+                    Split::Main(_) if pi != main => main_id,
+                    _ => None,
+                };
+                let mut params: Vec<ToSqlOutput> =
+                    batch.parts[pi][row].iter().map(to_sql).collect();
+                params.push(ToSqlOutput::Owned(
+                    link.map_or(SqlValue::Null, SqlValue::Integer),
+                ));
+                params.push(ToSqlOutput::Owned(SqlValue::Integer(me)));
+                params.push(ToSqlOutput::Owned(SqlValue::Integer(origin as i64)));
+                params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(rights))));
+                tx.prepare_cached(&sql)?.execute(params_from_iter(params))?;
+                if pi == main {
+                    main_id = Some(tx.last_insert_rowid());
+                }
+            }
+            out.loaded += 1;
+        }
+        tx.execute(
+            "UPDATE snaps_sites SET tuples_loaded = tuples_loaded + ?1 WHERE number = ?2",
+            rusqlite::params![out.loaded as i64, me],
+        )?;
+        Ok(out)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -140,6 +307,7 @@ impl SqliteStore {
                  holder INTEGER NOT NULL, recorded_at INTEGER NOT NULL,
                  UNIQUE (site, relation, origin));",
         )?;
+        tx.execute_batch(refresh::TABLES)?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
             .query_row(
@@ -274,158 +442,9 @@ fn read_status(
 
 impl GlobalStore for SqliteStore {
     fn load(&self, site: &SiteId, batch: &LoadBatch) -> Result<LoadOutcome> {
-        let me = i64::from(site.number.0);
-        let shape = &batch.shape;
-        let main = shape.main();
-        let main_rel = &shape.parts[main].relation;
-        // Where each part's key attributes are among its columns.
-        let mut keys: Vec<Vec<usize>> = Vec::new();
-        for p in &shape.parts {
-            let rel = self.catalog.relation(&p.relation).ok_or_else(|| {
-                Error::InvalidArgument(format!("unknown global relation {}", p.relation))
-            })?;
-            let pos = rel
-                .key
-                .iter()
-                .map(|k| {
-                    p.columns.iter().position(|c| c == k).ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "the export of {} leaves out its key attribute {k}",
-                            p.relation
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            keys.push(pos);
-        }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut out = LoadOutcome::default();
-        for (row, &origin) in batch.origins.iter().enumerate() {
-            let seen: bool = tx
-                .prepare_cached(&format!(
-                    "SELECT EXISTS (SELECT 1 FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2)
-                     OR EXISTS (SELECT 1 FROM snaps_conflicts WHERE site = ?1 AND relation = ?3 AND origin = ?2)",
-                    sql_ident(main_rel)
-                ))?
-                .query_row(rusqlite::params![me, origin as i64, main_rel], |r| r.get(0))?;
-            if seen {
-                out.already_loaded += 1;
-                continue;
-            }
-            let mut conflict = None;
-            for (pi, p) in shape.parts.iter().enumerate() {
-                if keys[pi].is_empty() {
-                    continue;
-                }
-                let values: Vec<&Value> =
-                    keys[pi].iter().map(|&k| &batch.parts[pi][row][k]).collect();
-                if let Some(k) = keys[pi].iter().zip(&values).find(|(_, v)| v.is_null()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "tuple {origin}: key attribute {}.{} is NULL",
-                        p.relation, p.columns[*k.0]
-                    )));
-                }
-                let cond: Vec<String> = keys[pi]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &k)| format!("{} = ?{}", sql_ident(&p.columns[k]), i + 1))
-                    .collect();
-                let holder: Option<i64> = tx
-                    .prepare_cached(&format!(
-                        "SELECT snaps_owner FROM {} WHERE {} LIMIT 1",
-                        sql_ident(&p.relation),
-                        cond.join(" AND ")
-                    ))?
-                    .query_row(params_from_iter(values.iter().map(|v| to_sql(v))), |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
-                if let Some(h) = holder {
-                    conflict = Some(ConflictRecord {
-                        relation: p.relation.clone(),
-                        origin,
-                        key: values.into_iter().cloned().collect(),
-                        holder: self.code(h),
-                    });
-                    break;
-                }
-            }
-            if let Some(c) = conflict {
-                let tuple: BTreeMap<&str, BTreeMap<&str, &Value>> = shape
-                    .parts
-                    .iter()
-                    .enumerate()
-                    .map(|(pi, p)| {
-                        let vals = p
-                            .columns
-                            .iter()
-                            .map(String::as_str)
-                            .zip(&batch.parts[pi][row])
-                            .collect();
-                        (p.relation.as_str(), vals)
-                    })
-                    .collect();
-                let holder = self
-                    .sites
-                    .iter()
-                    .find(|(_, code)| **code == c.holder)
-                    .map_or(0, |(n, _)| i64::from(*n));
-                tx.execute(
-                    "INSERT INTO snaps_conflicts (site, relation, origin, key, tuple, holder, recorded_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    rusqlite::params![
-                        me,
-                        main_rel,
-                        origin as i64,
-                        serde_json::to_string(&c.key).unwrap_or_default(),
-                        serde_json::to_string(&tuple).unwrap_or_default(),
-                        holder,
-                        now()
-                    ],
-                )?;
-                tracing::warn!(site = %site.code, relation = %c.relation, origin, holder = %c.holder, "key conflict recorded");
-                out.conflicts.push(c);
-                continue;
-            }
-            let mut main_id: Option<i64> = None;
-            let order = std::iter::once(main).chain((0..shape.parts.len()).filter(|p| *p != main));
-            for pi in order {
-                let p = &shape.parts[pi];
-                let rights = default_rights(self.mode(&p.relation)).code();
-                let cols: Vec<String> = p.columns.iter().map(|c| sql_ident(c)).collect();
-                let n = p.columns.len();
-                let marks: Vec<String> = (1..=n + 4).map(|i| format!("?{i}")).collect();
-                let sql = format!(
-                    "INSERT INTO {} ({}{}main_tuple_id, snaps_owner, snaps_origin, snaps_rights) VALUES ({})",
-                    sql_ident(&p.relation),
-                    cols.join(", "),
-                    if n > 0 { ", " } else { "" },
-                    marks.join(", ")
-                );
-                let link = match shape.split {
-                    Split::Main(_) if pi != main => main_id,
-                    _ => None,
-                };
-                let mut params: Vec<ToSqlOutput> =
-                    batch.parts[pi][row].iter().map(to_sql).collect();
-                params.push(ToSqlOutput::Owned(
-                    link.map_or(SqlValue::Null, SqlValue::Integer),
-                ));
-                params.push(ToSqlOutput::Owned(SqlValue::Integer(me)));
-                params.push(ToSqlOutput::Owned(SqlValue::Integer(origin as i64)));
-                params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(rights))));
-                tx.prepare_cached(&sql)?.execute(params_from_iter(params))?;
-                if pi == main {
-                    main_id = Some(tx.last_insert_rowid());
-                }
-            }
-            out.loaded += 1;
-        }
-        tx.execute(
-            "UPDATE snaps_sites SET tuples_loaded = tuples_loaded + ?1 WHERE number = ?2",
-            rusqlite::params![out.loaded as i64, me],
-        )?;
+        let out = self.load_in(&tx, site, batch)?;
         tx.commit()?;
         Ok(out)
     }
@@ -727,8 +746,19 @@ impl GlobalStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut released = 0;
+        // Tuples their owner deleted are no longer in their relation.
+        let mut gone: HashMap<String, Vec<i64>> = HashMap::new();
         for t in tuples {
-            let s = read_status(&tx, &self.catalog, site, t)?;
+            let s = match read_status(&tx, &self.catalog, site, t) {
+                Ok(s) => s,
+                Err(Error::NotFound(_)) if matches!(t.id, TupleSel::Id(_)) => {
+                    if let TupleSel::Id(id) = t.id {
+                        gone.entry(t.relation.clone()).or_default().push(id as i64);
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if s.lock_site == Some(me) {
                 return Err(Error::FailedPrecondition(format!(
                     "{t} is locked by {}: its change must reach the global snapshot at refresh before the copy goes",
@@ -746,6 +776,7 @@ impl GlobalStore for SqliteStore {
                 released += 1;
             }
         }
+        released += Self::release_gone(&tx, site, &gone)?;
         tx.commit()?;
         Ok(released)
     }
@@ -774,6 +805,43 @@ impl GlobalStore for SqliteStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    fn epoch(&self) -> Result<Option<EpochState>> {
+        self.epoch_state()
+    }
+
+    fn open_epoch(&self, participants: &[SiteNo]) -> Result<EpochState> {
+        self.open_next_epoch(participants)
+    }
+
+    fn stage_push(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()> {
+        self.stage(site, epoch, body)
+    }
+
+    fn commit_epoch(&self, epoch: u64) -> Result<CommitSummary> {
+        self.commit(epoch)
+    }
+
+    fn changes(
+        &self,
+        site: &SiteId,
+        since: u64,
+        parts: &[(String, Vec<String>)],
+    ) -> Result<Changes> {
+        self.changes_for(site, since, parts)
+    }
+
+    fn acknowledge(&self, site: &SiteId, epoch: u64) -> Result<()> {
+        self.ack(site, epoch)
+    }
+
+    fn close_epoch(&self, epoch: u64) -> Result<()> {
+        self.close(epoch)
+    }
+
+    fn conflicts(&self) -> Result<Vec<ConflictEntry>> {
+        self.conflict_list()
     }
 
     fn status(&self) -> Result<StatusReport> {

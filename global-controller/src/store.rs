@@ -343,4 +343,280 @@ pub trait GlobalStore: Send + Sync {
 
     /// Counters and sizes.
     fn status(&self) -> Result<StatusReport>;
+
+    /// The latest epoch, if the network has had one.
+    fn epoch(&self) -> Result<Option<EpochState>>;
+
+    /// Opens the next epoch, waiting for `participants`; refused while the
+    /// latest is not closed.
+    fn open_epoch(&self, participants: &[SiteNo]) -> Result<EpochState>;
+
+    /// Stages a site's push (the encoded `PushRequest`) for the collecting
+    /// epoch, replacing an earlier push of the site for it.
+    fn stage_push(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()>;
+
+    /// Commits the staged pushes of a collecting epoch in one transaction:
+    /// new tuples appended (key clashes recorded as conflicts), changes of
+    /// owners and lock holders applied and logged for the holders, deletes
+    /// done, the pushing sites' locks released. Committing an epoch that
+    /// is committed already returns its summary.
+    fn commit_epoch(&self, epoch: u64) -> Result<CommitSummary>;
+
+    /// What changed after epoch `since` for the site, in the given parts
+    /// (global relation, columns).
+    fn changes(
+        &self,
+        site: &SiteId,
+        since: u64,
+        parts: &[(String, Vec<String>)],
+    ) -> Result<Changes>;
+
+    /// Records that the site applied the epoch.
+    fn acknowledge(&self, site: &SiteId, epoch: u64) -> Result<()>;
+
+    /// Closes a distributing epoch.
+    fn close_epoch(&self, epoch: u64) -> Result<()>;
+
+    /// The key conflicts awaiting an administrator.
+    fn conflicts(&self) -> Result<Vec<ConflictEntry>>;
+}
+
+/// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Sites evict, then push their changes.
+    Collect,
+    /// The pushes are committed; sites apply what changed and re-run their
+    /// snapshot definitions.
+    Distribute,
+    /// Done.
+    Closed,
+}
+
+impl Phase {
+    /// The name kept in the store.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Collect => "collect",
+            Phase::Distribute => "distribute",
+            Phase::Closed => "closed",
+        }
+    }
+
+    /// The phase a stored name stands for.
+    pub fn from_name(name: &str) -> Result<Phase> {
+        match name {
+            "collect" => Ok(Phase::Collect),
+            "distribute" => Ok(Phase::Distribute),
+            "closed" => Ok(Phase::Closed),
+            other => Err(Error::Internal(format!("unknown epoch phase {other:?}"))),
+        }
+    }
+}
+
+/// Where an epoch stands, as the store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochState {
+    /// The epoch's number (from 1).
+    pub epoch: u64,
+    /// Its phase.
+    pub phase: Phase,
+    /// The sites connected when it opened: the ones it waits for.
+    pub participants: Vec<SiteNo>,
+    /// Sites whose push for it is staged (or was committed).
+    pub pushed: Vec<SiteNo>,
+    /// Sites that acknowledged it.
+    pub acked: Vec<SiteNo>,
+    /// Unix seconds it opened at.
+    pub opened_at: i64,
+}
+
+/// Copies a site changed under the lock, in one global relation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyUpdate {
+    /// The global relation.
+    pub relation: String,
+    /// The columns given.
+    pub columns: Vec<String>,
+    /// The tuples, by id.
+    pub tuple_ids: Vec<u64>,
+    /// Per tuple, the new values of `columns`.
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// A site's own exported tuples it deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnDeletes {
+    /// The global relations of the tuples' parts.
+    pub relations: Vec<String>,
+    /// The tuples' origins.
+    pub origins: Vec<u64>,
+}
+
+/// A site's push for an epoch, checked against the catalog.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Push {
+    /// New own tuples.
+    pub inserted: Vec<LoadBatch>,
+    /// Changed own tuples, by origin.
+    pub updated: Vec<LoadBatch>,
+    /// Changed copies, by tuple id.
+    pub copies: Vec<CopyUpdate>,
+    /// Deleted own tuples.
+    pub deleted: Vec<OwnDeletes>,
+}
+
+impl Push {
+    /// Decodes a push and checks every relation, attribute and value.
+    pub fn decode(p: &v1::PushRequest, catalog: &Catalog) -> Result<Push> {
+        let batches = |bs: &[v1::LoadBatch]| {
+            bs.iter()
+                .map(|b| LoadBatch::decode(b, catalog))
+                .collect::<Result<Vec<_>>>()
+        };
+        let mut copies = Vec::new();
+        for c in &p.copies {
+            let rel = catalog.relation(&c.relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {:?}", c.relation))
+            })?;
+            let rows = decode_rows(c.columns.len(), &c.values.clone().unwrap_or_default())?;
+            if rows.len() != c.tuple_ids.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} rows of {} for {} tuple ids",
+                    rows.len(),
+                    rel.name,
+                    c.tuple_ids.len()
+                )));
+            }
+            let mut checked = Vec::with_capacity(rows.len());
+            for row in rows {
+                checked.push(
+                    row.into_iter()
+                        .zip(&c.columns)
+                        .map(|(v, col)| {
+                            let a = rel.attribute(col).ok_or_else(|| {
+                                Error::InvalidArgument(format!(
+                                    "{} has no attribute {col}",
+                                    rel.name
+                                ))
+                            })?;
+                            a.ty.check(v, &format!("{}.{col}", rel.name))
+                                .map_err(|e| Error::InvalidArgument(e.to_string()))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                );
+            }
+            copies.push(CopyUpdate {
+                relation: rel.name.clone(),
+                columns: c.columns.clone(),
+                tuple_ids: c.tuple_ids.clone(),
+                rows: checked,
+            });
+        }
+        let mut deleted = Vec::new();
+        for d in &p.deleted {
+            for r in &d.relations {
+                if catalog.relation(r).is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown global relation {r:?}"
+                    )));
+                }
+            }
+            deleted.push(OwnDeletes {
+                relations: d.relations.clone(),
+                origins: d.origins.clone(),
+            });
+        }
+        Ok(Push {
+            inserted: batches(&p.inserted)?,
+            updated: batches(&p.updated)?,
+            copies,
+            deleted,
+        })
+    }
+
+    /// The number of tuples pushed.
+    pub fn len(&self) -> usize {
+        let origins = |bs: &[LoadBatch]| bs.iter().map(|b| b.origins.len()).sum::<usize>();
+        origins(&self.inserted)
+            + origins(&self.updated)
+            + self.copies.iter().map(|c| c.tuple_ids.len()).sum::<usize>()
+            + self.deleted.iter().map(|d| d.origins.len()).sum::<usize>()
+    }
+
+    /// True when the site had nothing to push.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What committing an epoch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitSummary {
+    /// Sites whose pushes were committed.
+    pub pushed_by: Vec<String>,
+    /// Tuples in those pushes.
+    pub tuples_pushed: u64,
+    /// New tuples appended.
+    pub inserted: u64,
+    /// Tuples changed (by owners and lock holders).
+    pub updated: u64,
+    /// Own tuples deleted by their owners.
+    pub deleted: u64,
+    /// New tuples refused because their key belongs to another site.
+    pub conflicts: u64,
+    /// Tuples removed from the sites holding them (propagated deletes).
+    pub removed: u64,
+    /// Changes of copies refused because the pushing site did not hold
+    /// the lock (logged).
+    pub refused: u64,
+}
+
+/// New versions of one part's tuples for a site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangedPart {
+    /// The global relation.
+    pub relation: String,
+    /// The columns asked for.
+    pub columns: Vec<String>,
+    /// The tuples.
+    pub tuple_ids: Vec<u64>,
+    /// The site's own number of a tuple it owns, else 0.
+    pub origins: Vec<u64>,
+    /// Per tuple, the values of `columns`.
+    pub rows: Vec<Vec<Value>>,
+}
+
+/// What changed for a site since the epoch it last applied.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Changes {
+    /// The last committed epoch.
+    pub epoch: u64,
+    /// The last epoch whose push from the site was committed.
+    pub committed_push: u64,
+    /// New versions.
+    pub changed: Vec<ChangedPart>,
+    /// Removed tuples the site held: global relation → tuple ids.
+    pub removed: Vec<(String, Vec<u64>)>,
+}
+
+/// A recorded key conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictEntry {
+    /// Its number.
+    pub id: u64,
+    /// The site whose tuple was refused.
+    pub site: String,
+    /// The global relation.
+    pub relation: String,
+    /// The tuple's origin at that site.
+    pub origin: u64,
+    /// The key values.
+    pub key: Vec<Value>,
+    /// The site owning the key.
+    pub holder: String,
+    /// Unix seconds.
+    pub recorded_at: i64,
+    /// The refused tuple as JSON.
+    pub tuple: String,
 }

@@ -31,6 +31,7 @@
 
 pub mod endpoint;
 pub mod engine;
+pub mod refresh;
 pub mod remote;
 pub mod serve;
 pub mod site;
@@ -80,6 +81,12 @@ pub enum Error {
     /// owner.
     #[error("{0}")]
     DuplicateKey(String),
+    /// A refresh epoch is under way: changes to shared relations wait.
+    #[error("{0}")]
+    Busy(String),
+    /// A test asked the site to stop here, as a crash would.
+    #[error("halted at {0}")]
+    Halted(String),
     /// A statement SNAPS does not support (yet).
     #[error("{0}")]
     Unsupported(String),

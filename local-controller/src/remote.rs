@@ -288,6 +288,67 @@ impl GlobalClient {
             .released)
     }
 
+    /// Opens the stream of refresh epoch notices.
+    pub async fn subscribe(&self) -> Result<tonic::Streaming<v1::EpochNotice>> {
+        Ok(self
+            .plain
+            .clone()
+            .subscribe(v1::SubscribeRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Pushes the site's changes for an epoch.
+    pub async fn push(&self, req: v1::PushRequest) -> Result<u64> {
+        Ok(self
+            .for_len(req.encoded_len())
+            .push(req)
+            .await?
+            .into_inner()
+            .tuples)
+    }
+
+    /// What changed for this site after epoch `since`, in its parts.
+    pub async fn changes(&self, since: u64, parts: Vec<v1::Part>) -> Result<v1::ChangesReply> {
+        let req = v1::ChangesRequest { since, parts };
+        Ok(self
+            .for_len(req.encoded_len())
+            .changes(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Says the site applied an epoch.
+    pub async fn acknowledge(&self, epoch: u64) -> Result<()> {
+        self.plain
+            .clone()
+            .acknowledge(v1::AcknowledgeRequest { epoch })
+            .await?;
+        Ok(())
+    }
+
+    /// Runs one refresh epoch now (the administrator's credential) and
+    /// streams its progress.
+    pub async fn run_refresh(&self) -> Result<tonic::Streaming<v1::RefreshProgress>> {
+        Ok(self
+            .plain
+            .clone()
+            .refresh(v1::RefreshRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The key conflicts awaiting an administrator.
+    pub async fn conflicts(&self) -> Result<Vec<v1::ConflictEntry>> {
+        Ok(self
+            .plain
+            .clone()
+            .conflicts(v1::ConflictsRequest {})
+            .await?
+            .into_inner()
+            .conflicts)
+    }
+
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
         Ok(self

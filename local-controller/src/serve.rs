@@ -11,6 +11,7 @@
 //! fetch_timeout_ms = 10000           # then answer from local data
 //! retry_after_ms = 10000             # after a failure, local answers at once
 //! users = ["radiology"]              # who may connect; empty: anyone
+//! max_days = 30                      # evict snapshots unused this long
 //! ```
 //!
 //! Relative paths are resolved against the folder of `site.toml`.
@@ -45,6 +46,12 @@ struct File {
     retry_after_ms: u64,
     #[serde(default)]
     users: Vec<String>,
+    #[serde(default = "default_max_days")]
+    max_days: u32,
+}
+
+fn default_max_days() -> u32 {
+    crate::site::DEFAULT_MAX_DAYS
 }
 
 fn default_timeout() -> u64 {
@@ -66,6 +73,8 @@ pub struct SiteServeConfig {
     pub link: GlobalLink,
     /// User names allowed to connect; empty: anyone.
     pub users: Vec<String>,
+    /// Snapshots unused this many days are evicted at the refresh.
+    pub max_days: u32,
 }
 
 impl SiteServeConfig {
@@ -97,6 +106,7 @@ impl SiteServeConfig {
                 retry_after: Duration::from_millis(f.retry_after_ms),
             },
             users: f.users,
+            max_days: f.max_days,
         })
     }
 }
@@ -134,6 +144,8 @@ pub async fn serve_site(
     }
     let global = config.network.global_catalog()?;
     let site = Site::open(&config.database, &global, Some(config.link.clone()))?;
+    site.set_max_days(config.max_days);
+    // Load the export once, then take part in the refresh epochs.
     let loader = {
         let site = site.clone();
         tokio::spawn(async move {
@@ -146,6 +158,7 @@ pub async fn serve_site(
                     }
                 }
             }
+            site.participate().await;
         })
     };
     let engine: Arc<dyn Engine> = Arc::new(Users {

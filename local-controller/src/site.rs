@@ -43,6 +43,11 @@ const SNAPSHOT_BIT: u8 = 0x80;
 /// The notice a local-only answer carries.
 pub const LOCAL_ONLY_NOTICE: &str = "the global snapshot controller is unreachable: \
      this answer comes from this site's data only and may miss tuples recorded at other sites";
+/// The notice of an answer given while a refresh epoch collects.
+pub const REFRESHING_NOTICE: &str = "a refresh of the global snapshot is in progress: \
+     this answer comes from this site's data only and may miss tuples recorded at other sites";
+/// Snapshots unused this many days are evicted unless a site says otherwise.
+pub const DEFAULT_MAX_DAYS: u32 = 30;
 /// `snaps_meta` key set once the initial export is loaded.
 const INITIAL_LOAD_DONE: &str = "initial_load_done";
 /// `snaps_meta` key set when a fetch's reply may have been lost.
@@ -77,15 +82,21 @@ pub struct Site {
     pub(crate) key_checks: BTreeMap<String, KeyCheck>,
     global_fingerprint: String,
     writer: Mutex<Connection>,
-    definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
-    link: Option<GlobalLink>,
+    pub(crate) definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
+    pub(crate) link: Option<GlobalLink>,
     client: tokio::sync::Mutex<Option<GlobalClient>>,
     /// When connecting last failed.
     unreachable_since: Mutex<Option<std::time::Instant>>,
     /// The `snaps_meta` uncertain flag, read once at open: every fetch
     /// consults it.
-    uncertain: std::sync::atomic::AtomicBool,
-    runtime: tokio::runtime::Handle,
+    pub(crate) uncertain: std::sync::atomic::AtomicBool,
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// Snapshots unused for this many days are evicted at the refresh.
+    pub(crate) max_days: std::sync::atomic::AtomicU32,
+    /// Where a test asked the refresh to stop, as a crash would.
+    pub(crate) halt: Mutex<Option<crate::refresh::Halt>>,
+    /// Whether the Subscribe stream to the global controller is open.
+    pub(crate) subscribed: std::sync::atomic::AtomicBool,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -97,7 +108,11 @@ fn open_conn(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn today() -> i64 {
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+pub(crate) fn today() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64 / 86_400)
@@ -144,6 +159,9 @@ impl Site {
             unreachable_since: Mutex::new(None),
             uncertain: std::sync::atomic::AtomicBool::new(uncertain),
             runtime: tokio::runtime::Handle::current(),
+            max_days: std::sync::atomic::AtomicU32::new(DEFAULT_MAX_DAYS),
+            halt: Mutex::new(None),
+            subscribed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -152,12 +170,43 @@ impl Site {
         &self.code
     }
 
-    fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+    /// Evicts snapshots unused for `days` days at each refresh (default
+    /// [`DEFAULT_MAX_DAYS`]).
+    pub fn set_max_days(&self, days: u32) {
+        self.max_days
+            .store(days, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The site's database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Refuses a change to a shared relation while a refresh epoch holds
+    /// the site's data still.
+    pub(crate) fn not_refreshing(&self, conn: &Connection) -> Result<()> {
+        let epoch: Option<String> = conn
+            .query_row(
+                "SELECT value FROM snaps_meta WHERE key = 'refreshing'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match epoch {
+            None => Ok(()),
+            Some(e) => Err(Error::Busy(format!(
+                "refresh epoch {e} is under way: changes to shared relations wait until it is done; \
+                 try again in a moment"
+            ))),
+        }
+    }
+
+    pub(crate) fn writer(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The connected client, connecting (and saying hello) if needed.
-    async fn client(&self) -> Result<GlobalClient> {
+    pub(crate) async fn client(&self) -> Result<GlobalClient> {
         let link = self.link.as_ref().ok_or_else(|| {
             Error::Unreachable("this site has no global controller configured".into())
         })?;
@@ -242,7 +291,7 @@ impl Site {
         Ok(())
     }
 
-    async fn forget_client(&self) {
+    pub(crate) async fn forget_client(&self) {
         *self.client.lock().await = None;
     }
 
@@ -386,16 +435,16 @@ impl Site {
         Ok(())
     }
 
-    /// Fetches the plan's groups and stores the reply as a snapshot. Returns
-    /// `Ok(false)` when the global controller could not be reached (the
-    /// caller answers from local data).
-    fn fetch(
+    /// Fetches the plan's groups and stores the reply as a snapshot (a new
+    /// one, or more tuples of `retrieval.into`). Returns `LocalOnly` when
+    /// the global controller could not be asked (the caller answers from
+    /// local data).
+    pub(crate) fn fetch(
         &self,
         conn: &Connection,
         plan: &Plan,
         current: &BTreeMap<String, Vec<Vec<Value>>>,
-        lang: Language,
-        text: &str,
+        retrieval: &Retrieval<'_>,
     ) -> Result<Fetched> {
         let Some(q) = &plan.query else {
             return Ok(Fetched::Nothing);
@@ -443,7 +492,9 @@ impl Site {
                     client.counters().sent() - sent0,
                     client.counters().received() - recv0,
                 )),
-                Ok(Err(e @ Error::Remote(_))) if is_request_error(&e) => Err((e, false)),
+                Ok(Err(e @ Error::Remote(_))) if is_request_error(&e) || is_refreshing(&e) => {
+                    Err((e, false))
+                }
                 Ok(Err(e)) => {
                     self.forget_client().await;
                     Err((e, true))
@@ -469,7 +520,11 @@ impl Site {
                 tracing::warn!(site = %self.code, error = %e, "fetch failed: answering from local data");
                 let conn = self.writer();
                 Site::bump(&conn, &[("local_only_answers", 1)])?;
-                return Ok(Fetched::LocalOnly);
+                return Ok(Fetched::LocalOnly(if is_refreshing(&e) {
+                    REFRESHING_NOTICE
+                } else {
+                    LOCAL_ONLY_NOTICE
+                }));
             }
         };
         let definition = SnapshotDefinition::from_plan(plan, current);
@@ -478,8 +533,7 @@ impl Site {
                 definition: &definition,
                 tuples: &tuples,
                 query: q,
-                lang,
-                text,
+                retrieval,
                 sent,
                 received,
             };
@@ -497,7 +551,7 @@ impl Site {
 
     /// Until the next refresh, fetches ask for held tuples too: the
     /// controller's sent-to bits may name tuples this site does not have.
-    fn mark_uncertain(&self) -> Result<()> {
+    pub(crate) fn mark_uncertain(&self) -> Result<()> {
         self.uncertain
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.writer().execute(
@@ -527,7 +581,7 @@ impl Site {
         };
         conn.execute_batch(end)?;
         let no = stored?;
-        if own {
+        if own && incoming.retrieval.into.is_none() {
             self.definitions
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -541,8 +595,7 @@ impl Site {
             definition,
             tuples,
             query: q,
-            lang,
-            text,
+            retrieval,
             sent,
             received,
         } = *incoming;
@@ -555,21 +608,27 @@ impl Site {
         }
         .to_byte()?;
         let day = today();
-        tx.execute(
-            "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned)
-             VALUES (?1, ?2, ?3, ?4, 0)",
-            params![
-                if lang == Language::Quel {
-                    "quel"
-                } else {
-                    "sql"
-                },
-                text,
-                serde_json::to_string(definition).map_err(|e| Error::Invalid(e.to_string()))?,
-                day
-            ],
-        )?;
-        let no = tx.last_insert_rowid();
+        let no = match retrieval.into {
+            Some(no) => i64::from(no.0),
+            None => {
+                tx.execute(
+                    "INSERT INTO snaps_snapshot_definition (language, statement, plan, created_day, pinned, query)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                    params![
+                        if retrieval.lang == Language::Quel {
+                            "quel"
+                        } else {
+                            "sql"
+                        },
+                        retrieval.text,
+                        to_json(definition)?,
+                        day,
+                        to_json(retrieval.select)?,
+                    ],
+                )?;
+                tx.last_insert_rowid()
+            }
+        };
         let mut stored = 0i64;
         for lt in tuples {
             let rel = self
@@ -666,7 +725,7 @@ impl Site {
                 ),
                 ("bytes_sent", sent as i64),
                 ("bytes_received", received as i64),
-                ("snapshots", 1),
+                ("snapshots", i64::from(retrieval.into.is_none())),
                 ("snapshot_tuples", stored),
             ],
         )?;
@@ -689,8 +748,44 @@ impl Site {
     }
 }
 
+/// The current semi-join projections of a plan, per variable: the join
+/// values of the site's new and modified tuples.
+pub(crate) fn projections(
+    conn: &Connection,
+    plan: &Plan,
+) -> Result<BTreeMap<String, Vec<Vec<Value>>>> {
+    let mut out = BTreeMap::new();
+    for sj in &plan.semijoins {
+        let changed = format!(
+            "({}.{STATUS_COLUMN} & {CHANGED_BITS}) <> 0",
+            snaps_schema::sql_ident(&sj.local_var)
+        );
+        let sql = sj.local_sql(&changed);
+        let mut stmt = conn.prepare(&sql)?;
+        let n = sj.attributes.len();
+        // Mapped attributes hold i2, i4, f4 or cN values (the schema
+        // checks them), so nothing is lost reading them as result values.
+        let rows = stmt
+            .query_map([], |r| {
+                (0..n)
+                    .map(|i| Ok(result_value(r.get_ref(i)?)))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        out.insert(sj.local_var.clone(), rows);
+    }
+    Ok(out)
+}
+
 /// An error about the request itself (the controller refused it): the
 /// client should see it rather than a local-only answer.
+/// The controller is collecting a refresh epoch: nothing was recorded, and
+/// it will answer again after the commit.
+pub(crate) fn is_refreshing(e: &Error) -> bool {
+    matches!(e, Error::Remote(s) if s.code() == tonic::Code::Unavailable
+        && s.metadata().contains_key("snaps-refreshing-epoch"))
+}
+
 pub(crate) fn is_request_error(e: &Error) -> bool {
     matches!(e, Error::Remote(s) if matches!(s.code(),
         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::PermissionDenied
@@ -746,26 +841,38 @@ fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefini
         .collect()
 }
 
+/// The retrieval a fetch is for.
+pub(crate) struct Retrieval<'a> {
+    /// The query.
+    pub select: &'a Select,
+    /// The language it was written in.
+    pub lang: Language,
+    /// The statement, as the snapshot definition records it.
+    pub text: &'a str,
+    /// The snapshot the tuples join (the refresh re-running a definition);
+    /// `None` makes a new one.
+    pub into: Option<SnapshotNo>,
+}
+
 /// A fetch's reply, mapped back, on its way into the site's database.
 #[derive(Clone, Copy)]
 struct Incoming<'a> {
     definition: &'a SnapshotDefinition,
     tuples: &'a [LocalTuples],
     query: &'a snaps_mapping::GlobalQuery,
-    lang: Language,
-    /// The statement, as the snapshot definition records it.
-    text: &'a str,
+    retrieval: &'a Retrieval<'a>,
     /// Wire bytes of the fetch, both ways.
     sent: u64,
     received: u64,
 }
 
 /// What a fetch did.
-enum Fetched {
+pub(crate) enum Fetched {
     /// Nothing of the query is mapped.
     Nothing,
-    /// The global controller could not be reached: answer from local data.
-    LocalOnly,
+    /// The global controller could not be asked: answer from local data,
+    /// with this notice.
+    LocalOnly(&'static str),
     /// Stored as this snapshot.
     Stored(SnapshotNo, SnapshotDefinition),
 }
@@ -824,6 +931,8 @@ fn sqlstate_of(e: &Error) -> &'static str {
         Error::Locked(_) => "55P03",
         Error::ReadOnly(_) => "42501",
         Error::DuplicateKey(_) => "23505",
+        Error::Busy(_) => "55006",
+        Error::Halted(_) => "57P01",
         Error::Remote(_) | Error::Unreachable(_) => "08006",
         Error::Schema(_) => "22000",
         Error::Invalid(_) => "22023",
@@ -998,27 +1107,7 @@ impl SiteSession {
 
     /// The current semi-join projections of a plan, per variable.
     fn projections(&self, plan: &Plan) -> Result<BTreeMap<String, Vec<Vec<Value>>>> {
-        let mut out = BTreeMap::new();
-        for sj in &plan.semijoins {
-            let changed = format!(
-                "({}.{STATUS_COLUMN} & {CHANGED_BITS}) <> 0",
-                snaps_schema::sql_ident(&sj.local_var)
-            );
-            let sql = sj.local_sql(&changed);
-            let mut stmt = self.conn.prepare(&sql)?;
-            let n = sj.attributes.len();
-            // Mapped attributes hold i2, i4, f4 or cN values (the schema
-            // checks them), so nothing is lost reading them as result values.
-            let rows = stmt
-                .query_map([], |r| {
-                    (0..n)
-                        .map(|i| Ok(result_value(r.get_ref(i)?)))
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            out.insert(sj.local_var.clone(), rows);
-        }
-        Ok(out)
+        projections(&self.conn, plan)
     }
 
     /// Makes sure the site holds what `select` needs (steps 2–5); returns
@@ -1053,9 +1142,15 @@ impl SiteSession {
             .flat_map(|g| g.tables.iter().map(|t| t.local_var.clone()))
             .collect();
         plan.semijoins.retain(|s| vars.contains(&s.local_var));
-        match site.fetch(&self.conn, &plan, &current, lang, text)? {
+        let retrieval = Retrieval {
+            select,
+            lang,
+            text,
+            into: None,
+        };
+        match site.fetch(&self.conn, &plan, &current, &retrieval)? {
             Fetched::Nothing => Ok(None),
-            Fetched::LocalOnly => Ok(Some(LOCAL_ONLY_NOTICE.to_string())),
+            Fetched::LocalOnly(notice) => Ok(Some(notice.to_string())),
             Fetched::Stored(no, def) => {
                 if !self.conn.is_autocommit() {
                     self.pending.push((no, def));

@@ -107,7 +107,9 @@ CREATE TABLE snaps_snapshot_definition (
     statement   TEXT,
     plan        TEXT,
     created_day INTEGER,
-    pinned      INTEGER
+    pinned      INTEGER,
+    -- The retrieval as the query IR (JSON): the refresh re-runs it.
+    query       TEXT
 );
 CREATE TABLE snaps_snapshot_membership (
     relation        TEXT,
@@ -163,6 +165,13 @@ CREATE TABLE snaps_deleted (
     status      INTEGER NOT NULL,
     deleted_day INTEGER NOT NULL,
     PRIMARY KEY (relation, origin)
+);
+-- Copies evicted here whose release the global controller has not
+-- confirmed yet (sent with the next ReleaseCopies).
+CREATE TABLE snaps_released (
+    global_relation TEXT NOT NULL,
+    tuple_id        INTEGER NOT NULL,
+    PRIMARY KEY (global_relation, tuple_id)
 );
 -- Small facts about the site's state (initial load done, ...).
 CREATE TABLE snaps_meta (
@@ -814,6 +823,25 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
             unmapped_changed = changed(&unmapped),
         ));
     }
+    // While a refresh epoch collects and distributes, the site's own data
+    // holds still: what was pushed is what the commit acknowledges.
+    let refreshing = "EXISTS (SELECT 1 FROM snaps_meta WHERE key = 'refreshing')";
+    let wait = "a refresh of the global snapshot is in progress: changes to shared relations \
+                wait until it is done; try again in a moment";
+    sql.push_str(&format!(
+        "CREATE TRIGGER {insert} BEFORE INSERT ON {table} FOR EACH ROW\n\
+         WHEN (NEW.{s} & {SNAPSHOT_BIT}) = 0 AND {refreshing}\n\
+         BEGIN\n    SELECT RAISE(ABORT, '{wait}');\nEND;\n\
+         CREATE TRIGGER {update} BEFORE UPDATE ON {table} FOR EACH ROW\n\
+         WHEN (OLD.{s} & {JUST_COPIED_BITS}) = 0 AND (NEW.{s} & {JUST_COPIED_BITS}) = 0 AND {refreshing}\n\
+         BEGIN\n    SELECT RAISE(ABORT, '{wait}');\nEND;\n\
+         CREATE TRIGGER {delete} BEFORE DELETE ON {table} FOR EACH ROW\n\
+         WHEN {quiet} AND {refreshing}\n\
+         BEGIN\n    SELECT RAISE(ABORT, '{wait}');\nEND;\n",
+        insert = quote(&format!("snaps_refresh_insert_{relation}")),
+        update = quote(&format!("snaps_refresh_update_{relation}")),
+        delete = quote(&format!("snaps_refresh_delete_{relation}")),
+    ));
     sql.push_str(&format!(
         "CREATE TRIGGER {guard} BEFORE DELETE ON {table} FOR EACH ROW WHEN {quiet}\n\
          BEGIN\n    \
@@ -1109,10 +1137,19 @@ mod tests {
                 .flat_map(|r| {
                     let rm = mapping.relation(r).unwrap();
                     let own = rm.local.attributes.iter().any(|a| !rm.maps(&a.name));
-                    ["modified", "key", "lock", "delete", "deleted"]
-                        .into_iter()
-                        .chain(own.then_some("pin"))
-                        .map(move |t| format!("snaps_{t}_{r}"))
+                    [
+                        "modified",
+                        "key",
+                        "lock",
+                        "delete",
+                        "deleted",
+                        "refresh_insert",
+                        "refresh_update",
+                        "refresh_delete",
+                    ]
+                    .into_iter()
+                    .chain(own.then_some("pin"))
+                    .map(move |t| format!("snaps_{t}_{r}"))
                 })
                 .collect();
             triggers.sort();

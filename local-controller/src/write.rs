@@ -187,6 +187,7 @@ impl SiteSession {
     /// INSERT / QUEL append into a mapped relation.
     pub(crate) fn insert(&mut self, ins: &Insert) -> Result<(Outcome, Option<String>)> {
         let site = self.site.clone();
+        site.not_refreshing(&self.conn)?;
         let rel = site
             .catalog
             .relation(&ins.relation)
@@ -293,6 +294,7 @@ impl SiteSession {
     /// as SQLite runs it.
     pub(crate) fn update(&mut self, u: &Update, sql: &str) -> Result<Outcome> {
         let site = self.site.clone();
+        site.not_refreshing(&self.conn)?;
         let rm = site
             .mapping
             .relation(&u.target.relation)
@@ -311,6 +313,7 @@ impl SiteSession {
     /// DELETE / QUEL delete from a mapped relation.
     pub(crate) fn delete(&mut self, d: &Delete, sql: &str) -> Result<Outcome> {
         let site = self.site.clone();
+        site.not_refreshing(&self.conn)?;
         let rm = site
             .mapping
             .relation(&d.target.relation)
@@ -411,6 +414,11 @@ impl SiteSession {
             })
             .map_err(|e| match e {
                 e @ Error::Remote(_) if crate::site::is_request_error(&e) => e,
+                e if crate::site::is_refreshing(&e) => Error::Busy(format!(
+                    "a refresh of the global snapshot is collecting the sites' changes: \
+                     {} {relation} waits until it is done; try again in a moment",
+                    change.verb()
+                )),
                 e => Error::Unreachable(format!(
                     "{} {relation} needs the primary-copy lock on {} tuple(s), and no lock can be had \
                      while the global snapshot controller is unreachable ({e}); nothing was changed — \

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use snaps::localnet::LocalNetwork;
+use snaps::localnet::{LocalNetwork, Options};
 use snaps_local::SiteStore;
 use snaps_local::engine::Engine;
 use snaps_local::site::{GlobalLink, Site, SiteEngine};
@@ -33,13 +33,20 @@ pub struct Net {
     pub sites: BTreeMap<String, std::net::SocketAddr>,
     pub data: BTreeMap<String, Rows>,
     pub network: NetworkConfig,
+    /// Each site's part in the refresh epochs.
+    pub participants: BTreeMap<String, tokio::task::JoinHandle<()>>,
+    /// The sites themselves.
+    pub handles: BTreeMap<String, Arc<Site>>,
 }
 
 pub async fn setup(patients: usize) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
-    let global = LocalNetwork::start(network.clone(), store.clone(), BTreeMap::new())
+    let mut options = Options::new(&network);
+    options.refresh.collect_timeout = Duration::from_secs(30);
+    options.refresh.distribute_timeout = Duration::from_secs(30);
+    let global = LocalNetwork::start_with(network.clone(), store.clone(), options)
         .await
         .unwrap();
     let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
@@ -49,6 +56,8 @@ pub async fn setup(patients: usize) -> Net {
         .collect();
     let catalog = network.global_catalog().unwrap();
     let mut sites = BTreeMap::new();
+    let mut participants = BTreeMap::new();
+    let mut handles = BTreeMap::new();
     for (code, rows) in &data {
         let path = dir.path().join(code).join("local.db");
         let mut store = SiteStore::create_in_network(&network, code, &path).unwrap();
@@ -65,6 +74,8 @@ pub async fn setup(patients: usize) -> Net {
         };
         let site = Site::open(&path, &catalog, Some(link)).unwrap();
         site.initial_load().await.unwrap();
+        participants.insert(code.clone(), tokio::spawn(site.clone().participate()));
+        handles.insert(code.clone(), site.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         sites.insert(code.clone(), listener.local_addr().unwrap());
         let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
@@ -74,13 +85,44 @@ pub async fn setup(patients: usize) -> Net {
             std::future::pending(),
         ));
     }
-    Net {
+    let net = Net {
         dir,
         store,
         global: Some(global),
         sites,
         data,
         network,
+        participants,
+        handles,
+    };
+    net.wait_subscribed(3).await;
+    net
+}
+
+impl Net {
+    /// Waits until `n` sites keep their Subscribe stream open (they take
+    /// part in the next epoch).
+    pub async fn wait_subscribed(&self, n: usize) {
+        for _ in 0..250 {
+            let connected = self.handles.values().filter(|s| s.subscribed()).count();
+            if connected >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the sites did not subscribe to refresh epochs");
+    }
+
+    /// Runs one refresh epoch through the administrator's interface and
+    /// returns its summary.
+    pub async fn refresh(&self) -> snaps_proto::v1::RefreshSummary {
+        let admin = self.global.as_ref().unwrap().admin_client().await.unwrap();
+        let mut progress = admin.run_refresh().await.unwrap();
+        let mut last = None;
+        while let Some(p) = progress.message().await.unwrap() {
+            last = p.summary.or(last);
+        }
+        last.expect("the refresh ended without a summary")
     }
 }
 

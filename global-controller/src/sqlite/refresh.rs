@@ -1,0 +1,595 @@
+//! The SQLite store's side of the refresh epochs: epochs and their phases,
+//! staged pushes, the commit, the change log the distribution reads, and
+//! acknowledgements — each call one transaction, so a crash at any point
+//! leaves the last recorded phase and nothing half applied.
+//!
+//! Tables (created with the store):
+//! * `snaps_epochs` — one row per epoch: phase, participants, times, the
+//!   commit's summary;
+//! * `snaps_pushes` — the encoded push of each site for the collecting
+//!   epoch (replaced by a second push; dropped at the commit);
+//! * `snaps_changes` — per epoch, the tuples changed (by whom) or removed
+//!   (with the sent-to bits at removal): what holders must hear of;
+//! * `snaps_site_epochs` — per site, the last epoch it applied and the last
+//!   epoch whose push from it was committed;
+//! * `snaps_gone` — tuples their owner deleted while other sites held
+//!   copies: no longer in the relation (never sent again), kept until the
+//!   last holder releases its copy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use prost::Message;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue};
+use rusqlite::{OptionalExtension, TransactionBehavior, params, params_from_iter};
+use snaps_proto::v1;
+use snaps_schema::{SentTo, SiteNo, sql_ident};
+
+use super::{SqliteStore, default_rights, from_sql, now, to_sql};
+use crate::error::{Error, Result};
+use crate::store::*;
+
+/// The refresh tables.
+pub(super) const TABLES: &str = "
+CREATE TABLE IF NOT EXISTS snaps_epochs (
+    epoch INTEGER PRIMARY KEY, phase TEXT NOT NULL, participants TEXT NOT NULL,
+    opened_at INTEGER NOT NULL, committed_at INTEGER, closed_at INTEGER, summary TEXT);
+CREATE TABLE IF NOT EXISTS snaps_pushes (
+    epoch INTEGER NOT NULL, site INTEGER NOT NULL, body BLOB NOT NULL, pushed_at INTEGER NOT NULL,
+    PRIMARY KEY (epoch, site));
+CREATE TABLE IF NOT EXISTS snaps_changes (
+    epoch INTEGER NOT NULL, relation TEXT NOT NULL, tuple_id INTEGER NOT NULL,
+    changer INTEGER NOT NULL, removed INTEGER NOT NULL, sent_to BLOB,
+    PRIMARY KEY (epoch, relation, tuple_id));
+CREATE TABLE IF NOT EXISTS snaps_site_epochs (
+    site INTEGER PRIMARY KEY, acked INTEGER NOT NULL DEFAULT 0,
+    committed_push INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS snaps_gone (
+    relation TEXT NOT NULL, tuple_id INTEGER NOT NULL, sent_to BLOB NOT NULL,
+    PRIMARY KEY (relation, tuple_id));
+";
+
+type Tx<'a> = rusqlite::Transaction<'a>;
+
+fn sites_json(sites: &[SiteNo]) -> String {
+    serde_json::to_string(&sites.iter().map(|s| s.0).collect::<Vec<_>>()).unwrap_or_default()
+}
+
+fn sites_of(json: &str) -> Result<Vec<SiteNo>> {
+    let n: Vec<u32> = serde_json::from_str(json)
+        .map_err(|e| Error::Internal(format!("epoch participants {json:?}: {e}")))?;
+    Ok(n.into_iter().map(SiteNo).collect())
+}
+
+impl SqliteStore {
+    fn latest_epoch(tx: &rusqlite::Connection) -> Result<Option<EpochState>> {
+        let row: Option<(i64, String, String, i64)> = tx
+            .query_row(
+                "SELECT epoch, phase, participants, opened_at FROM snaps_epochs
+                 ORDER BY epoch DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((epoch, phase, participants, opened_at)) = row else {
+            return Ok(None);
+        };
+        let numbers = |sql: &str| -> Result<Vec<SiteNo>> {
+            let mut stmt = tx.prepare_cached(sql)?;
+            let rows = stmt
+                .query_map([epoch], |r| r.get::<_, u32>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows.into_iter().map(SiteNo).collect())
+        };
+        let phase = Phase::from_name(&phase)?;
+        let pushed = if phase == Phase::Collect {
+            numbers("SELECT site FROM snaps_pushes WHERE epoch = ?1 ORDER BY site")?
+        } else {
+            numbers("SELECT site FROM snaps_site_epochs WHERE committed_push = ?1 ORDER BY site")?
+        };
+        Ok(Some(EpochState {
+            epoch: epoch as u64,
+            phase,
+            participants: sites_of(&participants)?,
+            pushed,
+            acked: numbers("SELECT site FROM snaps_site_epochs WHERE acked >= ?1 ORDER BY site")?,
+            opened_at,
+        }))
+    }
+
+    pub(super) fn epoch_state(&self) -> Result<Option<EpochState>> {
+        Self::latest_epoch(&self.conn())
+    }
+
+    pub(super) fn open_next_epoch(&self, participants: &[SiteNo]) -> Result<EpochState> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let latest = Self::latest_epoch(&tx)?;
+        if let Some(e) = &latest
+            && e.phase != Phase::Closed
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "epoch {} is still in its {} phase",
+                e.epoch,
+                e.phase.name()
+            )));
+        }
+        let epoch = latest.map_or(1, |e| e.epoch + 1);
+        tx.execute(
+            "INSERT INTO snaps_epochs (epoch, phase, participants, opened_at) VALUES (?1, 'collect', ?2, ?3)",
+            params![epoch as i64, sites_json(participants), now()],
+        )?;
+        let state = Self::latest_epoch(&tx)?
+            .ok_or_else(|| Error::Internal("the epoch just opened is not there".into()))?;
+        tx.commit()?;
+        Ok(state)
+    }
+
+    pub(super) fn stage(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        match Self::latest_epoch(&tx)? {
+            Some(e) if e.epoch == epoch && e.phase == Phase::Collect => {}
+            Some(e) if e.epoch >= epoch => {
+                return Err(Error::FailedPrecondition(format!(
+                    "epoch {epoch} is no longer collecting (epoch {} is {}): \
+                     the changes wait for the next epoch",
+                    e.epoch,
+                    e.phase.name()
+                )));
+            }
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "epoch {epoch} is not collecting"
+                )));
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO snaps_pushes (epoch, site, body, pushed_at) VALUES (?1, ?2, ?3, ?4)",
+            params![epoch as i64, site.number.0, body, now()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(super) fn commit(&self, epoch: u64) -> Result<CommitSummary> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (phase, summary): (String, Option<String>) = tx
+            .query_row(
+                "SELECT phase, summary FROM snaps_epochs WHERE epoch = ?1",
+                [epoch as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| Error::NotFound(format!("there is no epoch {epoch}")))?;
+        if Phase::from_name(&phase)? != Phase::Collect {
+            return serde_json::from_str(summary.as_deref().unwrap_or("{}"))
+                .map_err(|e| Error::Internal(format!("summary of epoch {epoch}: {e}")));
+        }
+        let pushes: Vec<(u32, Vec<u8>)> = {
+            let mut stmt =
+                tx.prepare("SELECT site, body FROM snaps_pushes WHERE epoch = ?1 ORDER BY site")?;
+            stmt.query_map([epoch as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let mut out = CommitSummary::default();
+        let mut pushers = Vec::new();
+        for (number, body) in pushes {
+            let site = SiteId {
+                code: self.code(i64::from(number)),
+                number: SiteNo(number),
+            };
+            let wire = v1::PushRequest::decode(body.as_slice())
+                .map_err(|e| Error::Internal(format!("staged push of {}: {e}", site.code)))?;
+            let push = Push::decode(&wire, &self.catalog)?;
+            out.tuples_pushed += push.len() as u64;
+            self.apply_push(&tx, epoch, &site, &push, &mut out)?;
+            tx.execute(
+                "INSERT INTO snaps_site_epochs (site, committed_push) VALUES (?1, ?2)
+                 ON CONFLICT (site) DO UPDATE SET committed_push = excluded.committed_push",
+                params![number, epoch as i64],
+            )?;
+            out.pushed_by.push(site.code.clone());
+            pushers.push(i64::from(number));
+        }
+        // The pushing sites' locks end here: their changes are committed.
+        if !pushers.is_empty() {
+            let list = pushers
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            for r in self.catalog.relations() {
+                tx.execute(
+                    &format!(
+                        "UPDATE {} SET snaps_lock_site = NULL, snaps_rights = ?1 WHERE snaps_lock_site IN ({list})",
+                        sql_ident(&r.name)
+                    ),
+                    [default_rights(self.mode(&r.name)).code()],
+                )?;
+            }
+        }
+        tx.execute("DELETE FROM snaps_pushes WHERE epoch = ?1", [epoch as i64])?;
+        tx.execute(
+            "UPDATE snaps_epochs SET phase = 'distribute', committed_at = ?2, summary = ?3 WHERE epoch = ?1",
+            params![
+                epoch as i64,
+                now(),
+                serde_json::to_string(&out).map_err(|e| Error::Internal(e.to_string()))?
+            ],
+        )?;
+        tx.commit()?;
+        tracing::info!(epoch, ?out, "epoch committed");
+        Ok(out)
+    }
+
+    fn log_change(
+        tx: &Tx<'_>,
+        epoch: u64,
+        relation: &str,
+        tuple_id: i64,
+        changer: i64,
+        removed: Option<&[u8]>,
+    ) -> Result<()> {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO snaps_changes (epoch, relation, tuple_id, changer, removed, sent_to)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            epoch as i64,
+            relation,
+            tuple_id,
+            changer,
+            removed.is_some(),
+            removed
+        ])?;
+        Ok(())
+    }
+
+    fn apply_push(
+        &self,
+        tx: &Tx<'_>,
+        epoch: u64,
+        site: &SiteId,
+        push: &Push,
+        out: &mut CommitSummary,
+    ) -> Result<()> {
+        let me = i64::from(site.number.0);
+        for batch in &push.inserted {
+            let o = self.load_in(tx, site, batch)?;
+            out.inserted += o.loaded;
+            out.conflicts += o.conflicts.len() as u64;
+        }
+        for batch in &push.updated {
+            for (row, &origin) in batch.origins.iter().enumerate() {
+                let mut found = false;
+                for (pi, p) in batch.shape.parts.iter().enumerate() {
+                    let sets: Vec<String> = p
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{} = ?{}", sql_ident(c), i + 3))
+                        .collect();
+                    if sets.is_empty() {
+                        continue;
+                    }
+                    let sql = format!(
+                        "UPDATE {} SET {} WHERE snaps_owner = ?1 AND snaps_origin = ?2 RETURNING tuple_id",
+                        sql_ident(&p.relation),
+                        sets.join(", ")
+                    );
+                    let mut args = vec![
+                        ToSqlOutput::Owned(SqlValue::Integer(me)),
+                        ToSqlOutput::Owned(SqlValue::Integer(origin as i64)),
+                    ];
+                    args.extend(batch.parts[pi][row].iter().map(to_sql));
+                    let id: Option<i64> = tx
+                        .prepare_cached(&sql)?
+                        .query_row(params_from_iter(args), |r| r.get(0))
+                        .optional()?;
+                    if let Some(id) = id {
+                        found = true;
+                        Self::log_change(tx, epoch, &p.relation, id, me, None)?;
+                    }
+                }
+                if found {
+                    out.updated += 1;
+                } else {
+                    // Never in the global snapshot (its key clashed at its
+                    // first push): it goes through the new-tuple path again.
+                    let single = LoadBatch {
+                        shape: batch.shape.clone(),
+                        origins: vec![origin],
+                        parts: batch.parts.iter().map(|p| vec![p[row].clone()]).collect(),
+                    };
+                    let o = self.load_in(tx, site, &single)?;
+                    out.inserted += o.loaded;
+                    out.conflicts += o.conflicts.len() as u64;
+                }
+            }
+        }
+        for c in &push.copies {
+            let sets: Vec<String> = c
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, col)| format!("{} = ?{}", sql_ident(col), i + 3))
+                .collect();
+            if sets.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "UPDATE {} SET {} WHERE tuple_id = ?1 AND snaps_lock_site = ?2 RETURNING tuple_id",
+                sql_ident(&c.relation),
+                sets.join(", ")
+            );
+            for (id, row) in c.tuple_ids.iter().zip(&c.rows) {
+                let mut args = vec![
+                    ToSqlOutput::Owned(SqlValue::Integer(*id as i64)),
+                    ToSqlOutput::Owned(SqlValue::Integer(me)),
+                ];
+                args.extend(row.iter().map(to_sql));
+                let done: Option<i64> = tx
+                    .prepare_cached(&sql)?
+                    .query_row(params_from_iter(args), |r| r.get(0))
+                    .optional()?;
+                match done {
+                    Some(id) => {
+                        out.updated += 1;
+                        Self::log_change(tx, epoch, &c.relation, id, me, None)?;
+                    }
+                    None => {
+                        out.refused += 1;
+                        tracing::warn!(site = %site.code, relation = %c.relation, tuple_id = id,
+                            "change of a copy not applied: the site does not hold its lock");
+                    }
+                }
+            }
+        }
+        for d in &push.deleted {
+            for &origin in &d.origins {
+                let mut any = false;
+                for relation in &d.relations {
+                    let row: Option<(i64, Vec<u8>)> = tx
+                        .prepare_cached(&format!(
+                            "DELETE FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2
+                             RETURNING tuple_id, snaps_sent_to",
+                            sql_ident(relation)
+                        ))?
+                        .query_row(params![me, origin as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    let Some((id, sent)) = row else { continue };
+                    any = true;
+                    let held = !SentTo::from_bytes(&sent).is_empty();
+                    if self.propagate_deletes.contains(relation) {
+                        Self::log_change(tx, epoch, relation, id, me, Some(&sent))?;
+                        if held {
+                            out.removed += 1;
+                        }
+                    } else if held {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO snaps_gone (relation, tuple_id, sent_to) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![relation, id, sent])?;
+                    }
+                }
+                if any {
+                    out.deleted += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn changes_for(
+        &self,
+        site: &SiteId,
+        since: u64,
+        parts: &[(String, Vec<String>)],
+    ) -> Result<Changes> {
+        let me = i64::from(site.number.0);
+        let conn = self.conn();
+        let epoch: i64 = conn.query_row(
+            "SELECT coalesce(max(epoch), 0) FROM snaps_epochs WHERE phase <> 'collect'",
+            [],
+            |r| r.get(0),
+        )?;
+        let committed_push: i64 = conn
+            .query_row(
+                "SELECT committed_push FROM snaps_site_epochs WHERE site = ?1",
+                [me],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let mut changed: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+        let mut removed: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT relation, tuple_id, changer, removed, sent_to FROM snaps_changes
+                 WHERE epoch > ?1 AND epoch <= ?2",
+            )?;
+            let mut rows = stmt.query(params![since as i64, epoch])?;
+            while let Some(r) = rows.next()? {
+                let relation: String = r.get(0)?;
+                let id: i64 = r.get(1)?;
+                let changer: i64 = r.get(2)?;
+                if r.get::<_, bool>(3)? {
+                    let sent: Vec<u8> = r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default();
+                    if SentTo::from_bytes(&sent).contains(site.number) {
+                        removed.entry(relation).or_default().insert(id);
+                    }
+                } else if changer != me {
+                    changed.entry(relation).or_default().insert(id);
+                }
+            }
+        }
+        let mut out = Changes {
+            epoch: epoch as u64,
+            committed_push: committed_push as u64,
+            changed: Vec::new(),
+            removed: removed
+                .into_iter()
+                .map(|(r, ids)| (r, ids.into_iter().map(|i| i as u64).collect()))
+                .collect(),
+        };
+        for (relation, columns) in parts {
+            let rel = self.catalog.relation(relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {relation:?}"))
+            })?;
+            for c in columns {
+                if rel.attribute(c).is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{relation} has no attribute {c}"
+                    )));
+                }
+            }
+            let Some(ids) = changed.get(relation) else {
+                continue;
+            };
+            let ids: Vec<i64> = ids.iter().copied().collect();
+            let cols: Vec<String> = columns.iter().map(|c| sql_ident(c)).collect();
+            let mut part = ChangedPart {
+                relation: relation.clone(),
+                columns: columns.clone(),
+                tuple_ids: Vec::new(),
+                origins: Vec::new(),
+                rows: Vec::new(),
+            };
+            for chunk in ids.chunks(500) {
+                let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("?{i}")).collect();
+                let sql = format!(
+                    "SELECT tuple_id, snaps_owner, snaps_origin, snaps_sent_to{}{} FROM {} WHERE tuple_id IN ({})",
+                    if cols.is_empty() { "" } else { ", " },
+                    cols.join(", "),
+                    sql_ident(relation),
+                    marks.join(", ")
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let mut rows = stmt.query(params_from_iter(chunk))?;
+                while let Some(r) = rows.next()? {
+                    let owner: i64 = r.get(1)?;
+                    let sent: Vec<u8> = r.get(3)?;
+                    let origin = if owner == me {
+                        r.get::<_, i64>(2)? as u64
+                    } else if SentTo::from_bytes(&sent).contains(site.number) {
+                        0
+                    } else {
+                        continue;
+                    };
+                    part.tuple_ids.push(r.get::<_, i64>(0)? as u64);
+                    part.origins.push(origin);
+                    part.rows.push(
+                        (0..cols.len())
+                            .map(|i| r.get_ref(4 + i).map(from_sql))
+                            .collect::<rusqlite::Result<Vec<_>>>()?,
+                    );
+                }
+            }
+            if !part.tuple_ids.is_empty() {
+                out.changed.push(part);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn ack(&self, site: &SiteId, epoch: u64) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO snaps_site_epochs (site, acked) VALUES (?1, ?2)
+             ON CONFLICT (site) DO UPDATE SET acked = max(acked, excluded.acked)",
+            params![site.number.0, epoch as i64],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn close(&self, epoch: u64) -> Result<()> {
+        let n = self.conn().execute(
+            "UPDATE snaps_epochs SET phase = 'closed', closed_at = ?2 WHERE epoch = ?1 AND phase = 'distribute'",
+            params![epoch as i64, now()],
+        )?;
+        if n == 0 {
+            let state = self.epoch_state()?;
+            if !matches!(&state, Some(e) if e.epoch == epoch && e.phase == Phase::Closed) {
+                return Err(Error::FailedPrecondition(format!(
+                    "epoch {epoch} is not distributing"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the site's sent-to bits of tuples their owner deleted,
+    /// forgetting those nobody holds any more; returns how many it held.
+    pub(super) fn release_gone(
+        tx: &Tx<'_>,
+        site: &SiteId,
+        gone: &HashMap<String, Vec<i64>>,
+    ) -> Result<u64> {
+        let mut released = 0;
+        for (relation, ids) in gone {
+            for id in ids {
+                let sent: Option<Vec<u8>> = tx
+                    .prepare_cached(
+                        "SELECT sent_to FROM snaps_gone WHERE relation = ?1 AND tuple_id = ?2",
+                    )?
+                    .query_row(params![relation, id], |r| r.get(0))
+                    .optional()?;
+                let Some(sent) = sent else { continue };
+                let mut sent = SentTo::from_bytes(&sent);
+                if !sent.contains(site.number) {
+                    continue;
+                }
+                sent.remove(site.number);
+                released += 1;
+                if sent.is_empty() {
+                    tx.prepare_cached(
+                        "DELETE FROM snaps_gone WHERE relation = ?1 AND tuple_id = ?2",
+                    )?
+                    .execute(params![relation, id])?;
+                } else {
+                    tx.prepare_cached(
+                        "UPDATE snaps_gone SET sent_to = ?3 WHERE relation = ?1 AND tuple_id = ?2",
+                    )?
+                    .execute(params![relation, id, sent.to_bytes()])?;
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    pub(super) fn conflict_list(&self) -> Result<Vec<ConflictEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, site, relation, origin, key, holder, recorded_at, tuple FROM snaps_conflicts ORDER BY id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(id, site, relation, origin, key, holder, at, tuple)| {
+                Ok(ConflictEntry {
+                    id: id as u64,
+                    site: self.code(site),
+                    relation,
+                    origin: origin as u64,
+                    key: serde_json::from_str(&key)
+                        .map_err(|e| Error::Internal(format!("conflict {id}: {e}")))?,
+                    holder: self.code(holder),
+                    recorded_at: at,
+                    tuple,
+                })
+            })
+            .collect()
+    }
+}

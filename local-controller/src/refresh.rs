@@ -1,0 +1,636 @@
+//! The site's part in the refresh epochs (DESIGN.md, "The nightly
+//! refresh"; thesis chapter 7, "Algorithm to Refresh Local Snapshots" and
+//! "Algorithm to Delete Local Snapshots").
+//!
+//! The site keeps a Subscribe stream open to the global controller (it
+//! never accepts connections) and acts on every notice:
+//!
+//! * **collect E** — holds its shared data still (`snaps_meta` key
+//!   `refreshing`: writes to mapped relations are refused, by the
+//!   controller and by triggers), evicts snapshots unused for `max_days`
+//!   and releases their copies, then pushes everything not yet committed:
+//!   new and changed own tuples, copies changed under lock, deleted own
+//!   tuples. A push is tagged with E; pushing again replaces it.
+//! * **distribute E** (or **closed E**, for a site that missed it) — asks
+//!   for what changed after the last epoch it applied and, in one
+//!   transaction, updates the copies in place (pinned copies keep their own
+//!   attributes), removes the copies whose tuples are gone, and — when its
+//!   push was committed — clears its new/modified flags, rights and
+//!   deletes; then re-runs its snapshot definitions for tuples it does not
+//!   hold yet, and acknowledges.
+//!
+//! Every step is recorded in `snaps_meta` (`refresh_pushed`,
+//! `refresh_applied`, `refresh_acked`) in the transaction that does it, so a
+//! site restarted at any point picks up where it stopped, and every message
+//! is harmless to repeat.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use snaps_mapping::ir::Select;
+use snaps_mapping::rewrite::plan;
+use snaps_mapping::{Language, SiteMapping};
+use snaps_proto::{decode_rows, encode_rows, shape_of_relation, v1};
+use snaps_schema::{SnapshotNo, Value, sql_ident};
+use tokio::sync::Notify;
+
+use crate::remote::export_batches;
+use crate::site::{Fetched, Retrieval, Site, projections, today};
+use crate::store::{STATUS_COLUMN, read_tuples};
+use crate::value::to_sqlite;
+use crate::{Error, Result};
+
+/// A point of the site's refresh at which a test may stop the site, as a
+/// crash would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SitePoint {
+    /// Snapshots evicted and released, nothing pushed.
+    Evicted,
+    /// The push is staged at the controller and recorded here.
+    Pushed,
+    /// The changes are applied, no definition re-run yet.
+    Applied,
+    /// One snapshot definition re-run, others not.
+    Rerunning,
+}
+
+/// Where a halting site stops, and how it says it has.
+#[derive(Debug, Clone)]
+pub struct Halt {
+    /// The point.
+    pub at: SitePoint,
+    /// Notified when the point is reached.
+    pub reached: Arc<Notify>,
+}
+
+/// What the site did in one epoch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiteEpoch {
+    /// Snapshots evicted.
+    pub evicted: u64,
+    /// Copies released.
+    pub released: u64,
+    /// Tuples pushed.
+    pub pushed: u64,
+    /// Copies updated in place, and own tuples changed by lock holders.
+    pub updated: u64,
+    /// Copies removed.
+    pub removed: u64,
+    /// Tuples the re-run definitions brought.
+    pub fetched: u64,
+}
+
+const SNAPSHOT: u8 = 0x80;
+const NEW: u8 = 0x10;
+const MODIFIED: u8 = 0x08;
+const RIGHTS: u8 = 0x60;
+const READ_WRITE: u8 = 0x20;
+const READ_ONLY: u8 = 0x40;
+/// The just-copied value the refresh marks tuples with while it rewrites
+/// them, so the triggers know the controller is at work.
+const REFRESHING_MARK: u8 = 0x01;
+
+const PUSHED: &str = "refresh_pushed";
+const APPLIED: &str = "refresh_applied";
+const ACKED: &str = "refresh_acked";
+const REFRESHING: &str = "refreshing";
+
+fn meta_epoch(conn: &Connection, key: &str) -> Result<u64> {
+    let v: Option<String> = conn
+        .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+fn set_meta(conn: &Connection, key: &str, value: u64) -> Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
+        params![key, value.to_string()],
+    )?;
+    Ok(())
+}
+
+impl Site {
+    /// Makes the site stop its refresh at `halt` (tests of crash safety).
+    pub fn halt_at(&self, halt: Halt) {
+        *self.halt.lock().unwrap_or_else(|p| p.into_inner()) = Some(halt);
+    }
+
+    fn reached(&self, point: SitePoint) -> Result<()> {
+        let halt = self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match halt {
+            Some(h) if h.at == point => {
+                tracing::warn!(site = %self.code(), ?point, "halting the refresh here, as a crash would");
+                h.reached.notify_one();
+                Err(Error::Halted(format!("{point:?}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes part in every refresh epoch until the site halts (tests) or
+    /// the task is dropped: keeps the Subscribe stream open, reconnecting
+    /// after a failure, and acts on each notice.
+    pub async fn participate(self: Arc<Self>) {
+        let retry = self
+            .link
+            .as_ref()
+            .map_or(Duration::from_secs(10), |l| l.retry_after)
+            .max(Duration::from_millis(200));
+        loop {
+            match self.clone().follow().await {
+                Err(Error::Halted(at)) => {
+                    tracing::warn!(site = %self.code(), at, "refresh participation halted");
+                    return;
+                }
+                Err(e) => tracing::debug!(site = %self.code(), error = %e, "refresh stream lost"),
+                Ok(()) => {}
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+
+    /// Whether the site keeps its Subscribe stream open now.
+    pub fn subscribed(&self) -> bool {
+        self.subscribed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn follow(self: Arc<Self>) -> Result<()> {
+        let client = self.client().await?;
+        let notices = client.subscribe().await;
+        let mut notices = match notices {
+            Ok(n) => n,
+            Err(e) => {
+                // A controller that went away: connect afresh next time.
+                self.forget_client().await;
+                return Err(e);
+            }
+        };
+        self.subscribed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let followed = self.follow_notices(&mut notices).await;
+        self.subscribed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if followed.is_err() {
+            self.forget_client().await;
+        }
+        followed
+    }
+
+    async fn follow_notices(
+        self: &Arc<Self>,
+        notices: &mut tonic::Streaming<v1::EpochNotice>,
+    ) -> Result<()> {
+        while let Some(notice) = notices.message().await? {
+            let site = self.clone();
+            let done = tokio::task::spawn_blocking(move || site.on_notice(&notice))
+                .await
+                .map_err(|e| Error::Invalid(format!("refresh task: {e}")))?;
+            match done {
+                Ok(_) => {}
+                Err(e @ Error::Halted(_)) => return Err(e),
+                Err(e) => tracing::warn!(site = %self.code(), error = %e, "refresh step failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on one notice; blocking (runs requests on the site's runtime).
+    pub fn on_notice(&self, notice: &v1::EpochNotice) -> Result<SiteEpoch> {
+        let mut did = SiteEpoch::default();
+        let epoch = notice.epoch;
+        if epoch == 0 {
+            return Ok(did);
+        }
+        let mut conn = self.open_refresh_conn()?;
+        if notice.phase == v1::EpochPhase::Collect as i32 {
+            if meta_epoch(&conn, PUSHED)? < epoch {
+                self.collect(&mut conn, epoch, &mut did)?;
+            }
+            return Ok(did);
+        }
+        if meta_epoch(&conn, APPLIED)? < epoch {
+            self.apply(&mut conn, &mut did)?;
+        }
+        let applied = meta_epoch(&conn, APPLIED)?;
+        if meta_epoch(&conn, ACKED)? < applied {
+            self.rerun(&conn, &mut did)?;
+            self.remote(|c| async move { c.acknowledge(applied).await })?;
+            set_meta(&conn, ACKED, applied)?;
+        }
+        Ok(did)
+    }
+
+    fn open_refresh_conn(&self) -> Result<Connection> {
+        let conn = Connection::open(self.path())?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(conn)
+    }
+
+    /// Collect: hold still, evict, push.
+    fn collect(&self, conn: &mut Connection, epoch: u64, did: &mut SiteEpoch) -> Result<()> {
+        set_meta(conn, REFRESHING, epoch)?;
+        self.evict(conn, did)?;
+        self.release(conn, did)?;
+        self.reached(SitePoint::Evicted)?;
+        let push = self.build_push(conn, epoch)?;
+        match self.remote(|c| async move { c.push(push).await }) {
+            Ok(n) => {
+                did.pushed = n;
+                set_meta(conn, PUSHED, epoch)?;
+                tracing::info!(site = %self.code(), epoch, tuples = n, "pushed");
+                self.reached(SitePoint::Pushed)
+            }
+            Err(Error::Remote(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                // Too late for this epoch: the changes wait for the next.
+                conn.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFRESHING])?;
+                tracing::warn!(site = %self.code(), epoch, reason = s.message(), "push refused");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Evicts the snapshots unused for `max_days` (never pinned ones) and
+    /// the copies no live snapshot holds, keeping pinned copies and those
+    /// changed under a lock not yet committed. Released copies are kept in
+    /// `snaps_released` until the controller has heard of them.
+    fn evict(&self, conn: &mut Connection, did: &mut SiteEpoch) -> Result<()> {
+        let max_days = i64::from(self.max_days.load(std::sync::atomic::Ordering::Relaxed));
+        let cutoff = today() - max_days;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let old: Vec<i64> = {
+            let mut stmt = tx.prepare(
+                "SELECT d.snapshot_no FROM snaps_snapshot_definition d
+                 WHERE coalesce(d.pinned, 0) = 0
+                   AND coalesce((SELECT max(m.last_access_day) FROM snaps_snapshot_membership m
+                                 WHERE m.snapshot_no = d.snapshot_no), d.created_day) < ?1",
+            )?;
+            stmt.query_map([cutoff], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        for no in &old {
+            tx.execute(
+                "DELETE FROM snaps_snapshot_membership WHERE snapshot_no = ?1",
+                [no],
+            )?;
+            tx.execute(
+                "DELETE FROM snaps_snapshot_definition WHERE snapshot_no = ?1",
+                [no],
+            )?;
+        }
+        for rm in self.mapping.relations() {
+            let rel = sql_ident(&rm.local.name);
+            let orphans: Vec<i64> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT rowid FROM {rel} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0
+                       AND ({STATUS_COLUMN} & {RIGHTS}) <> {READ_WRITE}
+                       AND rowid NOT IN (SELECT tuple_rowid FROM snaps_snapshot_membership WHERE relation = ?1)
+                       AND rowid NOT IN (SELECT tuple_rowid FROM snaps_pinned WHERE relation = ?1)"
+                ))?;
+                stmt.query_map([&rm.local.name], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for rowid in orphans {
+                tx.execute(
+                    "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+                     SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
+                    params![rm.local.name, rowid],
+                )?;
+                remove_copy(&tx, &rm.local.name, rowid)?;
+            }
+        }
+        tx.commit()?;
+        if !old.is_empty() {
+            self.definitions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(no, _)| !old.contains(&i64::from(no.0)));
+            tracing::info!(site = %self.code(), evicted = old.len(), "snapshots evicted");
+        }
+        did.evicted += old.len() as u64;
+        Ok(())
+    }
+
+    /// Tells the controller of the copies evicted here.
+    fn release(&self, conn: &Connection, did: &mut SiteEpoch) -> Result<()> {
+        let refs: Vec<(String, i64)> = {
+            let mut stmt = conn.prepare("SELECT global_relation, tuple_id FROM snaps_released")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        if refs.is_empty() {
+            return Ok(());
+        }
+        for chunk in refs.chunks(10_000) {
+            let wire: Vec<v1::TupleRef> = chunk
+                .iter()
+                .map(|(r, id)| v1::TupleRef {
+                    relation: r.clone(),
+                    id: Some(v1::tuple_ref::Id::TupleId(*id as u64)),
+                })
+                .collect();
+            did.released += self.remote(|c| async move { c.release_copies(wire).await })?;
+            let mut del = conn.prepare_cached(
+                "DELETE FROM snaps_released WHERE global_relation = ?1 AND tuple_id = ?2",
+            )?;
+            for (r, id) in chunk {
+                del.execute(params![r, id])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything not yet committed, tagged with the epoch.
+    fn build_push(&self, conn: &Connection, epoch: u64) -> Result<v1::PushRequest> {
+        let mut push = v1::PushRequest {
+            epoch,
+            ..Default::default()
+        };
+        for rm in self.mapping.relations() {
+            let rel = &rm.local;
+            let status = |mask: u8, want: u8| format!("({STATUS_COLUMN} & {mask}) = {want}");
+            let new = read_tuples(conn, rel, &status(SNAPSHOT | NEW, NEW), 0)?;
+            let changed = read_tuples(conn, rel, &status(SNAPSHOT | NEW | MODIFIED, MODIFIED), 0)?;
+            let as_origins = |t: Vec<(i64, Vec<Value>)>| -> Vec<(u64, Vec<Value>)> {
+                t.into_iter().map(|(o, v)| (o as u64, v)).collect()
+            };
+            push.inserted
+                .extend(export_batches(rm, &as_origins(new), 5_000)?);
+            push.updated
+                .extend(export_batches(rm, &as_origins(changed), 5_000)?);
+            let copies = read_tuples(
+                conn,
+                rel,
+                &status(SNAPSHOT | MODIFIED, SNAPSHOT | MODIFIED),
+                0,
+            )?;
+            let mut by_part: Vec<(Vec<u64>, Vec<Vec<Value>>)> =
+                vec![Default::default(); rm.parts.len()];
+            for (rowid, values) in copies {
+                let parts = rm.export(&values)?;
+                for (pi, part) in rm.parts.iter().enumerate() {
+                    let id: Option<i64> = conn
+                        .prepare_cached(
+                            "SELECT tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2 AND global_relation = ?3",
+                        )?
+                        .query_row(params![rel.name, rowid, part.global], |r| r.get(0))
+                        .optional()?;
+                    if let Some(id) = id {
+                        by_part[pi].0.push(id as u64);
+                        by_part[pi].1.push(parts[pi].clone());
+                    }
+                }
+            }
+            for ((ids, rows), part) in by_part.into_iter().zip(&rm.parts) {
+                if ids.is_empty() {
+                    continue;
+                }
+                push.copies.push(v1::CopyUpdate {
+                    relation: part.global.clone(),
+                    columns: part.attrs.iter().map(|a| a.global.clone()).collect(),
+                    tuple_ids: ids,
+                    values: Some(
+                        encode_rows(part.attrs.len(), &rows)
+                            .map_err(|e| Error::Invalid(e.to_string()))?,
+                    ),
+                });
+            }
+            let deleted: Vec<u64> = {
+                let mut stmt = conn.prepare(
+                    "SELECT origin FROM snaps_deleted WHERE relation = ?1 ORDER BY origin",
+                )?;
+                stmt.query_map([&rel.name], |r| r.get::<_, i64>(0))?
+                    .map(|o| o.map(|o| o as u64))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            if !deleted.is_empty() {
+                push.deleted.push(v1::OwnDeletes {
+                    relations: rm.parts.iter().map(|p| p.global.clone()).collect(),
+                    origins: deleted,
+                });
+            }
+        }
+        Ok(push)
+    }
+
+    /// Distribute: new versions and removals in place, and — when this
+    /// site's push was committed — its flags cleared; all in one
+    /// transaction with the epoch it brings the site to.
+    fn apply(&self, conn: &mut Connection, did: &mut SiteEpoch) -> Result<()> {
+        let since = meta_epoch(conn, APPLIED)?;
+        let pushed = meta_epoch(conn, PUSHED)?;
+        let parts: Vec<v1::Part> = self
+            .mapping
+            .relations()
+            .flat_map(|rm| shape_of_relation(rm).parts)
+            .collect();
+        let reply = self.remote(|c| async move { c.changes(since, parts).await })?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Writes are allowed again from here (in this transaction too).
+        tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFRESHING])?;
+        for part in &reply.changed {
+            did.updated += apply_part(&tx, &self.mapping, part)?;
+        }
+        for r in &reply.removed {
+            for id in &r.tuple_ids {
+                let held: Option<(String, i64)> = tx
+                    .query_row(
+                        "SELECT relation, tuple_rowid FROM snaps_copy WHERE global_relation = ?1 AND tuple_id = ?2",
+                        params![r.relation, *id as i64],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((relation, rowid)) = held {
+                    remove_copy(&tx, &relation, rowid)?;
+                    did.removed += 1;
+                }
+            }
+        }
+        let committed = pushed > since && reply.committed_push >= pushed;
+        for rm in self.mapping.relations() {
+            let rel = sql_ident(&rm.local.name);
+            if committed {
+                // The global snapshot has it all now; the locks are gone.
+                tx.execute(
+                    &format!(
+                        "UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} & {SNAPSHOT}
+                         WHERE ({STATUS_COLUMN} & {}) <> 0",
+                        NEW | MODIFIED | RIGHTS
+                    ),
+                    [],
+                )?;
+            } else {
+                // Other sites' locks ended with their pushes; ours stay.
+                tx.execute(
+                    &format!(
+                        "UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} & ~{RIGHTS}
+                         WHERE ({STATUS_COLUMN} & {RIGHTS}) = {READ_ONLY}"
+                    ),
+                    [],
+                )?;
+            }
+        }
+        if committed {
+            tx.execute("DELETE FROM snaps_deleted", [])?;
+        }
+        set_meta(&tx, APPLIED, reply.epoch)?;
+        tx.commit()?;
+        tracing::info!(site = %self.code(), epoch = reply.epoch, committed, updated = did.updated,
+            removed = did.removed, "epoch applied");
+        self.reached(SitePoint::Applied)
+    }
+
+    /// Re-runs every snapshot definition: the controller sends only the
+    /// tuples this site does not hold yet.
+    fn rerun(&self, conn: &Connection, did: &mut SiteEpoch) -> Result<()> {
+        let defs: Vec<(i64, String, String, Option<String>)> = {
+            let mut stmt = conn.prepare(
+                "SELECT snapshot_no, language, statement, query FROM snaps_snapshot_definition ORDER BY snapshot_no",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        for (i, (no, lang, text, query)) in defs.iter().enumerate() {
+            let Some(query) = query else { continue };
+            let select: Select = serde_json::from_str(query).map_err(|e| {
+                Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
+            })?;
+            let plan = plan(&select, &self.catalog, &self.mapping)?;
+            let current = projections(conn, &plan)?;
+            let before: i64 = conn.query_row(
+                "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
+                [],
+                |r| r.get(0),
+            )?;
+            let retrieval = Retrieval {
+                select: &select,
+                lang: if lang == "quel" {
+                    Language::Quel
+                } else {
+                    Language::Sql
+                },
+                text,
+                into: Some(SnapshotNo(*no as u32)),
+            };
+            match self.fetch(conn, &plan, &current, &retrieval)? {
+                Fetched::LocalOnly(_) => {
+                    return Err(Error::Unreachable(
+                        "the global controller did not answer a snapshot definition's re-run"
+                            .into(),
+                    ));
+                }
+                Fetched::Nothing | Fetched::Stored(..) => {}
+            }
+            let after: i64 = conn.query_row(
+                "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
+                [],
+                |r| r.get(0),
+            )?;
+            did.fetched += (after - before) as u64;
+            if i == 0 {
+                self.reached(SitePoint::Rerunning)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a copy: the tuple (marked as the controller's work, so the
+/// triggers let it go), the global tuples behind it, its memberships, its
+/// pin.
+fn remove_copy(tx: &Connection, relation: &str, rowid: i64) -> Result<()> {
+    let rel = sql_ident(relation);
+    tx.execute(
+        &format!("UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} | {REFRESHING_MARK} WHERE rowid = ?1"),
+        [rowid],
+    )?;
+    tx.execute(&format!("DELETE FROM {rel} WHERE rowid = ?1"), [rowid])?;
+    for table in ["snaps_copy", "snaps_snapshot_membership", "snaps_pinned"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE relation = ?1 AND tuple_rowid = ?2"),
+            params![relation, rowid],
+        )?;
+    }
+    Ok(())
+}
+
+/// Applies new versions of one part's tuples in place: the mapped
+/// attributes that part carries, converted to the site's types; the site's
+/// own attributes (of a pinned copy, say) stay. Returns how many tuples
+/// changed.
+fn apply_part(tx: &Connection, mapping: &SiteMapping, part: &v1::ChangedPart) -> Result<u64> {
+    let rows = decode_rows(part.columns.len(), &part.values.clone().unwrap_or_default())
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    if rows.len() != part.tuple_ids.len() || part.origins.len() != part.tuple_ids.len() {
+        return Err(Error::Invalid(format!(
+            "changes of {}: rows, tuple ids and origins disagree",
+            part.relation
+        )));
+    }
+    let mut changed = 0;
+    for ((id, origin), row) in part.tuple_ids.iter().zip(&part.origins).zip(&rows) {
+        // Which local tuple: a copy by its global id, an own tuple by origin.
+        let target: Option<(String, i64)> = if *origin == 0 {
+            tx.query_row(
+                "SELECT relation, tuple_rowid FROM snaps_copy WHERE global_relation = ?1 AND tuple_id = ?2",
+                params![part.relation, *id as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+        } else {
+            mapping
+                .relations()
+                .find(|rm| rm.parts.iter().any(|p| p.global == part.relation))
+                .map(|rm| (rm.local.name.clone(), *origin as i64))
+        };
+        let Some((relation, rowid)) = target else {
+            continue;
+        };
+        let Some(rm) = mapping.relation(&relation) else {
+            continue;
+        };
+        let Some(p) = rm.parts.iter().find(|p| p.global == part.relation) else {
+            continue;
+        };
+        let by_global: BTreeMap<&str, &Value> =
+            part.columns.iter().map(String::as_str).zip(row).collect();
+        let mut sets = Vec::new();
+        let mut values = Vec::new();
+        for a in &p.attrs {
+            let Some(v) = by_global.get(a.global.as_str()) else {
+                continue;
+            };
+            let v = match a.to_local {
+                Some(c) => c.apply(v, a.local_type, &format!("{relation}.{}", a.local))?,
+                None => (*v).clone(),
+            };
+            sets.push(format!("{} = ?{}", sql_ident(&a.local), sets.len() + 2));
+            values.push(to_sqlite(&v));
+        }
+        if sets.is_empty() {
+            continue;
+        }
+        let rel = sql_ident(&relation);
+        tx.execute(
+            &format!("UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} | {REFRESHING_MARK} WHERE rowid = ?1"),
+            [rowid],
+        )?;
+        let mut args = vec![rusqlite::types::Value::Integer(rowid)];
+        args.extend(values);
+        let n = tx.execute(
+            &format!("UPDATE {rel} SET {} WHERE rowid = ?1", sets.join(", ")),
+            rusqlite::params_from_iter(args),
+        )?;
+        tx.execute(
+            &format!("UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} & ~7 WHERE rowid = ?1"),
+            [rowid],
+        )?;
+        changed += n as u64;
+    }
+    Ok(changed)
+}
