@@ -121,12 +121,22 @@ pub async fn run_demo(
     let mut indexes = BTreeMap::new();
     indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
     indexes.insert("visit".to_string(), vec![vec!["pno".to_string()]]);
-    let global = LocalNetwork::start_at(
+    // The administrator's token, for `snaps refresh` and `snaps conflicts`.
+    let admin_file = opts.dir.join("global").join("admin.token");
+    std::fs::create_dir_all(opts.dir.join("global"))?;
+    let admin = new_token("admin");
+    std::fs::write(&admin_file, &admin)
+        .with_context(|| format!("write {}", admin_file.display()))?;
+    let global = LocalNetwork::start_with(
         network.clone(),
         opts.dir.join("global").join("global.db"),
-        indexes,
-        global_addr,
-        tokens.clone(),
+        crate::localnet::Options {
+            indexes,
+            addr: global_addr,
+            tokens: tokens.clone(),
+            admin,
+            ..crate::localnet::Options::new(&network)
+        },
     )
     .await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -152,6 +162,11 @@ pub async fn run_demo(
         ));
     }
     println!("global snapshot controller: {} (gRPC)", global.addr);
+    println!(
+        "refresh now: snaps refresh --global {} --token-file {}",
+        global.addr,
+        admin_file.display()
+    );
     for l in &lines {
         println!("{l}");
     }

@@ -52,6 +52,7 @@ pub fn new_token(code: &str) -> String {
 }
 
 /// How a network on loopback is started.
+#[derive(Clone)]
 pub struct Options {
     /// Extra indexes of the global store.
     pub indexes: BTreeMap<String, Vec<Vec<String>>>,

@@ -65,6 +65,19 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Run one refresh epoch now and wait for it: every reachable site
+    /// evicts, pushes its changes, and receives what changed. Shows a bar
+    /// per phase and a summary.
+    Refresh(snaps::admin::AdminOptions),
+    /// List the key conflicts awaiting an administrator: tuples a site
+    /// created with a key another site owns.
+    Conflicts {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +142,20 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Refresh(admin) => {
+            init_logging_quiet();
+            let summary = runtime()?.block_on(snaps::admin::refresh(&admin))?;
+            println!("{}", snaps::admin::summary_text(&summary));
+            Ok(())
+        }
+        Command::Conflicts { admin, json } => {
+            init_logging_quiet();
+            println!(
+                "{}",
+                runtime()?.block_on(snaps::admin::conflicts(&admin, json))?
+            );
+            Ok(())
+        }
         Command::Global {
             command: GlobalCommand::Serve { config },
         } => {

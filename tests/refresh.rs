@@ -152,3 +152,291 @@ async fn one_epoch_commits_every_sites_changes_and_brings_every_copy_up_to_date(
     assert_eq!((again.inserted, again.deleted), (0, 0));
     assert_eq!(again.updated, 1, "CPH's change of the copy: {again:?}");
 }
+
+/// The SQLSTATE and message of a refused statement.
+async fn refused(c: &Client, text: &str) -> (String, String) {
+    let e = c
+        .client
+        .simple_query(text)
+        .await
+        .expect_err(&format!("{text} should have been refused"));
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{text}: {e}"));
+    (db.code().code().to_string(), db.message().to_string())
+}
+
+/// Waits until the latest epoch is closed in the global store.
+async fn wait_closed(net: &Net, epoch: u64) {
+    for _ in 0..600 {
+        let phase = global_value(
+            net,
+            &format!(
+                "SELECT coalesce((SELECT phase FROM snaps_epochs WHERE epoch = {epoch}), 'none')"
+            ),
+        );
+        if phase.as_deref() == Some("closed") {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("epoch {epoch} did not close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_an_epoch_collects_queries_answer_locally_and_writes_wait() {
+    let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+    let halt = snaps_global::epochs::Halt {
+        at: snaps_global::epochs::HaltPoint::Collecting,
+        reached: reached.clone(),
+    };
+    let mut net = common::setup_with(30, |o| o.halt = Some(halt)).await;
+    let g = patients(&net, "GRC")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
+    let refresh = tokio::spawn(async move {
+        let mut p = admin.run_refresh().await.unwrap();
+        while p.message().await.ok().flatten().is_some() {}
+    });
+    reached.notified().await;
+    // A site that has pushed holds its shared data still; a query that
+    // would fetch is answered from local data with a notice.
+    let (rows, notices) = run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
+    assert!(rows.is_empty());
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("refresh of the global snapshot is in progress")),
+        "{notices:?}"
+    );
+    let mine = patients(&net, "STG")[0];
+    let (code, message) = refused(
+        &stg,
+        &format!("UPDATE visit SET description = 'x' WHERE pno = {mine}"),
+    )
+    .await;
+    assert_eq!(code, "55006", "{message}");
+    assert!(
+        message.contains("refresh epoch 1 is under way"),
+        "{message}"
+    );
+    // A program writing to the file directly waits too.
+    let app = rusqlite::Connection::open(db(&net, "STG")).unwrap();
+    let e = app
+        .execute("UPDATE patient SET surname = 'x' WHERE pno = ?1", [mine])
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("refresh of the global snapshot is in progress"),
+        "{e}"
+    );
+
+    // The controller crashes here; restarted, it finishes the epoch and the
+    // site may write again.
+    refresh.abort();
+    net.restart_global(None).await;
+    wait_closed(&net, 1).await;
+    for _ in 0..100 {
+        if stg
+            .client
+            .simple_query(&format!(
+                "UPDATE visit SET description = 'x' WHERE pno = {mine}"
+            ))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("writes stayed refused after the epoch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_absent_site_keeps_its_locks_and_catches_up_when_it_returns() {
+    let mut net = setup(30).await;
+    let c = patients(&net, "CPH")[0];
+    let mut grc = connect(net.sites["GRC"]).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    let lookup = format!("SELECT add1, add2 FROM patient WHERE pno = {c}");
+    run(&mut grc, &lookup).await;
+    run(
+        &mut grc,
+        &format!("UPDATE patient SET add1 = 'GRC was here' WHERE pno = {c}"),
+    )
+    .await;
+    run(
+        &mut grc,
+        "INSERT INTO patient (surname, first_names) VALUES ('Absent', 'Amy')",
+    )
+    .await;
+    // GRC goes away for a whole epoch.
+    net.participants.remove("GRC").unwrap().abort();
+    let grc_site = net.handles["GRC"].clone();
+    for _ in 0..100 {
+        if !grc_site.subscribed() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // GRC's lock holds while it is away: CPH cannot change its own patient.
+    let (code, _) = refused(
+        &cph,
+        &format!("UPDATE patient SET add2 = 'CPH' WHERE pno = {c}"),
+    )
+    .await;
+    assert_eq!(code, "55P03");
+    let summary = net.refresh().await;
+    assert_eq!(summary.sites.len(), 2, "{summary:?}");
+    assert_eq!(summary.absent, vec!["GRC".to_string()]);
+    assert_eq!(
+        global_value(
+            &net,
+            &format!("SELECT snaps_lock_site FROM patient WHERE pno = {c}")
+        )
+        .as_deref(),
+        Some("3"),
+        "GRC's lock is held until GRC has pushed"
+    );
+    assert_eq!(
+        global_value(
+            &net,
+            "SELECT count(*) FROM patient WHERE surname = 'Absent'"
+        )
+        .as_deref(),
+        Some("0")
+    );
+
+    // GRC returns: it catches up on the closed epoch, keeping its changes.
+    net.participants
+        .insert("GRC".into(), tokio::spawn(grc_site.clone().participate()));
+    net.wait_subscribed(3).await;
+    let next = net.refresh().await;
+    assert!(next.absent.is_empty(), "{next:?}");
+    assert_eq!(next.inserted, 1, "{next:?}");
+    assert_eq!(
+        global_value(&net, &format!("SELECT add1 FROM patient WHERE pno = {c}")).as_deref(),
+        Some("GRC was here")
+    );
+    assert_eq!(
+        global_value(
+            &net,
+            &format!("SELECT snaps_lock_site FROM patient WHERE pno = {c}")
+        ),
+        None
+    );
+    // CPH's own tuple has GRC's change now.
+    assert_eq!(
+        one(
+            &mut cph,
+            &format!("SELECT add1 FROM patient WHERE pno = {c}")
+        )
+        .await
+        .as_deref(),
+        Some("GRC was here")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unused_snapshots_are_evicted_and_their_copies_released() {
+    let net = setup(30).await;
+    let grc = patients(&net, "GRC");
+    let (old, kept, pinned) = (grc[0], grc[1], grc[2]);
+    let mut stg = connect(net.sites["STG"]).await;
+    for p in [old, kept, pinned] {
+        run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {p}")).await;
+    }
+    run(
+        &mut stg,
+        &format!("UPDATE patient SET race = 'pin' WHERE pno = {pinned}"),
+    )
+    .await;
+    // Age every snapshot but the one holding `kept` past max_days (30).
+    let site = rusqlite::Connection::open(db(&net, "STG")).unwrap();
+    site.execute_batch(&format!(
+        "UPDATE snaps_snapshot_membership SET last_access_day = last_access_day - 40
+           WHERE NOT (relation = 'patient' AND tuple_rowid = {kept});
+         UPDATE snaps_snapshot_definition SET created_day = created_day - 40;"
+    ))
+    .unwrap();
+    let count = |sql: &str| -> i64 { site.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 3);
+
+    net.refresh().await;
+    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 1);
+    let held = |p: i64| count(&format!("SELECT count(*) FROM patient WHERE pno = {p}"));
+    assert_eq!((held(old), held(kept), held(pinned)), (0, 1, 1));
+    // The controller no longer counts STG as holding the evicted copy: a
+    // query brings it again.
+    let sent_to_stg = |p: i64| {
+        let global = rusqlite::Connection::open(&net.store).unwrap();
+        let bits: Vec<u8> = global
+            .query_row(
+                &format!("SELECT snaps_sent_to FROM patient WHERE pno = {p}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        snaps_schema::SentTo::from_bytes(&bits).contains(snaps_schema::SiteNo(2))
+    };
+    assert!(!sent_to_stg(old));
+    assert!(sent_to_stg(kept) && sent_to_stg(pinned));
+    let (rows, _) = run(
+        &mut stg,
+        &format!("SELECT pno FROM patient WHERE pno = {old}"),
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snaps_refresh_and_snaps_conflicts_on_the_command_line() {
+    let net = setup(20).await;
+    let global = net.global.as_ref().unwrap();
+    let token = net.dir.path().join("admin.token");
+    std::fs::write(&token, &global.admin).unwrap();
+    let bin = env!("CARGO_BIN_EXE_snaps");
+    let addr = global.addr.clone();
+    let out = tokio::task::spawn_blocking({
+        let (addr, token) = (addr.clone(), token.clone());
+        move || {
+            std::process::Command::new(bin)
+                .args(["refresh", "--global", &addr, "--token-file"])
+                .arg(&token)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("epoch 1: sites CPH, STG, GRC (absent: none)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("0 conflicts"), "{stdout}");
+    let out = std::process::Command::new(bin)
+        .args(["conflicts", "--global", &addr, "--json", "--token-file"])
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    // A site's token is not the administrator's.
+    let wrong = net.dir.path().join("site.token");
+    std::fs::write(&wrong, &global.tokens["CPH"]).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["refresh", "--global", &addr, "--token-file"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not the administrator's credential"),
+        "{stderr}"
+    );
+}

@@ -4,9 +4,10 @@
 //! epoch a crash interrupted at the phase the store recorded.
 //!
 //! The sites connected when an epoch opens are its participants. It waits
-//! for their pushes until all have pushed, the ones still missing have gone
-//! away, or `collect_timeout` has passed; a site that does not push in time
-//! is absent: its changes wait for the next epoch and its locks stay held.
+//! for their pushes until all have pushed or `collect_timeout` has passed
+//! (a participant that disconnects may be restarting: it is waited for); a
+//! site that does not push in time is absent: its changes wait for the next
+//! epoch and its locks stay held.
 //! After the commit it waits likewise for acknowledgements; a site that
 //! comes back later catches up from the change log (it asks for what
 //! changed after the last epoch it applied).
@@ -267,18 +268,20 @@ impl Coordinator {
             .map_err(|e| Error::Internal(format!("store task: {e}")))?
     }
 
-    /// Waits until `done(state, connected)` holds or `deadline` passes.
+    /// Waits until `done(state)` says finished or `deadline` passes. A
+    /// participant that disconnects is still waited for (it may be
+    /// restarting); one that never comes back is absent at the deadline.
     async fn wait_for(
         &self,
         deadline: Instant,
-        mut done: impl FnMut(&EpochState, &BTreeSet<u32>) -> (bool, usize, usize),
+        mut done: impl FnMut(&EpochState) -> (bool, usize, usize),
         partial: HaltPoint,
     ) -> Result<EpochState> {
         let mut announced_partial = false;
         loop {
             let woken = self.changed.notified();
             let state = self.state().await?;
-            let (finished, n, of) = done(&state, &self.connected_sites());
+            let (finished, n, of) = done(&state);
             self.report_progress(&state, n, of);
             if n > 0 && !announced_partial && !finished {
                 announced_partial = true;
@@ -322,13 +325,9 @@ impl Coordinator {
             let participants: BTreeSet<u32> = state.participants.iter().map(|s| s.0).collect();
             self.wait_for(
                 deadline,
-                |s, connected| {
+                |s| {
                     let pushed: BTreeSet<u32> = s.pushed.iter().map(|p| p.0).collect();
-                    // Still worth waiting for: connected and not yet pushed.
-                    let waiting = participants
-                        .iter()
-                        .filter(|p| !pushed.contains(p) && connected.contains(p))
-                        .count();
+                    let waiting = participants.iter().filter(|p| !pushed.contains(p)).count();
                     (waiting == 0, pushed.len(), participants.len())
                 },
                 HaltPoint::Collecting,
@@ -346,15 +345,11 @@ impl Coordinator {
             let pushed: BTreeSet<u32> = state.pushed.iter().map(|s| s.0).collect();
             self.wait_for(
                 deadline,
-                |s, connected| {
+                |s| {
                     let acked: BTreeSet<u32> = s.acked.iter().map(|p| p.0).collect();
                     let expected: BTreeSet<u32> = participants.union(&pushed).copied().collect();
-                    let waiting = expected
-                        .iter()
-                        .filter(|p| !acked.contains(p) && connected.contains(p))
-                        .count();
                     let done = expected.iter().filter(|p| acked.contains(p)).count();
-                    (waiting == 0, done, expected.len())
+                    (done == expected.len(), done, expected.len())
                 },
                 HaltPoint::Distributing,
             )

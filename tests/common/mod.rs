@@ -37,15 +37,24 @@ pub struct Net {
     pub participants: BTreeMap<String, tokio::task::JoinHandle<()>>,
     /// The sites themselves.
     pub handles: BTreeMap<String, Arc<Site>>,
+    /// How the controller runs the refresh.
+    pub refresh: snaps_global::config::RefreshConfig,
 }
 
 pub async fn setup(patients: usize) -> Net {
+    setup_with(patients, |_| {}).await
+}
+
+/// The network with the controller's options changed by `configure`.
+pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
     let mut options = Options::new(&network);
     options.refresh.collect_timeout = Duration::from_secs(30);
     options.refresh.distribute_timeout = Duration::from_secs(30);
+    configure(&mut options);
+    let refresh = options.refresh.clone();
     let global = LocalNetwork::start_with(network.clone(), store.clone(), options)
         .await
         .unwrap();
@@ -94,6 +103,7 @@ pub async fn setup(patients: usize) -> Net {
         network,
         participants,
         handles,
+        refresh,
     };
     net.wait_subscribed(3).await;
     net
@@ -111,6 +121,41 @@ impl Net {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the sites did not subscribe to refresh epochs");
+    }
+
+    /// Kills the global controller, as a crash would, and starts it again
+    /// on the same address with the same store and credentials (halting
+    /// its epochs at `halt`, if given).
+    pub async fn restart_global(&mut self, halt: Option<snaps_global::epochs::Halt>) {
+        let old = self.global.take().expect("a running controller");
+        let addr: std::net::SocketAddr = old.addr.trim_start_matches("http://").parse().unwrap();
+        let (tokens, admin) = (old.tokens.clone(), old.admin.clone());
+        old.kill();
+        let options = Options {
+            addr,
+            tokens,
+            admin,
+            refresh: self.refresh.clone(),
+            halt,
+            ..Options::new(&self.network)
+        };
+        // The port is free once the killed runtime has let go of it.
+        for attempt in 0.. {
+            match LocalNetwork::start_with(
+                self.network.clone(),
+                self.store.clone(),
+                options.clone(),
+            )
+            .await
+            {
+                Ok(g) => {
+                    self.global = Some(g);
+                    return;
+                }
+                Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("restart the global controller: {e}"),
+            }
+        }
     }
 
     /// Runs one refresh epoch through the administrator's interface and
