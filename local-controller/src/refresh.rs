@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use snaps_mapping::ir::Select;
+use snaps_mapping::performed::{DefinedGroup, SnapshotDefinition};
 use snaps_mapping::rewrite::plan;
 use snaps_mapping::{Language, SiteMapping};
 use snaps_proto::{decode_rows, encode_rows, shape_of_relation, v1};
@@ -219,6 +220,8 @@ impl Site {
         let applied = meta_epoch(&conn, APPLIED)?;
         if meta_epoch(&conn, ACKED)? < applied {
             self.rerun(&conn, &mut did)?;
+            self.drop_unmatched(&mut conn, &mut did)?;
+            self.release(&conn, &mut did)?;
             self.remote(|c| async move { c.acknowledge(applied).await })?;
             set_meta(&conn, ACKED, applied)?;
         }
@@ -538,6 +541,183 @@ impl Site {
         }
         Ok(())
     }
+}
+
+impl Site {
+    /// After the re-run: every copy is kept only while a snapshot
+    /// definition still selects it (evaluated here, over the site's own
+    /// tuples and copies, with the definition's mapped selections and
+    /// joins); memberships are set to what selects each tuple now. A copy
+    /// changed elsewhere so that nothing here asks for it any more goes, as
+    /// a recomputation from scratch would not bring it. Pinned copies and
+    /// copies changed under a lock not yet committed stay.
+    fn drop_unmatched(&self, conn: &mut Connection, did: &mut SiteEpoch) -> Result<()> {
+        let defs: Vec<(i64, String)> = {
+            let mut stmt =
+                conn.prepare("SELECT snapshot_no, plan FROM snaps_snapshot_definition")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        // (relation, rowid) → the snapshots selecting it now.
+        let mut selected: BTreeMap<(String, i64), Vec<i64>> = BTreeMap::new();
+        for (no, plan) in &defs {
+            let def: SnapshotDefinition = serde_json::from_str(plan).map_err(|e| {
+                Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
+            })?;
+            for group in &def.groups {
+                let sql = group_sql(group);
+                let mut stmt = conn.prepare(&sql)?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    for (i, t) in group.tables.iter().enumerate() {
+                        if let Some(rowid) = r.get::<_, Option<i64>>(i)? {
+                            selected
+                                .entry((t.relation.clone(), rowid))
+                                .or_default()
+                                .push(*no);
+                        }
+                    }
+                }
+            }
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for rm in self.mapping.relations() {
+            let name = &rm.local.name;
+            let rel = sql_ident(name);
+            let copies: Vec<i64> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT rowid FROM {rel} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0
+                       AND ({STATUS_COLUMN} & {RIGHTS}) <> {READ_WRITE}
+                       AND rowid NOT IN (SELECT tuple_rowid FROM snaps_pinned WHERE relation = ?1)"
+                ))?;
+                stmt.query_map([name], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for rowid in copies {
+                match selected.get(&(name.clone(), rowid)) {
+                    None => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+                             SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
+                            params![name, rowid],
+                        )?;
+                        remove_copy(&tx, name, rowid)?;
+                        did.removed += 1;
+                    }
+                    Some(nos) => {
+                        let list = nos
+                            .iter()
+                            .map(i64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        tx.execute(
+                            &format!(
+                                "DELETE FROM snaps_snapshot_membership
+                                 WHERE relation = ?1 AND tuple_rowid = ?2 AND snapshot_no NOT IN ({list})"
+                            ),
+                            params![name, rowid],
+                        )?;
+                        for no in nos {
+                            tx.execute(
+                                "INSERT OR IGNORE INTO snaps_snapshot_membership
+                                   (relation, tuple_rowid, snapshot_no, last_access_day)
+                                 VALUES (?1, ?2, ?3, coalesce((SELECT max(last_access_day)
+                                   FROM snaps_snapshot_membership WHERE snapshot_no = ?3), ?4))",
+                                params![name, rowid, no, today()],
+                            )?;
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Throws away every copy but the pinned ones and fetches every
+    /// snapshot definition again from scratch (asking for tuples the
+    /// controller believes this site holds too): the delete-and-re-execute
+    /// refresh the differential one is measured and checked against, and a
+    /// way to rebuild a site's copies. Returns the tuples fetched.
+    pub fn rebuild_snapshots(&self) -> Result<u64> {
+        let mut conn = self.open_refresh_conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for rm in self.mapping.relations() {
+            let name = &rm.local.name;
+            let copies: Vec<i64> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT rowid FROM {} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0
+                       AND rowid NOT IN (SELECT tuple_rowid FROM snaps_pinned WHERE relation = ?1)",
+                    sql_ident(name)
+                ))?;
+                stmt.query_map([name], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for rowid in copies {
+                remove_copy(&tx, name, rowid)?;
+            }
+        }
+        tx.execute("DELETE FROM snaps_snapshot_membership", [])?;
+        tx.commit()?;
+        self.mark_uncertain()?;
+        let mut did = SiteEpoch::default();
+        self.rerun(&conn, &mut did)?;
+        Ok(did.fetched)
+    }
+}
+
+/// A recorded group as a query over the site's own relations: the rowid of
+/// every table's tuple in each combination the group's mapped selections
+/// and joins select (NULL for an unmatched null-supplying side).
+fn group_sql(group: &DefinedGroup) -> String {
+    let mut from = String::new();
+    let mut conds: Vec<String> = Vec::new();
+    for t in group.tables.iter().filter(|t| !t.outer) {
+        if !from.is_empty() {
+            from.push_str(", ");
+        }
+        from.push_str(&format!(
+            "{} AS {}",
+            sql_ident(&t.relation),
+            sql_ident(&t.var)
+        ));
+        conds.extend(t.selection.iter().map(|e| format!("({e})")));
+    }
+    for j in group.joins.iter().filter(|j| j.outer.is_none()) {
+        conds.push(format!("{} = {}", j.left, j.right));
+    }
+    for t in group.tables.iter().filter(|t| t.outer) {
+        let mut on: Vec<String> = group
+            .joins
+            .iter()
+            .filter(|j| j.outer.as_deref() == Some(t.var.as_str()))
+            .map(|j| format!("{} = {}", j.left, j.right))
+            .collect();
+        on.extend(t.selection.iter().map(|e| format!("({e})")));
+        if on.is_empty() {
+            on.push("1".into());
+        }
+        from.push_str(&format!(
+            " LEFT JOIN {} AS {} ON {}",
+            sql_ident(&t.relation),
+            sql_ident(&t.var),
+            on.join(" AND ")
+        ));
+    }
+    let cols: Vec<String> = group
+        .tables
+        .iter()
+        .map(|t| format!("{}.rowid", sql_ident(&t.var)))
+        .collect();
+    format!(
+        "SELECT DISTINCT {} FROM {from}{}",
+        cols.join(", "),
+        if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        }
+    )
 }
 
 /// Removes a copy: the tuple (marked as the controller's work, so the

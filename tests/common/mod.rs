@@ -158,6 +158,30 @@ impl Net {
         }
     }
 
+    /// Stops site `code`'s part in the refresh and opens the site afresh on
+    /// its database, as a restarted process would (halting its refresh at
+    /// `halt`, if given), taking part again.
+    pub async fn restart_site(&mut self, code: &str, halt: Option<snaps_local::refresh::Halt>) {
+        if let Some(p) = self.participants.remove(code) {
+            p.abort();
+        }
+        let global = self.global.as_ref().expect("a running controller");
+        let link = GlobalLink {
+            addr: global.addr.clone(),
+            token: global.tokens[code].clone(),
+            fetch_timeout: Duration::from_secs(5),
+            retry_after: Duration::ZERO,
+        };
+        let path = self.dir.path().join(code).join("local.db");
+        let site = Site::open(&path, &self.network.global_catalog().unwrap(), Some(link)).unwrap();
+        if let Some(h) = halt {
+            site.halt_at(h);
+        }
+        self.participants
+            .insert(code.to_string(), tokio::spawn(site.clone().participate()));
+        self.handles.insert(code.to_string(), site);
+    }
+
     /// Runs one refresh epoch through the administrator's interface and
     /// returns its summary.
     pub async fn refresh(&self) -> snaps_proto::v1::RefreshSummary {
