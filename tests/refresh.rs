@@ -440,3 +440,45 @@ async fn snaps_refresh_and_snaps_conflicts_on_the_command_line() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owners_delete_leaves_held_copies_until_their_holders_let_go() {
+    let net = setup(30).await;
+    let g = patients(&net, "GRC")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut grc = connect(net.sites["GRC"]).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
+    run(&mut grc, &format!("DELETE FROM patient WHERE pno = {g}")).await;
+    let summary = net.refresh().await;
+    assert_eq!(summary.deleted, 1, "{summary:?}");
+    // No longer in the global snapshot: nobody is sent it again ...
+    assert_eq!(
+        global_value(&net, &format!("SELECT count(*) FROM patient WHERE pno = {g}")).as_deref(),
+        Some("0")
+    );
+    let (rows, _) = run(&mut cph, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
+    assert!(rows.is_empty());
+    // ... but STG keeps the copy it holds, and the controller remembers it.
+    let (rows, _) = run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        global_value(&net, "SELECT count(*) FROM snaps_gone").as_deref(),
+        Some("1")
+    );
+    // When STG's snapshot is evicted, the last holder is gone and so is the
+    // tuple.
+    let site = rusqlite::Connection::open(db(&net, "STG")).unwrap();
+    site.execute_batch(
+        "UPDATE snaps_snapshot_membership SET last_access_day = last_access_day - 40;
+         UPDATE snaps_snapshot_definition SET created_day = created_day - 40;",
+    )
+    .unwrap();
+    net.refresh().await;
+    let (rows, _) = run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
+    assert!(rows.is_empty());
+    assert_eq!(
+        global_value(&net, "SELECT count(*) FROM snaps_gone").as_deref(),
+        Some("0")
+    );
+}
