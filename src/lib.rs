@@ -5,3 +5,4 @@ pub mod admin;
 pub mod bench;
 pub mod demo;
 pub mod localnet;
+pub mod refresh_bench;

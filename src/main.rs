@@ -112,6 +112,9 @@ enum BenchCommand {
     /// A site through its SQL endpoint: a covered query against the same
     /// query on SQLite directly; bytes of first lookups against raw size.
     Site(snaps::bench::SiteBenchOptions),
+    /// The nightly refresh: differential against delete-and-re-execute, in
+    /// bytes and time, at several sizes of the global snapshot.
+    Refresh(snaps::refresh_bench::RefreshBenchOptions),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -165,6 +168,14 @@ fn main() -> Result<()> {
             let controller =
                 snaps_global::GlobalController::open(config).context("open the global store")?;
             runtime()?.block_on(controller.run())?;
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Refresh(opts),
+        } => {
+            init_logging_quiet();
+            let report = runtime()?.block_on(snaps::refresh_bench::bench_refresh(&opts))?;
+            print!("{report}");
             Ok(())
         }
         Command::Bench {

@@ -454,7 +454,11 @@ async fn an_owners_delete_leaves_held_copies_until_their_holders_let_go() {
     assert_eq!(summary.deleted, 1, "{summary:?}");
     // No longer in the global snapshot: nobody is sent it again ...
     assert_eq!(
-        global_value(&net, &format!("SELECT count(*) FROM patient WHERE pno = {g}")).as_deref(),
+        global_value(
+            &net,
+            &format!("SELECT count(*) FROM patient WHERE pno = {g}")
+        )
+        .as_deref(),
         Some("0")
     );
     let (rows, _) = run(&mut cph, &format!("SELECT * FROM patient WHERE pno = {g}")).await;

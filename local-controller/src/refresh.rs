@@ -208,24 +208,38 @@ impl Site {
             return Ok(did);
         }
         let mut conn = self.open_refresh_conn()?;
+        let wire = self.wire_bytes();
         if notice.phase == v1::EpochPhase::Collect as i32 {
             if meta_epoch(&conn, PUSHED)? < epoch {
-                self.collect(&mut conn, epoch, &mut did)?;
+                let done = self.collect(&mut conn, epoch, &mut did);
+                let bytes = self.wire_bytes().saturating_sub(wire) as i64;
+                Site::bump(&conn, &[("refresh_push_bytes", bytes)])?;
+                done?;
             }
             return Ok(did);
         }
-        if meta_epoch(&conn, APPLIED)? < epoch {
-            self.apply(&mut conn, &mut did)?;
+        let done = self.distribute(&mut conn, epoch, &mut did);
+        let bytes = self.wire_bytes().saturating_sub(wire) as i64;
+        Site::bump(&conn, &[("refresh_distribute_bytes", bytes)])?;
+        done.map(|()| did)
+    }
+
+    /// Distribute (or catch up): apply, re-run, drop what nothing selects,
+    /// acknowledge — each step only if not done before.
+    fn distribute(&self, conn: &mut Connection, epoch: u64, did: &mut SiteEpoch) -> Result<()> {
+        if meta_epoch(conn, APPLIED)? < epoch {
+            self.apply(conn, did)?;
         }
-        let applied = meta_epoch(&conn, APPLIED)?;
-        if meta_epoch(&conn, ACKED)? < applied {
-            self.rerun(&conn, &mut did)?;
-            self.drop_unmatched(&mut conn, &mut did)?;
-            self.release(&conn, &mut did)?;
+        let applied = meta_epoch(conn, APPLIED)?;
+        if meta_epoch(conn, ACKED)? < applied {
+            self.rerun(conn, did)?;
+            self.drop_unmatched(conn, did)?;
+            self.release(conn, did)?;
             self.remote(|c| async move { c.acknowledge(applied).await })?;
-            set_meta(&conn, ACKED, applied)?;
+            set_meta(conn, ACKED, applied)?;
+            Site::bump(conn, &[("refresh_epochs", 1)])?;
         }
-        Ok(did)
+        Ok(())
     }
 
     fn open_refresh_conn(&self) -> Result<Connection> {

@@ -177,6 +177,18 @@ impl Site {
             .store(days, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Bytes sent and received on the current connection to the global
+    /// controller, at the socket (0 when not connected).
+    pub fn wire_bytes(&self) -> u64 {
+        self.runtime.block_on(async {
+            self.client
+                .lock()
+                .await
+                .as_ref()
+                .map_or(0, |c| c.counters().sent() + c.counters().received())
+        })
+    }
+
     /// The site's database file.
     pub fn path(&self) -> &Path {
         &self.path

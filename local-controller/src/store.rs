@@ -61,6 +61,9 @@ pub const STAT_COUNTERS: &[&str] = &[
     "local_only_answers",
     "locks_granted",
     "locks_refused",
+    "refresh_epochs",
+    "refresh_push_bytes",
+    "refresh_distribute_bytes",
 ];
 
 /// Appendix-A bit 4: added at this site since the last refresh.
