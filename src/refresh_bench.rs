@@ -342,7 +342,9 @@ async fn one_size(
 pub async fn bench_refresh(opts: &RefreshBenchOptions) -> Result<RefreshBenchReport> {
     let network = NetworkConfig::load(&opts.network)
         .with_context(|| format!("load network {}", opts.network.display()))?;
-    if !(opts.changed > 0.0 && opts.changed <= 1.0) || !(opts.held > 0.0 && opts.held <= 0.3) {
+    let valid = (f64::MIN_POSITIVE..=1.0).contains(&opts.changed)
+        && (f64::MIN_POSITIVE..=0.3).contains(&opts.held);
+    if !valid {
         bail!("--changed must be in (0, 1] and --held in (0, 0.3]");
     }
     let mut rows = Vec::new();
