@@ -65,6 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: SiteCommand,
     },
+    /// Edit a site's mapping tables (its database file): every change is
+    /// checked when written and takes effect at the next refresh epoch.
+    Mapping {
+        #[command(subcommand)]
+        command: MappingCommand,
+    },
     /// Run one refresh epoch now and wait for it: every reachable site
     /// evicts, pushes its changes, and receives what changed. Shows a bar
     /// per phase and a summary.
@@ -89,6 +95,98 @@ enum GlobalCommand {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+/// Where a site's mapping tables are.
+#[derive(clap::Args)]
+struct SiteDatabase {
+    /// The site's database file.
+    #[arg(long)]
+    database: PathBuf,
+    /// The network folder (holding network.toml): the global schema.
+    #[arg(long, default_value = "fixtures/radiology")]
+    network: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum MappingCommand {
+    /// Check the mapping tables and say what takes effect at the next epoch.
+    Check {
+        #[command(flatten)]
+        site: SiteDatabase,
+    },
+    /// Map a local attribute onto a global one (with conversion functions
+    /// where the types differ, e.g. int_widen int_narrow).
+    Add {
+        #[command(flatten)]
+        site: SiteDatabase,
+        local_relation: String,
+        local_attribute: String,
+        global_relation: String,
+        global_attribute: String,
+        /// The conversion to the global type.
+        to_global: Option<String>,
+        /// The conversion back.
+        to_local: Option<String>,
+    },
+    /// Stop mapping a local attribute (onto every global relation, or one).
+    Remove {
+        #[command(flatten)]
+        site: SiteDatabase,
+        local_relation: String,
+        local_attribute: String,
+        /// Only its mapping onto this global relation.
+        #[arg(long)]
+        global_relation: Option<String>,
+    },
+}
+
+fn mapping_command(command: MappingCommand) -> Result<String> {
+    use snaps_local::mapping_admin;
+    let global = |site: &SiteDatabase| -> Result<Catalog> {
+        let network = NetworkConfig::load(&site.network)
+            .with_context(|| format!("load network {}", site.network.display()))?;
+        Ok(network.global_catalog()?)
+    };
+    let report = match command {
+        MappingCommand::Check { site } => mapping_admin::check(&site.database, &global(&site)?)?,
+        MappingCommand::Add {
+            site,
+            local_relation,
+            local_attribute,
+            global_relation,
+            global_attribute,
+            to_global,
+            to_local,
+        } => {
+            if to_global.is_some() != to_local.is_some() {
+                bail!("a conversion needs both functions, to_global and to_local");
+            }
+            let row = snaps_mapping::mapping::MappingRow {
+                row: 0,
+                local_relation: local_relation.to_lowercase(),
+                local_attribute: local_attribute.to_lowercase(),
+                global_relation: global_relation.to_lowercase(),
+                global_attribute: global_attribute.to_lowercase(),
+                to_global,
+                to_local,
+            };
+            mapping_admin::add_row(&site.database, &global(&site)?, &row)?
+        }
+        MappingCommand::Remove {
+            site,
+            local_relation,
+            local_attribute,
+            global_relation,
+        } => mapping_admin::remove_rows(
+            &site.database,
+            &global(&site)?,
+            &local_relation.to_lowercase(),
+            &local_attribute.to_lowercase(),
+            global_relation.as_deref(),
+        )?,
+    };
+    Ok(report.to_string())
 }
 
 #[derive(Subcommand)]
@@ -145,6 +243,10 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Mapping { command } => {
+            println!("{}", mapping_command(command)?.trim_end());
+            Ok(())
+        }
         Command::Refresh(admin) => {
             init_logging_quiet();
             let summary = runtime()?.block_on(snaps::admin::refresh(&admin))?;

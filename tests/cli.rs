@@ -371,3 +371,37 @@ fn bench_site_runs_and_reports_ratios() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_refresh_runs_and_reports_ratios() {
+    let o = snaps(&[
+        "bench",
+        "refresh",
+        "--patients",
+        "600,1200",
+        "--changed",
+        "0.05",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("5.0% of own patients changed"), "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("600 ") || l.trim_start().starts_with("1200 "))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    // Every row measured both designs: non-zero bytes on each side.
+    for r in rows {
+        let cols: Vec<&str> = r.split_whitespace().collect();
+        assert!(cols.len() >= 12, "{r}");
+        assert_ne!(cols[5], "0", "{r}");
+        assert_ne!(cols[8], "0", "{r}");
+    }
+    let o = snaps(&["bench", "refresh", "--patients", "600", "--changed", "2"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--changed must be in (0, 1]"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -197,6 +197,21 @@ async fn while_an_epoch_collects_queries_answer_locally_and_writes_wait() {
         while p.message().await.ok().flatten().is_some() {}
     });
     reached.notified().await;
+    // The controller stopped at the first push; wait for STG's.
+    let meta = rusqlite::Connection::open(db(&net, "STG")).unwrap();
+    for _ in 0..200 {
+        let pushed: Option<String> = meta
+            .query_row(
+                "SELECT value FROM snaps_meta WHERE key = 'refresh_pushed'",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        if pushed.as_deref() == Some("1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     // A site that has pushed holds its shared data still; a query that
     // would fetch is answered from local data with a notice.
     let (rows, notices) = run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {g}")).await;
@@ -277,6 +292,8 @@ async fn an_absent_site_keeps_its_locks_and_catches_up_when_it_returns() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // ... and the controller has seen its stream end.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     // GRC's lock holds while it is away: CPH cannot change its own patient.
     let (code, _) = refused(
         &cph,
@@ -485,4 +502,139 @@ async fn an_owners_delete_leaves_held_copies_until_their_holders_let_go() {
         global_value(&net, "SELECT count(*) FROM snaps_gone").as_deref(),
         Some("0")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mapping_edit_is_checked_when_written_and_takes_effect_at_the_next_epoch() {
+    let net = setup(30).await;
+    let c = patients(&net, "CPH")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {c}")).await;
+    let races = |owner: u32| {
+        global_value(
+            &net,
+            &format!(
+                "SELECT count(*) FROM patient WHERE snaps_owner = {owner} AND race IS NOT NULL"
+            ),
+        )
+        .unwrap()
+        .parse::<i64>()
+        .unwrap()
+    };
+    assert!(races(1) > 0, "CPH shares race");
+    assert_eq!(races(2), 0, "STG does not");
+
+    // A bad row is refused with the mapping's own message.
+    let (_, message) = refused(
+        &stg,
+        "INSERT INTO snaps_mapping (row, local_relation, local_attribute, global_relation, global_attribute) \
+         VALUES (100, 'patient', 'nosuch', 'patient', 'race')",
+    )
+    .await;
+    assert!(message.contains("nosuch"), "{message}");
+    // A change that would leave a definition selecting on an unmapped
+    // attribute names the definition.
+    run(&mut stg, "SELECT * FROM patient WHERE surname = 'Nobody'").await;
+    let (_, message) = refused(
+        &stg,
+        "DELETE FROM snaps_mapping WHERE local_relation = 'patient' AND local_attribute = 'surname'",
+    )
+    .await;
+    assert!(
+        message.contains("snapshot definition 2") && message.contains("patient.surname"),
+        "{message}"
+    );
+    // STG starts sharing race, CPH stops.
+    let (_, notices) = run(
+        &mut stg,
+        "INSERT INTO snaps_mapping (row, local_relation, local_attribute, global_relation, global_attribute) \
+         VALUES (100, 'patient', 'race', 'patient', 'race')",
+    )
+    .await;
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("takes effect at the next refresh epoch")),
+        "{notices:?}"
+    );
+    run(
+        &mut cph,
+        "DELETE FROM snaps_mapping WHERE local_relation = 'patient' AND local_attribute = 'race'",
+    )
+    .await;
+    assert!(
+        races(1) > 0 && races(2) == 0,
+        "nothing changes before the epoch"
+    );
+
+    let summary = net.refresh().await;
+    assert!(summary.absent.is_empty(), "{summary:?}");
+    assert_eq!(races(1), 0, "CPH's race left the global snapshot");
+    assert!(races(2) > 0, "STG's race reached it");
+    // STG's copy of CPH's patient came again in the new shape: no race.
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!("SELECT race FROM patient WHERE pno = {c}")
+        )
+        .await,
+        None
+    );
+    // CPH still answers with its own race values; the edit is in effect.
+    let own = one(
+        &mut cph,
+        &format!("SELECT race FROM patient WHERE pno = {c}"),
+    )
+    .await;
+    assert!(own.is_some());
+}
+
+#[test]
+fn snaps_mapping_checks_adds_and_removes_rows_of_a_site_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let network = common::network();
+    let path = dir.path().join("STG.db");
+    snaps_local::SiteStore::create_in_network(&network, "STG", &path).unwrap();
+    let bin = env!("CARGO_BIN_EXE_snaps");
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/radiology");
+    let snaps = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .args(["--database", path.to_str().unwrap(), "--network", fixtures])
+            .output()
+            .unwrap()
+    };
+    let out = snaps(&["mapping", "check"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("they are the mapping in effect"));
+    let out = snaps(&["mapping", "add", "patient", "race", "patient", "race"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(stdout.contains("+ patient.race → patient.race"), "{stdout}");
+    let out = snaps(&["mapping", "add", "patient", "race", "patient", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nosuch"));
+    let out = snaps(&["mapping", "remove", "patient", "pno"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not map key attribute patient.pno"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = snaps(&["mapping", "remove", "patient", "race"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("they are the mapping in effect"));
 }

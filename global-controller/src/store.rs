@@ -464,6 +464,8 @@ pub struct Push {
     pub copies: Vec<CopyUpdate>,
     /// Deleted own tuples.
     pub deleted: Vec<OwnDeletes>,
+    /// Attributes no longer mapped by the site: (relation, columns).
+    pub withdrawn: Vec<(String, Vec<String>)>,
 }
 
 impl Push {
@@ -527,7 +529,29 @@ impl Push {
                 origins: d.origins.clone(),
             });
         }
+        let mut withdrawn = Vec::new();
+        for w in &p.withdrawn {
+            let rel = catalog.relation(&w.relation).ok_or_else(|| {
+                Error::InvalidArgument(format!("unknown global relation {:?}", w.relation))
+            })?;
+            for c in &w.columns {
+                if rel.attribute(c).is_none() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} has no attribute {c}",
+                        rel.name
+                    )));
+                }
+                if rel.key.contains(c) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}.{c} is a key attribute: it cannot be withdrawn",
+                        rel.name
+                    )));
+                }
+            }
+            withdrawn.push((rel.name.clone(), w.columns.clone()));
+        }
         Ok(Push {
+            withdrawn,
             inserted: batches(&p.inserted)?,
             updated: batches(&p.updated)?,
             copies,
@@ -544,9 +568,14 @@ impl Push {
             + self.deleted.iter().map(|d| d.origins.len()).sum::<usize>()
     }
 
+    /// True when the push carries a withdrawal of attributes.
+    pub fn withdraws(&self) -> bool {
+        !self.withdrawn.is_empty()
+    }
+
     /// True when the site had nothing to push.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len() == 0 && !self.withdraws()
     }
 }
 
@@ -570,6 +599,8 @@ pub struct CommitSummary {
     /// Changes of copies refused because the pushing site did not hold
     /// the lock (logged).
     pub refused: u64,
+    /// Tuples whose withdrawn attributes were set NULL.
+    pub withdrawn: u64,
 }
 
 /// New versions of one part's tuples for a site.

@@ -31,6 +31,7 @@
 
 pub mod endpoint;
 pub mod engine;
+pub mod mapping_admin;
 pub mod refresh;
 pub mod remote;
 pub mod serve;

@@ -24,7 +24,7 @@
 //! site restarted at any point picks up where it stopped, and every message
 //! is harmless to repeat.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,9 +37,11 @@ use snaps_proto::{decode_rows, encode_rows, shape_of_relation, v1};
 use snaps_schema::{SnapshotNo, Value, sql_ident};
 use tokio::sync::Notify;
 
+use crate::mapping_admin::{self, MappingRows, differences};
 use crate::remote::export_batches;
 use crate::site::{Fetched, Retrieval, Site, projections, today};
 use crate::store::{STATUS_COLUMN, read_tuples};
+use crate::store::{drop_relation_triggers, relation_triggers};
 use crate::value::to_sqlite;
 use crate::{Error, Result};
 
@@ -233,6 +235,8 @@ impl Site {
         let applied = meta_epoch(conn, APPLIED)?;
         if meta_epoch(conn, ACKED)? < applied {
             self.rerun(conn, did)?;
+            *self.definitions.write().unwrap_or_else(|p| p.into_inner()) =
+                crate::site::read_definitions(conn)?;
             self.drop_unmatched(conn, did)?;
             self.release(conn, did)?;
             self.remote(|c| async move { c.acknowledge(applied).await })?;
@@ -248,8 +252,9 @@ impl Site {
         Ok(conn)
     }
 
-    /// Collect: hold still, evict, push.
+    /// Collect: put a mapping edit into effect, hold still, evict, push.
     fn collect(&self, conn: &mut Connection, epoch: u64, did: &mut SiteEpoch) -> Result<()> {
+        self.apply_mapping_edit(conn)?;
         set_meta(conn, REFRESHING, epoch)?;
         self.evict(conn, did)?;
         self.release(conn, did)?;
@@ -270,6 +275,135 @@ impl Site {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Puts an administrator's edit of the mapping tables into effect (see
+    /// `mapping_admin`): per relation whose attributes changed, its own
+    /// exported tuples are marked to be pushed in the new shape, the global
+    /// attributes no longer mapped are kept to be withdrawn with the push,
+    /// its copies are released (the re-run fetches them in the new shape),
+    /// its triggers are made again; then the new mapping is in effect and
+    /// the definitions are planned with it. An edit that no longer
+    /// validates (the tables were written behind the controller's back)
+    /// stays pending, logged.
+    fn apply_mapping_edit(&self, conn: &mut Connection) -> Result<()> {
+        let active = MappingRows::active(conn)?;
+        let edited = MappingRows::read(conn)?;
+        if differences(&active, &edited).is_empty() {
+            return Ok(());
+        }
+        let new = match mapping_admin::validate(conn, &edited, &self.catalog, &self.global) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(site = %self.code(), error = %e, "the edited mapping is not valid: it stays pending");
+                return Ok(());
+            }
+        };
+        let old = self.mapping();
+        let mut withdrawn: BTreeMap<String, BTreeSet<String>> = pending_withdrawals(conn)?;
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for rm in new.relations() {
+            let name = &rm.local.name;
+            let Some(before) = old.relation(name) else {
+                continue;
+            };
+            if shape_of_relation(before) == shape_of_relation(rm)
+                && before
+                    .parts
+                    .iter()
+                    .zip(&rm.parts)
+                    .all(|(a, b)| a.attrs == b.attrs)
+            {
+                continue;
+            }
+            changed.insert(name.clone());
+            for part in &before.parts {
+                let now: BTreeSet<&str> = rm
+                    .parts
+                    .iter()
+                    .filter(|p| p.global == part.global)
+                    .flat_map(|p| p.attrs.iter().map(|a| a.global.as_str()))
+                    .collect();
+                for a in &part.attrs {
+                    if !now.contains(a.global.as_str()) {
+                        withdrawn
+                            .entry(part.global.clone())
+                            .or_default()
+                            .insert(a.global.clone());
+                    }
+                }
+            }
+            let rel = sql_ident(name);
+            tx.execute(
+                &format!(
+                    "UPDATE {rel} SET {STATUS_COLUMN} = {STATUS_COLUMN} | {MODIFIED}
+                     WHERE ({STATUS_COLUMN} & {}) = 0",
+                    SNAPSHOT | NEW
+                ),
+                [],
+            )?;
+            let copies: Vec<i64> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT rowid FROM {rel} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0"
+                ))?;
+                stmt.query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for rowid in copies {
+                tx.execute(
+                    "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+                     SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
+                    params![name, rowid],
+                )?;
+                remove_copy(&tx, name, rowid)?;
+            }
+            drop_relation_triggers(&tx, name)?;
+            tx.execute_batch(&relation_triggers(rm))?;
+        }
+        let json = serde_json::to_string(&withdrawn).map_err(|e| Error::Invalid(e.to_string()))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
+            params![mapping_admin::WITHDRAWN, json],
+        )?;
+        edited.make_active(&tx)?;
+        // The definitions, planned with the new mapping.
+        let defs: Vec<(i64, Option<String>)> = {
+            let mut stmt =
+                tx.prepare("SELECT snapshot_no, query FROM snaps_snapshot_definition")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        for (no, query) in defs {
+            let Some(query) = query else { continue };
+            let select: Select = serde_json::from_str(&query).map_err(|e| {
+                Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
+            })?;
+            let planned = plan(&select, &self.catalog, &new)?;
+            let def = SnapshotDefinition::from_plan(&planned, &BTreeMap::new());
+            tx.execute(
+                "UPDATE snaps_snapshot_definition SET plan = ?2 WHERE snapshot_no = ?1",
+                params![
+                    no,
+                    serde_json::to_string(&def).map_err(|e| Error::Invalid(e.to_string()))?
+                ],
+            )?;
+        }
+        tx.commit()?;
+        self.set_mapping(new, &self.global);
+        // Until the re-run brings their copies again, definitions over the
+        // changed relations cover nothing.
+        self.definitions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, d)| {
+                !d.groups
+                    .iter()
+                    .any(|g| g.tables.iter().any(|t| changed.contains(&t.relation)))
+            });
+        tracing::info!(site = %self.code(), relations = ?changed, withdrawn = ?withdrawn,
+            "the edited mapping is in effect");
+        Ok(())
     }
 
     /// Evicts the snapshots unused for `max_days` (never pinned ones) and
@@ -300,7 +434,7 @@ impl Site {
                 [no],
             )?;
         }
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let rel = sql_ident(&rm.local.name);
             let orphans: Vec<i64> = {
                 let mut stmt = tx.prepare(&format!(
@@ -366,9 +500,16 @@ impl Site {
     fn build_push(&self, conn: &Connection, epoch: u64) -> Result<v1::PushRequest> {
         let mut push = v1::PushRequest {
             epoch,
+            withdrawn: pending_withdrawals(conn)?
+                .into_iter()
+                .map(|(relation, columns)| v1::Withdrawn {
+                    relation,
+                    columns: columns.into_iter().collect(),
+                })
+                .collect(),
             ..Default::default()
         };
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let rel = &rm.local;
             let status = |mask: u8, want: u8| format!("({STATUS_COLUMN} & {mask}) = {want}");
             let new = read_tuples(conn, rel, &status(SNAPSHOT | NEW, NEW), 0)?;
@@ -441,8 +582,8 @@ impl Site {
     fn apply(&self, conn: &mut Connection, did: &mut SiteEpoch) -> Result<()> {
         let since = meta_epoch(conn, APPLIED)?;
         let pushed = meta_epoch(conn, PUSHED)?;
-        let parts: Vec<v1::Part> = self
-            .mapping
+        let mapping = self.mapping();
+        let parts: Vec<v1::Part> = mapping
             .relations()
             .flat_map(|rm| shape_of_relation(rm).parts)
             .collect();
@@ -451,7 +592,7 @@ impl Site {
         // Writes are allowed again from here (in this transaction too).
         tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFRESHING])?;
         for part in &reply.changed {
-            did.updated += apply_part(&tx, &self.mapping, part)?;
+            did.updated += apply_part(&tx, &self.mapping(), part)?;
         }
         for r in &reply.removed {
             for id in &r.tuple_ids {
@@ -469,7 +610,7 @@ impl Site {
             }
         }
         let committed = pushed > since && reply.committed_push >= pushed;
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let rel = sql_ident(&rm.local.name);
             if committed {
                 // The global snapshot has it all now; the locks are gone.
@@ -494,6 +635,10 @@ impl Site {
         }
         if committed {
             tx.execute("DELETE FROM snaps_deleted", [])?;
+            tx.execute(
+                "DELETE FROM snaps_meta WHERE key = ?1",
+                [mapping_admin::WITHDRAWN],
+            )?;
         }
         set_meta(&tx, APPLIED, reply.epoch)?;
         tx.commit()?;
@@ -517,7 +662,7 @@ impl Site {
             let select: Select = serde_json::from_str(query).map_err(|e| {
                 Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
             })?;
-            let plan = plan(&select, &self.catalog, &self.mapping)?;
+            let plan = plan(&select, &self.catalog, &self.mapping())?;
             let current = projections(conn, &plan)?;
             let before: i64 = conn.query_row(
                 "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
@@ -594,8 +739,28 @@ impl Site {
                 }
             }
         }
+        // What each copy belongs to now, and each snapshot's newest access
+        // day (a membership added keeps its snapshot's age).
+        let mut members: BTreeMap<(String, i64), BTreeSet<i64>> = BTreeMap::new();
+        let mut newest: BTreeMap<i64, i64> = BTreeMap::new();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT relation, tuple_rowid, snapshot_no, last_access_day FROM snaps_snapshot_membership",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let no: i64 = r.get(2)?;
+                members
+                    .entry((r.get(0)?, r.get(1)?))
+                    .or_default()
+                    .insert(no);
+                let day: i64 = r.get(3)?;
+                let e = newest.entry(no).or_insert(day);
+                *e = (*e).max(day);
+            }
+        }
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let name = &rm.local.name;
             let rel = sql_ident(name);
             let copies: Vec<i64> = {
@@ -608,39 +773,32 @@ impl Site {
                     .collect::<rusqlite::Result<Vec<_>>>()?
             };
             for rowid in copies {
-                match selected.get(&(name.clone(), rowid)) {
-                    None => {
-                        tx.execute(
-                            "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
-                             SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
-                            params![name, rowid],
-                        )?;
-                        remove_copy(&tx, name, rowid)?;
-                        did.removed += 1;
-                    }
-                    Some(nos) => {
-                        let list = nos
-                            .iter()
-                            .map(i64::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        tx.execute(
-                            &format!(
-                                "DELETE FROM snaps_snapshot_membership
-                                 WHERE relation = ?1 AND tuple_rowid = ?2 AND snapshot_no NOT IN ({list})"
-                            ),
-                            params![name, rowid],
-                        )?;
-                        for no in nos {
-                            tx.execute(
-                                "INSERT OR IGNORE INTO snaps_snapshot_membership
-                                   (relation, tuple_rowid, snapshot_no, last_access_day)
-                                 VALUES (?1, ?2, ?3, coalesce((SELECT max(last_access_day)
-                                   FROM snaps_snapshot_membership WHERE snapshot_no = ?3), ?4))",
-                                params![name, rowid, no, today()],
-                            )?;
-                        }
-                    }
+                let key = (name.clone(), rowid);
+                let Some(now) = selected.get(&key) else {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+                         SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
+                        params![name, rowid],
+                    )?;
+                    remove_copy(&tx, name, rowid)?;
+                    did.removed += 1;
+                    continue;
+                };
+                let now: BTreeSet<i64> = now.iter().copied().collect();
+                let before = members.remove(&key).unwrap_or_default();
+                for no in before.difference(&now) {
+                    tx.prepare_cached(
+                        "DELETE FROM snaps_snapshot_membership
+                         WHERE relation = ?1 AND tuple_rowid = ?2 AND snapshot_no = ?3",
+                    )?
+                    .execute(params![name, rowid, no])?;
+                }
+                for no in now.difference(&before) {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO snaps_snapshot_membership
+                           (relation, tuple_rowid, snapshot_no, last_access_day) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![name, rowid, no, newest.get(no).copied().unwrap_or_else(today)])?;
                 }
             }
         }
@@ -656,7 +814,7 @@ impl Site {
     pub fn rebuild_snapshots(&self) -> Result<u64> {
         let mut conn = self.open_refresh_conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let name = &rm.local.name;
             let copies: Vec<i64> = {
                 let mut stmt = tx.prepare(&format!(
@@ -732,6 +890,23 @@ fn group_sql(group: &DefinedGroup) -> String {
             format!(" WHERE {}", conds.join(" AND "))
         }
     )
+}
+
+/// Attributes withdrawn by a mapping edit and not yet committed: global
+/// relation → attributes.
+fn pending_withdrawals(conn: &Connection) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT value FROM snaps_meta WHERE key = ?1",
+            [mapping_admin::WITHDRAWN],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match json {
+        None => Ok(BTreeMap::new()),
+        Some(j) => serde_json::from_str(&j)
+            .map_err(|e| Error::Invalid(format!("withdrawn attributes unreadable: {e}"))),
+    }
 }
 
 /// Removes a copy: the tuple (marked as the controller's work, so the

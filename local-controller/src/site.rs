@@ -21,7 +21,6 @@ use std::time::Duration;
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, OpenFlags, OptionalExtension, params};
 use snaps_mapping::ir::{Delete, Insert, Range, Select, Statement, Update};
-use snaps_mapping::mapping::{MappingRow, QualificationRow};
 use snaps_mapping::performed::{SnapshotDefinition, performed};
 use snaps_mapping::quel::{QuelSession, looks_like_quel};
 use snaps_mapping::rewrite::{Plan, plan};
@@ -43,6 +42,20 @@ const SNAPSHOT_BIT: u8 = 0x80;
 /// The notice a local-only answer carries.
 pub const LOCAL_ONLY_NOTICE: &str = "the global snapshot controller is unreachable: \
      this answer comes from this site's data only and may miss tuples recorded at other sites";
+/// The tables an administrator edits the site's mapping in.
+const MAPPING_TABLES: &[&str] = &["snaps_mapping", "snaps_mapping_qualification"];
+/// The notice of a mapping edit.
+pub const MAPPING_EDIT_NOTICE: &str =
+    "the mapping change is recorded: it takes effect at the next refresh epoch";
+
+/// Whether SQL text SNAPS could not parse writes a mapping table.
+fn writes_mapping_tables(lower: &str) -> bool {
+    lower.contains("snaps_mapping")
+        && ["insert", "update", "delete", "replace", "drop", "alter"]
+            .iter()
+            .any(|w| lower.contains(w))
+}
+
 /// The notice of an answer given while a refresh epoch collects.
 pub const REFRESHING_NOTICE: &str = "a refresh of the global snapshot is in progress: \
      this answer comes from this site's data only and may miss tuples recorded at other sites";
@@ -76,10 +89,11 @@ pub struct Site {
     code: String,
     pub(crate) catalog: Catalog,
     mapped: BTreeSet<String>,
-    pub(crate) mapping: SiteMapping,
-    /// Per local relation whose key maps onto a global key: how an insert's
-    /// keys are checked at the global controller.
-    pub(crate) key_checks: BTreeMap<String, KeyCheck>,
+    /// The mapping in effect (an administrator's edit of the mapping tables
+    /// takes effect at the next refresh epoch).
+    active: RwLock<Arc<Active>>,
+    /// The global schema.
+    pub(crate) global: Catalog,
     global_fingerprint: String,
     writer: Mutex<Connection>,
     pub(crate) definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
@@ -133,24 +147,25 @@ impl Site {
             .collect();
         drop(store);
         let writer = open_conn(path)?;
-        let mapping = read_mapping(&writer, &catalog, global)?;
+        let active = crate::mapping_admin::MappingRows::active(&writer)?;
+        // Edits of the tables wait for the next epoch: remember what is in
+        // effect now.
+        active.make_active(&writer)?;
+        let mapping = active.mapping(&catalog, global)?;
         let definitions = read_definitions(&writer)?;
         let uncertain: bool = writer.query_row(
             "SELECT EXISTS (SELECT 1 FROM snaps_meta WHERE key = ?1)",
             [UNCERTAIN],
             |r| r.get(0),
         )?;
-        let key_checks = mapping
-            .relations()
-            .filter_map(|rm| KeyCheck::of(rm, global).map(|c| (rm.local.name.clone(), c)))
-            .collect();
+        let active = Active::new(mapping, global);
         Ok(Arc::new(Site {
             path: path.to_path_buf(),
             code,
             catalog,
             mapped,
-            mapping,
-            key_checks,
+            active: RwLock::new(Arc::new(active)),
+            global: global.clone(),
             global_fingerprint: global.fingerprint(),
             writer: Mutex::new(writer),
             definitions: RwLock::new(definitions),
@@ -163,6 +178,20 @@ impl Site {
             halt: Mutex::new(None),
             subscribed: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// The mapping in effect.
+    pub(crate) fn mapping(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts a new mapping into effect (at a refresh epoch).
+    pub(crate) fn set_mapping(&self, mapping: SiteMapping, global: &Catalog) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Active::new(mapping, global));
     }
 
     /// The site's code.
@@ -273,7 +302,7 @@ impl Site {
         tx.execute_batch(
             "DELETE FROM snaps_relation_mode; DELETE FROM snaps_key_range; DELETE FROM snaps_network_site;",
         )?;
-        for rm in self.mapping.relations() {
+        for rm in self.mapping().relations() {
             let read_write = rm.parts.iter().any(|p| {
                 hello.modes.get(&p.global).copied() == Some(RelationMode::ReadWrite as i32)
             });
@@ -366,7 +395,8 @@ impl Site {
         // Per relation, the last rowid exported: those tuples are no longer
         // new once the load is done.
         let mut exported: Vec<(&str, i64)> = Vec::new();
-        for rm in self.mapping.relations() {
+        let mapping = self.mapping();
+        for rm in mapping.relations() {
             let main = match rm.split {
                 snaps_mapping::mapping::Split::MainTupleId(m) => m,
                 _ => 0,
@@ -461,6 +491,7 @@ impl Site {
         let Some(q) = &plan.query else {
             return Ok(Fetched::Nothing);
         };
+        let mapping = self.mapping();
         let mut req = fetch_request(q);
         req.include_held = self.uncertain.load(std::sync::atomic::Ordering::Relaxed);
         for sj in &plan.semijoins {
@@ -475,8 +506,7 @@ impl Site {
             }) else {
                 continue;
             };
-            let rm = self
-                .mapping
+            let rm = mapping
                 .relation(&sj.local_relation)
                 .ok_or_else(|| Error::Invalid(format!("{} is not mapped", sj.local_relation)))?;
             req.semijoins.push(semijoin(
@@ -540,7 +570,7 @@ impl Site {
             }
         };
         let definition = SnapshotDefinition::from_plan(plan, current);
-        let stored = map_back(&reply, q, &self.mapping).and_then(|tuples| {
+        let stored = map_back(&reply, q, &mapping).and_then(|tuples| {
             let incoming = Incoming {
                 definition: &definition,
                 tuples: &tuples,
@@ -804,40 +834,7 @@ pub(crate) fn is_request_error(e: &Error) -> bool {
             | tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated))
 }
 
-fn read_mapping(conn: &Connection, local: &Catalog, global: &Catalog) -> Result<SiteMapping> {
-    let mut stmt = conn.prepare(
-        "SELECT row, local_relation, local_attribute, global_relation, global_attribute, to_global, to_local
-         FROM snaps_mapping ORDER BY row",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(MappingRow {
-                row: r.get::<_, i64>(0)? as usize,
-                local_relation: r.get(1)?,
-                local_attribute: r.get(2)?,
-                global_relation: r.get(3)?,
-                global_attribute: r.get(4)?,
-                to_global: r.get(5)?,
-                to_local: r.get(6)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut stmt = conn.prepare(
-        "SELECT row, local_relation, qualification FROM snaps_mapping_qualification ORDER BY row",
-    )?;
-    let quals = stmt
-        .query_map([], |r| {
-            Ok(QualificationRow {
-                row: r.get::<_, i64>(0)? as usize,
-                local_relation: r.get(1)?,
-                qualification: r.get(2)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(SiteMapping::new(&rows, &quals, local, global)?)
-}
-
-fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefinition)>> {
+pub(crate) fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefinition)>> {
     let mut stmt = conn
         .prepare("SELECT snapshot_no, plan FROM snaps_snapshot_definition ORDER BY snapshot_no")?;
     let rows = stmt
@@ -851,6 +848,35 @@ fn read_definitions(conn: &Connection) -> Result<Vec<(SnapshotNo, SnapshotDefini
             Ok((SnapshotNo(no as u32), def))
         })
         .collect()
+}
+
+/// A site's mapping in effect, and what is derived from it.
+pub(crate) struct Active {
+    /// The mapping.
+    pub mapping: SiteMapping,
+    /// Per local relation whose key maps onto a global key: how an
+    /// insert's keys are checked at the global controller.
+    pub key_checks: BTreeMap<String, KeyCheck>,
+}
+
+impl Active {
+    fn new(mapping: SiteMapping, global: &Catalog) -> Active {
+        let key_checks = mapping
+            .relations()
+            .filter_map(|rm| KeyCheck::of(rm, global).map(|c| (rm.local.name.clone(), c)))
+            .collect();
+        Active {
+            mapping,
+            key_checks,
+        }
+    }
+}
+
+impl std::ops::Deref for Active {
+    type Target = SiteMapping;
+    fn deref(&self) -> &SiteMapping {
+        &self.mapping
+    }
 }
 
 /// The retrieval a fetch is for.
@@ -1131,7 +1157,7 @@ impl SiteSession {
         text: &str,
     ) -> Result<Option<String>> {
         let site = &self.site;
-        let mut plan = plan(select, &site.catalog, &site.mapping)?;
+        let mut plan = plan(select, &site.catalog, &site.mapping())?;
         if plan.query.is_none() {
             return Ok(None);
         }
@@ -1218,6 +1244,29 @@ impl SiteSession {
         Ok(())
     }
 
+    /// A write to the mapping tables, kept only if the tables still make a
+    /// valid mapping the site can put into effect.
+    fn edit_mapping(&mut self, sql: &str) -> Result<Outcome> {
+        self.conn.execute_batch("SAVEPOINT snaps_mapping_edit")?;
+        let done = self.run_local(sql).and_then(|mut out| {
+            let edited = crate::mapping_admin::MappingRows::read(&self.conn)?;
+            crate::mapping_admin::validate(
+                &self.conn,
+                &edited,
+                &self.site.catalog,
+                &self.site.global,
+            )?;
+            out.pop()
+                .ok_or_else(|| Error::Invalid("the statement did nothing".into()))
+        });
+        self.conn.execute_batch(if done.is_ok() {
+            "RELEASE snaps_mapping_edit"
+        } else {
+            "ROLLBACK TO snaps_mapping_edit; RELEASE snaps_mapping_edit"
+        })?;
+        done
+    }
+
     fn explain(&self, text: &str) -> Result<Outcome> {
         let site = &self.site;
         let mut quel = self.quel.clone();
@@ -1252,7 +1301,7 @@ impl SiteSession {
                     continue;
                 }
             };
-            let plan = plan(&select, &site.catalog, &site.mapping)?;
+            let plan = plan(&select, &site.catalog, &site.mapping())?;
             let current = self.projections(&plan)?;
             let coverage = self.coverage(&plan, &current);
             lines.push(match (&plan.query, coverage.covered()) {
@@ -1306,6 +1355,13 @@ impl SiteSession {
             // Statements SNAPS does not model (DDL, PRAGMA, transactions,
             // SQLite's own syntax) go to SQLite as they are.
             Err(_) if lang == Language::Sql => {
+                if writes_mapping_tables(&lower) {
+                    return Err(Error::Invalid(
+                        "the mapping tables are written with plain INSERT, UPDATE and DELETE \
+                         statements, so that every change is checked"
+                            .into(),
+                    ));
+                }
                 answer.outcomes = self.run_local(text)?;
                 return Ok(answer);
             }
@@ -1335,6 +1391,21 @@ impl SiteSession {
                     answer.outcomes.push(Outcome::Command {
                         tag: "DEFINE SNAPSHOT".into(),
                     });
+                }
+                Statement::Insert(Insert { relation, .. })
+                | Statement::Update(Update {
+                    target: Range { relation, .. },
+                    ..
+                })
+                | Statement::Delete(Delete {
+                    target: Range { relation, .. },
+                    ..
+                }) if MAPPING_TABLES.contains(&relation.as_str()) => {
+                    answer.outcomes.push(self.edit_mapping(&local_sql)?);
+                    let n = MAPPING_EDIT_NOTICE.to_string();
+                    if !answer.notices.contains(&n) {
+                        answer.notices.push(n);
+                    }
                 }
                 Statement::Insert(i) if self.site.mapped.contains(&i.relation) => {
                     let (outcome, notice) = self.insert(i)?;

@@ -520,15 +520,7 @@ impl Definition<'_> {
         }
         tx.execute_batch(BOOKKEEPING)?;
         for rm in self.mapping.relations() {
-            let columns: Vec<&str> = rm
-                .local
-                .attributes
-                .iter()
-                .map(|a| a.name.as_str())
-                .filter(|a| rm.maps(a))
-                .collect();
-            tx.execute_batch(&modified_trigger(&rm.local.name, &columns))?;
-            tx.execute_batch(&guard_triggers(rm))?;
+            tx.execute_batch(&relation_triggers(rm))?;
         }
         tx.execute(
             "INSERT INTO snaps_site (code, number, name) VALUES (?1, ?2, ?3)",
@@ -692,6 +684,35 @@ fn create_table(relation: &Relation, status: Option<u8>) -> String {
         quote(&relation.name),
         lines.join(",\n    ")
     )
+}
+
+/// Every trigger SNAPS keeps on a mapped relation, for its mapping.
+pub(crate) fn relation_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
+    let columns: Vec<&str> = rm
+        .local
+        .attributes
+        .iter()
+        .map(|a| a.name.as_str())
+        .filter(|a| rm.maps(a))
+        .collect();
+    modified_trigger(&rm.local.name, &columns) + "\n" + &guard_triggers(rm)
+}
+
+/// Drops every trigger SNAPS keeps on `relation` (to make them again for a
+/// new mapping).
+pub(crate) fn drop_relation_triggers(conn: &Connection, relation: &str) -> Result<()> {
+    let names: Vec<String> = {
+        let mut stmt = conn.prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name = ?1 \
+             AND name LIKE 'snaps\\_%' ESCAPE '\\'",
+        )?;
+        stmt.query_map([relation], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    for n in names {
+        conn.execute_batch(&format!("DROP TRIGGER {}", quote(&n)))?;
+    }
+    Ok(())
 }
 
 /// The trigger that sets the modified bit when a mapped attribute of a tuple

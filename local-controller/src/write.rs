@@ -207,7 +207,8 @@ impl SiteSession {
             }
         }
         let mut sql = Statement::Insert(ins).to_string();
-        let check = site.key_checks.get(&rel.name);
+        let active = site.mapping();
+        let check = active.key_checks.get(&rel.name);
         if let Some(c) = check {
             let cols: Vec<String> = c.attributes.iter().map(|a| sql_ident(&a.0)).collect();
             sql.push_str(&format!(" RETURNING {}", cols.join(", ")));
@@ -295,8 +296,8 @@ impl SiteSession {
     pub(crate) fn update(&mut self, u: &Update, sql: &str) -> Result<Outcome> {
         let site = self.site.clone();
         site.not_refreshing(&self.conn)?;
-        let rm = site
-            .mapping
+        let active = site.mapping();
+        let rm = active
             .relation(&u.target.relation)
             .ok_or_else(|| Error::Invalid(format!("{} is not mapped", u.target.relation)))?;
         let shared = u
@@ -314,8 +315,8 @@ impl SiteSession {
     pub(crate) fn delete(&mut self, d: &Delete, sql: &str) -> Result<Outcome> {
         let site = self.site.clone();
         site.not_refreshing(&self.conn)?;
-        let rm = site
-            .mapping
+        let active = site.mapping();
+        let rm = active
             .relation(&d.target.relation)
             .ok_or_else(|| Error::Invalid(format!("{} is not mapped", d.target.relation)))?;
         let touched = self.touched(&d.target, &d.others, d.qual.as_ref())?;

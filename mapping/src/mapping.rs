@@ -15,7 +15,7 @@ use snaps_schema::{Catalog, Relation, Value, ValueType};
 use crate::{Error, Result};
 
 /// One row of the mapping table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MappingRow {
     /// Row number, for messages (the line in a file, the row in a table).
     pub row: usize,
@@ -34,7 +34,7 @@ pub struct MappingRow {
 }
 
 /// One row of the mapping-qualification table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct QualificationRow {
     /// Row number, for messages.
     pub row: usize,

@@ -255,6 +255,29 @@ impl SqliteStore {
         out: &mut CommitSummary,
     ) -> Result<()> {
         let me = i64::from(site.number.0);
+        for (relation, columns) in &push.withdrawn {
+            let sets: Vec<String> = columns
+                .iter()
+                .map(|c| format!("{} = NULL", sql_ident(c)))
+                .collect();
+            if sets.is_empty() {
+                continue;
+            }
+            let ids: Vec<i64> = {
+                let mut stmt = tx.prepare(&format!(
+                    "UPDATE {} SET {} WHERE snaps_owner = ?1 RETURNING tuple_id",
+                    sql_ident(relation),
+                    sets.join(", ")
+                ))?;
+                stmt.query_map([me], |r| r.get(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for id in ids {
+                Self::log_change(tx, epoch, relation, id, me, None)?;
+                out.withdrawn += 1;
+            }
+            tracing::info!(site = %site.code, relation, ?columns, "attributes withdrawn");
+        }
         for batch in &push.inserted {
             let o = self.load_in(tx, site, batch)?;
             out.inserted += o.loaded;
