@@ -5,32 +5,8 @@
 
 mod common;
 
-use common::{Client, Net, connect, run, setup};
+use common::{Net, connect, db, one, patients, refused, run, setup};
 use snaps_schema::{LocalRights, LocalStatus, TupleType};
-
-fn db(net: &Net, code: &str) -> std::path::PathBuf {
-    net.dir.path().join(code).join("local.db")
-}
-
-fn int(v: &snaps_schema::Value) -> i64 {
-    match v {
-        snaps_schema::Value::Int(i) => *i,
-        v => panic!("not an integer: {v:?}"),
-    }
-}
-
-fn patients(net: &Net, code: &str) -> Vec<i64> {
-    net.data[code]["patient"]
-        .iter()
-        .map(|r| int(&r[0]))
-        .collect()
-}
-
-async fn one(c: &mut Client, text: &str) -> Option<String> {
-    let (rows, _) = run(c, text).await;
-    assert_eq!(rows.len(), 1, "{text}: {rows:?}");
-    rows[0][0].clone()
-}
 
 /// A value in the global store.
 fn global_value(net: &Net, sql: &str) -> Option<String> {
@@ -151,17 +127,6 @@ async fn one_epoch_commits_every_sites_changes_and_brings_every_copy_up_to_date(
     assert_eq!(again.epoch, summary.epoch + 1);
     assert_eq!((again.inserted, again.deleted), (0, 0));
     assert_eq!(again.updated, 1, "CPH's change of the copy: {again:?}");
-}
-
-/// The SQLSTATE and message of a refused statement.
-async fn refused(c: &Client, text: &str) -> (String, String) {
-    let e = c
-        .client
-        .simple_query(text)
-        .await
-        .expect_err(&format!("{text} should have been refused"));
-    let db = e.as_db_error().unwrap_or_else(|| panic!("{text}: {e}"));
-    (db.code().code().to_string(), db.message().to_string())
 }
 
 /// Waits until the latest epoch is closed in the global store.

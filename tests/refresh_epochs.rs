@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Client, Net, connect, setup, setup_with};
+use common::{Client, Net, connect, int, setup, setup_with};
 use proptest::prelude::*;
 use snaps_global::epochs::{Halt, HaltPoint};
 use snaps_local::refresh::{Halt as SiteHalt, SitePoint};
@@ -18,13 +18,6 @@ use snaps_schema::Value;
 use tokio::sync::Notify;
 
 const SITES: [&str; 3] = ["CPH", "STG", "GRC"];
-
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::Int(i) => *i,
-        v => panic!("not an integer: {v:?}"),
-    }
-}
 
 fn patient(net: &Net, code: &str, i: usize) -> i64 {
     int(&net.data[code]["patient"][i][0])

@@ -7,23 +7,8 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{Client, Net, connect, run, setup, stat};
+use common::{Client, Net, connect, db, int, one, patients, refused, run, setup, stat};
 use snaps_schema::{LocalRights, LocalStatus, TupleType};
-
-/// The SQLSTATE and message of a statement the site refuses.
-async fn refused(c: &Client, text: &str) -> (String, String) {
-    let e = c
-        .client
-        .simple_query(text)
-        .await
-        .expect_err(&format!("{text} should have been refused"));
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("{text}: not a database error: {e}"));
-    (db.code().code().to_string(), db.message().to_string())
-}
 
 /// The number of tuples a statement changed, from its command tag.
 async fn changed(c: &Client, text: &str) -> u64 {
@@ -39,17 +24,6 @@ async fn changed(c: &Client, text: &str) -> u64 {
             _ => None,
         })
         .unwrap_or_else(|| panic!("{text}: no command tag"))
-}
-
-/// One value through the site's endpoint.
-async fn one(c: &mut Client, text: &str) -> Option<String> {
-    let (rows, _) = run(c, text).await;
-    assert_eq!(rows.len(), 1, "{text}: {rows:?}");
-    rows[0][0].clone()
-}
-
-fn db(net: &Net, code: &str) -> PathBuf {
-    net.dir.path().join(code).join("local.db")
 }
 
 /// The appendix-A status of a tuple in a site's file.
@@ -70,21 +44,6 @@ fn count(net: &Net, code: &str, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(db(net, code)).unwrap();
     conn.query_row(sql, [], |r| r.get(0))
         .unwrap_or_else(|e| panic!("{code}: {sql}: {e}"))
-}
-
-fn int(v: &snaps_schema::Value) -> i64 {
-    match v {
-        snaps_schema::Value::Int(i) => *i,
-        v => panic!("not an integer: {v:?}"),
-    }
-}
-
-/// The patient numbers of a site's own patients.
-fn patients(net: &Net, code: &str) -> Vec<i64> {
-    net.data[code]["patient"]
-        .iter()
-        .map(|r| int(&r[0]))
-        .collect()
 }
 
 /// A visit of `code`'s (vno, pno).

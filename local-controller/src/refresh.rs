@@ -351,12 +351,7 @@ impl Site {
                     .collect::<rusqlite::Result<Vec<_>>>()?
             };
             for rowid in copies {
-                tx.execute(
-                    "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
-                     SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
-                    params![name, rowid],
-                )?;
-                remove_copy(&tx, name, rowid)?;
+                release_copy(&tx, name, rowid)?;
             }
             drop_relation_triggers(&tx, name)?;
             tx.execute_batch(&relation_triggers(rm))?;
@@ -447,12 +442,7 @@ impl Site {
                     .collect::<rusqlite::Result<Vec<_>>>()?
             };
             for rowid in orphans {
-                tx.execute(
-                    "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
-                     SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
-                    params![rm.local.name, rowid],
-                )?;
-                remove_copy(&tx, &rm.local.name, rowid)?;
+                release_copy(&tx, &rm.local.name, rowid)?;
             }
         }
         tx.commit()?;
@@ -775,12 +765,7 @@ impl Site {
             for rowid in copies {
                 let key = (name.clone(), rowid);
                 let Some(now) = selected.get(&key) else {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
-                         SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
-                        params![name, rowid],
-                    )?;
-                    remove_copy(&tx, name, rowid)?;
+                    release_copy(&tx, name, rowid)?;
                     did.removed += 1;
                     continue;
                 };
@@ -907,6 +892,17 @@ fn pending_withdrawals(conn: &Connection) -> Result<BTreeMap<String, BTreeSet<St
         Some(j) => serde_json::from_str(&j)
             .map_err(|e| Error::Invalid(format!("withdrawn attributes unreadable: {e}"))),
     }
+}
+
+/// Removes a copy this site lets go of, keeping the global tuples behind it
+/// in `snaps_released` until the controller has heard of the release.
+fn release_copy(tx: &Connection, relation: &str, rowid: i64) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+         SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1 AND tuple_rowid = ?2",
+        params![relation, rowid],
+    )?;
+    remove_copy(tx, relation, rowid)
 }
 
 /// Removes a copy: the tuple (marked as the controller's work, so the

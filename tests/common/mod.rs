@@ -259,3 +259,44 @@ pub fn stat(site_db: &Path, name: &str) -> i64 {
     )
     .unwrap()
 }
+
+/// A site's database file.
+pub fn db(net: &Net, code: &str) -> PathBuf {
+    net.dir.path().join(code).join("local.db")
+}
+
+/// An integer value.
+pub fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(i) => *i,
+        v => panic!("not an integer: {v:?}"),
+    }
+}
+
+/// The patient numbers of a site's own patients.
+pub fn patients(net: &Net, code: &str) -> Vec<i64> {
+    net.data[code]["patient"]
+        .iter()
+        .map(|r| int(&r[0]))
+        .collect()
+}
+
+/// The one value a statement returns through a site's endpoint.
+pub async fn one(c: &mut Client, text: &str) -> Option<String> {
+    let (rows, _) = run(c, text).await;
+    assert_eq!(rows.len(), 1, "{text}: {rows:?}");
+    rows[0][0].clone()
+}
+
+/// The SQLSTATE and message of a statement the site refuses.
+pub async fn refused(c: &Client, text: &str) -> (String, String) {
+    let e = c
+        .client
+        .simple_query(text)
+        .await
+        .expect_err(&format!("{text} should have been refused"));
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{text}: not a database error: {e}"));
+    (db.code().code().to_string(), db.message().to_string())
+}
