@@ -603,3 +603,69 @@ fn snaps_mapping_checks_adds_and_removes_rows_of_a_site_database() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("they are the mapping in effect"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_taken_while_offline_becomes_a_conflict_for_an_administrator() {
+    let mut net = setup(30).await;
+    let taken = patients(&net, "CPH")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let controller = net.global.take().unwrap();
+    let (addr, tokens, admin) = (
+        controller.addr.clone(),
+        controller.tokens.clone(),
+        controller.admin.clone(),
+    );
+    controller.stop().await.unwrap();
+    // Offline, STG registers a patient under a number CPH already uses.
+    let (_, notices) = run(
+        &mut stg,
+        &format!("INSERT INTO patient (pno, surname) VALUES ({taken}, 'Twice')"),
+    )
+    .await;
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("checked at the next refresh"))
+    );
+    net.global = Some(
+        snaps::localnet::LocalNetwork::start_with(
+            net.network.clone(),
+            net.store.clone(),
+            snaps::localnet::Options {
+                addr: addr.trim_start_matches("http://").parse().unwrap(),
+                tokens,
+                admin,
+                refresh: net.refresh.clone(),
+                ..snaps::localnet::Options::new(&net.network)
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    net.wait_subscribed(3).await;
+    let summary = net.refresh().await;
+    assert_eq!(summary.conflicts, 1, "{summary:?}");
+    let conflicts = net
+        .global
+        .as_ref()
+        .unwrap()
+        .admin_client()
+        .await
+        .unwrap()
+        .conflicts()
+        .await
+        .unwrap();
+    assert_eq!(conflicts.len(), 1);
+    let c = &conflicts[0];
+    assert_eq!((c.site.as_str(), c.holder_site.as_str()), ("STG", "CPH"));
+    assert!(c.tuple.contains("Twice"), "{}", c.tuple);
+    // Never silently merged: CPH's patient is unchanged at the controller.
+    assert_ne!(
+        global_value(
+            &net,
+            &format!("SELECT surname FROM patient WHERE pno = {taken}")
+        )
+        .as_deref(),
+        Some("Twice")
+    );
+}

@@ -337,6 +337,52 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_refresh_and_the_administrator() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[refresh]\nat = \"02:30\"\ncollect_timeout_secs = 60\npropagate_deletes = [\"visit_rep\"]\n\
+             [admin]\ntoken = \"admin-token-0123456789abcdef\"\n",
+        );
+        let c = GlobalConfig::load(&p).unwrap();
+        assert_eq!(c.refresh.at, Some((2, 30)));
+        assert_eq!(c.refresh.collect_timeout, Duration::from_secs(60));
+        assert_eq!(c.refresh.distribute_timeout, Duration::from_secs(600));
+        assert!(c.refresh.propagate_deletes.contains("visit_rep"));
+        assert_eq!(
+            c.admin_token.as_deref(),
+            Some("admin-token-0123456789abcdef")
+        );
+        // Without [refresh] it runs only on demand.
+        let c = GlobalConfig::load(&write(dir.path(), "")).unwrap();
+        assert_eq!(c.refresh, RefreshConfig::default());
+        assert_eq!(c.admin_token, None);
+        for (extra, why) in [
+            ("[refresh]\nat = \"25:00\"\n", "refresh.at = \"25:00\""),
+            (
+                "[refresh]\nat = \"noon\"\n",
+                "expected a time of day as HH:MM",
+            ),
+            (
+                "[refresh]\npropagate_deletes = [\"nosuch\"]\n",
+                "propagate_deletes names nosuch",
+            ),
+            (
+                "[admin]\ntoken = \"short\"\n",
+                "administrator's token is shorter",
+            ),
+            (
+                "[credentials]\nCPH = { token = \"cph-token-0123456789abcdef\" }\n\
+                 [admin]\ntoken = \"cph-token-0123456789abcdef\"\n",
+                "also a site's token",
+            ),
+        ] {
+            let e = GlobalConfig::load(&write(dir.path(), extra)).unwrap_err();
+            assert!(e.to_string().contains(why), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn reads_credentials_modes_and_indexes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(

@@ -414,20 +414,25 @@ impl Coordinator {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            let at = u64::from(h) * 3600 + u64::from(m) * 60;
-            let today = now % 86_400;
-            let wait = if today < at {
-                at - today
-            } else {
-                86_400 - today + at
-            };
-            tokio::time::sleep(Duration::from_secs(wait)).await;
+            tokio::time::sleep(until_next((h, m), now)).await;
             match self.run_epoch().await {
                 Ok(r) => tracing::info!(epoch = r.epoch, ?r.commit, "nightly refresh done"),
                 Err(e) => tracing::error!(error = %e, "nightly refresh failed"),
             }
         }
     }
+}
+
+/// How long from `now` (Unix seconds) until the next `at` (hours, minutes;
+/// UTC): today if it is still ahead, else tomorrow.
+fn until_next(at: (u8, u8), now: u64) -> Duration {
+    let at = u64::from(at.0) * 3600 + u64::from(at.1) * 60;
+    let today = now % 86_400;
+    Duration::from_secs(if today < at {
+        at - today
+    } else {
+        86_400 - today + at
+    })
 }
 
 /// A site's open Subscribe stream.
@@ -448,5 +453,24 @@ impl Drop for Connected {
             *n = n.saturating_sub(1);
         }
         self.coordinator.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_refresh_is_today_if_ahead_else_tomorrow() {
+        let day = 20_000 * 86_400;
+        // 01:00 → 02:30 the same day.
+        assert_eq!(until_next((2, 30), day + 3600), Duration::from_secs(5400));
+        // 02:30 exactly, and 03:00: the next is tomorrow.
+        assert_eq!(until_next((2, 30), day + 9000), Duration::from_secs(86_400));
+        assert_eq!(
+            until_next((2, 30), day + 10_800),
+            Duration::from_secs(86_400 - 1800)
+        );
+        assert_eq!(until_next((0, 0), day + 86_399), Duration::from_secs(1));
     }
 }
