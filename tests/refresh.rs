@@ -669,3 +669,68 @@ async fn a_key_taken_while_offline_becomes_a_conflict_for_an_administrator() {
         Some("Twice")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mapping_edit_waits_for_changes_under_lock_and_keeps_pinned_attributes() {
+    let net = setup(30).await;
+    let (c, g) = (patients(&net, "CPH")[0], patients(&net, "GRC")[0]);
+    let mut stg = connect(net.sites["STG"]).await;
+    run(
+        &mut stg,
+        &format!("SELECT * FROM patient WHERE pno IN ({c}, {g})"),
+    )
+    .await;
+    run(
+        &mut stg,
+        &format!("UPDATE patient SET add1 = 'under lock' WHERE pno = {c}"),
+    )
+    .await;
+    run(
+        &mut stg,
+        &format!("UPDATE patient SET film_locate = 'shelf 9' WHERE pno = {g}"),
+    )
+    .await;
+    run(
+        &mut stg,
+        "INSERT INTO snaps_mapping (row, local_relation, local_attribute, global_relation, global_attribute) \
+         VALUES (100, 'patient', 'race', 'patient', 'race')",
+    )
+    .await;
+    let stg_races = || {
+        global_value(
+            &net,
+            "SELECT count(*) FROM patient WHERE snaps_owner = 2 AND race IS NOT NULL",
+        )
+        .unwrap()
+    };
+    // First epoch: STG's change under lock is committed in the shape it was
+    // made in; the edit waits.
+    net.refresh().await;
+    assert_eq!(
+        global_value(&net, &format!("SELECT add1 FROM patient WHERE pno = {c}")).as_deref(),
+        Some("under lock")
+    );
+    assert_eq!(stg_races(), "0");
+    // Second epoch: the edit takes effect.
+    net.refresh().await;
+    assert_ne!(stg_races(), "0");
+    // The pinned copy came again in the new shape and kept its own value.
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!("SELECT film_locate FROM patient WHERE pno = {g}")
+        )
+        .await
+        .as_deref(),
+        Some("shelf 9")
+    );
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!("SELECT add1 FROM patient WHERE pno = {c}")
+        )
+        .await
+        .as_deref(),
+        Some("under lock")
+    );
+}

@@ -283,7 +283,8 @@ impl Coordinator {
             let state = self.state().await?;
             let (finished, n, of) = done(&state);
             self.report_progress(&state, n, of);
-            if n > 0 && !announced_partial && !finished {
+            // Some sites have answered (perhaps all, by the time we look).
+            if n > 0 && !announced_partial {
                 announced_partial = true;
                 self.reached(partial).await;
             }

@@ -257,7 +257,11 @@ impl Site {
         self.apply_mapping_edit(conn)?;
         set_meta(conn, REFRESHING, epoch)?;
         self.evict(conn, did)?;
-        self.release(conn, did)?;
+        // A release the controller refuses must not hold up the push: the
+        // copies stay listed for the next time.
+        if let Err(e) = self.release(conn, did) {
+            tracing::warn!(site = %self.code(), error = %e, "releasing evicted copies failed");
+        }
         self.reached(SitePoint::Evicted)?;
         let push = self.build_push(conn, epoch)?;
         match self.remote(|c| async move { c.push(push).await }) {
@@ -281,11 +285,13 @@ impl Site {
     /// `mapping_admin`): per relation whose attributes changed, its own
     /// exported tuples are marked to be pushed in the new shape, the global
     /// attributes no longer mapped are kept to be withdrawn with the push,
-    /// its copies are released (the re-run fetches them in the new shape),
-    /// its triggers are made again; then the new mapping is in effect and
-    /// the definitions are planned with it. An edit that no longer
-    /// validates (the tables were written behind the controller's back)
-    /// stays pending, logged.
+    /// its copies are released at the controller (the re-run sends them
+    /// again in the new shape, and they are updated in place), its triggers
+    /// are made again; then the new mapping is in effect and the
+    /// definitions are planned with it. An edit that no longer validates
+    /// (the tables were written behind the controller's back) stays
+    /// pending, logged; so does one while this site holds changes of such
+    /// a relation's copies under a lock, until they are committed.
     fn apply_mapping_edit(&self, conn: &mut Connection) -> Result<()> {
         let active = MappingRows::active(conn)?;
         let edited = MappingRows::read(conn)?;
@@ -300,23 +306,45 @@ impl Site {
             }
         };
         let old = self.mapping();
+        let reshaped: Vec<&snaps_mapping::mapping::RelationMapping> = new
+            .relations()
+            .filter(|rm| {
+                old.relation(&rm.local.name).is_some_and(|before| {
+                    shape_of_relation(before) != shape_of_relation(rm)
+                        || before
+                            .parts
+                            .iter()
+                            .zip(&rm.parts)
+                            .any(|(a, b)| a.attrs != b.attrs)
+                })
+            })
+            .collect();
+        // A copy changed under a lock not yet committed is pushed in the
+        // shape it was changed in: the edit waits for that epoch to pass.
+        for rm in &reshaped {
+            let locked: i64 = conn.query_row(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0
+                       AND ({STATUS_COLUMN} & {RIGHTS}) = {READ_WRITE}",
+                    sql_ident(&rm.local.name)
+                ),
+                [],
+                |r| r.get(0),
+            )?;
+            if locked > 0 {
+                tracing::warn!(site = %self.code(), relation = %rm.local.name, locked,
+                    "the mapping edit waits until this site's changes under lock are committed");
+                return Ok(());
+            }
+        }
         let mut withdrawn: BTreeMap<String, BTreeSet<String>> = pending_withdrawals(conn)?;
         let mut changed: BTreeSet<String> = BTreeSet::new();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for rm in new.relations() {
+        for rm in reshaped {
             let name = &rm.local.name;
             let Some(before) = old.relation(name) else {
                 continue;
             };
-            if shape_of_relation(before) == shape_of_relation(rm)
-                && before
-                    .parts
-                    .iter()
-                    .zip(&rm.parts)
-                    .all(|(a, b)| a.attrs == b.attrs)
-            {
-                continue;
-            }
             changed.insert(name.clone());
             for part in &before.parts {
                 let now: BTreeSet<&str> = rm
@@ -343,16 +371,14 @@ impl Site {
                 ),
                 [],
             )?;
-            let copies: Vec<i64> = {
-                let mut stmt = tx.prepare(&format!(
-                    "SELECT rowid FROM {rel} WHERE ({STATUS_COLUMN} & {SNAPSHOT}) <> 0"
-                ))?;
-                stmt.query_map([], |r| r.get(0))?
-                    .collect::<rusqlite::Result<Vec<_>>>()?
-            };
-            for rowid in copies {
-                release_copy(&tx, name, rowid)?;
-            }
+            // The copies stay (pinned ones keep their own attributes); the
+            // controller forgets this site holds them, so the re-run sends
+            // them again in the new shape and they are updated in place.
+            tx.execute(
+                "INSERT OR IGNORE INTO snaps_released (global_relation, tuple_id)
+                 SELECT global_relation, tuple_id FROM snaps_copy WHERE relation = ?1",
+                [name],
+            )?;
             drop_relation_triggers(&tx, name)?;
             tx.execute_batch(&relation_triggers(rm))?;
         }

@@ -672,6 +672,7 @@ impl Site {
             }
         };
         let mut stored = 0i64;
+        let mapping = self.mapping();
         for lt in tuples {
             let rel = self
                 .catalog
@@ -697,8 +698,38 @@ impl Site {
                 cols.join(", "),
                 vec!["?"; cols.len()].join(", ")
             );
+            // A copy already here takes the fetched values of its mapped
+            // attributes (they are the current ones; after a mapping edit,
+            // in the new shape) unless this site changed it under a lock
+            // not yet committed; its own attributes stay.
+            let rm = mapping
+                .relation(&rel.name)
+                .ok_or_else(|| Error::Invalid(format!("{} is not mapped", rel.name)))?;
+            let mapped: Vec<usize> = (0..rel.attributes.len())
+                .filter(|&i| rm.maps(&rel.attributes[i].name))
+                .collect();
+            let refresh = format!(
+                "UPDATE {t} SET {sets} WHERE rowid = ?1 AND ({s} & {pending}) <> {pending}",
+                t = snaps_schema::sql_ident(&rel.name),
+                sets = mapped
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| format!(
+                        "{} = ?{}",
+                        snaps_schema::sql_ident(&rel.attributes[i].name),
+                        k + 2
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                s = STATUS_COLUMN,
+                pending = 0x28,
+            );
+            let mark = format!(
+                "UPDATE {} SET {STATUS_COLUMN} = {STATUS_COLUMN} | 1 WHERE rowid = ?1",
+                snaps_schema::sql_ident(&rel.name)
+            );
             for ((ids, values), owner) in lt.tuples.iter().zip(&lt.owners) {
-                // A tuple already here (fetched before) only joins this snapshot.
+                // A tuple already here (fetched before) joins this snapshot.
                 let mut rowid: Option<i64> = None;
                 for (p, id) in ids.iter().enumerate() {
                     if *id == 0 {
@@ -715,7 +746,21 @@ impl Site {
                     }
                 }
                 let rowid = match rowid {
-                    Some(r) => r,
+                    Some(r) => {
+                        tx.prepare_cached(&mark)?.execute([r])?;
+                        let args = std::iter::once(rusqlite::types::Value::Integer(r))
+                            .chain(mapped.iter().map(|&i| to_sqlite(&values[i])));
+                        tx.prepare_cached(&refresh)?
+                            .execute(rusqlite::params_from_iter(args))?;
+                        tx.execute(
+                            &format!(
+                                "UPDATE {} SET {STATUS_COLUMN} = {STATUS_COLUMN} & ~7 WHERE rowid = ?1",
+                                snaps_schema::sql_ident(&rel.name)
+                            ),
+                            [r],
+                        )?;
+                        r
+                    }
                     None => {
                         let params = values.iter().map(to_sqlite).chain(std::iter::once(
                             rusqlite::types::Value::Integer(status.into()),
