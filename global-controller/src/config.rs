@@ -16,8 +16,9 @@
 //! CPH = { token = "..." }
 //! STG = { token_file = "stg.token" }
 //!
-//! [refresh]                          # the nightly refresh (all optional)
-//! at = "02:00"                       # daily, UTC; without it only on demand
+//! refresh_at = "02:00"               # the nightly refresh, daily, UTC;
+//!                                    # without it only on demand
+//! [refresh]                          # more about it (all optional)
 //! collect_timeout_secs = 300         # how long an epoch waits for pushes
 //! distribute_timeout_secs = 600      # ... and for acknowledgements
 //! propagate_deletes = ["visit_rep"]  # owners' deletes remove others' copies
@@ -62,6 +63,10 @@ struct File {
     indexes: BTreeMap<String, Vec<Vec<String>>>,
     #[serde(default)]
     credentials: BTreeMap<String, Credential>,
+    /// The daily refresh time, as DESIGN.md names it (same as
+    /// `[refresh] at`).
+    #[serde(default)]
+    refresh_at: Option<String>,
     #[serde(default)]
     refresh: RefreshFile,
     #[serde(default)]
@@ -181,8 +186,16 @@ impl GlobalConfig {
             tokens,
         )?;
         let defaults = RefreshConfig::default();
+        let at = match (&file.refresh_at, &file.refresh.at) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "give the refresh time once: refresh_at or [refresh] at".into(),
+                ));
+            }
+            (a, b) => a.as_deref().or(b.as_deref()),
+        };
         let refresh = RefreshConfig {
-            at: file.refresh.at.as_deref().map(time_of_day).transpose()?,
+            at: at.map(time_of_day).transpose()?,
             collect_timeout: file
                 .refresh
                 .collect_timeout_secs
@@ -337,6 +350,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_reads() {
+        let c = GlobalConfig::load(&radiology().join("global.example.toml")).unwrap();
+        assert_eq!(c.refresh.at, Some((2, 0)));
+        assert_eq!(c.tokens.len(), 3);
+        assert!(c.admin_token.is_some());
+    }
+
+    #[test]
     fn reads_the_refresh_and_the_administrator() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
@@ -353,6 +374,8 @@ mod tests {
             c.admin_token.as_deref(),
             Some("admin-token-0123456789abcdef")
         );
+        let c = GlobalConfig::load(&write(dir.path(), "refresh_at = \"23:05\"\n")).unwrap();
+        assert_eq!(c.refresh.at, Some((23, 5)));
         // Without [refresh] it runs only on demand.
         let c = GlobalConfig::load(&write(dir.path(), "")).unwrap();
         assert_eq!(c.refresh, RefreshConfig::default());
