@@ -734,3 +734,36 @@ async fn a_mapping_edit_waits_for_changes_under_lock_and_keeps_pinned_attributes
         Some("under lock")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_deleted_and_registered_again_before_the_refresh_is_the_new_tuple() {
+    let net = setup(30).await;
+    let s = patients(&net, "STG")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    run(&mut stg, &format!("DELETE FROM patient WHERE pno = {s}")).await;
+    run(
+        &mut stg,
+        &format!("INSERT INTO patient (pno, surname, first_names) VALUES ({s}, 'Again', 'Anew')"),
+    )
+    .await;
+    let summary = net.refresh().await;
+    assert_eq!((summary.deleted, summary.inserted), (1, 1), "{summary:?}");
+    assert_eq!(
+        global_value(
+            &net,
+            &format!("SELECT surname FROM patient WHERE pno = {s}")
+        )
+        .as_deref(),
+        Some("Again")
+    );
+    let mut grc = connect(net.sites["GRC"]).await;
+    assert_eq!(
+        one(
+            &mut grc,
+            &format!("SELECT first_names FROM patient WHERE pno = {s}")
+        )
+        .await
+        .as_deref(),
+        Some("Anew")
+    );
+}

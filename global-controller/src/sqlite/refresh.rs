@@ -278,6 +278,40 @@ impl SqliteStore {
             }
             tracing::info!(site = %site.code, relation, ?columns, "attributes withdrawn");
         }
+        // Deletes first: a key deleted and registered again is a new tuple
+        // under the same origin.
+        for d in &push.deleted {
+            for &origin in &d.origins {
+                let mut any = false;
+                for relation in &d.relations {
+                    let row: Option<(i64, Vec<u8>)> = tx
+                        .prepare_cached(&format!(
+                            "DELETE FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2
+                             RETURNING tuple_id, snaps_sent_to",
+                            sql_ident(relation)
+                        ))?
+                        .query_row(params![me, origin as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    let Some((id, sent)) = row else { continue };
+                    any = true;
+                    let held = !SentTo::from_bytes(&sent).is_empty();
+                    if self.propagate_deletes.contains(relation) {
+                        Self::log_change(tx, epoch, relation, id, me, Some(&sent))?;
+                        if held {
+                            out.removed += 1;
+                        }
+                    } else if held {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO snaps_gone (relation, tuple_id, sent_to) VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![relation, id, sent])?;
+                    }
+                }
+                if any {
+                    out.deleted += 1;
+                }
+            }
+        }
         for batch in &push.inserted {
             let o = self.load_in(tx, site, batch)?;
             out.inserted += o.loaded;
@@ -366,38 +400,6 @@ impl SqliteStore {
                         tracing::warn!(site = %site.code, relation = %c.relation, tuple_id = id,
                             "change of a copy not applied: the site does not hold its lock");
                     }
-                }
-            }
-        }
-        for d in &push.deleted {
-            for &origin in &d.origins {
-                let mut any = false;
-                for relation in &d.relations {
-                    let row: Option<(i64, Vec<u8>)> = tx
-                        .prepare_cached(&format!(
-                            "DELETE FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2
-                             RETURNING tuple_id, snaps_sent_to",
-                            sql_ident(relation)
-                        ))?
-                        .query_row(params![me, origin as i64], |r| Ok((r.get(0)?, r.get(1)?)))
-                        .optional()?;
-                    let Some((id, sent)) = row else { continue };
-                    any = true;
-                    let held = !SentTo::from_bytes(&sent).is_empty();
-                    if self.propagate_deletes.contains(relation) {
-                        Self::log_change(tx, epoch, relation, id, me, Some(&sent))?;
-                        if held {
-                            out.removed += 1;
-                        }
-                    } else if held {
-                        tx.prepare_cached(
-                            "INSERT OR REPLACE INTO snaps_gone (relation, tuple_id, sent_to) VALUES (?1, ?2, ?3)",
-                        )?
-                        .execute(params![relation, id, sent])?;
-                    }
-                }
-                if any {
-                    out.deleted += 1;
                 }
             }
         }
