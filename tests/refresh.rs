@@ -767,3 +767,60 @@ async fn a_key_deleted_and_registered_again_before_the_refresh_is_the_new_tuple(
         Some("Anew")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_unsure_of_what_it_holds_is_resynchronised_and_old_changes_are_forgotten() {
+    let mut net = setup(30).await;
+    let grc = patients(&net, "GRC");
+    let (kept, lost) = (grc[0], grc[1]);
+    let mut stg = connect(net.sites["STG"]).await;
+    run(
+        &mut stg,
+        &format!("SELECT * FROM patient WHERE pno = {kept}"),
+    )
+    .await;
+    run(
+        &mut stg,
+        &format!("SELECT * FROM patient WHERE pno = {lost}"),
+    )
+    .await;
+    run(
+        &mut stg,
+        &format!("UPDATE patient SET add1 = 'logged' WHERE pno = {kept}"),
+    )
+    .await;
+    // As if the second fetch's reply had been lost: the controller believes
+    // STG holds a tuple it never stored (nor the snapshot asking for it).
+    let site = rusqlite::Connection::open(db(&net, "STG")).unwrap();
+    site.execute_batch(&format!(
+        "UPDATE patient SET snaps_status = snaps_status | 1 WHERE pno = {lost};
+         DELETE FROM patient WHERE pno = {lost};
+         DELETE FROM snaps_copy WHERE relation = 'patient' AND tuple_rowid = {lost};
+         DELETE FROM snaps_snapshot_membership WHERE relation = 'patient' AND tuple_rowid = {lost};
+         DELETE FROM snaps_snapshot_definition WHERE snapshot_no = 2;
+         INSERT OR REPLACE INTO snaps_meta (key, value) VALUES ('sent_to_uncertain', '0');"
+    ))
+    .unwrap();
+    net.restart_site("STG", None).await;
+    net.wait_subscribed(3).await;
+    let sent_to_stg = |p: i64| {
+        let global = rusqlite::Connection::open(&net.store).unwrap();
+        let bits: Vec<u8> = global
+            .query_row(
+                &format!("SELECT snaps_sent_to FROM patient WHERE pno = {p}"),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        snaps_schema::SentTo::from_bytes(&bits).contains(snaps_schema::SiteNo(2))
+    };
+    assert!(sent_to_stg(lost));
+    net.refresh().await;
+    assert!(sent_to_stg(kept) && !sent_to_stg(lost));
+    assert!(!net.handles["STG"].uncertain());
+    // The epoch's change log is gone once every site has applied it.
+    assert_eq!(
+        global_value(&net, "SELECT count(*) FROM snaps_changes").as_deref(),
+        Some("0")
+    );
+}

@@ -647,6 +647,26 @@ impl GlobalSnapshot for Service {
         Ok(respond(v1::AcknowledgeReply {}))
     }
 
+    async fn resync(
+        &self,
+        req: Request<v1::ResyncRequest>,
+    ) -> Result<Response<v1::ResyncReply>, Status> {
+        let site = self.site(&req)?;
+        let mut held: std::collections::BTreeMap<String, std::collections::BTreeSet<u64>> =
+            Default::default();
+        for h in &req.get_ref().held {
+            held.entry(h.relation.clone())
+                .or_default()
+                .extend(h.tuple_ids.iter().copied());
+        }
+        let s = site.clone();
+        let (added, removed) = self.blocking(move |store| store.resync(&s, &held)).await?;
+        tracing::info!(site = %site.code, added, removed, "sent-to bits re-synchronised");
+        let reply = v1::ResyncReply { added, removed };
+        self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
     type RefreshStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<v1::RefreshProgress, Status>> + Send + 'static>,
     >;

@@ -840,6 +840,10 @@ impl GlobalStore for SqliteStore {
         self.close(epoch)
     }
 
+    fn resync(&self, site: &SiteId, held: &BTreeMap<String, BTreeSet<u64>>) -> Result<(u64, u64)> {
+        self.resync_held(site, held)
+    }
+
     fn conflicts(&self) -> Result<Vec<ConflictEntry>> {
         self.conflict_list()
     }

@@ -2,6 +2,8 @@
 //! embedded SQLite store can be replaced by one on PostgreSQL for large
 //! networks. Every operation is one transaction.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use snaps_proto::{decode_rows, v1};
 use snaps_schema::{Catalog, RelationMode, SiteNo, Value};
 
@@ -373,6 +375,10 @@ pub trait GlobalStore: Send + Sync {
 
     /// Records that the site applied the epoch.
     fn acknowledge(&self, site: &SiteId, epoch: u64) -> Result<()>;
+
+    /// Sets the site's sent-to bits to exactly the tuples it holds
+    /// (relation → tuple ids); returns the bits added and removed.
+    fn resync(&self, site: &SiteId, held: &BTreeMap<String, BTreeSet<u64>>) -> Result<(u64, u64)>;
 
     /// Closes a distributing epoch.
     fn close_epoch(&self, epoch: u64) -> Result<()>;

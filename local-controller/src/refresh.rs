@@ -234,6 +234,9 @@ impl Site {
         }
         let applied = meta_epoch(conn, APPLIED)?;
         if meta_epoch(conn, ACKED)? < applied {
+            if self.uncertain() {
+                self.resync(conn)?;
+            }
             self.rerun(conn, did)?;
             *self.definitions.write().unwrap_or_else(|p| p.into_inner()) =
                 crate::site::read_definitions(conn)?;
@@ -661,6 +664,32 @@ impl Site {
         tracing::info!(site = %self.code(), epoch = reply.epoch, committed, updated = did.updated,
             removed = did.removed, "epoch applied");
         self.reached(SitePoint::Applied)
+    }
+
+    /// After a fetch reply this site may have lost, the controller's sent-to
+    /// bits may name tuples it does not hold: it is told every tuple the
+    /// site holds, and fetches stop asking for held tuples.
+    fn resync(&self, conn: &Connection) -> Result<()> {
+        let mut held: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        {
+            let mut stmt = conn.prepare("SELECT global_relation, tuple_id FROM snaps_copy")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                held.entry(r.get(0)?)
+                    .or_default()
+                    .push(r.get::<_, i64>(1)? as u64);
+            }
+        }
+        let held: Vec<v1::HeldTuples> = held
+            .into_iter()
+            .map(|(relation, tuple_ids)| v1::HeldTuples {
+                relation,
+                tuple_ids,
+            })
+            .collect();
+        let (added, removed) = self.remote(|c| async move { c.resync(held).await })?;
+        tracing::info!(site = %self.code(), added, removed, "held tuples re-synchronised");
+        self.clear_uncertain(conn)
     }
 
     /// Re-runs every snapshot definition: the controller sends only the

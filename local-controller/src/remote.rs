@@ -318,6 +318,18 @@ impl GlobalClient {
             .into_inner())
     }
 
+    /// Tells the controller every tuple the site holds; returns the sent-to
+    /// bits it added and removed.
+    pub async fn resync(&self, held: Vec<v1::HeldTuples>) -> Result<(u64, u64)> {
+        let req = v1::ResyncRequest { held };
+        let r = self
+            .for_len(req.encoded_len())
+            .resync(req)
+            .await?
+            .into_inner();
+        Ok((r.added, r.removed))
+    }
+
     /// Says the site applied an epoch.
     pub async fn acknowledge(&self, epoch: u64) -> Result<()> {
         self.plain

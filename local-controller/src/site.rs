@@ -593,6 +593,19 @@ impl Site {
 
     /// Until the next refresh, fetches ask for held tuples too: the
     /// controller's sent-to bits may name tuples this site does not have.
+    /// Whether fetches ask for held tuples too (a reply may have been lost).
+    pub fn uncertain(&self) -> bool {
+        self.uncertain.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The controller's bits agree with what this site holds again.
+    pub(crate) fn clear_uncertain(&self, conn: &Connection) -> Result<()> {
+        conn.execute("DELETE FROM snaps_meta WHERE key = ?1", [UNCERTAIN])?;
+        self.uncertain
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(crate) fn mark_uncertain(&self) -> Result<()> {
         self.uncertain
             .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -528,10 +528,33 @@ impl SqliteStore {
     }
 
     pub(super) fn close(&self, epoch: u64) -> Result<()> {
-        let n = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
             "UPDATE snaps_epochs SET phase = 'closed', closed_at = ?2 WHERE epoch = ?1 AND phase = 'distribute'",
             params![epoch as i64, now()],
         )?;
+        // Changes every site of the network has applied are heard of no
+        // more.
+        let mut oldest = u64::MAX;
+        for number in self.sites.keys() {
+            let acked: Option<i64> = tx
+                .query_row(
+                    "SELECT acked FROM snaps_site_epochs WHERE site = ?1",
+                    [number],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            oldest = oldest.min(acked.unwrap_or(0) as u64);
+        }
+        if oldest != u64::MAX {
+            tx.execute(
+                "DELETE FROM snaps_changes WHERE epoch <= ?1",
+                [oldest as i64],
+            )?;
+        }
+        tx.commit()?;
+        drop(conn);
         if n == 0 {
             let state = self.epoch_state()?;
             if !matches!(&state, Some(e) if e.epoch == epoch && e.phase == Phase::Closed) {
@@ -541,6 +564,57 @@ impl SqliteStore {
             }
         }
         Ok(())
+    }
+
+    pub(super) fn resync_held(
+        &self,
+        site: &SiteId,
+        held: &BTreeMap<String, BTreeSet<u64>>,
+    ) -> Result<(u64, u64)> {
+        for r in held.keys() {
+            if self.catalog.relation(r).is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown global relation {r:?}"
+                )));
+            }
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut added, mut removed) = (0, 0);
+        let none = BTreeSet::new();
+        for rel in self.catalog.relations() {
+            let mine = held.get(&rel.name).unwrap_or(&none);
+            let rows: Vec<(i64, Vec<u8>)> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT tuple_id, snaps_sent_to FROM {}",
+                    sql_ident(&rel.name)
+                ))?;
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for (id, bits) in rows {
+                let mut sent = SentTo::from_bytes(&bits);
+                let has = sent.contains(site.number);
+                let should = mine.contains(&(id as u64));
+                if has == should {
+                    continue;
+                }
+                if should {
+                    sent.insert(site.number);
+                    added += 1;
+                } else {
+                    sent.remove(site.number);
+                    removed += 1;
+                }
+                tx.prepare_cached(&format!(
+                    "UPDATE {} SET snaps_sent_to = ?1 WHERE tuple_id = ?2",
+                    sql_ident(&rel.name)
+                ))?
+                .execute(params![sent.to_bytes(), id])?;
+            }
+        }
+        tx.commit()?;
+        Ok((added, removed))
     }
 
     /// Clears the site's sent-to bits of tuples their owner deleted,
