@@ -444,7 +444,9 @@ impl GlobalSnapshot for Service {
                 .into_iter()
                 .zip(&r.attributes)
                 .map(|(v, a)| {
-                    let attr = rel.attribute(a).expect("checked to be a key attribute");
+                    let attr = rel.attribute(a).ok_or_else(|| {
+                        Status::invalid_argument(format!("{} has no attribute {a}", rel.name))
+                    })?;
                     attr.ty
                         .check(v, &format!("{}.{a}", rel.name))
                         .map_err(|e| Status::invalid_argument(e.to_string()))
