@@ -129,6 +129,19 @@ async fn one_epoch_commits_every_sites_changes_and_brings_every_copy_up_to_date(
     assert_eq!(again.updated, 1, "CPH's change of the copy: {again:?}");
 }
 
+/// Whether the global controller counts site `site` as holding patient `pno`.
+fn sent_to(net: &Net, pno: i64, site: u32) -> bool {
+    let global = rusqlite::Connection::open(&net.store).unwrap();
+    let bits: Vec<u8> = global
+        .query_row(
+            &format!("SELECT snaps_sent_to FROM patient WHERE pno = {pno}"),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    snaps_schema::SentTo::from_bytes(&bits).contains(snaps_schema::SiteNo(site))
+}
+
 /// Waits until the latest epoch is closed in the global store.
 async fn wait_closed(net: &Net, epoch: u64) {
     for _ in 0..600 {
@@ -348,17 +361,7 @@ async fn unused_snapshots_are_evicted_and_their_copies_released() {
     assert_eq!((held(old), held(kept), held(pinned)), (0, 1, 1));
     // The controller no longer counts STG as holding the evicted copy: a
     // query brings it again.
-    let sent_to_stg = |p: i64| {
-        let global = rusqlite::Connection::open(&net.store).unwrap();
-        let bits: Vec<u8> = global
-            .query_row(
-                &format!("SELECT snaps_sent_to FROM patient WHERE pno = {p}"),
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        snaps_schema::SentTo::from_bytes(&bits).contains(snaps_schema::SiteNo(2))
-    };
+    let sent_to_stg = |p: i64| sent_to(&net, p, 2);
     assert!(!sent_to_stg(old));
     assert!(sent_to_stg(kept) && sent_to_stg(pinned));
     let (rows, _) = run(
@@ -803,17 +806,7 @@ async fn a_site_unsure_of_what_it_holds_is_resynchronised_and_old_changes_are_fo
     .unwrap();
     net.restart_site("STG", None).await;
     net.wait_subscribed(3).await;
-    let sent_to_stg = |p: i64| {
-        let global = rusqlite::Connection::open(&net.store).unwrap();
-        let bits: Vec<u8> = global
-            .query_row(
-                &format!("SELECT snaps_sent_to FROM patient WHERE pno = {p}"),
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        snaps_schema::SentTo::from_bytes(&bits).contains(snaps_schema::SiteNo(2))
-    };
+    let sent_to_stg = |p: i64| sent_to(&net, p, 2);
     assert!(sent_to_stg(lost));
     net.refresh().await;
     assert!(sent_to_stg(kept) && !sent_to_stg(lost));
