@@ -7,32 +7,66 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use snaps_local::remote::GlobalClient;
+use snaps_local::remote::{Auth, GlobalClient};
 use snaps_proto::v1;
 
 /// How the administrator reaches the global controller.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AdminOptions {
-    /// The global controller, `http://host:port`.
+    /// The global controller, `https://host:port` (`http://` with
+    /// --insecure).
     #[arg(long)]
     pub global: String,
-    /// A file holding the administrator's token ([admin] in global.toml);
-    /// without it the token is read from $SNAPS_ADMIN_TOKEN.
+    /// The administrator's credential folder (ca.pem, cert.pem, key.pem),
+    /// made by `snaps certs init` (its `admin` folder).
+    #[arg(long, value_name = "DIR")]
+    pub tls: Option<PathBuf>,
+    /// Talk plain text with the administrator's token (development only).
+    #[arg(long, requires = "global")]
+    pub insecure: bool,
+    /// With --insecure: a file holding the administrator's token ([admin]
+    /// in global.toml); without it the token is read from
+    /// $SNAPS_ADMIN_TOKEN.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
 }
 
 impl AdminOptions {
-    async fn connect(&self) -> Result<GlobalClient> {
-        let token = match &self.token_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("read the administrator's token from {}", f.display()))?
-                .trim()
-                .to_string(),
-            None => std::env::var("SNAPS_ADMIN_TOKEN")
-                .context("give --token-file, or the administrator's token in $SNAPS_ADMIN_TOKEN")?,
-        };
-        GlobalClient::connect(&self.global, &token)
+    /// How the administrator proves who it is.
+    fn auth(&self) -> Result<Auth> {
+        match (&self.tls, self.insecure) {
+            (Some(_), true) => bail!("give --tls or --insecure, not both"),
+            (Some(dir), false) => {
+                if self.token_file.is_some() {
+                    bail!(
+                        "--token-file is for --insecure: with --tls the certificate is the credential"
+                    );
+                }
+                Ok(Auth::tls_dir(dir).with_context(|| {
+                    format!("the administrator's credentials in {}", dir.display())
+                })?)
+            }
+            (None, true) => Ok(Auth::Insecure(match &self.token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| {
+                        format!("read the administrator's token from {}", f.display())
+                    })?
+                    .trim()
+                    .to_string(),
+                None => std::env::var("SNAPS_ADMIN_TOKEN").context(
+                    "give --token-file, or the administrator's token in $SNAPS_ADMIN_TOKEN",
+                )?,
+            })),
+            (None, false) => bail!(
+                "give --tls DIR (the administrator's credentials from `snaps certs init`), or \
+                 --insecure with --token-file for a plain-text development network"
+            ),
+        }
+    }
+
+    /// Connects as the administrator.
+    pub async fn connect(&self) -> Result<GlobalClient> {
+        GlobalClient::connect(&self.global, &self.auth()?, None)
             .await
             .with_context(|| format!("connect to {}", self.global))
     }
@@ -54,7 +88,7 @@ pub async fn refresh(opts: &AdminOptions) -> Result<v1::RefreshSummary> {
     let mut progress = client
         .run_refresh()
         .await
-        .context("start the refresh (is the token the administrator's?)")?;
+        .context("start the refresh (is the credential the administrator's?)")?;
     let style = ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} sites {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
@@ -129,7 +163,7 @@ pub async fn conflicts(opts: &AdminOptions, json: bool) -> Result<String> {
     let list = client
         .conflicts()
         .await
-        .context("list the conflicts (is the token the administrator's?)")?;
+        .context("list the conflicts (is the credential the administrator's?)")?;
     let key = |c: &v1::ConflictEntry| -> Vec<String> {
         c.key
             .iter()

@@ -12,7 +12,7 @@ use snaps_local::SiteStore;
 use snaps_schema::NetworkConfig;
 use snaps_schema::datagen::{self, Scale};
 
-use crate::localnet::{LocalNetwork, new_token, run_site};
+use crate::localnet::{LocalNetwork, run_site};
 
 /// How much data the demo generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,30 +111,25 @@ pub async fn run_demo(
         }
     }
 
-    // The global controller, then the sites.
-    let tokens: BTreeMap<String, String> = network
-        .sites
-        .iter()
-        .map(|s| (s.code.to_string(), new_token(s.code.as_str())))
-        .collect();
+    // The network's certificates (made once, reused): every connection
+    // between a site and the controller is TLS with client certificates.
+    let certs = opts.dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        crate::localnet::issue_certificates(&certs, &network)
+            .with_context(|| format!("create the demo's certificates in {}", certs.display()))?;
+        println!("certificates: {}", certs.display());
+    }
     let global_addr: SocketAddr = format!("127.0.0.1:{}", port(0)?).parse()?;
     let mut indexes = BTreeMap::new();
     indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
     indexes.insert("visit".to_string(), vec![vec!["pno".to_string()]]);
-    // The administrator's token, for `snaps refresh` and `snaps conflicts`.
-    let admin_file = opts.dir.join("global").join("admin.token");
-    std::fs::create_dir_all(opts.dir.join("global"))?;
-    let admin = new_token("admin");
-    std::fs::write(&admin_file, &admin)
-        .with_context(|| format!("write {}", admin_file.display()))?;
     let global = LocalNetwork::start_with(
         network.clone(),
         opts.dir.join("global").join("global.db"),
         crate::localnet::Options {
             indexes,
             addr: global_addr,
-            tokens: tokens.clone(),
-            admin,
+            tls: Some(certs.clone()),
             ..crate::localnet::Options::new(&network)
         },
     )
@@ -163,9 +158,9 @@ pub async fn run_demo(
     }
     println!("global snapshot controller: {} (gRPC)", global.addr);
     println!(
-        "refresh now: snaps refresh --global {} --token-file {}",
+        "refresh now: snaps refresh --global {} --tls {}",
         global.addr,
-        admin_file.display()
+        certs.join("admin").display()
     );
     for l in &lines {
         println!("{l}");

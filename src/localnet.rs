@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use snaps_global::{GlobalConfig, GlobalController};
-use snaps_local::remote::{GlobalClient, export_batches};
+use snaps_local::remote::{Auth, GlobalClient, export_batches};
 use snaps_mapping::SiteMapping;
 use snaps_proto::v1;
 use snaps_schema::{NetworkConfig, Value};
@@ -20,12 +20,15 @@ use tokio::task::JoinHandle;
 pub struct LocalNetwork {
     /// The network.
     pub network: NetworkConfig,
-    /// `http://127.0.0.1:port`.
+    /// `https://127.0.0.1:port` (`http://` in plain-text mode).
     pub addr: String,
-    /// Site code → token.
+    /// Site code → token (plain-text mode).
     pub tokens: BTreeMap<String, String>,
-    /// The administrator's token.
+    /// The administrator's token (plain-text mode).
     pub admin: String,
+    /// The credential folder made by [`issue_certificates`]; none: plain
+    /// text.
+    pub tls: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<snaps_global::Result<()>>>,
     /// The controller runs on a runtime of its own, so that killing it
@@ -66,6 +69,25 @@ pub struct Options {
     pub refresh: snaps_global::config::RefreshConfig,
     /// Where its epochs stop, as a crash would (tests).
     pub halt: Option<snaps_global::epochs::Halt>,
+    /// TLS with the credentials in this folder ([`issue_certificates`]);
+    /// none: plain text with the tokens (development and tests).
+    pub tls: Option<PathBuf>,
+}
+
+/// Creates a network CA in `dir` with the global controller's certificate
+/// (for `localhost` and `127.0.0.1`), an administrator's, and every site's
+/// of `network`, each in its own folder (`dir/global`, `dir/admin`,
+/// `dir/CPH`, ...).
+pub fn issue_certificates(dir: &std::path::Path, network: &NetworkConfig) -> Result<()> {
+    snaps_proto::tls::issue_network(
+        dir,
+        &network.name,
+        &["localhost".to_string(), "127.0.0.1".to_string()],
+    )?;
+    for s in &network.sites {
+        snaps_proto::tls::issue_site(dir, s.code.as_str())?;
+    }
+    Ok(())
 }
 
 impl Options {
@@ -82,6 +104,7 @@ impl Options {
             admin: new_token("admin"),
             refresh: Default::default(),
             halt: None,
+            tls: None,
         }
     }
 }
@@ -133,6 +156,7 @@ impl LocalNetwork {
             admin,
             refresh,
             halt,
+            tls,
         } = options;
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
@@ -148,6 +172,9 @@ impl LocalNetwork {
         )?;
         config.set_refresh(refresh)?;
         config.admin_token = Some(admin.clone());
+        config.tls = tls
+            .as_ref()
+            .map(|d| snaps_proto::tls::Credentials::in_dir(d.join("global")));
         let mut controller = GlobalController::open(config)?;
         if let Some(h) = halt {
             controller.halt_at(h);
@@ -168,9 +195,10 @@ impl LocalNetwork {
         });
         Ok(LocalNetwork {
             network,
-            addr: format!("http://{local}"),
+            addr: format!("{}://{local}", if tls.is_some() { "https" } else { "http" }),
             tokens,
             admin,
+            tls,
             stop: Some(stop),
             task: Some(task),
             runtime: Some(runtime),
@@ -187,18 +215,36 @@ impl LocalNetwork {
         }
     }
 
+    /// How the administrator proves who it is.
+    pub fn admin_auth(&self) -> Result<Auth> {
+        Ok(match &self.tls {
+            Some(dir) => Auth::tls_dir(&dir.join("admin"))?,
+            None => Auth::Insecure(self.admin.clone()),
+        })
+    }
+
+    /// How site `code` proves who it is.
+    pub fn site_auth(&self, code: &str) -> Result<Auth> {
+        self.network.site(code)?;
+        Ok(match &self.tls {
+            Some(dir) => Auth::tls_dir(&dir.join(code))?,
+            None => Auth::Insecure(
+                self.tokens
+                    .get(code)
+                    .with_context(|| format!("no token for site {code}"))?
+                    .clone(),
+            ),
+        })
+    }
+
     /// Connects as the network's administrator.
     pub async fn admin_client(&self) -> Result<GlobalClient> {
-        Ok(GlobalClient::connect(&self.addr, &self.admin).await?)
+        Ok(GlobalClient::connect(&self.addr, &self.admin_auth()?, None).await?)
     }
 
     /// Connects as site `code`.
     pub async fn client(&self, code: &str) -> Result<GlobalClient> {
-        let token = self
-            .tokens
-            .get(code)
-            .with_context(|| format!("no site {code} in the network"))?;
-        Ok(GlobalClient::connect(&self.addr, token).await?)
+        Ok(GlobalClient::connect(&self.addr, &self.site_auth(code)?, Some(code)).await?)
     }
 
     /// The mapping of site `code`.
@@ -314,11 +360,7 @@ pub async fn run_site(
 ) -> Result<RunningSite> {
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
-        token: global
-            .tokens
-            .get(code)
-            .with_context(|| format!("no site {code} in the network"))?
-            .clone(),
+        auth: global.site_auth(code)?,
         fetch_timeout: std::time::Duration::from_secs(10),
         retry_after: std::time::Duration::from_secs(10),
     };

@@ -75,6 +75,12 @@ enum Command {
     /// evicts, pushes its changes, and receives what changed. Shows a bar
     /// per phase and a summary.
     Refresh(snaps::admin::AdminOptions),
+    /// Create the network's certificate authority and issue certificates
+    /// for the global controller, sites and administrators.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// List the key conflicts awaiting an administrator: tuples a site
     /// created with a key another site owns.
     Conflicts {
@@ -94,7 +100,89 @@ enum GlobalCommand {
         /// credentials; see fixtures/radiology/global.example.toml).
         #[arg(long)]
         config: PathBuf,
+        /// Serve plain text with bearer tokens when global.toml has no [tls]
+        /// (development only: anyone on the path reads the data).
+        #[arg(long)]
+        insecure: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the network's certificate authority (DIR/ca.pem and
+    /// DIR/ca-key.pem: keep the key off the network's machines), the global
+    /// controller's credentials (DIR/global) and an administrator's
+    /// (DIR/admin).
+    Init {
+        /// Where the credentials are written.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// The network's name, written into the certificates.
+        #[arg(long, default_value = "snaps")]
+        network: String,
+        /// Host names and addresses the sites dial the global controller
+        /// by (repeat for several).
+        #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+    /// Issue a site's key and certificate (DIR/CODE) with the CA in DIR:
+    /// the certificate is the site's identity at the global controller.
+    Site {
+        /// The folder `snaps certs init` wrote.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// The site code, e.g. CPH.
+        code: String,
+    },
+    /// Issue another administrator's key and certificate (DIR/admin-NAME).
+    Admin {
+        /// The folder `snaps certs init` wrote.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// The administrator's name (letters, digits, _).
+        name: String,
+    },
+}
+
+fn certs_command(command: CertsCommand) -> Result<String> {
+    use snaps_proto::tls;
+    match command {
+        CertsCommand::Init {
+            dir,
+            network,
+            hosts,
+        } => {
+            let n = tls::issue_network(&dir, &network, &hosts)?;
+            Ok(format!(
+                "network CA: {} (its key {} signs every certificate: keep it offline)\n\
+                 global controller: {} (for {})\n\
+                 administrator: {}\n\
+                 next: snaps certs site CODE --dir {} for each site",
+                n.ca.display(),
+                n.ca_key.display(),
+                n.global.display(),
+                hosts.join(", "),
+                n.admin.display(),
+                dir.display()
+            ))
+        }
+        CertsCommand::Site { dir, code } => {
+            let out = tls::issue_site(&dir, &code)?;
+            Ok(format!(
+                "site {code}: {} (give it to the site; in its site.toml: tls = \"{}\")",
+                out.display(),
+                out.display()
+            ))
+        }
+        CertsCommand::Admin { dir, name } => {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                bail!("administrator name {name:?}: letters, digits and _ only");
+            }
+            let out = dir.join(format!("admin-{name}"));
+            tls::issue_peer(&dir, &tls::Peer::Admin(name.clone()), &out)?;
+            Ok(format!("administrator {name}: {}", out.display()))
+        }
+    }
 }
 
 /// Where a site's mapping tables are.
@@ -199,6 +287,10 @@ enum SiteCommand {
         /// address, global controller address and credential, users).
         #[arg(long)]
         config: PathBuf,
+        /// Talk plain text with a token when site.toml has no tls
+        /// (development only).
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -243,6 +335,10 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Certs { command } => {
+            println!("{}", certs_command(command)?);
+            Ok(())
+        }
         Command::Mapping { command } => {
             println!("{}", mapping_command(command)?.trim_end());
             Ok(())
@@ -262,11 +358,20 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Global {
-            command: GlobalCommand::Serve { config },
+            command: GlobalCommand::Serve { config, insecure },
         } => {
             init_logging();
-            let config = snaps_global::GlobalConfig::load(&config)
-                .with_context(|| format!("read {}", config.display()))?;
+            let path = config;
+            let config = snaps_global::GlobalConfig::load(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            if config.tls.is_none() && !insecure {
+                bail!(
+                    "{}: no [tls]: give the controller's certificates (snaps certs init, then \
+                     [tls] dir = \"certs/global\"), or run with --insecure to serve plain text \
+                     (development only)",
+                    path.display()
+                );
+            }
             let controller =
                 snaps_global::GlobalController::open(config).context("open the global store")?;
             runtime()?.block_on(controller.run())?;
@@ -309,10 +414,10 @@ fn main() -> Result<()> {
             ))
         }
         Command::Site {
-            command: SiteCommand::Serve { config },
+            command: SiteCommand::Serve { config, insecure },
         } => {
             init_logging();
-            let config = snaps_local::serve::SiteServeConfig::load(&config)?;
+            let config = snaps_local::serve::SiteServeConfig::load(&config, insecure)?;
             runtime()?.block_on(async {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await

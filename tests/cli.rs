@@ -168,7 +168,7 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, addr) = global_config(dir.path(), "cph-token-0123456789abcdef");
     let child = Command::new(env!("CARGO_BIN_EXE_snaps"))
-        .args(["global", "serve", "--config"])
+        .args(["global", "serve", "--insecure", "--config"])
         .arg(&config)
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -182,9 +182,12 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
     .fingerprint();
     let hello = rt.block_on(async {
         for _ in 0..100 {
-            if let Ok(c) =
-                snaps_local::remote::GlobalClient::connect(&addr, "stg-token-0123456789abcdef")
-                    .await
+            if let Ok(c) = snaps_local::remote::GlobalClient::connect(
+                &addr,
+                &snaps_local::remote::Auth::Insecure("stg-token-0123456789abcdef".into()),
+                Some("STG"),
+            )
+            .await
             {
                 return c.hello(&fingerprint).await.expect("hello");
             }
@@ -274,7 +277,7 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (global_config, global_addr) = global_config(dir.path(), "cph-token-0123456789abcdef");
     let global = Command::new(env!("CARGO_BIN_EXE_snaps"))
-        .args(["global", "serve", "--config"])
+        .args(["global", "serve", "--insecure", "--config"])
         .arg(&global_config)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -295,7 +298,7 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
     )
     .expect("write site.toml");
     let site = Command::new(env!("CARGO_BIN_EXE_snaps"))
-        .args(["site", "serve", "--config"])
+        .args(["site", "serve", "--insecure", "--config"])
         .arg(&site_toml)
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -1624,9 +1624,13 @@ async fn bad_requests_are_refused_with_a_reason() {
     assert!(s.message().contains("patient"), "{}", s.message());
 
     // A stranger's token; a site configured with another global schema.
-    let stranger = GlobalClient::connect(&net.addr, "wrong-token-0123456789")
-        .await
-        .unwrap();
+    let stranger = GlobalClient::connect(
+        &net.addr,
+        &snaps_local::remote::Auth::Insecure("wrong-token-0123456789".into()),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         remote(stranger.status().await).code(),
         Code::Unauthenticated

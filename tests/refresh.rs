@@ -384,7 +384,7 @@ async fn snaps_refresh_and_snaps_conflicts_on_the_command_line() {
         let (addr, token) = (addr.clone(), token.clone());
         move || {
             std::process::Command::new(bin)
-                .args(["refresh", "--global", &addr, "--token-file"])
+                .args(["refresh", "--global", &addr, "--insecure", "--token-file"])
                 .arg(&token)
                 .output()
                 .unwrap()
@@ -404,7 +404,14 @@ async fn snaps_refresh_and_snaps_conflicts_on_the_command_line() {
     );
     assert!(stdout.contains("0 conflicts"), "{stdout}");
     let out = std::process::Command::new(bin)
-        .args(["conflicts", "--global", &addr, "--json", "--token-file"])
+        .args([
+            "conflicts",
+            "--global",
+            &addr,
+            "--json",
+            "--insecure",
+            "--token-file",
+        ])
         .arg(&token)
         .output()
         .unwrap();
@@ -414,7 +421,7 @@ async fn snaps_refresh_and_snaps_conflicts_on_the_command_line() {
     let wrong = net.dir.path().join("site.token");
     std::fs::write(&wrong, &global.tokens["CPH"]).unwrap();
     let out = std::process::Command::new(bin)
-        .args(["refresh", "--global", &addr, "--token-file"])
+        .args(["refresh", "--global", &addr, "--insecure", "--token-file"])
         .arg(&wrong)
         .output()
         .unwrap();

@@ -204,9 +204,13 @@ fn start_refresh(net: &Net) -> tokio::task::JoinHandle<()> {
     let global = net.global.as_ref().unwrap();
     let (addr, admin) = (global.addr.clone(), global.admin.clone());
     tokio::spawn(async move {
-        let client = snaps_local::remote::GlobalClient::connect(&addr, &admin)
-            .await
-            .unwrap();
+        let client = snaps_local::remote::GlobalClient::connect(
+            &addr,
+            &snaps_local::remote::Auth::Insecure(admin),
+            None,
+        )
+        .await
+        .unwrap();
         if let Ok(mut p) = client.run_refresh().await {
             while let Ok(Some(_)) = p.message().await {}
         }
@@ -454,7 +458,7 @@ async fn recomputed(net: &Net, code: &str) -> BTreeMap<String, Vec<String>> {
     let global = net.global.as_ref().unwrap();
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
-        token: global.tokens[code].clone(),
+        auth: global.site_auth(code).unwrap(),
         fetch_timeout: Duration::from_secs(5),
         retry_after: Duration::ZERO,
     };

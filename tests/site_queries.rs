@@ -380,7 +380,7 @@ async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_t
     global.stop().await.unwrap();
     let link = GlobalLink {
         addr: addr.clone(),
-        token: tokens["STG"].clone(),
+        auth: snaps_local::remote::Auth::Insecure(tokens["STG"].clone()),
         fetch_timeout: Duration::from_secs(5),
         retry_after: Duration::from_secs(3600),
     };

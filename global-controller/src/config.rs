@@ -12,8 +12,12 @@
 //! patient = [["surname"], ["dob"]]
 //! visit = [["pno"]]
 //!
-//! [credentials]                      # one per site of the network
-//! CPH = { token = "..." }
+//! [tls]                              # certificates: `snaps certs init`
+//! dir = "certs/global"               # ca.pem, cert.pem, key.pem
+//!                                    # (or ca = , cert = , key = )
+//!
+//! [credentials]                      # plain-text mode (--insecure) only:
+//! CPH = { token = "..." }            # one token per site
 //! STG = { token_file = "stg.token" }
 //!
 //! refresh_at = "02:00"               # the nightly refresh, daily, UTC;
@@ -23,8 +27,9 @@
 //! distribute_timeout_secs = 600      # ... and for acknowledgements
 //! propagate_deletes = ["visit_rep"]  # owners' deletes remove others' copies
 //!
-//! [admin]                            # the credential of `snaps refresh` etc.
-//! token_file = "admin.token"
+//! [admin]                            # plain-text mode: the token of
+//! token_file = "admin.token"         # `snaps refresh` etc. (with TLS the
+//!                                    # administrator's certificate)
 //! ```
 //!
 //! Relative paths are resolved against the folder of `global.toml`.
@@ -35,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use snaps_proto::tls::Credentials;
 use snaps_schema::{Catalog, NetworkConfig, RelationMode, SiteConfig};
 
 use crate::error::{Error, Result};
@@ -71,6 +77,34 @@ struct File {
     refresh: RefreshFile,
     #[serde(default)]
     admin: Option<Credential>,
+    #[serde(default)]
+    tls: Option<TlsFile>,
+}
+
+/// `[tls]`: a credential directory, or its three files one by one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl TlsFile {
+    fn resolve(&self, base: &Path) -> Result<Credentials> {
+        match (&self.dir, &self.ca, &self.cert, &self.key) {
+            (Some(d), None, None, None) => Ok(Credentials::in_dir(base.join(d))),
+            (None, Some(ca), Some(cert), Some(key)) => Ok(Credentials {
+                ca: base.join(ca),
+                cert: base.join(cert),
+                key: base.join(key),
+            }),
+            _ => Err(Error::Config(
+                "[tls]: give dir, or all of ca, cert and key".into(),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -161,6 +195,8 @@ pub struct GlobalConfig {
     pub refresh: RefreshConfig,
     /// The administrator's token, if one is configured.
     pub admin_token: Option<String>,
+    /// The controller's TLS credentials; none: plain text (development).
+    pub tls: Option<Credentials>,
 }
 
 impl GlobalConfig {
@@ -207,6 +243,7 @@ impl GlobalConfig {
             propagate_deletes: file.refresh.propagate_deletes.into_iter().collect(),
         };
         config.set_refresh(refresh)?;
+        config.tls = file.tls.as_ref().map(|t| t.resolve(&dir)).transpose()?;
         if let Some(admin) = &file.admin {
             let token = admin.read(&dir, "the administrator")?;
             if token.len() < 16 {
@@ -286,11 +323,6 @@ impl GlobalConfig {
                 )));
             }
         }
-        for s in &network.sites {
-            if !tokens.values().any(|c| c == s.code.as_str()) {
-                tracing::warn!(site = %s.code, "no credential: the site cannot connect");
-            }
-        }
         Ok(GlobalConfig {
             listen,
             store,
@@ -301,7 +333,18 @@ impl GlobalConfig {
             tokens,
             refresh: RefreshConfig::default(),
             admin_token: None,
+            tls: None,
         })
+    }
+
+    /// Sites that cannot connect in plain-text mode, having no token.
+    pub fn sites_without_token(&self) -> Vec<String> {
+        self.network
+            .sites
+            .iter()
+            .filter(|s| !self.tokens.values().any(|c| c == s.code.as_str()))
+            .map(|s| s.code.to_string())
+            .collect()
     }
 
     /// The site a token belongs to.

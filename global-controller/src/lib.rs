@@ -10,7 +10,8 @@
 //!   SQLite store;
 //! * [`epochs`] — the refresh coordinator: epochs, their phases, the
 //!   daily schedule;
-//! * [`service`] — the gRPC service; [`GlobalController`] runs it.
+//! * [`service`] — the gRPC service; [`GlobalController`] runs it;
+//! * [`transport`] — TLS with client certificates, or plain TCP.
 
 pub mod compile;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod query;
 pub mod service;
 pub mod sqlite;
 pub mod store;
+pub mod transport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -107,15 +109,35 @@ impl GlobalController {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, network = %self.config.network.name, "global controller serving");
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(server)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
-            .await;
+            .add_service(server);
+        let result = match &self.config.tls {
+            Some(credentials) => {
+                let tls = credentials
+                    .server_config()
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                tracing::info!(%addr, network = %self.config.network.name, "global controller serving (TLS, client certificates required)");
+                let (incoming, acceptor) = transport::tls_incoming(listener, tls);
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                acceptor.abort();
+                served
+            }
+            None => {
+                for site in self.config.sites_without_token() {
+                    tracing::warn!(%site, "no token: the site cannot connect in plain-text mode");
+                }
+                tracing::warn!(%addr, network = %self.config.network.name, "global controller serving PLAIN TEXT (--insecure): data and tokens cross the network readable");
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        shutdown,
+                    )
+                    .await
+            }
+        };
         ticker.abort();
         schedule.abort();
         let f = flush.clone();

@@ -19,6 +19,8 @@ use crate::query::FetchQuery;
 use crate::store::{
     Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId, TupleRef,
 };
+use crate::transport::Certified;
+use snaps_proto::tls::Peer;
 
 /// Largest message either side accepts: a fetch of many tuples can be big.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -36,6 +38,22 @@ fn respond<T: Message>(message: T) -> Response<T> {
             .insert(tonic::codec::SingleMessageCompressionOverride::Disable);
     }
     r
+}
+
+/// The metadata key naming the site a request claims to come from.
+pub const SITE_HEADER: &str = "snaps-site";
+
+/// The bearer token of a request, if it sends one.
+fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
+    match req.metadata().get("authorization") {
+        None => Ok(None),
+        Some(h) => h
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|t| Some(t.trim()))
+            .ok_or_else(|| Status::unauthenticated("the credential is not a bearer token")),
+    }
 }
 
 /// The global snapshot service.
@@ -82,20 +100,25 @@ impl Service {
         }
     }
 
-    /// Checks the administrator's credential.
+    /// Checks the administrator's credential: with TLS an administrator's
+    /// certificate, in plain-text mode the `[admin]` token.
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if let Some(certified) = req.extensions().get::<Certified>() {
+            return match &certified.peer {
+                Ok(Peer::Admin(_)) => Ok(()),
+                Ok(Peer::Site(code)) => Err(Status::permission_denied(format!(
+                    "site {code}'s certificate is not an administrator's"
+                ))),
+                Err(reason) => Err(Status::unauthenticated(reason.clone())),
+            };
+        }
         let Some(expected) = &self.config.admin_token else {
             return Err(Status::permission_denied(
                 "no administrator credential is configured ([admin] in global.toml)",
             ));
         };
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("no administrator credential"))?
-            .trim();
+        let token =
+            bearer(req)?.ok_or_else(|| Status::unauthenticated("no administrator credential"))?;
         let same = token.len() == expected.len()
             && token
                 .bytes()
@@ -118,19 +141,60 @@ impl Service {
         move || flush(&activity, store.as_ref())
     }
 
+    /// The site a request comes from: the one its client certificate
+    /// names (TLS), or the one its token belongs to (plain text). A token
+    /// of another site or a `snaps-site` claim the credential does not
+    /// back is refused, so no request can speak for another site.
     fn site<T>(&self, req: &Request<T>) -> Result<SiteId, Status> {
-        let header = req.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("no credential: send authorization: Bearer <token>")
+        let token_site = match bearer(req)? {
+            Some(token) => Some(
+                self.config
+                    .site_of_token(token)
+                    .ok_or_else(|| Status::unauthenticated("unknown credential"))?
+                    .code
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let code = match req.extensions().get::<Certified>() {
+            Some(certified) => {
+                let code = match &certified.peer {
+                    Ok(Peer::Site(code)) => code.clone(),
+                    Ok(Peer::Admin(name)) => {
+                        return Err(Status::permission_denied(format!(
+                            "administrator {name}'s certificate cannot act for a site"
+                        )));
+                    }
+                    Err(reason) => return Err(Status::unauthenticated(reason.clone())),
+                };
+                if let Some(other) = token_site.filter(|t| *t != code) {
+                    tracing::warn!(site = %code, token_of = %other, remote = %certified.remote, "refused: another site's token on a certified connection");
+                    return Err(Status::permission_denied(format!(
+                        "the request carries site {other}'s token on a connection certified as \
+                         site {code}'s"
+                    )));
+                }
+                code
+            }
+            None => token_site.ok_or_else(|| {
+                Status::unauthenticated("no credential: send authorization: Bearer <token>")
+            })?,
+        };
+        if let Some(claim) = req.metadata().get(SITE_HEADER) {
+            let claim = claim.to_str().unwrap_or("?");
+            if claim != code {
+                tracing::warn!(site = %code, claims = %claim, "refused: a request claiming another site");
+                return Err(Status::permission_denied(format!(
+                    "the request claims to come from site {claim}, but its credential is site \
+                     {code}'s"
+                )));
+            }
+        }
+        let site = self.config.network.site(&code).map_err(|_| {
+            Status::permission_denied(format!(
+                "the certificate names site {code}, which is not a site of this network"
+            ))
         })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("the credential is not a bearer token"))?;
-        let site = self
-            .config
-            .site_of_token(token.trim())
-            .ok_or_else(|| Status::unauthenticated("unknown credential"))?;
         Ok(SiteId {
             code: site.code.to_string(),
             number: site.number,

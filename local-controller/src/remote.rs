@@ -93,14 +93,104 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// Adds the site's credential to every request.
+/// How a connection proves who is calling.
 #[derive(Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
+pub enum Auth {
+    /// Mutual TLS: the client certificate names the site (or administrator).
+    Tls(Arc<rustls::ClientConfig>),
+    /// Plain text with a bearer token: for development only (`--insecure`),
+    /// as anyone on the path can read the data and the token.
+    Insecure(String),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::Tls(_) => f.write_str("Auth::Tls"),
+            Auth::Insecure(_) => f.write_str("Auth::Insecure(<token>)"),
+        }
+    }
+}
+
+impl Auth {
+    /// TLS with the credential directory `dir` (`ca.pem`, `cert.pem`,
+    /// `key.pem`).
+    pub fn tls_dir(dir: &std::path::Path) -> Result<Auth> {
+        let config = snaps_proto::tls::Credentials::in_dir(dir)
+            .client_config()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(Auth::Tls(config))
+    }
+}
+
+/// Adds the credential (a token in plain-text mode) and the site code the
+/// caller believes it is to every request; the controller refuses a claim
+/// its certificate does not back, so a misconfigured site fails loudly.
+#[derive(Clone)]
+pub struct Bearer {
+    token: Option<MetadataValue<Ascii>>,
+    claim: Option<MetadataValue<Ascii>>,
+}
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        if let Some(c) = &self.claim {
+            req.metadata_mut().insert(SITE_HEADER, c.clone());
+        }
         Ok(req)
+    }
+}
+
+/// The metadata key naming the site a request is sent for.
+pub const SITE_HEADER: &str = "snaps-site";
+
+/// Either side of a connection: plain TCP or TLS over it, counted below
+/// the TLS layer so the counters see what really crosses the wire.
+enum Wire {
+    Plain(Counted),
+    Tls(Box<tokio_rustls::client::TlsStream<Counted>>),
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_flush(cx),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Wire::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Wire::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -122,9 +212,33 @@ pub struct GlobalClient {
 }
 
 impl GlobalClient {
-    /// Connects to `addr` (`http://host:port`) with the site's token.
-    pub async fn connect(addr: &str, token: &str) -> Result<GlobalClient> {
-        let endpoint = Endpoint::from_shared(addr.to_string())
+    /// Connects to `addr` (`https://host:port` with TLS, `http://host:port`
+    /// in plain-text mode), proving who calls with `auth`; `claim` is the
+    /// site code the caller believes it is (none for an administrator).
+    pub async fn connect(addr: &str, auth: &Auth, claim: Option<&str>) -> Result<GlobalClient> {
+        let tls = match auth {
+            Auth::Tls(config) => {
+                if !addr.starts_with("https://") {
+                    return Err(Error::Invalid(format!(
+                        "global controller address {addr:?}: TLS needs an https:// address"
+                    )));
+                }
+                Some(tokio_rustls::TlsConnector::from(config.clone()))
+            }
+            Auth::Insecure(_) => {
+                if !addr.starts_with("http://") {
+                    return Err(Error::Invalid(format!(
+                        "global controller address {addr:?}: plain-text mode needs an http:// \
+                         address (give the site its TLS credentials for https://)"
+                    )));
+                }
+                None
+            }
+        };
+        // tonic dials through the connector below; it only needs a URI it
+        // can parse, so the scheme it sees is always http.
+        let dial = addr.replacen("https://", "http://", 1);
+        let endpoint = Endpoint::from_shared(dial)
             .map_err(|e| Error::Invalid(format!("global controller address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
@@ -132,6 +246,7 @@ impl GlobalClient {
         let c = counters.clone();
         let connector = tower::service_fn(move |uri: Uri| {
             let counters = c.clone();
+            let tls = tls.clone();
             async move {
                 let host = uri
                     .host()
@@ -141,17 +256,45 @@ impl GlobalClient {
                 let port = uri.port_u16().unwrap_or(80);
                 let inner = TcpStream::connect((host.as_str(), port)).await?;
                 inner.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(TokioIo::new(Counted { inner, counters }))
+                let counted = Counted { inner, counters };
+                let wire = match tls {
+                    None => Wire::Plain(counted),
+                    Some(tls) => {
+                        let name =
+                            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                                std::io::Error::other(format!("server name {host:?}: {e}"))
+                            })?;
+                        let stream = tls.connect(name, counted).await.map_err(|e| {
+                            std::io::Error::other(format!("TLS with the global controller: {e}"))
+                        })?;
+                        Wire::Tls(Box::new(stream))
+                    }
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(wire))
             }
         });
         let channel = endpoint
             .connect_with_connector(connector)
             .await
-            .map_err(|e| Error::Unreachable(format!("{addr}: {e}")))?;
-        let bearer = format!("Bearer {token}")
-            .parse::<MetadataValue<Ascii>>()
-            .map_err(|_| Error::Invalid("the token has characters a header cannot carry".into()))?;
-        let plain = GlobalSnapshotClient::with_interceptor(channel, Bearer(bearer))
+            .map_err(|e| Error::Unreachable(format!("{addr}: {}", error_chain(&e))))?;
+        let token = match auth {
+            Auth::Insecure(token) => Some(
+                format!("Bearer {token}")
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        Error::Invalid("the token has characters a header cannot carry".into())
+                    })?,
+            ),
+            Auth::Tls(_) => None,
+        };
+        let claim = claim
+            .map(|c| {
+                c.parse::<MetadataValue<Ascii>>().map_err(|_| {
+                    Error::Invalid(format!("site code {c:?} cannot travel in a header"))
+                })
+            })
+            .transpose()?;
+        let plain = GlobalSnapshotClient::with_interceptor(channel, Bearer { token, claim })
             .accept_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -538,4 +681,20 @@ pub fn map_back(
         });
     }
     Ok(out)
+}
+
+/// An error and its causes, one line: transport errors hide the reason
+/// (a refused certificate, say) in their sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
 }

@@ -6,8 +6,10 @@
 //! network = "../fixtures/radiology"  # global schema, local schema, mapping
 //! database = "CPH/local.db"          # created on first start
 //! listen = "127.0.0.1:7701"          # SQL endpoint (PostgreSQL protocol)
-//! global = "http://127.0.0.1:7700"   # the global snapshot controller
-//! token = "..."                      # or token_file = "cph.token"
+//! global = "https://127.0.0.1:7700"  # the global snapshot controller
+//! tls = "certs/CPH"                  # ca.pem, cert.pem, key.pem: `snaps certs site CPH`
+//! # token = "..."                    # plain text (http://, --insecure) only;
+//! #                                  # or token_file = "cph.token"
 //! fetch_timeout_ms = 10000           # then answer from local data
 //! retry_after_ms = 10000             # after a failure, local answers at once
 //! users = ["radiology"]              # who may connect; empty: anyone
@@ -25,6 +27,7 @@ use serde::Deserialize;
 use snaps_schema::NetworkConfig;
 
 use crate::engine::{Engine, EngineError, Session};
+use crate::remote::Auth;
 use crate::site::{GlobalLink, Site, SiteEngine};
 use crate::{Error, Result, SiteStore};
 
@@ -36,6 +39,8 @@ struct File {
     database: PathBuf,
     listen: SocketAddr,
     global: String,
+    #[serde(default)]
+    tls: Option<PathBuf>,
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
@@ -78,21 +83,46 @@ pub struct SiteServeConfig {
 }
 
 impl SiteServeConfig {
-    /// Reads and checks `site.toml`.
-    pub fn load(path: &Path) -> Result<SiteServeConfig> {
+    /// Reads and checks `site.toml`. Without `tls` in it the site talks
+    /// plain text with a token, which only `insecure` (the `--insecure`
+    /// flag, for development) allows.
+    pub fn load(path: &Path, insecure: bool) -> Result<SiteServeConfig> {
         let bad = |m: String| Error::Invalid(format!("{}: {m}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let f: File = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let network = NetworkConfig::load(&dir.join(&f.network))?;
         network.site(&f.site)?;
-        let token = match (f.token, f.token_file) {
-            (Some(t), None) => t,
-            (None, Some(p)) => std::fs::read_to_string(dir.join(&p))
-                .map_err(|e| bad(format!("token file {}: {e}", p.display())))?
-                .trim()
-                .to_string(),
-            _ => return Err(bad("give exactly one of token, token_file".into())),
+        let auth = match (&f.tls, insecure) {
+            (Some(tls), _) => {
+                if f.token.is_some() || f.token_file.is_some() {
+                    return Err(bad(
+                        "give tls or a token, not both: with TLS the certificate is the credential"
+                            .into(),
+                    ));
+                }
+                Auth::tls_dir(&dir.join(tls)).map_err(|e| bad(e.to_string()))?
+            }
+            (None, false) => {
+                return Err(bad(format!(
+                    "no tls = \"DIR\": give the site's credential directory (made by `snaps \
+                     certs site {}`), or run with --insecure to talk plain text (development \
+                     only)",
+                    f.site
+                )));
+            }
+            (None, true) => Auth::Insecure(match (f.token, f.token_file) {
+                (Some(t), None) => t,
+                (None, Some(p)) => std::fs::read_to_string(dir.join(&p))
+                    .map_err(|e| bad(format!("token file {}: {e}", p.display())))?
+                    .trim()
+                    .to_string(),
+                _ => {
+                    return Err(bad(
+                        "plain-text mode: give exactly one of token, token_file".into(),
+                    ));
+                }
+            }),
         };
         Ok(SiteServeConfig {
             site: f.site,
@@ -101,7 +131,7 @@ impl SiteServeConfig {
             listen: f.listen,
             link: GlobalLink {
                 addr: f.global,
-                token,
+                auth,
                 fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
                 retry_after: Duration::from_millis(f.retry_after_ms),
             },

@@ -69,10 +69,10 @@ const UNCERTAIN: &str = "sent_to_uncertain";
 /// How a site reaches the global controller.
 #[derive(Debug, Clone)]
 pub struct GlobalLink {
-    /// `http://host:port`.
+    /// `https://host:port` (`http://` in plain-text mode).
     pub addr: String,
-    /// The site's token.
-    pub token: String,
+    /// How the site proves who it is.
+    pub auth: crate::remote::Auth,
     /// How long a fetch may take before the answer is given from local data.
     pub fetch_timeout: Duration,
     /// After the controller could not be reached, how long queries answer
@@ -270,7 +270,7 @@ impl Site {
             )));
         }
         let connected = async {
-            let c = GlobalClient::connect(&link.addr, &link.token).await?;
+            let c = GlobalClient::connect(&link.addr, &link.auth, Some(&self.code)).await?;
             let hello = c.hello(&self.global_fingerprint).await?;
             Ok::<_, Error>((c, hello))
         }

@@ -76,7 +76,7 @@ pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -
         drop(store);
         let link = GlobalLink {
             addr: global.addr.clone(),
-            token: global.tokens[code].clone(),
+            auth: global.site_auth(code).unwrap(),
             fetch_timeout: Duration::from_secs(5),
             // The restart test asks again right after the controller is back.
             retry_after: Duration::ZERO,
@@ -168,7 +168,7 @@ impl Net {
         let global = self.global.as_ref().expect("a running controller");
         let link = GlobalLink {
             addr: global.addr.clone(),
-            token: global.tokens[code].clone(),
+            auth: global.site_auth(code).unwrap(),
             fetch_timeout: Duration::from_secs(5),
             retry_after: Duration::ZERO,
         };
