@@ -431,7 +431,7 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
         .collect();
     let started = Instant::now();
     for r in &refs {
-        let reply = stg.lock(vec![r.clone()]).await?;
+        let reply = stg.lock(vec![r.clone()], "").await?;
         if !reply.granted {
             bail!("lock refused: {}", reply.message);
         }
@@ -443,7 +443,7 @@ pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport
     });
     let started = Instant::now();
     for r in &refs {
-        let reply = grc.lock(vec![r.clone()]).await?;
+        let reply = grc.lock(vec![r.clone()], "").await?;
         if reply.granted {
             bail!("a lock held by STG was granted to GRC");
         }

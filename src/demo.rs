@@ -14,6 +14,12 @@ use snaps_schema::datagen::{self, Scale};
 
 use crate::localnet::{LocalNetwork, run_site};
 
+/// The demo's login at every site.
+pub const DEMO_USER: &str = "radiology";
+/// Its password (a demo on loopback; real sites choose their own with
+/// `snaps users add`).
+pub const DEMO_PASSWORD: &str = "snaps-demo";
+
 /// How much data the demo generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DemoScale {
@@ -140,9 +146,24 @@ pub async fn run_demo(
     for (i, (code, path)) in paths.iter().enumerate() {
         let addr: SocketAddr = format!("127.0.0.1:{}", port(i + 1)?).parse()?;
         let mut rx = stopped.clone();
-        let site = run_site(&global, code, path.clone(), addr, async move {
-            let _ = rx.changed().await;
-        })
+        // The demo's one user per site, made once (`snaps users add` adds
+        // more); its password is printed below.
+        let users_file = opts.dir.join(code).join("users.toml");
+        if !users_file.exists() {
+            let mut users = snaps_local::users::Users::default();
+            users.add(DEMO_USER, &format!("{DEMO_USER}-{code}"), DEMO_PASSWORD)?;
+            users.save(&users_file)?;
+        }
+        let site = run_site(
+            &global,
+            code,
+            path.clone(),
+            addr,
+            snaps_local::endpoint::Login::Scram(users_file),
+            async move {
+                let _ = rx.changed().await;
+            },
+        )
         .await?;
         if site.loaded > 0 {
             println!(
@@ -152,7 +173,7 @@ pub async fn run_demo(
         }
         endpoints.push(site.endpoint);
         lines.push(format!(
-            "{code}: psql -h 127.0.0.1 -p {} -U radiology {code}",
+            "{code}: psql -h 127.0.0.1 -p {} -U {DEMO_USER} {code}",
             addr.port()
         ));
     }
@@ -161,6 +182,9 @@ pub async fn run_demo(
         "refresh now: snaps refresh --global {} --tls {}",
         global.addr,
         certs.join("admin").display()
+    );
+    println!(
+        "password of user {DEMO_USER} at every site: {DEMO_PASSWORD} (PGPASSWORD={DEMO_PASSWORD})"
     );
     for l in &lines {
         println!("{l}");

@@ -350,12 +350,14 @@ pub struct RunningSite {
 }
 
 /// Opens site `code`'s database (which must exist) against `global`, loads
-/// its export once, and serves its SQL endpoint on `sql` until `shutdown`.
+/// its export once, and serves its SQL endpoint on `sql` until `shutdown`,
+/// checking logins as `login` says.
 pub async fn run_site(
     global: &LocalNetwork,
     code: &str,
     database: PathBuf,
     sql: SocketAddr,
+    login: snaps_local::endpoint::Login,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<RunningSite> {
     let link = snaps_local::site::GlobalLink {
@@ -378,7 +380,9 @@ pub async fn run_site(
     let participant = tokio::spawn(site.clone().participate());
     let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
         std::sync::Arc::new(snaps_local::site::SiteEngine(site.clone()));
-    let endpoint = tokio::spawn(snaps_local::endpoint::serve(engine, listener, shutdown));
+    let endpoint = tokio::spawn(snaps_local::endpoint::serve(
+        engine, login, listener, shutdown,
+    ));
     Ok(RunningSite {
         database,
         sql,
@@ -407,7 +411,15 @@ pub async fn start_sites(
         }
         drop(store);
         let free: SocketAddr = "127.0.0.1:0".parse()?;
-        let site = run_site(global, code, database, free, std::future::pending()).await?;
+        let site = run_site(
+            global,
+            code,
+            database,
+            free,
+            snaps_local::endpoint::Login::Trust,
+            std::future::pending(),
+        )
+        .await?;
         out.insert(code.clone(), site);
     }
     Ok(out)

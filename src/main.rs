@@ -75,6 +75,13 @@ enum Command {
     /// evicts, pushes its changes, and receives what changed. Shows a bar
     /// per phase and a summary.
     Refresh(snaps::admin::AdminOptions),
+    /// Manage the users of a site's SQL endpoint (its users file): each has
+    /// a SCRAM-SHA-256 verifier and the user code the global controller
+    /// sees. Changes take effect at the next login.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Create the network's certificate authority and issue certificates
     /// for the global controller, sites and administrators.
     Certs {
@@ -105,6 +112,99 @@ enum GlobalCommand {
         #[arg(long)]
         insecure: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user, or set the password and user code of one. The password
+    /// comes from --password-file, else $SNAPS_USER_PASSWORD, else one line
+    /// of standard input.
+    Add {
+        /// The site's users file (users_file in site.toml).
+        #[arg(long, default_value = "users.toml")]
+        file: PathBuf,
+        /// The login name.
+        name: String,
+        /// The user code the global controller's access rules and audit
+        /// trail know the user by.
+        #[arg(long)]
+        code: String,
+        /// A file holding the password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Remove a user.
+    Remove {
+        /// The site's users file.
+        #[arg(long, default_value = "users.toml")]
+        file: PathBuf,
+        /// The login name.
+        name: String,
+    },
+    /// List the users and their user codes.
+    List {
+        /// The site's users file.
+        #[arg(long, default_value = "users.toml")]
+        file: PathBuf,
+    },
+}
+
+fn users_command(command: UsersCommand) -> Result<String> {
+    use snaps_local::users::Users;
+    match command {
+        UsersCommand::Add {
+            file,
+            name,
+            code,
+            password_file,
+        } => {
+            let password = match password_file {
+                Some(f) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("read the password from {}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                None => match std::env::var("SNAPS_USER_PASSWORD") {
+                    Ok(p) => p,
+                    Err(_) => {
+                        eprint!("password for {name}: ");
+                        let mut line = String::new();
+                        std::io::stdin()
+                            .read_line(&mut line)
+                            .context("read the password from standard input")?;
+                        line.trim_end_matches(['\r', '\n']).to_string()
+                    }
+                },
+            };
+            let mut users = Users::load(&file)?;
+            let replaced = users.get(&name).is_some();
+            users.add(&name, &code, &password)?;
+            users.save(&file)?;
+            Ok(format!(
+                "{} user {name} (user code {code}) in {}",
+                if replaced { "updated" } else { "added" },
+                file.display()
+            ))
+        }
+        UsersCommand::Remove { file, name } => {
+            let mut users = Users::load(&file)?;
+            if !users.remove(&name) {
+                bail!("{} has no user {name}", file.display());
+            }
+            users.save(&file)?;
+            Ok(format!("removed user {name} from {}", file.display()))
+        }
+        UsersCommand::List { file } => {
+            let users = Users::load(&file)?;
+            if users.users.is_empty() {
+                return Ok(format!("{} has no users", file.display()));
+            }
+            let mut out = format!("{:<20} user code\n", "user");
+            for u in &users.users {
+                out.push_str(&format!("{:<20} {}\n", u.name, u.code));
+            }
+            Ok(out.trim_end().to_string())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -335,6 +435,10 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Users { command } => {
+            println!("{}", users_command(command)?);
+            Ok(())
+        }
         Command::Certs { command } => {
             println!("{}", certs_command(command)?);
             Ok(())

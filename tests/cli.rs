@@ -292,11 +292,21 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
         &site_toml,
         format!(
             "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:{sql_port}\"\n\
-             global = {global_addr:?}\ntoken_file = \"stg.token\"\nusers = [\"radiology\"]\n",
+             global = {global_addr:?}\ntoken_file = \"stg.token\"\nusers_file = \"users.toml\"\n",
             network.display().to_string()
         ),
     )
     .expect("write site.toml");
+    let added = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["users", "add", "radiology", "--code", "RAD01", "--file"])
+        .arg(dir.path().join("users.toml"))
+        .env("SNAPS_USER_PASSWORD", "film-badge-7")
+        .output()
+        .expect("snaps users add");
+    assert!(added.status.success(), "{}", stderr(&added));
+    assert!(
+        String::from_utf8_lossy(&added.stdout).contains("added user radiology (user code RAD01)")
+    );
     let site = Command::new(env!("CARGO_BIN_EXE_snaps"))
         .args(["site", "serve", "--insecure", "--config"])
         .arg(&site_toml)
@@ -307,7 +317,8 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (count, refused) = rt.block_on(async {
         let connect = |user: &'static str| async move {
-            let config = format!("host=127.0.0.1 port={sql_port} user={user}");
+            let config =
+                format!("host=127.0.0.1 port={sql_port} user={user} password=film-badge-7");
             tokio_postgres::connect(&config, tokio_postgres::NoTls).await
         };
         for _ in 0..100 {
@@ -327,7 +338,10 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
     });
     assert_eq!(count, 0, "a new site holds no patients");
     let refused = refused.expect("an unknown user is refused");
-    assert!(refused.contains("may not connect"), "{refused}");
+    assert!(
+        refused.contains("password authentication failed for user \\\"mallory\\\""),
+        "{refused}"
+    );
     assert!(dir.path().join("STG/local.db").exists());
     for child in std::mem::take(&mut running.0) {
         let id = child.id().to_string();

@@ -84,7 +84,7 @@ fn stop(mut demo: Demo) {
 
 async fn connect(port: u16, db: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=radiology dbname={db}"),
+        &format!("host=127.0.0.1 port={port} user=radiology password=snaps-demo dbname={db}"),
         tokio_postgres::NoTls,
     )
     .await
@@ -105,6 +105,20 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
         );
         assert!(lines.contains(&expected), "{expected:?} not in {lines:?}");
     }
+    assert!(
+        lines.iter().any(|l| l.contains("PGPASSWORD=snaps-demo")),
+        "{lines:?}"
+    );
+    // Logins are checked: a wrong password is refused.
+    let wrong = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=radiology password=guess dbname=CPH",
+            port + 1
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(wrong.is_err(), "a wrong password logged in");
     assert!(
         lines
             .iter()
@@ -157,6 +171,7 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
         ])
         .arg(format!("SELECT surname FROM patient WHERE pno = {pno}"))
         .arg("GRC")
+        .env("PGPASSWORD", "snaps-demo")
         .output()
     {
         Ok(out) => {
@@ -174,7 +189,7 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
     let script = format!(
         r#"
 import psycopg
-with psycopg.connect("host=127.0.0.1 port={port} user=radiology dbname=STG") as conn:
+with psycopg.connect("host=127.0.0.1 port={port} user=radiology password=snaps-demo dbname=STG") as conn:
     with conn.cursor() as cur:
         cur.execute("SELECT surname FROM patient WHERE pno = %s", ({pno},))
         print(cur.fetchone()[0])

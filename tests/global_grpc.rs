@@ -1090,7 +1090,10 @@ async fn one_site_of_ten_wins_a_contended_lock() {
         for _ in 0..10 {
             let (client, code) = (client.clone(), code.clone());
             tasks.push(tokio::spawn(async move {
-                (code, client.lock(vec![by_id("patient", id)]).await.unwrap())
+                (
+                    code,
+                    client.lock(vec![by_id("patient", id)], "").await.unwrap(),
+                )
             }));
         }
     }
@@ -1132,7 +1135,7 @@ async fn one_site_of_ten_wins_a_contended_lock() {
     let holder_client = net.client(&holder).await.unwrap();
     assert!(
         holder_client
-            .lock(vec![by_id("patient", id)])
+            .lock(vec![by_id("patient", id)], "")
             .await
             .unwrap()
             .granted
@@ -1149,7 +1152,7 @@ async fn one_site_of_ten_wins_a_contended_lock() {
     let other_client = net.client(other).await.unwrap();
     assert!(
         other_client
-            .lock(vec![by_id("patient", id)])
+            .lock(vec![by_id("patient", id)], "")
             .await
             .unwrap()
             .granted
@@ -1162,7 +1165,7 @@ async fn one_site_of_ten_wins_a_contended_lock() {
     );
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     let r = holder_client
-        .lock(vec![by_id("patient", id)])
+        .lock(vec![by_id("patient", id)], "")
         .await
         .unwrap();
     assert!(!r.granted);
@@ -1259,17 +1262,25 @@ async fn only_the_owner_may_lock_a_read_only_tuple() {
         q.groups[0].tables[0].parts[0].columns.len(),
     );
     assert_eq!(fetched.len(), 1);
-    let r = stg.lock(vec![by_id("visit", fetched[0].0)]).await.unwrap();
+    let r = stg
+        .lock(vec![by_id("visit", fetched[0].0)], "")
+        .await
+        .unwrap();
     assert!(!r.granted);
     assert_eq!(r.reason, v1::RefusalReason::ReadOnly as i32);
     assert_eq!(r.holder_site, "CPH");
     assert_eq!(r.refused, Some(by_id("visit", fetched[0].0)));
 
     let cph = net.client("CPH").await.unwrap();
-    assert!(cph.lock(vec![by_origin("visit", 1)]).await.unwrap().granted);
+    assert!(
+        cph.lock(vec![by_origin("visit", 1)], "")
+            .await
+            .unwrap()
+            .granted
+    );
     // Its own read-write tuple by origin: granted and recorded.
     assert!(
-        cph.lock(vec![by_origin("patient", 1)])
+        cph.lock(vec![by_origin("patient", 1)], "")
             .await
             .unwrap()
             .granted
@@ -1477,9 +1488,14 @@ async fn split_tuples_travel_in_parts_and_lock_together() {
     // All or nothing: B holds pat_addr of A's patient 1, so A cannot lock
     // both of its parts, and pat_other (asked first) stays unlocked.
     let x = from_a.iter().find(|(_, v)| v[0] == int(1)).unwrap().0;
-    assert!(b.lock(vec![by_id("pat_addr", x)]).await.unwrap().granted);
+    assert!(
+        b.lock(vec![by_id("pat_addr", x)], "")
+            .await
+            .unwrap()
+            .granted
+    );
     let both = vec![by_origin("pat_other", 1), by_origin("pat_addr", 1)];
-    let r = a.lock(both.clone()).await.unwrap();
+    let r = a.lock(both.clone(), "").await.unwrap();
     assert!(!r.granted);
     assert_eq!(r.reason, v1::RefusalReason::Locked as i32);
     assert_eq!(r.holder_site, "B");
@@ -1491,10 +1507,10 @@ async fn split_tuples_travel_in_parts_and_lock_together() {
     assert_eq!(locked(&a, "pat_addr").await, 1);
 
     assert_eq!(b.unlock(vec![by_id("pat_addr", x)]).await.unwrap(), 1);
-    assert!(a.lock(both).await.unwrap().granted);
+    assert!(a.lock(both, "").await.unwrap().granted);
     assert_eq!(locked(&a, "pat_other").await, 1);
     assert_eq!(locked(&a, "pat_addr").await, 1);
-    let r = b.lock(vec![by_id("pat_addr", x)]).await.unwrap();
+    let r = b.lock(vec![by_id("pat_addr", x)], "").await.unwrap();
     assert!(!r.granted);
     assert_eq!(r.holder_site, "A");
 }
@@ -1612,14 +1628,17 @@ async fn bad_requests_are_refused_with_a_reason() {
     assert!(s.message().contains("for 2 rows"), "{}", s.message());
 
     // A tuple that does not exist; no tuple; a tuple named by nothing.
-    let s = remote(stg.lock(vec![by_id("patient", 999_999)]).await);
+    let s = remote(stg.lock(vec![by_id("patient", 999_999)], "").await);
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
-    assert_eq!(remote(stg.lock(vec![]).await).code(), Code::InvalidArgument);
+    assert_eq!(
+        remote(stg.lock(vec![], "").await).code(),
+        Code::InvalidArgument
+    );
     let nameless = v1::TupleRef {
         relation: "patient".into(),
         id: None,
     };
-    let s = remote(stg.lock(vec![nameless]).await);
+    let s = remote(stg.lock(vec![nameless], "").await);
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     assert!(s.message().contains("patient"), "{}", s.message());
 
@@ -1673,7 +1692,7 @@ async fn the_store_survives_a_restart() {
         // A lock taken before the restart.
         let cph = net.client("CPH").await.unwrap();
         assert!(
-            cph.lock(vec![by_origin("patient", 2)])
+            cph.lock(vec![by_origin("patient", 2)], "")
                 .await
                 .unwrap()
                 .granted
@@ -1731,7 +1750,7 @@ async fn the_store_survives_a_restart() {
     );
     assert_eq!(fetched.len(), 1);
     let r = stg
-        .lock(vec![by_id("patient", fetched[0].0)])
+        .lock(vec![by_id("patient", fetched[0].0)], "")
         .await
         .unwrap();
     assert!(!r.granted);

@@ -27,6 +27,12 @@
 //! distribute_timeout_secs = 600      # ... and for acknowledgements
 //! propagate_deletes = ["visit_rep"]  # owners' deletes remove others' copies
 //!
+//! [access]                           # what no rule of `snaps acl` names:
+//! default = "write"                  # none, read (fetch) or write (and lock)
+//!
+//! [audit]
+//! patient_key = "pno"                # recorded for every patient fetched
+//!
 //! [admin]                            # plain-text mode: the token of
 //! token_file = "admin.token"         # `snaps refresh` etc. (with TLS the
 //!                                    # administrator's certificate)
@@ -41,6 +47,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use snaps_proto::tls::Credentials;
+
+use crate::acl::Right;
 use snaps_schema::{Catalog, NetworkConfig, RelationMode, SiteConfig};
 
 use crate::error::{Error, Result};
@@ -79,6 +87,22 @@ struct File {
     admin: Option<Credential>,
     #[serde(default)]
     tls: Option<TlsFile>,
+    #[serde(default)]
+    access: AccessFile,
+    #[serde(default)]
+    audit: AuditFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessFile {
+    default: Option<Right>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    patient_key: Option<String>,
 }
 
 /// `[tls]`: a credential directory, or its three files one by one.
@@ -197,6 +221,11 @@ pub struct GlobalConfig {
     pub admin_token: Option<String>,
     /// The controller's TLS credentials; none: plain text (development).
     pub tls: Option<Credentials>,
+    /// What a site may do with a relation no access rule names.
+    pub access_default: Right,
+    /// The global attribute whose values the audit trail records as the
+    /// patients a fetch returned.
+    pub patient_key: String,
 }
 
 impl GlobalConfig {
@@ -244,6 +273,21 @@ impl GlobalConfig {
         };
         config.set_refresh(refresh)?;
         config.tls = file.tls.as_ref().map(|t| t.resolve(&dir)).transpose()?;
+        if let Some(d) = file.access.default {
+            config.access_default = d;
+        }
+        if let Some(k) = file.audit.patient_key {
+            if !config
+                .catalog
+                .relations()
+                .any(|r| r.attribute(&k).is_some())
+            {
+                return Err(Error::Config(format!(
+                    "audit.patient_key = {k:?} is an attribute of no global relation"
+                )));
+            }
+            config.patient_key = k;
+        }
         if let Some(admin) = &file.admin {
             let token = admin.read(&dir, "the administrator")?;
             if token.len() < 16 {
@@ -334,6 +378,8 @@ impl GlobalConfig {
             refresh: RefreshConfig::default(),
             admin_token: None,
             tls: None,
+            access_default: Right::Write,
+            patient_key: "pno".to_string(),
         })
     }
 

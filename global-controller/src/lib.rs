@@ -4,6 +4,7 @@
 //! queries with their semi-join projections, and grants primary-copy locks.
 //!
 //! * [`config`] — `global.toml`;
+//! * [`acl`] — access rules and the audit trail;
 //! * [`query`] — requests decoded and checked against the global catalog;
 //! * [`compile`] — checked fetches as parameterised SQL;
 //! * [`store`] — the store trait and its results; [`sqlite`] — the embedded
@@ -13,6 +14,7 @@
 //! * [`service`] — the gRPC service; [`GlobalController`] runs it;
 //! * [`transport`] — TLS with client certificates, or plain TCP.
 
+pub mod acl;
 pub mod compile;
 pub mod config;
 pub mod epochs;
@@ -80,7 +82,7 @@ impl GlobalController {
         let coordinator =
             epochs::Coordinator::new(self.store.clone(), self.config.clone(), self.halt.clone())?;
         let schedule = tokio::spawn(coordinator.clone().schedule());
-        let service = Service::new(self.config.clone(), self.store.clone(), coordinator.clone());
+        let service = Service::new(self.config.clone(), self.store.clone(), coordinator.clone())?;
         let shutdown = async move {
             shutdown.await;
             coordinator.close();

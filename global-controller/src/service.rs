@@ -12,6 +12,7 @@ use snaps_schema::{RelationMode, SiteNo};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::acl::{Acl, AuditFilter, AuditRecord, Right, Subject};
 use crate::config::GlobalConfig;
 use crate::epochs::Coordinator;
 use crate::error::Error;
@@ -62,6 +63,9 @@ pub struct Service {
     store: Arc<dyn GlobalStore>,
     coordinator: Arc<Coordinator>,
     activity: Arc<Mutex<HashMap<u32, Activity>>>,
+    /// The access rules in force (kept in the store, changed only through
+    /// Grant and Revoke).
+    acl: Arc<std::sync::RwLock<Acl>>,
 }
 
 /// The metadata key of an UNAVAILABLE reply sent while an epoch collects:
@@ -74,13 +78,111 @@ impl Service {
         config: Arc<GlobalConfig>,
         store: Arc<dyn GlobalStore>,
         coordinator: Arc<Coordinator>,
-    ) -> Service {
-        Service {
+    ) -> crate::Result<Service> {
+        let acl = Acl::new(config.access_default, store.acl_rules()?);
+        Ok(Service {
             config,
             store,
             coordinator,
             activity: Arc::new(Mutex::new(HashMap::new())),
+            acl: Arc::new(std::sync::RwLock::new(acl)),
+        })
+    }
+
+    fn acl(&self) -> std::sync::RwLockReadGuard<'_, Acl> {
+        self.acl.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses a request of `user` at `site` on `relations` that needs
+    /// `need`, naming the relation, and records the refusal.
+    async fn check_access(
+        &self,
+        site: &SiteId,
+        user: &str,
+        relations: &[String],
+        need: Right,
+        action: &str,
+    ) -> Result<(), Status> {
+        let denied = self
+            .acl()
+            .denied(relations.iter().map(String::as_str), &site.code, user, need)
+            .map(|(r, has)| (r.to_string(), has));
+        let Some((relation, has)) = denied else {
+            return Ok(());
+        };
+        let who = if user.is_empty() {
+            format!("site {}", site.code)
+        } else {
+            format!("user {user} at site {}", site.code)
+        };
+        let verb = if need == Right::Write { "lock" } else { "read" };
+        let message = format!(
+            "access denied: {who} may not {verb} {relation} (its right is {has}); ask the \
+             network's administrator for a grant"
+        );
+        let mut record = AuditRecord::new(&site.code, user, action);
+        record.relations = relations.to_vec();
+        record.detail = message.clone();
+        self.blocking(move |store| store.append_audit(&[record]))
+            .await?;
+        tracing::warn!(site = %site.code, user, %relation, "access denied");
+        Err(Status::permission_denied(message))
+    }
+
+    /// The administrator's name, for the audit trail.
+    fn admin_name<T>(req: &Request<T>) -> String {
+        match req.extensions().get::<Certified>().map(|c| &c.peer) {
+            Some(Ok(Peer::Admin(name))) => format!("admin:{name}"),
+            _ => "admin".to_string(),
         }
+    }
+
+    fn acl_reply(&self) -> v1::AclReply {
+        let acl = self.acl();
+        v1::AclReply {
+            rules: acl
+                .rules()
+                .map(|(s, r)| v1::AclRule {
+                    relation: s.relation.clone(),
+                    site: s.site.clone(),
+                    user: s.user.clone(),
+                    right: r.to_wire() as i32,
+                })
+                .collect(),
+            default_right: acl.default_right().to_wire() as i32,
+        }
+    }
+
+    /// Checks a rule's relation, site and user code.
+    fn subject(&self, rule: &v1::AclRule) -> Result<Subject, Status> {
+        if self.config.catalog.relation(&rule.relation).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a global relation (they are: {})",
+                rule.relation,
+                self.config
+                    .catalog
+                    .relations()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if self.config.network.site(&rule.site).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a site of the network",
+                rule.site
+            )));
+        }
+        if rule.user.len() > 64 || rule.user.chars().any(|c| c.is_control() || c == ',') {
+            return Err(Status::invalid_argument(
+                "a user code is at most 64 characters, without commas or control characters",
+            ));
+        }
+        Ok(Subject {
+            relation: rule.relation.clone(),
+            site: rule.site.clone(),
+            user: rule.user.clone(),
+        })
     }
 
     /// Refuses fetches and locks while an epoch collects: what they would
@@ -390,6 +492,17 @@ impl GlobalSnapshot for Service {
         let site = self.site(&req)?;
         self.not_collecting()?;
         let query = FetchQuery::decode(req.get_ref(), &self.config.catalog)?;
+        let user = req.get_ref().user.clone();
+        let mut relations: Vec<String> = query
+            .groups
+            .iter()
+            .flat_map(|g| g.tables.iter())
+            .flat_map(|t| t.shape.parts.iter().map(|p| p.relation.clone()))
+            .collect();
+        relations.sort();
+        relations.dedup();
+        self.check_access(&site, &user, &relations, Right::Read, "fetch-denied")
+            .await?;
         let widths: Vec<Vec<Vec<usize>>> = query
             .groups
             .iter()
@@ -400,8 +513,49 @@ impl GlobalSnapshot for Service {
                     .collect()
             })
             .collect();
+        // Where each returned part carries the patient key, for the audit.
+        let patient_columns: Vec<Vec<Vec<Option<usize>>>> = query
+            .groups
+            .iter()
+            .map(|g| {
+                g.tables
+                    .iter()
+                    .map(|t| {
+                        t.shape
+                            .parts
+                            .iter()
+                            .map(|p| p.columns.iter().position(|c| *c == self.config.patient_key))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
         let s = site.clone();
-        let tables = self.blocking(move |store| store.fetch(&s, &query)).await?;
+        let mut record = AuditRecord::new(&site.code, &user, "fetch");
+        record.relations = relations;
+        let tables = self
+            .blocking(move |store| {
+                let tables = store.fetch(&s, &query)?;
+                let mut patients = std::collections::BTreeSet::new();
+                for t in &tables {
+                    record.tuples += t.len() as u64;
+                    let columns = &patient_columns[t.group][t.table];
+                    for (part, column) in t.parts.iter().zip(columns) {
+                        let Some(c) = column else { continue };
+                        for row in &part.rows {
+                            if let Some(v) = row.get(*c).filter(|v| !v.is_null()) {
+                                patients.insert(v.to_string());
+                            }
+                        }
+                    }
+                }
+                record.patients = patients.into_iter().collect();
+                // Nothing leaves unrecorded: an audit that cannot be written
+                // fails the fetch.
+                store.append_audit(&[record])?;
+                Ok(tables)
+            })
+            .await?;
         let mut reply = v1::FetchReply::default();
         let mut tuples = 0;
         for t in tables {
@@ -426,8 +580,32 @@ impl GlobalSnapshot for Service {
         let site = self.site(&req)?;
         self.not_collecting()?;
         let tuples = refs(&req.get_ref().tuples)?;
+        let user = req.get_ref().user.clone();
+        let mut relations: Vec<String> = tuples.iter().map(|t| t.relation.clone()).collect();
+        relations.sort();
+        relations.dedup();
+        self.check_access(&site, &user, &relations, Right::Write, "lock-denied")
+            .await?;
         let s = site.clone();
-        let outcome = self.blocking(move |store| store.lock(&s, &tuples)).await?;
+        let mut record = AuditRecord::new(&site.code, &user, "lock");
+        record.relations = relations;
+        record.tuples = tuples.len() as u64;
+        record.detail = tuples
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let outcome = self
+            .blocking(move |store| {
+                let outcome = store.lock(&s, &tuples)?;
+                if let LockOutcome::Refused { tuple, holder, .. } = &outcome {
+                    record.action = "lock-refused".into();
+                    record.detail = format!("{tuple} (held by or belonging to site {holder})");
+                }
+                store.append_audit(&[record])?;
+                Ok(outcome)
+            })
+            .await?;
         let granted = outcome == LockOutcome::Granted;
         let reply = match outcome {
             LockOutcome::Granted => v1::LockReply {
@@ -637,8 +815,15 @@ impl GlobalSnapshot for Service {
         let push = Push::decode(req.get_ref(), &self.config.catalog)?;
         let epoch = req.get_ref().epoch;
         let s = site.clone();
-        self.blocking(move |store| store.stage_push(&s, epoch, &body))
-            .await?;
+        let mut record = AuditRecord::new(&site.code, "", "push");
+        record.relations = push_relations(&push);
+        record.tuples = push.len() as u64;
+        record.detail = format!("epoch {epoch}");
+        self.blocking(move |store| {
+            store.stage_push(&s, epoch, &body)?;
+            store.append_audit(&[record])
+        })
+        .await?;
         self.coordinator.wake();
         tracing::info!(site = %site.code, epoch, tuples = push.len(), "push staged");
         let reply = v1::PushReply {
@@ -807,4 +992,104 @@ impl GlobalSnapshot for Service {
                 .collect(),
         }))
     }
+
+    async fn grant(&self, req: Request<v1::AclRule>) -> Result<Response<v1::AclReply>, Status> {
+        self.admin(&req)?;
+        let subject = self.subject(req.get_ref())?;
+        let right = Right::from_wire(req.get_ref().right).ok_or_else(|| {
+            Status::invalid_argument("give the right to grant: none, read or write")
+        })?;
+        let mut record = AuditRecord::new(&Self::admin_name(&req), "", "grant");
+        record.relations = vec![subject.relation.clone()];
+        record.detail = format!("{} {}{right}", subject.site, user_part(&subject.user));
+        let (s, store) = (subject.clone(), self.store.clone());
+        tokio::task::spawn_blocking(move || store.set_acl(&s, Some(right), &record))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))??;
+        self.acl
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(subject, right);
+        Ok(respond(self.acl_reply()))
+    }
+
+    async fn revoke(&self, req: Request<v1::AclRule>) -> Result<Response<v1::AclReply>, Status> {
+        self.admin(&req)?;
+        let subject = self.subject(req.get_ref())?;
+        if !self.acl().rules().any(|(s, _)| *s == subject) {
+            return Err(Status::not_found(format!(
+                "no rule for {} at site {}{}",
+                subject.relation,
+                subject.site,
+                if subject.user.is_empty() {
+                    String::new()
+                } else {
+                    format!(" user {}", subject.user)
+                }
+            )));
+        }
+        let mut record = AuditRecord::new(&Self::admin_name(&req), "", "revoke");
+        record.relations = vec![subject.relation.clone()];
+        record.detail = format!("{} {}", subject.site, user_part(&subject.user));
+        let (s, store) = (subject.clone(), self.store.clone());
+        tokio::task::spawn_blocking(move || store.set_acl(&s, None, &record))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))??;
+        self.acl
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&subject);
+        Ok(respond(self.acl_reply()))
+    }
+
+    async fn list_acl(
+        &self,
+        req: Request<v1::ListAclRequest>,
+    ) -> Result<Response<v1::AclReply>, Status> {
+        self.admin(&req)?;
+        Ok(respond(self.acl_reply()))
+    }
+
+    async fn audit(
+        &self,
+        req: Request<v1::AuditRequest>,
+    ) -> Result<Response<v1::AuditReply>, Status> {
+        self.admin(&req)?;
+        let r = req.get_ref();
+        let filter = AuditFilter {
+            site: (!r.site.is_empty()).then(|| r.site.clone()),
+            patient: (!r.patient.is_empty()).then(|| r.patient.clone()),
+            since: (r.since != 0).then_some(r.since),
+            limit: (r.limit != 0).then_some(r.limit),
+        };
+        let entries = self.blocking(move |store| store.audit(&filter)).await?;
+        Ok(respond(v1::AuditReply {
+            entries: entries.iter().map(AuditRecord::to_wire).collect(),
+        }))
+    }
+}
+
+/// `user CODE ` for a rule about one user, nothing for a whole site.
+fn user_part(user: &str) -> String {
+    if user.is_empty() {
+        String::new()
+    } else {
+        format!("user {user} ")
+    }
+}
+
+/// The global relations a push touches.
+fn push_relations(push: &Push) -> Vec<String> {
+    let mut out: Vec<String> = push
+        .inserted
+        .iter()
+        .chain(&push.updated)
+        .flat_map(|b| b.shape.parts.iter().map(|p| p.relation.clone()))
+        .chain(push.copies.iter().map(|c| c.relation.clone()))
+        .chain(push.deleted.iter().flat_map(|d| d.relations.clone()))
+        .chain(push.withdrawn.iter().map(|(r, _)| r.clone()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }

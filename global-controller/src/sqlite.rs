@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::query::{FetchQuery, Split};
 use crate::store::*;
 
+mod audit;
 mod refresh;
 
 /// The SQLite global store.
@@ -308,6 +309,7 @@ impl SqliteStore {
                  UNIQUE (site, relation, origin));",
         )?;
         tx.execute_batch(refresh::TABLES)?;
+        tx.execute_batch(audit::TABLES)?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
             .query_row(
@@ -846,6 +848,27 @@ impl GlobalStore for SqliteStore {
 
     fn conflicts(&self) -> Result<Vec<ConflictEntry>> {
         self.conflict_list()
+    }
+
+    fn acl_rules(&self) -> Result<Vec<(Subject, Right)>> {
+        self.acl_rules_stored()
+    }
+
+    fn set_acl(
+        &self,
+        subject: &Subject,
+        right: Option<Right>,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        self.store_acl(subject, right, audit)
+    }
+
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<()> {
+        self.append_audit_records(records)
+    }
+
+    fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+        self.audit_records(filter)
     }
 
     fn status(&self) -> Result<StatusReport> {

@@ -2,6 +2,7 @@
 //! embedded SQLite store can be replaced by one on PostgreSQL for large
 //! networks. Every operation is one transaction.
 
+pub use crate::acl::{AuditFilter, AuditRecord, Right, Subject};
 use std::collections::{BTreeMap, BTreeSet};
 
 use snaps_proto::{decode_rows, v1};
@@ -385,6 +386,20 @@ pub trait GlobalStore: Send + Sync {
 
     /// The key conflicts awaiting an administrator.
     fn conflicts(&self) -> Result<Vec<ConflictEntry>>;
+
+    /// The access rules.
+    fn acl_rules(&self) -> Result<Vec<(Subject, Right)>>;
+
+    /// Sets (or with `None` removes) a rule and appends `audit`, in one
+    /// transaction; returns whether the subject had a rule before.
+    fn set_acl(&self, subject: &Subject, right: Option<Right>, audit: &AuditRecord)
+    -> Result<bool>;
+
+    /// Appends to the audit trail.
+    fn append_audit(&self, records: &[AuditRecord]) -> Result<()>;
+
+    /// Reads the audit trail, oldest first.
+    fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

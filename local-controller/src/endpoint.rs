@@ -20,12 +20,15 @@
 
 use std::fmt::Debug;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{BufMut, BytesMut};
 use futures::sink::{Sink, SinkExt};
+use pgwire::api::auth::sasl::SCRAM_SHA_256_METHOD;
+use pgwire::api::auth::sasl::scram::{ScramServerAuth, ScramServerAuthWaitingForClientFinal};
 use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
@@ -36,8 +39,8 @@ use pgwire::api::results::{FieldFormat, FieldInfo, QueryResponse, Response, Tag}
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::{Entry, PortalStore};
 use pgwire::api::{
-    ClientInfo, ClientPortalStore, DEFAULT_NAME, METADATA_USER, PgWireServerHandlers,
-    PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
+    ClientInfo, ClientPortalStore, DEFAULT_NAME, METADATA_USER, PgWireConnectionState,
+    PgWireServerHandlers, PidSecretKeyGenerator, RandomPidSecretKeyGenerator, Type,
 };
 use pgwire::error::{
     ErrorInfo, PgWireError, PgWireResult, SEVERITY_ERROR, SEVERITY_FATAL, SEVERITY_NOTICE,
@@ -49,24 +52,33 @@ use pgwire::messages::extendedquery::{
     Describe, TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT,
 };
 use pgwire::messages::response::NoticeResponse;
+use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use snaps_schema::Value;
 use tokio::net::TcpListener;
 
 use crate::engine::{ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
+use crate::users::{Users, Verifier};
 
 /// The highest `$n` a statement may use: the Bind message counts parameters
 /// in 16 bits, so a larger number can never be bound (and rejecting it early
 /// keeps a hostile `$99999999` from sizing anything).
 const MAX_PARAMETERS: usize = u16::MAX as usize;
 
+/// How the endpoint checks who connects.
+#[derive(Debug, Clone)]
+pub enum Login {
+    /// Every client is trusted and its session opened with whatever user
+    /// name its startup message claims, which is also its user code:
+    /// development and tests only (`--insecure`).
+    Trust,
+    /// SCRAM-SHA-256 against the users file ([`crate::users`]), read at
+    /// every login so `snaps users add/remove` take effect at once.
+    Scram(PathBuf),
+}
+
 /// Serves the PostgreSQL protocol on `listener` until `shutdown` completes,
-/// one task per connection.
-///
-/// There is no authentication yet: every client is trusted and its session
-/// is opened with whatever user name its startup message claims, and there
-/// is no TLS. Bind the listener to a trusted interface (loopback) until the
-/// security work adds password or certificate checks.
+/// one task per connection, checking logins as `login` says.
 ///
 /// On shutdown the listener is dropped, so new connections are refused;
 /// connections already open keep being served until their clients leave
@@ -74,6 +86,7 @@ const MAX_PARAMETERS: usize = u16::MAX as usize;
 /// hung up, a full file table) are logged and retried, never fatal.
 pub async fn serve(
     engine: Arc<dyn Engine>,
+    login: Login,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -84,7 +97,7 @@ pub async fn serve(
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    let handlers = Handlers(Arc::new(Connection::new(engine.clone())));
+                    let handlers = Handlers(Arc::new(Connection::new(engine.clone(), login.clone())));
                     tokio::spawn(async move {
                         if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
                             tracing::debug!(%peer, %error, "SQL client connection ended with an error");
@@ -121,20 +134,62 @@ impl PgWireServerHandlers for Handlers {
 /// A session shared with the blocking task that runs it.
 type SharedSession = Arc<Mutex<Box<dyn Session>>>;
 
+/// Where a connection's SCRAM exchange is.
+enum Scram {
+    /// The server asked for SCRAM-SHA-256; the client-first message is due.
+    Asked { user: String },
+    /// The server sent its first message; the client's proof is due. `code`
+    /// is none for an unknown user, whose exchange fails like a wrong
+    /// password's.
+    Challenged {
+        user: String,
+        code: Option<String>,
+        waiting: Box<ScramServerAuthWaitingForClientFinal>,
+    },
+}
+
 /// One client connection: the engine until startup, then its session.
 struct Connection {
     engine: Arc<dyn Engine>,
+    login: Login,
+    scram: Mutex<Option<Scram>>,
     session: OnceLock<SharedSession>,
     parser: Arc<Parser>,
 }
 
 impl Connection {
-    fn new(engine: Arc<dyn Engine>) -> Connection {
+    fn new(engine: Arc<dyn Engine>, login: Login) -> Connection {
         Connection {
             engine,
+            login,
+            scram: Mutex::new(None),
             session: OnceLock::new(),
             parser: Arc::new(Parser),
         }
+    }
+
+    /// Opens the session of `user` with user code `code`, then tells the
+    /// client it is in.
+    async fn open<C>(&self, client: &mut C, user: String, code: String) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (pid, key) = KEYS.generate(client);
+        client.set_pid_and_secret_key(pid, key);
+        let engine = self.engine.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || engine.open_session_as(&user, &code)).await;
+        let session = match opened {
+            Ok(Ok(session)) => session,
+            Ok(Err(error)) => return Err(fatal(error.sqlstate, error.message)),
+            Err(_) => return Err(fatal("XX000", "internal error: opening the session failed")),
+        };
+        if self.session.set(Arc::new(Mutex::new(session))).is_err() {
+            return Err(fatal("08P01", "duplicate startup message"));
+        }
+        finish_authentication(client, &DefaultServerParameterProvider::default()).await
     }
 
     /// Runs `f` on the session in the blocking pool. A panic in the session
@@ -170,11 +225,20 @@ impl Connection {
 static KEYS: LazyLock<RandomPidSecretKeyGenerator> =
     LazyLock::new(RandomPidSecretKeyGenerator::default);
 
+/// A failed login, worded as PostgreSQL words it whatever went wrong, so
+/// a client learns nothing of which login names exist.
+fn login_failed(user: &str) -> PgWireError {
+    fatal(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
 #[async_trait]
 impl StartupHandler for Connection {
-    /// Trust authentication, but the session is opened before
-    /// AuthenticationOk so a refused user gets a FATAL error and no
-    /// half-open connection.
+    /// Trust, or SCRAM-SHA-256 against the users file. The session is
+    /// opened before AuthenticationOk, so a refused user gets a FATAL error
+    /// and no half-open connection.
     async fn on_startup<C>(
         &self,
         client: &mut C,
@@ -185,31 +249,115 @@ impl StartupHandler for Connection {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let PgWireFrontendMessage::Startup(ref startup) = message else {
-            return Ok(());
-        };
-        protocol_negotiation(client, startup).await?;
-        save_startup_parameters_to_metadata(client, startup);
-        let Some(user) = client.metadata().get(METADATA_USER).cloned() else {
-            return Err(fatal(
-                "28000",
-                "no PostgreSQL user name specified in startup packet",
-            ));
-        };
-        let (pid, key) = KEYS.generate(client);
-        client.set_pid_and_secret_key(pid, key);
-
-        let engine = self.engine.clone();
-        let opened = tokio::task::spawn_blocking(move || engine.open_session(&user)).await;
-        let session = match opened {
-            Ok(Ok(session)) => session,
-            Ok(Err(error)) => return Err(fatal(error.sqlstate, error.message)),
-            Err(_) => return Err(fatal("XX000", "internal error: opening the session failed")),
-        };
-        if self.session.set(Arc::new(Mutex::new(session))).is_err() {
-            return Err(fatal("08P01", "duplicate startup message"));
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                let Some(user) = client.metadata().get(METADATA_USER).cloned() else {
+                    return Err(fatal(
+                        "28000",
+                        "no PostgreSQL user name specified in startup packet",
+                    ));
+                };
+                match &self.login {
+                    Login::Trust => self.open(client, user.clone(), user).await,
+                    Login::Scram(_) => {
+                        *self.scram.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Scram::Asked { user });
+                        client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                        client
+                            .send(PgWireBackendMessage::Authentication(Authentication::SASL(
+                                vec![SCRAM_SHA_256_METHOD.to_string()],
+                            )))
+                            .await?;
+                        Ok(())
+                    }
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(message) => {
+                let Login::Scram(path) = &self.login else {
+                    return Err(fatal("08P01", "no password was asked for"));
+                };
+                let state = self
+                    .scram
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                match state {
+                    Some(Scram::Asked { user }) => {
+                        let first = message.into_sasl_initial_response()?;
+                        if first.auth_method != SCRAM_SHA_256_METHOD {
+                            return Err(fatal(
+                                "28000",
+                                format!(
+                                    "SASL mechanism {} is not offered: use SCRAM-SHA-256",
+                                    first.auth_method
+                                ),
+                            ));
+                        }
+                        let data = first
+                            .data
+                            .ok_or_else(|| fatal("08P01", "empty SCRAM client-first message"))?;
+                        let users = match Users::load(path) {
+                            Ok(u) => u,
+                            Err(error) => {
+                                tracing::warn!(%error, "the users file cannot be read: nobody can log in");
+                                Users::default()
+                            }
+                        };
+                        let known = users.get(&user).map(|u| (u.code.clone(), u.scram.clone()));
+                        let (code, verifier) = match known {
+                            Some((code, scram)) => (Some(code), Verifier::parse(&scram)),
+                            None => {
+                                tracing::info!(%user, "login of an unknown user");
+                                (None, Verifier::unmatchable())
+                            }
+                        };
+                        let verifier = verifier.map_err(|e| internal(e.to_string()))?;
+                        let (server_first, waiting) = ScramServerAuth::new()
+                            .on_client_first_message_with_secret(&data, verifier.secret())
+                            .map_err(|_| login_failed(&user))?;
+                        *self.scram.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Scram::Challenged {
+                                user,
+                                code,
+                                waiting: Box::new(waiting),
+                            });
+                        client
+                            .send(PgWireBackendMessage::Authentication(
+                                Authentication::SASLContinue(server_first.into_bytes().into()),
+                            ))
+                            .await?;
+                        Ok(())
+                    }
+                    Some(Scram::Challenged {
+                        user,
+                        code,
+                        waiting,
+                    }) => {
+                        let response = message.into_sasl_response()?;
+                        let proved = waiting.on_client_final_message(&response.data);
+                        match (proved, code) {
+                            (Ok(server_final), Some(code)) => {
+                                client
+                                    .send(PgWireBackendMessage::Authentication(
+                                        Authentication::SASLFinal(server_final.into_bytes().into()),
+                                    ))
+                                    .await?;
+                                tracing::info!(%user, %code, "login");
+                                self.open(client, user, code).await
+                            }
+                            _ => {
+                                tracing::warn!(%user, "login refused: wrong password or unknown user");
+                                Err(login_failed(&user))
+                            }
+                        }
+                    }
+                    None => Err(fatal("08P01", "unexpected password message")),
+                }
+            }
+            _ => Ok(()),
         }
-        finish_authentication(client, &DefaultServerParameterProvider::default()).await
     }
 }
 

@@ -80,6 +80,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Opens a session for a client connection; `user` comes from the
     /// connection's startup message.
     fn open_session(&self, user: &str) -> Result<Box<dyn Session>, EngineError>;
+
+    /// Opens a session for `user`, authenticated, whose user code is
+    /// `code` (by default the same as [`Engine::open_session`]).
+    fn open_session_as(&self, user: &str, code: &str) -> Result<Box<dyn Session>, EngineError> {
+        let _ = code;
+        self.open_session(user)
+    }
 }
 
 /// One client connection's state (its QUEL range declarations, its

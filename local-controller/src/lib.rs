@@ -37,6 +37,7 @@ pub mod remote;
 pub mod serve;
 pub mod site;
 pub mod store;
+pub mod users;
 pub mod value;
 mod write;
 

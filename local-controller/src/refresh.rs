@@ -723,6 +723,7 @@ impl Site {
                 },
                 text,
                 into: Some(SnapshotNo(*no as u32)),
+                user: "",
             };
             match self.fetch(conn, &plan, &current, &retrieval)? {
                 Fetched::LocalOnly(_) => {

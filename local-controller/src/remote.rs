@@ -365,9 +365,13 @@ impl GlobalClient {
             .into_inner())
     }
 
-    /// Asks for primary-copy locks (all or none).
-    pub async fn lock(&self, tuples: Vec<v1::TupleRef>) -> Result<v1::LockReply> {
-        let req = v1::LockRequest { tuples };
+    /// Asks for primary-copy locks (all or none) for the person with user
+    /// code `user`.
+    pub async fn lock(&self, tuples: Vec<v1::TupleRef>, user: &str) -> Result<v1::LockReply> {
+        let req = v1::LockRequest {
+            tuples,
+            user: user.to_string(),
+        };
         Ok(self
             .for_len(req.encoded_len())
             .lock(req)

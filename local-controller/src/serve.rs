@@ -12,7 +12,8 @@
 //! #                                  # or token_file = "cph.token"
 //! fetch_timeout_ms = 10000           # then answer from local data
 //! retry_after_ms = 10000             # after a failure, local answers at once
-//! users = ["radiology"]              # who may connect; empty: anyone
+//! users_file = "users.toml"          # SCRAM logins: `snaps users add`
+//!                                    # (without it, --insecure: anyone)
 //! max_days = 30                      # evict snapshots unused this long
 //! ```
 //!
@@ -26,7 +27,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use snaps_schema::NetworkConfig;
 
-use crate::engine::{Engine, EngineError, Session};
+use crate::endpoint::Login;
+use crate::engine::Engine;
 use crate::remote::Auth;
 use crate::site::{GlobalLink, Site, SiteEngine};
 use crate::{Error, Result, SiteStore};
@@ -50,7 +52,7 @@ struct File {
     #[serde(default = "default_timeout")]
     retry_after_ms: u64,
     #[serde(default)]
-    users: Vec<String>,
+    users_file: Option<PathBuf>,
     #[serde(default = "default_max_days")]
     max_days: u32,
 }
@@ -76,8 +78,8 @@ pub struct SiteServeConfig {
     pub listen: SocketAddr,
     /// How the global controller is reached.
     pub link: GlobalLink,
-    /// User names allowed to connect; empty: anyone.
-    pub users: Vec<String>,
+    /// How the SQL endpoint checks logins.
+    pub login: Login,
     /// Snapshots unused this many days are evicted at the refresh.
     pub max_days: u32,
 }
@@ -124,6 +126,22 @@ impl SiteServeConfig {
                 }
             }),
         };
+        let login = match (&f.users_file, insecure) {
+            (Some(users), _) => {
+                let path = dir.join(users);
+                // Read now so a broken file stops the start, not every login.
+                crate::users::Users::load(&path)?;
+                Login::Scram(path)
+            }
+            (None, true) => Login::Trust,
+            (None, false) => {
+                return Err(bad(
+                    "no users_file = \"users.toml\": the SQL endpoint needs its users (`snaps \
+                     users add`), or run with --insecure to trust every login (development only)"
+                        .into(),
+                ));
+            }
+        };
         Ok(SiteServeConfig {
             site: f.site,
             network,
@@ -135,27 +153,9 @@ impl SiteServeConfig {
                 fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
                 retry_after: Duration::from_millis(f.retry_after_ms),
             },
-            users: f.users,
+            login,
             max_days: f.max_days,
         })
-    }
-}
-
-/// The engine, restricted to configured user names.
-struct Users {
-    inner: SiteEngine,
-    users: Vec<String>,
-}
-
-impl Engine for Users {
-    fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
-        if !self.users.is_empty() && !self.users.iter().any(|u| u == user) {
-            return Err(EngineError::new(
-                "28000",
-                format!("user {user:?} may not connect to this site"),
-            ));
-        }
-        self.inner.open_session(user)
     }
 }
 
@@ -191,14 +191,11 @@ pub async fn serve_site(
             site.participate().await;
         })
     };
-    let engine: Arc<dyn Engine> = Arc::new(Users {
-        inner: SiteEngine(site.clone()),
-        users: config.users.clone(),
-    });
+    let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(site = %site.code(), %addr, "SQL endpoint serving");
     }
-    let served = crate::endpoint::serve(engine, listener, shutdown).await;
+    let served = crate::endpoint::serve(engine, config.login.clone(), listener, shutdown).await;
     loader.abort();
     served.map_err(|e| Error::Io {
         path: PathBuf::from("SQL endpoint"),

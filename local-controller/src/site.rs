@@ -494,6 +494,7 @@ impl Site {
         let mapping = self.mapping();
         let mut req = fetch_request(q);
         req.include_held = self.uncertain.load(std::sync::atomic::Ordering::Relaxed);
+        req.user = retrieval.user.to_string();
         for sj in &plan.semijoins {
             let Some(rows) = current.get(&sj.local_var).filter(|r| !r.is_empty()) else {
                 continue;
@@ -948,6 +949,8 @@ pub(crate) struct Retrieval<'a> {
     /// The snapshot the tuples join (the refresh re-running a definition);
     /// `None` makes a new one.
     pub into: Option<SnapshotNo>,
+    /// The user code of the person asking (empty: the site's own work).
+    pub user: &'a str,
 }
 
 /// A fetch's reply, mapped back, on its way into the site's database.
@@ -976,18 +979,35 @@ pub(crate) enum Fetched {
 /// The endpoint's view of a site.
 pub struct SiteEngine(pub Arc<Site>);
 
-impl Engine for SiteEngine {
-    fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
+impl SiteEngine {
+    /// A session of the user `user` whose user code is `code`.
+    pub fn session(&self, user: &str, code: &str) -> std::result::Result<SiteSession, EngineError> {
         let conn = open_conn(&self.0.path).map_err(|e| EngineError::new("58000", e.to_string()))?;
         register_next_key(&conn, &self.0.catalog)
             .map_err(|e| EngineError::new("58000", e.to_string()))?;
-        Ok(Box::new(SiteSession {
+        Ok(SiteSession {
             site: self.0.clone(),
             conn,
             quel: QuelSession::new(),
             user: user.to_string(),
+            user_code: code.to_string(),
             pending: Vec::new(),
-        }))
+        })
+    }
+}
+
+impl Engine for SiteEngine {
+    /// Without a users file the login name is the user code too.
+    fn open_session(&self, user: &str) -> std::result::Result<Box<dyn Session>, EngineError> {
+        Ok(Box::new(self.session(user, user)?))
+    }
+
+    fn open_session_as(
+        &self,
+        user: &str,
+        code: &str,
+    ) -> std::result::Result<Box<dyn Session>, EngineError> {
+        Ok(Box::new(self.session(user, code)?))
     }
 }
 
@@ -997,6 +1017,9 @@ pub struct SiteSession {
     pub(crate) conn: Connection,
     quel: QuelSession,
     user: String,
+    /// The user code the global controller sees with this session's
+    /// fetches and locks.
+    pub(crate) user_code: String,
     /// Snapshots stored inside the client's open transaction: they count
     /// for this session now, for everyone once it commits, and for nobody
     /// if it rolls back.
@@ -1243,6 +1266,7 @@ impl SiteSession {
             lang,
             text,
             into: None,
+            user: &self.user_code,
         };
         match site.fetch(&self.conn, &plan, &current, &retrieval)? {
             Fetched::Nothing => Ok(None),

@@ -411,7 +411,8 @@ impl SiteSession {
             .site
             .remote(|client| {
                 let refs = refs.clone();
-                async move { client.lock(refs).await }
+                let user = self.user_code.clone();
+                async move { client.lock(refs, &user).await }
             })
             .map_err(|e| match e {
                 e @ Error::Remote(_) if crate::site::is_request_error(&e) => e,

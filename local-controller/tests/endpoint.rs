@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::types::ValueRef;
-use snaps_local::endpoint::serve;
+use snaps_local::endpoint::{Login, serve};
 use snaps_local::engine::{
     Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session,
 };
@@ -30,6 +30,10 @@ struct FakeEngine;
 
 impl Engine for FakeEngine {
     fn open_session(&self, user: &str) -> Result<Box<dyn Session>, EngineError> {
+        self.open_session_as(user, user)
+    }
+
+    fn open_session_as(&self, user: &str, code: &str) -> Result<Box<dyn Session>, EngineError> {
         if user == "refused" {
             return Err(EngineError::new(
                 "28000",
@@ -38,12 +42,12 @@ impl Engine for FakeEngine {
         }
         let db = rusqlite::Connection::open_in_memory().map_err(sqlite_error)?;
         db.execute_batch(
-            "CREATE TABLE me (name TEXT);
+            "CREATE TABLE me (name TEXT, code TEXT);
              CREATE TABLE patient (id INTEGER, name TEXT, weight REAL);
              INSERT INTO patient VALUES (1, 'Ada', 61.5), (2, 'Bob', 80.25), (3, 'O''Brien', NULL);",
         )
         .map_err(sqlite_error)?;
-        db.execute("INSERT INTO me VALUES (?1)", [user])
+        db.execute("INSERT INTO me VALUES (?1, ?2)", [user, code])
             .map_err(sqlite_error)?;
         Ok(Box::new(FakeSession { db }))
     }
@@ -215,10 +219,14 @@ struct Server {
 }
 
 async fn start() -> Server {
+    start_with(Login::Trust).await
+}
+
+async fn start_with(login: Login) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(Arc::new(FakeEngine), listener, async move {
+    let task = tokio::spawn(serve(Arc::new(FakeEngine), login, listener, async move {
         let _ = rx.await;
     }));
     Server {
@@ -937,4 +945,65 @@ async fn malformed_binds_are_errors_not_crashes() {
     let replies = exchange(&[raw::query("SELECT name FROM me")]).await;
     assert_eq!(raw::kinds(&replies), "TDCZ");
     assert!(replies[1].1.ends_with(b"alice"));
+}
+
+#[tokio::test]
+async fn scram_logins_carry_the_user_code_and_refuse_wrong_passwords_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.toml");
+    let mut users = snaps_local::users::Users::default();
+    users.add("radiology", "RAD01", "film-badge-7").unwrap();
+    users.save(&file).unwrap();
+    let server = start_with(Login::Scram(file.clone())).await;
+    let login =
+        |user: &str, password: &str| format!("{} password={password}", config(server.addr, user));
+
+    let (client, conn) = tokio_postgres::connect(&login("radiology", "film-badge-7"), NoTls)
+        .await
+        .expect("the right password logs in");
+    tokio::spawn(conn);
+    let me = client
+        .simple_query("SELECT name, code FROM me")
+        .await
+        .unwrap();
+    assert_eq!(
+        rows(&me),
+        vec![vec![
+            Some("radiology".to_string()),
+            Some("RAD01".to_string())
+        ]]
+    );
+
+    // A wrong password and an unknown user fail the same way.
+    for (user, password) in [("radiology", "film-badge-8"), ("nobody", "film-badge-7")] {
+        let e = tokio_postgres::connect(&login(user, password), NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{user} logged in with {password}"));
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+        assert_eq!(db.code(), &SqlState::INVALID_PASSWORD, "{user}");
+        assert_eq!(
+            db.message(),
+            format!("password authentication failed for user \"{user}\"")
+        );
+    }
+
+    // A user added while the endpoint runs can log in at once; one removed
+    // cannot.
+    users.add("clerk", "CLK01", "front-desk-3").unwrap();
+    users.remove("radiology");
+    users.save(&file).unwrap();
+    let (clerk, conn) = tokio_postgres::connect(&login("clerk", "front-desk-3"), NoTls)
+        .await
+        .expect("a user added now logs in");
+    tokio::spawn(conn);
+    assert_eq!(
+        rows(&clerk.simple_query("SELECT code FROM me").await.unwrap()),
+        vec![vec![Some("CLK01".to_string())]]
+    );
+    assert!(
+        tokio_postgres::connect(&login("radiology", "film-badge-7"), NoTls)
+            .await
+            .is_err()
+    );
 }

@@ -388,6 +388,7 @@ pub fn fetch_request(q: &GlobalQuery) -> v1::FetchRequest {
             .collect(),
         semijoins: Vec::new(),
         include_held: false,
+        user: String::new(),
     }
 }
 

@@ -90,6 +90,7 @@ pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -
         let engine: Arc<dyn Engine> = Arc::new(SiteEngine(site));
         tokio::spawn(snaps_local::endpoint::serve(
             engine,
+            snaps_local::endpoint::Login::Trust,
             listener,
             std::future::pending(),
         ));
