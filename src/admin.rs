@@ -208,3 +208,305 @@ pub async fn conflicts(opts: &AdminOptions, json: bool) -> Result<String> {
     }
     Ok(out.trim_end().to_string())
 }
+
+/// A right as the command line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RightArg {
+    /// No fetch, no lock.
+    None,
+    /// Fetch.
+    Read,
+    /// Fetch and lock.
+    Write,
+}
+
+impl RightArg {
+    fn wire(self) -> v1::Right {
+        match self {
+            RightArg::None => v1::Right::None,
+            RightArg::Read => v1::Right::Read,
+            RightArg::Write => v1::Right::Write,
+        }
+    }
+}
+
+fn right_name(r: i32) -> &'static str {
+    match v1::Right::try_from(r) {
+        Ok(v1::Right::None) => "none",
+        Ok(v1::Right::Read) => "read",
+        Ok(v1::Right::Write) => "write",
+        _ => "?",
+    }
+}
+
+/// Whom an access rule is about.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RuleSubject {
+    /// The global relation, e.g. patient.
+    #[arg(long)]
+    pub relation: String,
+    /// The site code, e.g. GRC.
+    #[arg(long)]
+    pub site: String,
+    /// Only this user code at the site (default: every user of the site).
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+impl RuleSubject {
+    fn rule(&self, right: v1::Right) -> v1::AclRule {
+        v1::AclRule {
+            relation: self.relation.clone(),
+            site: self.site.clone(),
+            user: self.user.clone().unwrap_or_default(),
+            right: right as i32,
+        }
+    }
+}
+
+/// The rules as an administrator reads them, or JSON.
+pub fn acl_text(reply: &v1::AclReply, json: bool) -> String {
+    if json {
+        let rules: Vec<serde_json::Value> = reply
+            .rules
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "relation": r.relation,
+                    "site": r.site,
+                    "user": (!r.user.is_empty()).then_some(&r.user),
+                    "right": right_name(r.right),
+                })
+            })
+            .collect();
+        return serde_json::json!({
+            "default": right_name(reply.default_right),
+            "rules": rules,
+        })
+        .to_string();
+    }
+    let mut out = format!("{:<12} {:<6} {:<12} right\n", "relation", "site", "user");
+    for r in &reply.rules {
+        let user = if r.user.is_empty() { "(all)" } else { &r.user };
+        out.push_str(&format!(
+            "{:<12} {:<6} {:<12} {}\n",
+            r.relation,
+            r.site,
+            user,
+            right_name(r.right)
+        ));
+    }
+    out.push_str(&format!(
+        "anything else: {}",
+        right_name(reply.default_right)
+    ));
+    out
+}
+
+/// `snaps acl grant`.
+pub async fn acl_grant(
+    opts: &AdminOptions,
+    who: &RuleSubject,
+    right: RightArg,
+) -> Result<v1::AclReply> {
+    let client = opts.connect().await?;
+    client
+        .grant(who.rule(right.wire()))
+        .await
+        .context("set the access rule")
+}
+
+/// `snaps acl revoke`.
+pub async fn acl_revoke(opts: &AdminOptions, who: &RuleSubject) -> Result<v1::AclReply> {
+    let client = opts.connect().await?;
+    client
+        .revoke(who.rule(v1::Right::Unspecified))
+        .await
+        .context("remove the access rule")
+}
+
+/// `snaps acl list`.
+pub async fn acl_list(opts: &AdminOptions) -> Result<v1::AclReply> {
+    let client = opts.connect().await?;
+    client.list_acl().await.context("list the access rules")
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day number since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix seconds.
+pub fn utc_text(t: i64) -> String {
+    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
+    let s = t.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// Unix seconds of `--since`: Unix seconds, or a UTC date `YYYY-MM-DD`
+/// with an optional time `THH:MM[:SS]` (or a space instead of `T`).
+pub fn parse_since(text: &str) -> Result<i64> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<i64>() {
+        return Ok(n);
+    }
+    let bad = || {
+        anyhow::anyhow!(
+            "--since {text:?}: give Unix seconds or a UTC date and time, e.g. 2026-12-01 or \
+             2026-12-01T08:30"
+        )
+    };
+    let text = text.strip_suffix('Z').unwrap_or(text);
+    let (date, time) = match text.split_once(['T', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (text, None),
+    };
+    let num = |s: &str| s.parse::<i64>().map_err(|_| bad());
+    let parts: Vec<&str> = date.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    let (y, m, d) = (num(y)?, num(m)?, num(d)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    let mut secs = days_from_civil(y, m, d) * 86_400;
+    if let Some(t) = time {
+        let hms: Vec<&str> = t.split(':').collect();
+        let (h, mi, s) = match hms.as_slice() {
+            [h, mi] => (num(h)?, num(mi)?, 0),
+            [h, mi, s] => (num(h)?, num(mi)?, num(s)?),
+            _ => return Err(bad()),
+        };
+        if h > 23 || mi > 59 || s > 59 {
+            return Err(bad());
+        }
+        secs += h * 3600 + mi * 60 + s;
+    }
+    Ok(secs)
+}
+
+/// Which audit entries `snaps audit` shows.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuditOptions {
+    /// Only this site's entries.
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Only fetches that returned this patient (its number).
+    #[arg(long)]
+    pub patient: Option<String>,
+    /// Only entries at or after this time: Unix seconds or a UTC date and
+    /// time (2026-12-01, 2026-12-01T08:30).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many of the newest entries.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `snaps audit`: the trail, oldest first, as a table or JSON.
+pub async fn audit(opts: &AdminOptions, a: &AuditOptions) -> Result<String> {
+    let since = a.since.as_deref().map(parse_since).transpose()?;
+    let client = opts.connect().await?;
+    let entries = client
+        .audit(v1::AuditRequest {
+            site: a.site.clone().unwrap_or_default(),
+            patient: a.patient.clone().unwrap_or_default(),
+            since: since.unwrap_or(0),
+            limit: a.limit.unwrap_or(0),
+        })
+        .await
+        .context("read the audit trail (is the credential the administrator's?)")?;
+    if a.json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "id": e.id,
+                    "at": e.at,
+                    "time": utc_text(e.at),
+                    "site": e.site,
+                    "user": e.user,
+                    "action": e.action,
+                    "relations": e.relations,
+                    "tuples": e.tuples,
+                    "patients": e.patients,
+                    "detail": e.detail,
+                })
+            })
+            .collect();
+        return Ok(serde_json::Value::Array(rows).to_string());
+    }
+    let mut out = format!(
+        "{:>6} {:<19} {:<12} {:<10} {:<12} {:<24} {:>6} patients / detail\n",
+        "id", "time (UTC)", "site", "user", "action", "relations", "tuples"
+    );
+    for e in &entries {
+        let mut tail = e.patients.join(",");
+        if !e.detail.is_empty() {
+            if !tail.is_empty() {
+                tail.push_str("  ");
+            }
+            tail.push_str(&e.detail);
+        }
+        out.push_str(&format!(
+            "{:>6} {:<19} {:<12} {:<10} {:<12} {:<24} {:>6} {}\n",
+            e.id,
+            utc_text(e.at),
+            e.site,
+            e.user,
+            e.action,
+            e.relations.join(","),
+            e.tuples,
+            tail
+        ));
+    }
+    out.push_str(&format!("{} entries", entries.len()));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_and_print_in_utc() {
+        assert_eq!(parse_since("0").unwrap(), 0);
+        assert_eq!(parse_since("1970-01-02").unwrap(), 86_400);
+        let t = parse_since("2026-12-01T08:30").unwrap();
+        assert_eq!(utc_text(t), "2026-12-01 08:30:00");
+        assert_eq!(
+            parse_since("2024-02-29 23:59:59Z").unwrap() + 1,
+            parse_since("2024-03-01").unwrap()
+        );
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("2026-13-01").is_err());
+        assert!(parse_since("2026-12-01T25:00").is_err());
+    }
+}

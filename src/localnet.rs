@@ -363,6 +363,7 @@ pub async fn run_site(
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
         auth: global.site_auth(code)?,
+        compress: true,
         fetch_timeout: std::time::Duration::from_secs(10),
         retry_after: std::time::Duration::from_secs(10),
     };

@@ -82,6 +82,20 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Access rules at the global controller: what each site (or user code
+    /// at a site) may do with each global relation.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// Read the global controller's audit trail: every fetch (with the
+    /// patients returned), lock, refresh push and access-rule change.
+    Audit {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        #[command(flatten)]
+        filter: snaps::admin::AuditOptions,
+    },
     /// Create the network's certificate authority and issue certificates
     /// for the global controller, sites and administrators.
     Certs {
@@ -111,6 +125,37 @@ enum GlobalCommand {
         /// (development only: anyone on the path reads the data).
         #[arg(long)]
         insecure: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Set what a site, or one user code at it, may do with a relation:
+    /// none, read (fetch) or write (fetch and lock).
+    Grant {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        #[command(flatten)]
+        who: snaps::admin::RuleSubject,
+        /// The right.
+        #[arg(value_enum)]
+        right: snaps::admin::RightArg,
+    },
+    /// Remove a rule: the broader one (the site's, then the network's
+    /// default) applies again.
+    Revoke {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        #[command(flatten)]
+        who: snaps::admin::RuleSubject,
+    },
+    /// List the rules in force.
+    List {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -435,6 +480,32 @@ fn init_logging() {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Acl { command } => {
+            init_logging_quiet();
+            let rt = runtime()?;
+            let (reply, json) = match command {
+                AclCommand::Grant { admin, who, right } => (
+                    rt.block_on(snaps::admin::acl_grant(&admin, &who, right))?,
+                    false,
+                ),
+                AclCommand::Revoke { admin, who } => {
+                    (rt.block_on(snaps::admin::acl_revoke(&admin, &who))?, false)
+                }
+                AclCommand::List { admin, json } => {
+                    (rt.block_on(snaps::admin::acl_list(&admin))?, json)
+                }
+            };
+            println!("{}", snaps::admin::acl_text(&reply, json));
+            Ok(())
+        }
+        Command::Audit { admin, filter } => {
+            init_logging_quiet();
+            println!(
+                "{}",
+                runtime()?.block_on(snaps::admin::audit(&admin, &filter))?
+            );
+            Ok(())
+        }
         Command::Users { command } => {
             println!("{}", users_command(command)?);
             Ok(())

@@ -459,6 +459,7 @@ async fn recomputed(net: &Net, code: &str) -> BTreeMap<String, Vec<String>> {
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
         auth: global.site_auth(code).unwrap(),
+        compress: true,
         fetch_timeout: Duration::from_secs(5),
         retry_after: Duration::ZERO,
     };

@@ -381,6 +381,7 @@ async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_t
     let link = GlobalLink {
         addr: addr.clone(),
         auth: snaps_local::remote::Auth::Insecure(tokens["STG"].clone()),
+        compress: true,
         fetch_timeout: Duration::from_secs(5),
         retry_after: Duration::from_secs(3600),
     };

@@ -68,7 +68,7 @@ pub enum Error {
     },
     /// The global snapshot controller answered with an error.
     #[error("global controller: {}: {}", .0.code(), .0.message())]
-    Remote(#[from] tonic::Status),
+    Remote(tonic::Status),
     /// The global snapshot controller could not be reached.
     #[error("global controller unreachable: {0}")]
     Unreachable(String),
@@ -96,6 +96,33 @@ pub enum Error {
     /// is not a site database, a database that already exists.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<tonic::Status> for Error {
+    /// A transport failure says only "transport error"; its causes (a
+    /// refused certificate, a reset connection) are what an administrator
+    /// needs, so they join the message.
+    fn from(status: tonic::Status) -> Error {
+        use std::error::Error as _;
+        let mut causes = Vec::new();
+        let mut cause = status.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !status.message().contains(&text) && !causes.contains(&text) {
+                causes.push(text);
+            }
+            cause = c.source();
+        }
+        if causes.is_empty() {
+            return Error::Remote(status);
+        }
+        let message = format!("{}: {}", status.message(), causes.join(": "));
+        Error::Remote(tonic::Status::with_metadata(
+            status.code(),
+            message,
+            status.metadata().clone(),
+        ))
+    }
 }
 
 /// Result with the local controller's [`Error`].

@@ -216,6 +216,17 @@ impl GlobalClient {
     /// in plain-text mode), proving who calls with `auth`; `claim` is the
     /// site code the caller believes it is (none for an administrator).
     pub async fn connect(addr: &str, auth: &Auth, claim: Option<&str>) -> Result<GlobalClient> {
+        GlobalClient::connect_with(addr, auth, claim, true).await
+    }
+
+    /// [`GlobalClient::connect`], compressing (and accepting compressed
+    /// replies) only when `compress` is set.
+    pub async fn connect_with(
+        addr: &str,
+        auth: &Auth,
+        claim: Option<&str>,
+        compress: bool,
+    ) -> Result<GlobalClient> {
         let tls = match auth {
             Auth::Tls(config) => {
                 if !addr.starts_with("https://") {
@@ -294,11 +305,15 @@ impl GlobalClient {
                 })
             })
             .transpose()?;
-        let plain = GlobalSnapshotClient::with_interceptor(channel, Bearer { token, claim })
-            .accept_compressed(CompressionEncoding::Gzip)
+        let mut plain = GlobalSnapshotClient::with_interceptor(channel, Bearer { token, claim })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let client = plain.clone().send_compressed(CompressionEncoding::Gzip);
+        let client = if compress {
+            plain = plain.accept_compressed(CompressionEncoding::Gzip);
+            plain.clone().send_compressed(CompressionEncoding::Gzip)
+        } else {
+            plain.clone()
+        };
         Ok(GlobalClient {
             client,
             plain,
@@ -495,6 +510,37 @@ impl GlobalClient {
             .refresh(v1::RefreshRequest {})
             .await?
             .into_inner())
+    }
+
+    /// Sets an access rule (administrator); returns the rules in force.
+    pub async fn grant(&self, rule: v1::AclRule) -> Result<v1::AclReply> {
+        Ok(self.plain.clone().grant(rule).await?.into_inner())
+    }
+
+    /// Removes an access rule (administrator); returns the rules in force.
+    pub async fn revoke(&self, rule: v1::AclRule) -> Result<v1::AclReply> {
+        Ok(self.plain.clone().revoke(rule).await?.into_inner())
+    }
+
+    /// The access rules in force (administrator).
+    pub async fn list_acl(&self) -> Result<v1::AclReply> {
+        Ok(self
+            .plain
+            .clone()
+            .list_acl(v1::ListAclRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The audit trail, filtered (administrator).
+    pub async fn audit(&self, filter: v1::AuditRequest) -> Result<Vec<v1::AuditEntry>> {
+        Ok(self
+            .client
+            .clone()
+            .audit(filter)
+            .await?
+            .into_inner()
+            .entries)
     }
 
     /// The key conflicts awaiting an administrator.

@@ -15,6 +15,7 @@
 //! users_file = "users.toml"          # SCRAM logins: `snaps users add`
 //!                                    # (without it, --insecure: anyone)
 //! max_days = 30                      # evict snapshots unused this long
+//! compress = true                    # gzip messages of 512 bytes or more
 //! ```
 //!
 //! Relative paths are resolved against the folder of `site.toml`.
@@ -55,6 +56,12 @@ struct File {
     users_file: Option<PathBuf>,
     #[serde(default = "default_max_days")]
     max_days: u32,
+    #[serde(default = "default_compress")]
+    compress: bool,
+}
+
+fn default_compress() -> bool {
+    true
 }
 
 fn default_max_days() -> u32 {
@@ -150,6 +157,7 @@ impl SiteServeConfig {
             link: GlobalLink {
                 addr: f.global,
                 auth,
+                compress: f.compress,
                 fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),
                 retry_after: Duration::from_millis(f.retry_after_ms),
             },

@@ -73,6 +73,9 @@ pub struct GlobalLink {
     pub addr: String,
     /// How the site proves who it is.
     pub auth: crate::remote::Auth,
+    /// Whether messages are compressed (off only to inspect the traffic of
+    /// a plain-text development network).
+    pub compress: bool,
     /// How long a fetch may take before the answer is given from local data.
     pub fetch_timeout: Duration,
     /// After the controller could not be reached, how long queries answer
@@ -270,7 +273,9 @@ impl Site {
             )));
         }
         let connected = async {
-            let c = GlobalClient::connect(&link.addr, &link.auth, Some(&self.code)).await?;
+            let c =
+                GlobalClient::connect_with(&link.addr, &link.auth, Some(&self.code), link.compress)
+                    .await?;
             let hello = c.hello(&self.global_fingerprint).await?;
             Ok::<_, Error>((c, hello))
         }
@@ -1052,6 +1057,8 @@ fn sqlstate_of(e: &Error) -> &'static str {
         Error::DuplicateKey(_) => "23505",
         Error::Busy(_) => "55006",
         Error::Halted(_) => "57P01",
+        // The global controller's access rules refused the site or user.
+        Error::Remote(s) if s.code() == tonic::Code::PermissionDenied => "42501",
         Error::Remote(_) | Error::Unreachable(_) => "08006",
         Error::Schema(_) => "22000",
         Error::Invalid(_) => "22023",

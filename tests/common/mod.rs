@@ -39,6 +39,76 @@ pub struct Net {
     pub handles: BTreeMap<String, Arc<Site>>,
     /// How the controller runs the refresh.
     pub refresh: snaps_global::config::RefreshConfig,
+    /// The recording relay the sites reach the controller through, if any.
+    pub relay: Option<Relay>,
+}
+
+/// A TCP relay between the sites and the global controller that keeps
+/// every byte crossing it, both ways.
+#[derive(Clone)]
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    pub bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Relay {
+    /// Relays connections on a free port to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            bytes: Arc::default(),
+        };
+        let bytes = relay.bytes.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let bytes = bytes.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(
+                        Relay::copy(ri, wo, bytes.clone()),
+                        Relay::copy(ro, wi, bytes)
+                    );
+                });
+            }
+        });
+        relay
+    }
+
+    async fn copy(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            bytes.lock().unwrap().extend_from_slice(&buf[..n]);
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Everything relayed so far.
+    pub fn captured(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap().clone()
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 pub async fn setup(patients: usize) -> Net {
@@ -47,6 +117,16 @@ pub async fn setup(patients: usize) -> Net {
 
 /// The network with the controller's options changed by `configure`.
 pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
+    setup_full(patients, configure, false).await
+}
+
+/// The network with the sites reaching the controller through a recording
+/// [`Relay`], uncompressed, so a test can read what crosses the wire.
+pub async fn setup_relayed(patients: usize) -> Net {
+    setup_full(patients, |_| {}, true).await
+}
+
+async fn setup_full(patients: usize, configure: impl FnOnce(&mut Options), relayed: bool) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
@@ -64,6 +144,15 @@ pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -
         .map(|(c, d)| (c.to_string(), d.rows))
         .collect();
     let catalog = network.global_catalog().unwrap();
+    let relay = if relayed {
+        Some(Relay::start(global.addr.trim_start_matches("http://").to_string()).await)
+    } else {
+        None
+    };
+    let site_addr = match &relay {
+        Some(r) => format!("http://{}", r.addr),
+        None => global.addr.clone(),
+    };
     let mut sites = BTreeMap::new();
     let mut participants = BTreeMap::new();
     let mut handles = BTreeMap::new();
@@ -75,8 +164,9 @@ pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -
         }
         drop(store);
         let link = GlobalLink {
-            addr: global.addr.clone(),
+            addr: site_addr.clone(),
             auth: global.site_auth(code).unwrap(),
+            compress: relay.is_none(),
             fetch_timeout: Duration::from_secs(5),
             // The restart test asks again right after the controller is back.
             retry_after: Duration::ZERO,
@@ -105,6 +195,7 @@ pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -
         participants,
         handles,
         refresh,
+        relay,
     };
     net.wait_subscribed(3).await;
     net
@@ -170,6 +261,7 @@ impl Net {
         let link = GlobalLink {
             addr: global.addr.clone(),
             auth: global.site_auth(code).unwrap(),
+            compress: true,
             fetch_timeout: Duration::from_secs(5),
             retry_after: Duration::ZERO,
         };
@@ -203,8 +295,14 @@ pub struct Client {
 }
 
 pub async fn connect(addr: std::net::SocketAddr) -> Client {
+    connect_as(addr, "radiology").await
+}
+
+/// A client logged in as `user` (the endpoints of these tests trust the
+/// login, whose name is also the user code).
+pub async fn connect_as(addr: std::net::SocketAddr, user: &str) -> Client {
     let (client, mut connection) = tokio_postgres::connect(
-        &format!("host={} port={} user=radiology", addr.ip(), addr.port()),
+        &format!("host={} port={} user={user}", addr.ip(), addr.port()),
         NoTls,
     )
     .await
