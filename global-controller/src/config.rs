@@ -447,6 +447,31 @@ mod tests {
     }
 
     #[test]
+    fn reads_tls_access_and_audit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = GlobalConfig::load(&write(dir.path(), "")).unwrap();
+        assert_eq!((c.tls.clone(), c.access_default), (None, Right::Write));
+        assert_eq!(c.patient_key, "pno");
+        let c = GlobalConfig::load(&write(
+            dir.path(),
+            "[tls]\ndir = \"certs/global\"\n[access]\ndefault = \"read\"\n[audit]\npatient_key = \"vno\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.tls,
+            Some(Credentials::in_dir(dir.path().join("certs/global")))
+        );
+        assert_eq!(c.access_default, Right::Read);
+        assert_eq!(c.patient_key, "vno");
+        let c = GlobalConfig::load(&write(
+            dir.path(),
+            "[tls]\nca = \"a.pem\"\ncert = \"b.pem\"\nkey = \"c.pem\"\n",
+        ))
+        .unwrap();
+        assert_eq!(c.tls.unwrap().key, dir.path().join("c.pem"));
+    }
+
+    #[test]
     fn reads_the_refresh_and_the_administrator() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(
@@ -551,6 +576,15 @@ mod tests {
                 "token file of site CPH",
             ),
             ("port = 1\n", "unknown field `port`"),
+            ("[access]\ndefault = \"all\"\n", "unknown variant `all`"),
+            (
+                "[audit]\npatient_key = \"shoe_size\"\n",
+                "attribute of no global relation",
+            ),
+            (
+                "[tls]\nca = \"ca.pem\"\n",
+                "give dir, or all of ca, cert and key",
+            ),
         ];
         for (extra, expected) in cases {
             let p = write(dir.path(), extra);
