@@ -67,7 +67,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The global snapshot controller answered with an error.
-    #[error("global controller: {}: {}", .0.code(), .0.message())]
+    #[error("global controller: {}", remote_text(.0))]
     Remote(tonic::Status),
     /// The global snapshot controller could not be reached.
     #[error("global controller unreachable: {0}")]
@@ -96,6 +96,15 @@ pub enum Error {
     /// is not a site database, a database that already exists.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// A refusal of the access rules speaks for itself; other answers say
+/// what kind they are.
+fn remote_text(s: &tonic::Status) -> String {
+    match s.code() {
+        tonic::Code::PermissionDenied => s.message().to_string(),
+        code => format!("{code}: {}", s.message()),
+    }
 }
 
 impl From<tonic::Status> for Error {
