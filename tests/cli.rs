@@ -422,3 +422,99 @@ fn bench_refresh_runs_and_reports_ratios() {
         stderr(&o)
     );
 }
+
+#[test]
+fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, _) = global_config(dir.path(), "cph-token-0123456789abcdef");
+    let o = snaps(&[
+        "global",
+        "serve",
+        "--config",
+        config.to_str().expect("path"),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no [tls]") && stderr(&o).contains("--insecure"),
+        "{}",
+        stderr(&o)
+    );
+    let site_toml = dir.path().join("site.toml");
+    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    std::fs::write(
+        &site_toml,
+        format!(
+            "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:1\"\n\
+             global = \"https://127.0.0.1:1\"\n",
+            network.display().to_string()
+        ),
+    )
+    .expect("write site.toml");
+    let o = snaps(&[
+        "site",
+        "serve",
+        "--config",
+        site_toml.to_str().expect("path"),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("snaps certs site STG") && stderr(&o).contains("--insecure"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The certificate commands, and their refusals.
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().expect("path");
+    let o = snaps(&["certs", "init", "--dir", certs_arg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("keep it offline"), "{}", stdout(&o));
+    let o = snaps(&["certs", "init", "--dir", certs_arg]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already holds a network CA"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&["certs", "site", "STG", "--dir", certs_arg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(certs.join("STG").join(f).exists(), "{f}");
+    }
+    let o = snaps(&["certs", "site", "ST G", "--dir", certs_arg]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("letters, digits and _ only"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&[
+        "certs",
+        "site",
+        "STG",
+        "--dir",
+        dir.path().join("nowhere").to_str().expect("path"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("ca-key.pem"), "{}", stderr(&o));
+
+    // With the site's credentials configured, a missing users file is the
+    // next thing named.
+    std::fs::write(
+        &site_toml,
+        format!(
+            "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:1\"\n\
+             global = \"https://127.0.0.1:1\"\ntls = \"certs/STG\"\n",
+            network.display().to_string()
+        ),
+    )
+    .expect("write site.toml");
+    let o = snaps(&[
+        "site",
+        "serve",
+        "--config",
+        site_toml.to_str().expect("path"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no users_file"), "{}", stderr(&o));
+}
