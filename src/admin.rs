@@ -331,32 +331,9 @@ pub async fn acl_list(opts: &AdminOptions) -> Result<v1::AclReply> {
     client.list_acl().await.context("list the access rules")
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The date of a day number since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix seconds.
 pub fn utc_text(t: i64) -> String {
-    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
+    let (y, m, d) = snaps_schema::calendar::civil(t.div_euclid(86_400));
     let s = t.rem_euclid(86_400);
     format!(
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
@@ -393,7 +370,7 @@ pub fn parse_since(text: &str) -> Result<i64> {
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return Err(bad());
     }
-    let mut secs = days_from_civil(y, m, d) * 86_400;
+    let mut secs = snaps_schema::calendar::day_of(y, m, d) * 86_400;
     if let Some(t) = time {
         let hms: Vec<&str> = t.split(':').collect();
         let (h, mi, s) = match hms.as_slice() {

@@ -441,21 +441,24 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
     );
     let site_toml = dir.path().join("site.toml");
     let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
-    std::fs::write(
-        &site_toml,
-        format!(
-            "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:1\"\n\
-             global = \"https://127.0.0.1:1\"\n",
-            network.display().to_string()
-        ),
-    )
-    .expect("write site.toml");
-    let o = snaps(&[
-        "site",
-        "serve",
-        "--config",
-        site_toml.to_str().expect("path"),
-    ]);
+    let serve_site = |extra: &str| {
+        std::fs::write(
+            &site_toml,
+            format!(
+                "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\n\
+                 listen = \"127.0.0.1:1\"\nglobal = \"https://127.0.0.1:1\"\n{extra}",
+                network.display().to_string()
+            ),
+        )
+        .expect("write site.toml");
+        snaps(&[
+            "site",
+            "serve",
+            "--config",
+            site_toml.to_str().expect("path"),
+        ])
+    };
+    let o = serve_site("");
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("snaps certs site STG") && stderr(&o).contains("--insecure"),
@@ -500,21 +503,7 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
 
     // With the site's credentials configured, a missing users file is the
     // next thing named.
-    std::fs::write(
-        &site_toml,
-        format!(
-            "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\nlisten = \"127.0.0.1:1\"\n\
-             global = \"https://127.0.0.1:1\"\ntls = \"certs/STG\"\n",
-            network.display().to_string()
-        ),
-    )
-    .expect("write site.toml");
-    let o = snaps(&[
-        "site",
-        "serve",
-        "--config",
-        site_toml.to_str().expect("path"),
-    ]);
+    let o = serve_site("tls = \"certs/STG\"\n");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no users_file"), "{}", stderr(&o));
 }

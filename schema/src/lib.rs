@@ -14,6 +14,7 @@
 //! *sent-to* set is a bitmap of any length ([`SentTo`]), because a network is not
 //! limited to 31 sites.
 
+pub mod calendar;
 mod catalog;
 pub mod datagen;
 mod error;
