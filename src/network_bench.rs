@@ -272,6 +272,9 @@ fn text(v: &Value) -> String {
 
 type Data = BTreeMap<String, BTreeMap<String, Vec<Vec<Value>>>>;
 
+/// Global relation → (owner's code, tuple in the global relation's order).
+type GlobalRows = BTreeMap<String, Vec<(String, Vec<Value>)>>;
+
 impl SitePatients {
     fn new(
         network: &NetworkConfig,
@@ -354,7 +357,7 @@ fn make_workload(
     network: &NetworkConfig,
     patients: &mut [SitePatients],
 ) -> Workload {
-    let mut rng = Rng(opts.seed ^ 0x5EED_0F_DA75);
+    let mut rng = Rng(opts.seed ^ 0x005E_ED0F_DA75);
     let home: Vec<bool> = network.sites.iter().map(|s| s.home).collect();
     let n = patients.len();
     let mut encounter = 0u64;
@@ -689,12 +692,8 @@ fn pg_type(ty: ValueType) -> String {
 
 /// Each site's export, as global tuples: global relation → rows of
 /// (owner, values in the global relation's order, NULL where not mapped).
-fn global_rows(
-    network: &NetworkConfig,
-    global: &Catalog,
-    data: &Data,
-) -> Result<BTreeMap<String, Vec<(String, Vec<Value>)>>> {
-    let mut out: BTreeMap<String, Vec<(String, Vec<Value>)>> = BTreeMap::new();
+fn global_rows(network: &NetworkConfig, global: &Catalog, data: &Data) -> Result<GlobalRows> {
+    let mut out: GlobalRows = BTreeMap::new();
     for (code, rows) in data {
         let mapping = site_mapping(network, code)?;
         for rm in mapping.relations() {
@@ -726,7 +725,7 @@ fn global_rows(
 async fn load_central(
     client: &tokio_postgres::Client,
     global: &Catalog,
-    rows: &BTreeMap<String, Vec<(String, Vec<Value>)>>,
+    rows: &GlobalRows,
 ) -> Result<()> {
     for rel in global.relations() {
         let mut cols = vec!["owner_site varchar(8) NOT NULL".to_string()];
