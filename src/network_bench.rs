@@ -1520,3 +1520,49 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
     crate::network_report::write(&report)?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_format_is_read_with_nulls_and_escapes() {
+        let rows = copy_rows(b"1\tSmith\t\\N\n2\ta\\tb\\\\c\t19420905\n");
+        assert_eq!(
+            rows,
+            vec![
+                vec![Some("1".into()), Some("Smith".into()), None],
+                vec![
+                    Some("2".into()),
+                    Some("a\tb\\c".into()),
+                    Some("19420905".into())
+                ],
+            ]
+        );
+    }
+
+    #[test]
+    fn zipf_favours_the_first_ranks_and_is_seeded() {
+        let z = Zipf::new(1000, 1.0);
+        let draw = |seed| {
+            let mut rng = Rng(seed);
+            (0..2000).map(|_| z.sample(&mut rng)).collect::<Vec<_>>()
+        };
+        let a = draw(7);
+        assert_eq!(a, draw(7));
+        let first = a.iter().filter(|r| **r == 0).count();
+        let hundredth = a.iter().filter(|r| **r == 99).count();
+        // Rank 1 has 100 times rank 100's weight (about 13% of draws).
+        assert!(first > 150 && first > 10 * hundredth, "{first} {hundredth}");
+        assert!(a.iter().all(|r| *r < 1000));
+    }
+
+    #[test]
+    fn literals_quote_text() {
+        let p = Param::Name("O'Brien".into(), "Sean".into());
+        assert_eq!(
+            with_literals(Class::Name, &p),
+            "SELECT pno, surname, first_names, dob, sex, add1 FROM patient WHERE surname = 'O''Brien' AND first_names = 'Sean'"
+        );
+    }
+}

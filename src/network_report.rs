@@ -524,7 +524,7 @@ fn markdown(r: &NetworkReport) -> String {
         m,
         "**The network.** {} sites ({}), {} patients registered at each at the start \
          ({} tuples of shared relations in all: patients, visits, report lines, doctors), from the seeded generator \
-         (15% of people are patients at two sites). **The workload**, seeded and the same for every design: each site \
+         (15% of each site's patients are also registered at another site). **The workload**, seeded and the same for every design: each site \
          has {} patient encounters a day; a patient is chosen by popularity (Zipf, exponent {}), from another site's \
          patients in 30% of the encounters at {} (accident and emergency) and 10% elsewhere. An encounter looks the \
          patient up by name or by number (half each), then the visit history (a join of patient and visit), then, \
@@ -567,7 +567,7 @@ fn markdown(r: &NetworkReport) -> String {
          round trips × RTT + bytes (both directions, as on a half-duplex line) × 8 / bandwidth + the time measured on \
          loopback; for the thesis' leased line ({}) and a modern one ({}). A query answered from local data costs the \
          mean time of the same class of query on SQLite directly (measured below). SNAPS CPU is the process's CPU time \
-         (site and global controller, both in this process) per query.\n",
+         (site, global controller and the counting proxy, all in this process) per query.\n",
         LINKS[0].name, LINKS[1].name
     );
 
@@ -1117,4 +1117,30 @@ pub fn write(r: &NetworkReport) -> Result<()> {
     };
     std::fs::write(&path, new).with_context(|| format!("write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_model_adds_round_trips_bytes_and_local_time() {
+        let w = Wire {
+            up: 100,
+            down: 200,
+            round_trips: 2,
+        };
+        // 2 × 0.3 s + 300 B × 8 / 2,400 bit/s + 0.01 s.
+        let t = LINKS[0].seconds(&w, Duration::from_millis(10));
+        assert!((t - 1.61).abs() < 1e-9, "{t}");
+    }
+
+    #[test]
+    fn numbers_are_written_for_people() {
+        assert_eq!(thousands(4_475_787), "4,475,787");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(human(18_571_240.0), "18.57 MB");
+        assert_eq!(secs(0.000_008), "8 µs");
+        assert_eq!(today().len(), 10);
+    }
 }

@@ -152,3 +152,45 @@ async fn forward(client: TcpStream, server: TcpStream, counters: Arc<Counters>) 
     };
     tokio::join!(up, down);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server: every request gets its bytes back.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn counts_bytes_both_ways_and_one_round_trip_per_turn() {
+        let proxy = WireProxy::start(echo().await).await.expect("proxy");
+        let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+        let mut buf = [0u8; 5];
+        for _ in 0..3 {
+            c.write_all(b"hello").await.expect("write");
+            c.read_exact(&mut buf).await.expect("read");
+        }
+        // The last reply is counted before it is forwarded.
+        let w = proxy.wire();
+        assert_eq!((w.up, w.down), (15, 15));
+        // The connection, then three turns.
+        assert_eq!(w.round_trips, 4);
+        let later = proxy.wire();
+        assert_eq!(later.since(&w), Wire::default());
+    }
+}
