@@ -90,6 +90,14 @@ fn thousands(n: u64) -> String {
     out
 }
 
+fn days(n: usize) -> String {
+    if n == 1 {
+        "1 day".into()
+    } else {
+        format!("{n} days")
+    }
+}
+
 /// Today as YYYY-MM-DD (UTC).
 fn today() -> String {
     let days = std::time::SystemTime::now()
@@ -298,11 +306,11 @@ impl NetworkReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} sites ({}), {} patients each, {} days, {} encounters and {} updates per site and day, seed {}",
+            "{} sites ({}), {} patients each, {}, {} encounters and {} updates per site and day, seed {}",
             self.sites.len(),
             self.sites.join(", "),
             self.opts.scale,
-            self.opts.days,
+            days(self.opts.days),
             self.opts.encounters,
             self.opts.updates,
             self.opts.seed
@@ -572,7 +580,7 @@ fn markdown(r: &NetworkReport) -> String {
     );
 
     // Week totals.
-    let _ = writeln!(m, "### Bytes on the wire over the {} days\n", o.days);
+    let _ = writeln!(m, "### Bytes on the wire over {}\n", days(o.days));
     let _ = writeln!(
         m,
         "| design | day: sent | day: received | night: sent | night: received | total | per day | round trips | SNAPS / design |"
