@@ -5,4 +5,8 @@ pub mod admin;
 pub mod bench;
 pub mod demo;
 pub mod localnet;
+pub mod network_bench;
+pub mod network_report;
+pub mod pg_server;
 pub mod refresh_bench;
+pub mod wire_proxy;

@@ -450,6 +450,13 @@ enum BenchCommand {
     /// The nightly refresh: differential against delete-and-re-execute, in
     /// bytes and time, at several sizes of the global snapshot.
     Refresh(snaps::refresh_bench::RefreshBenchOptions),
+    /// SNAPS against a central PostgreSQL database and a full nightly copy:
+    /// days of a radiology network, the same seeded workload through all
+    /// three, bytes and round trips counted at the sockets, response times
+    /// modelled at 2,400 bit/s and 10 Mbit/s. Writes the report section of
+    /// <out>/benchmarks.md and its plots. Needs the PostgreSQL server
+    /// binaries (apt-get install postgresql).
+    Network(snaps::network_bench::NetworkBenchOptions),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -558,6 +565,18 @@ fn main() -> Result<()> {
             init_logging_quiet();
             let report = runtime()?.block_on(snaps::refresh_bench::bench_refresh(&opts))?;
             print!("{report}");
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Network(opts),
+        } => {
+            init_logging_quiet();
+            let report = runtime()?.block_on(snaps::network_bench::bench_network(&opts))?;
+            print!("{}", report.summary());
+            println!(
+                "report: {}, plots: network-bytes.svg, network-response.svg, network-refresh.svg",
+                opts.out.join("benchmarks.md").display()
+            );
             Ok(())
         }
         Command::Bench {

@@ -164,7 +164,7 @@ async fn execute(site: &Arc<Site>, statements: Vec<String>) -> Result<()> {
     .await?
 }
 
-async fn one_size(
+pub(crate) async fn one_size(
     network: &NetworkConfig,
     opts: &RefreshBenchOptions,
     patients: usize,

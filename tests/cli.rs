@@ -507,3 +507,109 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no users_file"), "{}", stderr(&o));
 }
+
+/// The week's total bytes of `design` in the report's table.
+fn total_bytes(report: &str, design: &str) -> u64 {
+    let row = report
+        .lines()
+        .find(|l| l.starts_with(&format!("| {design} |")))
+        .unwrap_or_else(|| panic!("no row for {design} in\n{report}"));
+    let bold = row
+        .split('|')
+        .map(str::trim)
+        .find(|c| c.starts_with("**"))
+        .unwrap_or_else(|| panic!("no total in {row}"));
+    bold.trim_matches('*').replace(',', "").parse().expect(row)
+}
+
+#[test]
+fn bench_network_compares_three_designs_and_writes_the_report() {
+    // Bad arguments are named before anything starts.
+    let o = snaps(&["bench", "network", "--sites", "1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--sites must be between 2 and 20"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&["bench", "network", "--days", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--days must be"), "{}", stderr(&o));
+
+    let out = tempfile::tempdir().expect("tempdir");
+    // An earlier report outside the section is kept.
+    std::fs::write(
+        out.path().join("benchmarks.md"),
+        "# Benchmarks\n\n## Another section\n\nkept\n",
+    )
+    .expect("write");
+    let dir = out.path().to_str().expect("utf-8 path");
+    let args = [
+        "bench",
+        "network",
+        "--scale",
+        "30",
+        "--days",
+        "2",
+        "--encounters",
+        "8",
+        "--updates",
+        "3",
+        "--repeats",
+        "2",
+        "--out",
+        dir,
+    ];
+    let o = snaps(&args);
+    if !o.status.success()
+        && stderr(&o).contains("no PostgreSQL server binaries")
+        && std::env::var_os("SNAPS_REQUIRE_POSTGRES").is_none()
+    {
+        eprintln!(
+            "SKIPPED bench network: the PostgreSQL server is not installed (apt-get install postgresql); \
+             set SNAPS_REQUIRE_POSTGRES=1 to make this a failure"
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = stdout(&o);
+    for design in ["SNAPS", "central PostgreSQL", "full nightly copy"] {
+        assert!(summary.contains(design), "{summary}");
+    }
+    let report = std::fs::read_to_string(out.path().join("benchmarks.md")).expect("report");
+    assert!(report.contains("## Another section\n\nkept"), "{report}");
+    assert!(report.contains("snaps bench network: begin"), "{report}");
+    let (snaps_b, central_b, copy_b) = (
+        total_bytes(&report, "SNAPS"),
+        total_bytes(&report, "central PostgreSQL"),
+        total_bytes(&report, "full nightly copy"),
+    );
+    assert!(snaps_b > 0 && central_b > 0 && copy_b > 0, "{report}");
+    assert!(
+        snaps_b < copy_b,
+        "SNAPS sent {snaps_b} bytes, the full copy {copy_b}"
+    );
+    for goal in [
+        "1/10 of the central",
+        "1/20 of the full copy",
+        "1.5x",
+        "10 s",
+    ] {
+        assert!(report.contains(goal), "{report}");
+    }
+    for plot in [
+        "network-bytes.svg",
+        "network-response.svg",
+        "network-refresh.svg",
+    ] {
+        let svg = std::fs::read_to_string(out.path().join(plot)).expect(plot);
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{plot}");
+        assert!(report.contains(plot), "{report}");
+    }
+    // Running again replaces the section rather than adding one.
+    let o = snaps(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = std::fs::read_to_string(out.path().join("benchmarks.md")).expect("report");
+    assert_eq!(again.matches("snaps bench network: begin").count(), 1);
+    assert!(again.contains("## Another section\n\nkept"));
+}
