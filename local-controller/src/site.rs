@@ -30,13 +30,12 @@ use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Val
 
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
-use crate::store::{STATUS_COLUMN, read_tuples};
+use crate::store::{CHANGED_BITS, STATUS_COLUMN, read_tuples};
 use crate::value::to_sqlite;
 use crate::write::{KeyCheck, register_next_key};
 use crate::{Error, Result};
 
 /// Appendix-A new and modified bits: the tuples a semi-join projects.
-const CHANGED_BITS: u8 = 0x18;
 /// Appendix-A tuple-type bit: set on snapshot tuples.
 const SNAPSHOT_BIT: u8 = 0x80;
 /// The notice a local-only answer carries.
@@ -150,6 +149,10 @@ impl Site {
             .collect();
         drop(store);
         let writer = open_conn(path)?;
+        // Databases made before the index existed get it now.
+        for r in &mapped {
+            writer.execute_batch(&crate::store::changed_index(r))?;
+        }
         let active = crate::mapping_admin::MappingRows::active(&writer)?;
         // Edits of the tables wait for the next epoch: remember what is in
         // effect now.
