@@ -117,6 +117,10 @@ fn set_meta(conn: &Connection, key: &str, value: u64) -> Result<()> {
     Ok(())
 }
 
+/// Snapshot definitions re-run in one fetch request at the refresh: one
+/// round trip and one compressed message for many near-identical queries.
+pub const RERUN_BATCH: usize = 200;
+
 impl Site {
     /// Makes the site stop its refresh at `halt` (tests of crash safety).
     pub fn halt_at(&self, halt: Halt) {
@@ -692,8 +696,8 @@ impl Site {
         self.clear_uncertain(conn)
     }
 
-    /// Re-runs every snapshot definition: the controller sends only the
-    /// tuples this site does not hold yet.
+    /// Re-runs every snapshot definition, [`RERUN_BATCH`] to a request:
+    /// the controller sends only the tuples this site does not hold yet.
     fn rerun(&self, conn: &Connection, did: &mut SiteEpoch) -> Result<()> {
         let defs: Vec<(i64, String, String, Option<String>)> = {
             let mut stmt = conn.prepare(
@@ -702,57 +706,83 @@ impl Site {
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
-        for (i, (no, lang, text, query)) in defs.iter().enumerate() {
+        // Definitions are planned here, then fetched a batch per request.
+        // The first goes alone, so a crash test can stop the site between
+        // re-runs.
+        let mut planned = Vec::new();
+        for (no, lang, text, query) in &defs {
             let Some(query) = query else { continue };
             let select: Select = serde_json::from_str(query).map_err(|e| {
                 Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
             })?;
             let plan = plan(&select, &self.catalog, &self.mapping())?;
             let current = projections(conn, &plan)?;
-            let before: i64 = conn.query_row(
+            let lang = if lang == "quel" {
+                Language::Quel
+            } else {
+                Language::Sql
+            };
+            planned.push((*no, lang, text.as_str(), select, plan, current));
+        }
+        let received = |conn: &Connection| -> Result<i64> {
+            Ok(conn.query_row(
                 "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
                 [],
                 |r| r.get(0),
-            )?;
-            let retrieval = Retrieval {
-                select: &select,
-                lang: if lang == "quel" {
-                    Language::Quel
-                } else {
-                    Language::Sql
-                },
-                text,
-                into: Some(SnapshotNo(*no as u32)),
-                user: "",
+            )?)
+        };
+        let mut start = 0;
+        while start < planned.len() {
+            let end = if start == 0 {
+                1
+            } else {
+                (start + RERUN_BATCH).min(planned.len())
             };
-            let fetched = match self.fetch(conn, &plan, &current, &retrieval) {
-                // An administrator took the site's right away: the copies
-                // stay as they are (no new tuples come), and the rest of the
-                // epoch goes on.
+            let batch = &planned[start..end];
+            let retrievals: Vec<Retrieval<'_>> = batch
+                .iter()
+                .map(|(no, lang, text, select, _, _)| Retrieval {
+                    select,
+                    lang: *lang,
+                    text,
+                    into: Some(SnapshotNo(*no as u32)),
+                    user: "",
+                })
+                .collect();
+            let items: Vec<_> = batch
+                .iter()
+                .zip(&retrievals)
+                .map(|((_, _, _, _, plan, current), r)| (plan, current, r))
+                .collect();
+            let before = received(conn)?;
+            let fetched = match self.fetch_together(conn, &items) {
+                // An administrator took a right away: re-run the batch one
+                // by one, skipping what is denied (its copies stay as they
+                // are and no new tuples come); the epoch goes on.
                 Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
-                    tracing::warn!(site = %self.code(), snapshot = no, reason = s.message(), "snapshot definition not re-run: access denied");
-                    continue;
+                    let mut one_by_one = Vec::new();
+                    for ((no, ..), (plan, current, r)) in batch.iter().zip(&items) {
+                        match self.fetch(conn, plan, current, r) {
+                            Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
+                                tracing::warn!(site = %self.code(), snapshot = no, reason = s.message(), "snapshot definition not re-run: access denied");
+                            }
+                            other => one_by_one.push(other?),
+                        }
+                    }
+                    one_by_one
                 }
                 other => other?,
             };
-            match fetched {
-                Fetched::LocalOnly(_) => {
-                    return Err(Error::Unreachable(
-                        "the global controller did not answer a snapshot definition's re-run"
-                            .into(),
-                    ));
-                }
-                Fetched::Nothing | Fetched::Stored(..) => {}
+            if fetched.iter().any(|f| matches!(f, Fetched::LocalOnly(_))) {
+                return Err(Error::Unreachable(
+                    "the global controller did not answer the snapshot definitions' re-run".into(),
+                ));
             }
-            let after: i64 = conn.query_row(
-                "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
-                [],
-                |r| r.get(0),
-            )?;
-            did.fetched += (after - before) as u64;
-            if i == 0 {
+            did.fetched += (received(conn)? - before) as u64;
+            if start == 0 {
                 self.reached(SitePoint::Rerunning)?;
             }
+            start = end;
         }
         Ok(())
     }
