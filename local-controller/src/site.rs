@@ -65,6 +65,10 @@ const INITIAL_LOAD_DONE: &str = "initial_load_done";
 /// `snaps_meta` key set when a fetch's reply may have been lost.
 const UNCERTAIN: &str = "sent_to_uncertain";
 
+/// The current semi-join projections of a plan: per variable, the join
+/// values of the site's new and modified tuples.
+pub(crate) type Projections = BTreeMap<String, Vec<Vec<Value>>>;
+
 /// How a site reaches the global controller.
 #[derive(Debug, Clone)]
 pub struct GlobalLink {
@@ -493,7 +497,7 @@ impl Site {
         &self,
         conn: &Connection,
         plan: &Plan,
-        current: &BTreeMap<String, Vec<Vec<Value>>>,
+        current: &Projections,
         retrieval: &Retrieval<'_>,
     ) -> Result<Fetched> {
         let Some(req) = self.request_for(plan, current, retrieval.user)? else {
@@ -515,7 +519,7 @@ impl Site {
     pub(crate) fn fetch_together(
         &self,
         conn: &Connection,
-        items: &[(&Plan, &BTreeMap<String, Vec<Vec<Value>>>, &Retrieval<'_>)],
+        items: &[(&Plan, &Projections, &Retrieval<'_>)],
     ) -> Result<Vec<Fetched>> {
         let mut combined = v1::FetchRequest::default();
         let mut ranges = Vec::with_capacity(items.len());
@@ -584,7 +588,7 @@ impl Site {
     fn request_for(
         &self,
         plan: &Plan,
-        current: &BTreeMap<String, Vec<Vec<Value>>>,
+        current: &Projections,
         user: &str,
     ) -> Result<Option<v1::FetchRequest>> {
         let Some(q) = &plan.query else {
@@ -687,7 +691,7 @@ impl Site {
         &self,
         conn: &Connection,
         plan: &Plan,
-        current: &BTreeMap<String, Vec<Vec<Value>>>,
+        current: &Projections,
         retrieval: &Retrieval<'_>,
         reply: &v1::FetchReply,
         sent: u64,
@@ -981,7 +985,7 @@ impl Site {
 pub(crate) fn projections(
     conn: &Connection,
     plan: &Plan,
-) -> Result<BTreeMap<String, Vec<Vec<Value>>>> {
+) -> Result<Projections> {
     let mut out = BTreeMap::new();
     for sj in &plan.semijoins {
         let changed = format!(
@@ -1354,7 +1358,7 @@ impl SiteSession {
     }
 
     /// The current semi-join projections of a plan, per variable.
-    fn projections(&self, plan: &Plan) -> Result<BTreeMap<String, Vec<Vec<Value>>>> {
+    fn projections(&self, plan: &Plan) -> Result<Projections> {
         projections(&self.conn, plan)
     }
 
@@ -1414,7 +1418,7 @@ impl SiteSession {
     fn coverage(
         &self,
         plan: &Plan,
-        current: &BTreeMap<String, Vec<Vec<Value>>>,
+        current: &Projections,
     ) -> snaps_mapping::performed::Coverage {
         let shared = self
             .site
