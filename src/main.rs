@@ -468,8 +468,19 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Warnings only: the demo's own output is what its user reads.
 fn init_logging_quiet() {
+    init_logging_with("warn");
+}
+
+/// The benchmarks run their networks in plain text on purpose (their
+/// baselines are plain text too): the controller's warning about it, once
+/// per network started, would bury the report.
+fn init_logging_bench() {
+    init_logging_with("warn,snaps_global=error");
+}
+
+fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -562,7 +573,7 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Refresh(opts),
         } => {
-            init_logging_quiet();
+            init_logging_bench();
             let report = runtime()?.block_on(snaps::refresh_bench::bench_refresh(&opts))?;
             print!("{report}");
             Ok(())
@@ -570,7 +581,7 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Network(opts),
         } => {
-            init_logging_quiet();
+            init_logging_bench();
             let report = runtime()?.block_on(snaps::network_bench::bench_network(&opts))?;
             print!("{}", report.summary());
             println!(
@@ -582,6 +593,7 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Site(opts),
         } => {
+            init_logging_bench();
             let report = runtime()?.block_on(snaps::bench::bench_site(&opts))?;
             print!("{report}");
             Ok(())
@@ -589,6 +601,7 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Global(opts),
         } => {
+            init_logging_bench();
             let report = runtime()?.block_on(snaps::bench::bench_global(&opts))?;
             print!("{report}");
             Ok(())

@@ -60,15 +60,40 @@ impl Shape {
         let mut vars = Vec::new();
         for p in &s.parts {
             let rel = relation(catalog, &p.relation)?;
-            for (i, c) in p.columns.iter().enumerate() {
+            let columns: Vec<String> = match (p.columns.is_empty(), p.attributes.is_empty()) {
+                (_, true) => p.columns.clone(),
+                (true, false) => p
+                    .attributes
+                    .iter()
+                    .map(|&i| {
+                        rel.attributes
+                            .get(i as usize)
+                            .map(|a| a.name.clone())
+                            .ok_or_else(|| {
+                                invalid(format!(
+                                    "{} has no attribute at position {i} (it has {})",
+                                    rel.name,
+                                    rel.attributes.len()
+                                ))
+                            })
+                    })
+                    .collect::<Result<_>>()?,
+                (false, false) => {
+                    return Err(invalid(format!(
+                        "a part of {} gives its attributes both by name and by position",
+                        rel.name
+                    )));
+                }
+            };
+            for (i, c) in columns.iter().enumerate() {
                 attribute(rel, c)?;
-                if p.columns[..i].contains(c) {
+                if columns[..i].contains(c) {
                     return Err(invalid(format!("{}.{c} is given twice", rel.name)));
                 }
             }
             parts.push(PartShape {
                 relation: rel.name.clone(),
-                columns: p.columns.clone(),
+                columns,
             });
             vars.push(p.var.clone());
         }

@@ -622,6 +622,7 @@ impl Site {
                 rows,
             )?);
         }
+        snaps_proto::compact_shapes(&mut req, &self.global);
         Ok(Some(req))
     }
 
@@ -982,10 +983,7 @@ impl Site {
 
 /// The current semi-join projections of a plan, per variable: the join
 /// values of the site's new and modified tuples.
-pub(crate) fn projections(
-    conn: &Connection,
-    plan: &Plan,
-) -> Result<Projections> {
+pub(crate) fn projections(conn: &Connection, plan: &Plan) -> Result<Projections> {
     let mut out = BTreeMap::new();
     for sj in &plan.semijoins {
         let changed = format!(
@@ -1415,11 +1413,7 @@ impl SiteSession {
 
     /// The performed check against the site's snapshots and this session's
     /// uncommitted ones.
-    fn coverage(
-        &self,
-        plan: &Plan,
-        current: &Projections,
-    ) -> snaps_mapping::performed::Coverage {
+    fn coverage(&self, plan: &Plan, current: &Projections) -> snaps_mapping::performed::Coverage {
         let shared = self
             .site
             .definitions

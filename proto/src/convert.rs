@@ -292,6 +292,38 @@ pub fn decode_expr(e: &v1::Expr) -> Result<Expr, WireError> {
     )
 }
 
+/// Sends a fetch request's attributes by position instead of by name
+/// (`Part.attributes`): the names of a wide relation are most of a small
+/// fetch's bytes. A part naming an attribute `global` does not have keeps
+/// its names, so the controller reports the mistake as before.
+pub fn compact_shapes(req: &mut v1::FetchRequest, global: &snaps_schema::Catalog) {
+    for part in req
+        .groups
+        .iter_mut()
+        .flat_map(|g| g.tables.iter_mut())
+        .filter_map(|t| t.shape.as_mut())
+        .flat_map(|s| s.parts.iter_mut())
+    {
+        let Some(rel) = global.relation(&part.relation) else {
+            continue;
+        };
+        let positions: Option<Vec<u32>> = part
+            .columns
+            .iter()
+            .map(|c| {
+                rel.attributes
+                    .iter()
+                    .position(|a| a.name == *c)
+                    .map(|i| i as u32)
+            })
+            .collect();
+        if let Some(positions) = positions {
+            part.attributes = positions;
+            part.columns.clear();
+        }
+    }
+}
+
 /// The shape of a mapped table: its parts and how they reassemble.
 pub fn shape_of(t: &GlobalTable) -> v1::Shape {
     use v1::shape::Split;
@@ -303,6 +335,7 @@ pub fn shape_of(t: &GlobalTable) -> v1::Shape {
                 var: p.var.clone(),
                 relation: p.relation.clone(),
                 columns: p.columns.clone(),
+                attributes: Vec::new(),
             })
             .collect(),
         split: match &t.reassembly {
@@ -332,6 +365,7 @@ pub fn shape_of_relation(rm: &RelationMapping) -> v1::Shape {
                 var: p.global.clone(),
                 relation: p.global.clone(),
                 columns: p.attrs.iter().map(|a| a.global.clone()).collect(),
+                attributes: Vec::new(),
             })
             .collect(),
         split: match &rm.split {

@@ -16,6 +16,6 @@ pub mod v1 {
 }
 
 pub use convert::{
-    WireError, decode_expr, decode_rows, decode_value, encode_expr, encode_rows, encode_value,
-    fetch_request, shape_of, shape_of_relation,
+    WireError, compact_shapes, decode_expr, decode_rows, decode_value, encode_expr, encode_rows,
+    encode_value, fetch_request, shape_of, shape_of_relation,
 };
