@@ -412,7 +412,32 @@ async fn a_canary_in_an_unmapped_column_never_leaves_its_site() {
     // No site maps patient.film_locate; STG writes a canary into it.
     const CANARY: &str = "QXJ7ZK4W";
     const SURNAME: &str = "Fieldfare";
-    let net = setup_relayed(20).await;
+    // STG's data carries the canary before its initial load, too.
+    let film_locate = {
+        let n = network();
+        let site = n.site("STG").unwrap();
+        let local = n.local_catalog(site).unwrap();
+        local
+            .relation("patient")
+            .unwrap()
+            .attributes
+            .iter()
+            .position(|a| a.name == "film_locate")
+            .unwrap()
+    };
+    let net = setup_relayed(20, |data| {
+        for row in data
+            .get_mut("STG")
+            .unwrap()
+            .get_mut("patient")
+            .unwrap()
+            .iter_mut()
+            .skip(1)
+        {
+            row[film_locate] = snaps_schema::Value::Text(CANARY.into());
+        }
+    })
+    .await;
     let mut stg = connect(net.sites["STG"]).await;
     let own = patients(&net, "STG")[0];
     run(

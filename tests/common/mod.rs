@@ -117,16 +117,26 @@ pub async fn setup(patients: usize) -> Net {
 
 /// The network with the controller's options changed by `configure`.
 pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
-    setup_full(patients, configure, false).await
+    setup_full(patients, configure, |_| {}, false).await
 }
 
 /// The network with the sites reaching the controller through a recording
-/// [`Relay`], uncompressed, so a test can read what crosses the wire.
-pub async fn setup_relayed(patients: usize) -> Net {
-    setup_full(patients, |_| {}, true).await
+/// [`Relay`], uncompressed, so a test can read what crosses the wire; the
+/// generated data (site → relation → tuples) is changed by `prepare`
+/// before the sites load it.
+pub async fn setup_relayed(
+    patients: usize,
+    prepare: impl FnOnce(&mut BTreeMap<String, Rows>),
+) -> Net {
+    setup_full(patients, |_| {}, prepare, true).await
 }
 
-async fn setup_full(patients: usize, configure: impl FnOnce(&mut Options), relayed: bool) -> Net {
+async fn setup_full(
+    patients: usize,
+    configure: impl FnOnce(&mut Options),
+    prepare: impl FnOnce(&mut BTreeMap<String, Rows>),
+    relayed: bool,
+) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
@@ -138,11 +148,12 @@ async fn setup_full(patients: usize, configure: impl FnOnce(&mut Options), relay
     let global = LocalNetwork::start_with(network.clone(), store.clone(), options)
         .await
         .unwrap();
-    let data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
+    let mut data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
         .unwrap()
         .into_iter()
         .map(|(c, d)| (c.to_string(), d.rows))
         .collect();
+    prepare(&mut data);
     let catalog = network.global_catalog().unwrap();
     let relay = if relayed {
         Some(Relay::start(global.addr.trim_start_matches("http://").to_string()).await)
