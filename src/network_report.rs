@@ -103,16 +103,7 @@ fn today() -> String {
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    // Civil from days (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = snaps_schema::calendar::civil(days);
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -922,17 +913,43 @@ fn plot_bytes(r: &NetworkReport, path: &Path) -> Result<()> {
             .enumerate()
             .map(|(d, b)| ((d + 1) as f64, (*b).max(1) as f64))
             .collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
-            .map_err(plot_err)?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
-            .map_err(plot_err)?;
+        line_with_points(&mut chart, points, colour, name.clone())?;
     }
+    legend(&mut chart)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// A labelled line through `points`, each point marked.
+fn line_with_points<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    points: Vec<(f64, f64)>,
+    colour: RGBColor,
+    label: String,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+        .map_err(plot_err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2)));
+    chart
+        .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// The series' legend, at the middle right.
+fn legend<'a, DB, X, Y>(chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::MiddleRight)
@@ -940,7 +957,6 @@ fn plot_bytes(r: &NetworkReport, path: &Path) -> Result<()> {
         .border_style(BLACK)
         .draw()
         .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
     Ok(())
 }
 
@@ -1071,25 +1087,15 @@ fn plot_refresh(r: &NetworkReport, path: &Path) -> Result<()> {
                 .filter(|p| p.patients == *size)
                 .map(|p| (p.changed.max(1) as f64, pick(p).max(1) as f64))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
-                .map_err(plot_err)?
-                .label(format!("{what}, {} patients", thousands(*size as u64)))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
-            chart
-                .draw_series(points.iter().map(|p| Circle::new(*p, 4, colour.filled())))
-                .map_err(plot_err)?;
+            line_with_points(
+                &mut chart,
+                points,
+                colour,
+                format!("{what}, {} patients", thousands(*size as u64)),
+            )?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::MiddleRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    legend(&mut chart)?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
