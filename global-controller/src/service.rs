@@ -1002,10 +1002,9 @@ impl GlobalSnapshot for Service {
         let mut record = AuditRecord::new(&Self::admin_name(&req), "", "grant");
         record.relations = vec![subject.relation.clone()];
         record.detail = format!("{} {}{right}", subject.site, user_part(&subject.user));
-        let (s, store) = (subject.clone(), self.store.clone());
-        tokio::task::spawn_blocking(move || store.set_acl(&s, Some(right), &record))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))??;
+        let s = subject.clone();
+        self.blocking(move |store| store.set_acl(&s, Some(right), &record))
+            .await?;
         self.acl
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -1031,10 +1030,9 @@ impl GlobalSnapshot for Service {
         let mut record = AuditRecord::new(&Self::admin_name(&req), "", "revoke");
         record.relations = vec![subject.relation.clone()];
         record.detail = format!("{} {}", subject.site, user_part(&subject.user));
-        let (s, store) = (subject.clone(), self.store.clone());
-        tokio::task::spawn_blocking(move || store.set_acl(&s, None, &record))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))??;
+        let s = subject.clone();
+        self.blocking(move |store| store.set_acl(&s, None, &record))
+            .await?;
         self.acl
             .write()
             .unwrap_or_else(|p| p.into_inner())

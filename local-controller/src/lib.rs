@@ -112,26 +112,36 @@ impl From<tonic::Status> for Error {
     /// refused certificate, a reset connection) are what an administrator
     /// needs, so they join the message.
     fn from(status: tonic::Status) -> Error {
-        use std::error::Error as _;
-        let mut causes = Vec::new();
-        let mut cause = status.source();
-        while let Some(c) = cause {
-            let text = c.to_string();
-            if !status.message().contains(&text) && !causes.contains(&text) {
-                causes.push(text);
-            }
-            cause = c.source();
-        }
-        if causes.is_empty() {
+        let full = error_chain(&status);
+        let Some(causes) = full
+            .strip_prefix(&status.to_string())
+            .filter(|c| !c.is_empty())
+        else {
             return Error::Remote(status);
-        }
-        let message = format!("{}: {}", status.message(), causes.join(": "));
+        };
+        let message = format!("{}{causes}", status.message());
         Error::Remote(tonic::Status::with_metadata(
             status.code(),
             message,
             status.metadata().clone(),
         ))
     }
+}
+
+/// An error and its causes on one line, each cause once: transport errors
+/// hide the reason (a refused certificate, say) in their sources.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Result with the local controller's [`Error`].

@@ -287,7 +287,7 @@ impl GlobalClient {
         let channel = endpoint
             .connect_with_connector(connector)
             .await
-            .map_err(|e| Error::Unreachable(format!("{addr}: {}", error_chain(&e))))?;
+            .map_err(|e| Error::Unreachable(format!("{addr}: {}", crate::error_chain(&e))))?;
         let token = match auth {
             Auth::Insecure(token) => Some(
                 format!("Bearer {token}")
@@ -731,20 +731,4 @@ pub fn map_back(
         });
     }
     Ok(out)
-}
-
-/// An error and its causes, one line: transport errors hide the reason
-/// (a refused certificate, say) in their sources.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let t = c.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        cause = c.source();
-    }
-    text
 }

@@ -126,6 +126,16 @@ impl Credentials {
         Ok((chain, key))
     }
 
+    /// This certificate and key cannot serve (a key of another certificate,
+    /// say).
+    fn pair_error(&self, e: rustls::Error) -> TlsError {
+        TlsError::Config(format!(
+            "{} and {}: {e}",
+            self.cert.display(),
+            self.key.display()
+        ))
+    }
+
     /// The server side: demands a client certificate issued by the CA.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(ring::default_provider());
@@ -138,13 +148,7 @@ impl Credentials {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| {
-                TlsError::Config(format!(
-                    "{} and {}: {e}",
-                    self.cert.display(),
-                    self.key.display()
-                ))
-            })?;
+            .map_err(|e| self.pair_error(e))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
@@ -158,13 +162,7 @@ impl Credentials {
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| {
-                TlsError::Config(format!(
-                    "{} and {}: {e}",
-                    self.cert.display(),
-                    self.key.display()
-                ))
-            })?;
+            .map_err(|e| self.pair_error(e))?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(config))
     }
