@@ -819,11 +819,8 @@ impl GlobalSnapshot for Service {
         record.relations = push_relations(&push);
         record.tuples = push.len() as u64;
         record.detail = format!("epoch {epoch}");
-        self.blocking(move |store| {
-            store.stage_push(&s, epoch, &body)?;
-            store.append_audit(&[record])
-        })
-        .await?;
+        self.blocking(move |store| store.stage_push(&s, epoch, &body, &record))
+            .await?;
         self.coordinator.wake();
         tracing::info!(site = %site.code, epoch, tuples = push.len(), "push staged");
         let reply = v1::PushReply {

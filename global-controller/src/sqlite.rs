@@ -817,8 +817,14 @@ impl GlobalStore for SqliteStore {
         self.open_next_epoch(participants)
     }
 
-    fn stage_push(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()> {
-        self.stage(site, epoch, body)
+    fn stage_push(
+        &self,
+        site: &SiteId,
+        epoch: u64,
+        body: &[u8],
+        audit: &AuditRecord,
+    ) -> Result<()> {
+        self.stage(site, epoch, body, audit)
     }
 
     fn commit_epoch(&self, epoch: u64) -> Result<CommitSummary> {

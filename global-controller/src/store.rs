@@ -355,8 +355,10 @@ pub trait GlobalStore: Send + Sync {
     fn open_epoch(&self, participants: &[SiteNo]) -> Result<EpochState>;
 
     /// Stages a site's push (the encoded `PushRequest`) for the collecting
-    /// epoch, replacing an earlier push of the site for it.
-    fn stage_push(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()>;
+    /// epoch, replacing an earlier push of the site for it, and appends its
+    /// audit record in the same transaction.
+    fn stage_push(&self, site: &SiteId, epoch: u64, body: &[u8], audit: &AuditRecord)
+    -> Result<()>;
 
     /// Commits the staged pushes of a collecting epoch in one transaction:
     /// new tuples appended (key clashes recorded as conflicts), changes of

@@ -96,6 +96,9 @@ const READ_ONLY: u8 = 0x40;
 const REFRESHING_MARK: u8 = 0x01;
 
 const PUSHED: &str = "refresh_pushed";
+/// The epoch a push was last sent for, before its reply: a reply lost with
+/// a controller that stopped may hide a push it staged and then committed.
+const SENT: &str = "refresh_push_sent";
 const APPLIED: &str = "refresh_applied";
 const ACKED: &str = "refresh_acked";
 const REFRESHING: &str = "refreshing";
@@ -271,12 +274,22 @@ impl Site {
         }
         self.reached(SitePoint::Evicted)?;
         let push = self.build_push(conn, epoch)?;
+        let sent_before = meta_epoch(conn, SENT)? == epoch;
+        set_meta(conn, SENT, epoch)?;
         match self.remote(|c| async move { c.push(push).await }) {
             Ok(n) => {
                 did.pushed = n;
                 set_meta(conn, PUSHED, epoch)?;
                 tracing::info!(site = %self.code(), epoch, tuples = n, "pushed");
                 self.reached(SitePoint::Pushed)
+            }
+            Err(Error::Remote(s)) if s.code() == tonic::Code::FailedPrecondition && sent_before => {
+                // An earlier send of this same push (the data has held
+                // still since) may have been staged and committed before
+                // its reply was lost: keep holding still; the distribution
+                // tells (see `apply`).
+                tracing::warn!(site = %self.code(), epoch, reason = s.message(), "push refused after an unanswered one: the distribution tells whether that one was committed");
+                Ok(())
             }
             Err(Error::Remote(s)) if s.code() == tonic::Code::FailedPrecondition => {
                 // Too late for this epoch: the changes wait for the next.
@@ -604,7 +617,15 @@ impl Site {
     /// transaction with the epoch it brings the site to.
     fn apply(&self, conn: &mut Connection, did: &mut SiteEpoch) -> Result<()> {
         let since = meta_epoch(conn, APPLIED)?;
-        let pushed = meta_epoch(conn, PUSHED)?;
+        let mut pushed = meta_epoch(conn, PUSHED)?;
+        // A push sent whose reply never came (the controller stopped) may
+        // have been staged and committed all the same; the site has held
+        // still since, so `committed_push` decides for it as for an
+        // answered one.
+        let sent = meta_epoch(conn, SENT)?;
+        if sent > pushed && meta_epoch(conn, REFRESHING)? == sent {
+            pushed = sent;
+        }
         let mapping = self.mapping();
         let parts: Vec<v1::Part> = mapping
             .relations()

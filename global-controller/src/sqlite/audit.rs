@@ -27,7 +27,7 @@ CREATE TRIGGER IF NOT EXISTS snaps_audit_no_delete BEFORE DELETE ON snaps_audit
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 ";
 
-fn insert(tx: &rusqlite::Transaction<'_>, r: &AuditRecord) -> Result<()> {
+pub(super) fn insert(tx: &rusqlite::Transaction<'_>, r: &AuditRecord) -> Result<()> {
     let patients = if r.patients.is_empty() {
         String::new()
     } else {

@@ -124,7 +124,13 @@ impl SqliteStore {
         Ok(state)
     }
 
-    pub(super) fn stage(&self, site: &SiteId, epoch: u64, body: &[u8]) -> Result<()> {
+    pub(super) fn stage(
+        &self,
+        site: &SiteId,
+        epoch: u64,
+        body: &[u8],
+        audit: &AuditRecord,
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         match Self::latest_epoch(&tx)? {
@@ -147,6 +153,7 @@ impl SqliteStore {
             "INSERT OR REPLACE INTO snaps_pushes (epoch, site, body, pushed_at) VALUES (?1, ?2, ?3, ?4)",
             params![epoch as i64, site.number.0, body, now()],
         )?;
+        super::audit::insert(&tx, audit)?;
         tx.commit()?;
         Ok(())
     }
