@@ -19,7 +19,7 @@
 //!   deletes; then re-runs its snapshot definitions for tuples it does not
 //!   hold yet, and acknowledges.
 //!
-//! Every step is recorded in `snaps_meta` (`refresh_pushed`,
+//! Every step is recorded in `snaps_meta` (`refresh_push_sent`, `refresh_pushed`,
 //! `refresh_applied`, `refresh_acked`) in the transaction that does it, so a
 //! site restarted at any point picks up where it stopped, and every message
 //! is harmless to repeat.
