@@ -423,3 +423,124 @@ async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_t
     assert_eq!(stat(&db, "local_only_answers"), 2);
     assert_eq!(stat(&db, "global_fetches"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remembered_covered_read_is_judged_again_after_a_change_it_depends_on() {
+    let net = setup(20).await;
+    let site = net.handles["STG"].clone();
+    let db = net.dir.path().join("STG").join("local.db");
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut other = connect(net.sites["STG"]).await;
+    // Three of CPH's patients STG holds nothing of yet.
+    let cph = &net.data["CPH"]["patient"];
+    let surname = |i: usize| match &cph[i][3] {
+        Value::Text(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
+    let pno = |i: usize| cph[i][0].to_string();
+    let query = "SELECT v.description, p.surname FROM visit v, patient p \
+                 WHERE v.pno = p.pno AND v.description = 'Cache check film'";
+    let row = |i: usize| vec![Some("Cache check film".to_string()), surname(i)];
+    // Visit numbers from STG's own range, unused.
+    let new_vno = net.data["STG"]["visit"]
+        .iter()
+        .map(|v| common::int(&v[0]))
+        .max()
+        .unwrap();
+
+    // Fetched, then found covered, then answered on that verdict.
+    let (rows, _) = run(&mut stg, query).await;
+    assert!(rows.is_empty(), "{rows:?}");
+    let fetches = stat(&db, "global_fetches");
+    let repeated = site.repeated_reads();
+    run(&mut stg, query).await;
+    assert_eq!(
+        site.repeated_reads(),
+        repeated,
+        "the fetch stored a snapshot since"
+    );
+    let (rows, _) = run(&mut stg, query).await;
+    assert!(rows.is_empty(), "{rows:?}");
+    assert_eq!(stat(&db, "global_fetches"), fetches, "covered now");
+    assert_eq!(
+        site.repeated_reads(),
+        repeated + 1,
+        "answered as remembered"
+    );
+
+    // Another client records a visit of CPH's patient: the join now needs
+    // that patient, which only the global snapshot has.
+    run(
+        &mut other,
+        &format!(
+            "INSERT INTO visit (vno, pno, date, description) \
+             VALUES ({}, {}, 20261201, 'Cache check film')",
+            new_vno + 1,
+            pno(2)
+        ),
+    )
+    .await;
+    let (rows, _) = run(&mut stg, query).await;
+    assert_eq!(
+        rows,
+        vec![row(2)],
+        "the other client's visit joins its patient"
+    );
+    assert_eq!(stat(&db, "global_fetches"), fetches + 1);
+    assert_eq!(site.repeated_reads(), repeated + 1, "judged again");
+
+    // The same session records a visit of another CPH patient, then gives
+    // it the description the query asks for.
+    run(
+        &mut stg,
+        &format!(
+            "INSERT INTO visit (vno, pno, date, description) \
+             VALUES ({}, {}, 20261201, 'Other film')",
+            new_vno + 2,
+            pno(5)
+        ),
+    )
+    .await;
+    run(&mut stg, query).await;
+    let repeated = site.repeated_reads();
+    let (rows, _) = run(&mut stg, query).await;
+    assert_eq!(rows, vec![row(2)]);
+    assert_eq!(site.repeated_reads(), repeated + 1);
+    let fetches = stat(&db, "global_fetches");
+    run(
+        &mut stg,
+        &format!(
+            "UPDATE visit SET description = 'Cache check film' WHERE vno = {}",
+            new_vno + 2
+        ),
+    )
+    .await;
+    let (rows, _) = run(&mut stg, query).await;
+    let mut expected = vec![row(2), row(5)];
+    expected.sort();
+    assert_eq!(rows, expected, "the session's own change is seen");
+    assert_eq!(stat(&db, "global_fetches"), fetches + 1);
+
+    // A program writing to the site's file directly records a third.
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO visit (vno, pno, date, description) \
+             VALUES (?1, ?2, 20261201, 'Cache check film')",
+            rusqlite::params![new_vno + 3, common::int(&cph[8][0])],
+        )
+        .unwrap();
+    let (rows, _) = run(&mut stg, query).await;
+    let mut expected = vec![row(2), row(5), row(8)];
+    expected.sort();
+    assert_eq!(rows, expected);
+    assert_eq!(stat(&db, "global_fetches"), fetches + 2);
+
+    // With nothing changed since, the verdict is remembered again.
+    let repeated = site.repeated_reads();
+    run(&mut stg, query).await;
+    let (rows, _) = run(&mut stg, query).await;
+    assert_eq!(rows, expected);
+    assert_eq!(site.repeated_reads(), repeated + 1);
+    assert_eq!(stat(&db, "global_fetches"), fetches + 2);
+}

@@ -245,8 +245,7 @@ impl Site {
                 self.resync(conn)?;
             }
             self.rerun(conn, did)?;
-            *self.definitions.write().unwrap_or_else(|p| p.into_inner()) =
-                crate::site::read_definitions(conn)?;
+            *self.definitions.write() = crate::site::read_definitions(conn)?;
             self.drop_unmatched(conn, did)?;
             self.release(conn, did)?;
             self.remote(|c| async move { c.acknowledge(applied).await })?;
@@ -434,14 +433,11 @@ impl Site {
         self.set_mapping(new, &self.global);
         // Until the re-run brings their copies again, definitions over the
         // changed relations cover nothing.
-        self.definitions
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(_, d)| {
-                !d.groups
-                    .iter()
-                    .any(|g| g.tables.iter().any(|t| changed.contains(&t.relation)))
-            });
+        self.definitions.write().retain(|(_, d)| {
+            !d.groups
+                .iter()
+                .any(|g| g.tables.iter().any(|t| changed.contains(&t.relation)))
+        });
         tracing::info!(site = %self.code(), relations = ?changed, withdrawn = ?withdrawn,
             "the edited mapping is in effect");
         Ok(())
@@ -495,7 +491,6 @@ impl Site {
         if !old.is_empty() {
             self.definitions
                 .write()
-                .unwrap_or_else(|p| p.into_inner())
                 .retain(|(no, _)| !old.contains(&i64::from(no.0)));
             tracing::info!(site = %self.code(), evicted = old.len(), "snapshots evicted");
         }

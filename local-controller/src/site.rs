@@ -28,6 +28,7 @@ use snaps_mapping::{Language, SiteMapping};
 use snaps_proto::{fetch_request, v1};
 use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Value};
 
+use crate::covered::{CoveredReads, Definitions, Stamp};
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
 use crate::store::{CHANGED_BITS, STATUS_COLUMN, read_tuples};
@@ -102,7 +103,7 @@ pub struct Site {
     pub(crate) global: Catalog,
     global_fingerprint: String,
     writer: Mutex<Connection>,
-    pub(crate) definitions: RwLock<Vec<(SnapshotNo, SnapshotDefinition)>>,
+    pub(crate) definitions: Definitions,
     pub(crate) link: Option<GlobalLink>,
     client: tokio::sync::Mutex<Option<GlobalClient>>,
     /// When connecting last failed.
@@ -117,6 +118,8 @@ pub struct Site {
     pub(crate) halt: Mutex<Option<crate::refresh::Halt>>,
     /// Whether the Subscribe stream to the global controller is open.
     pub(crate) subscribed: std::sync::atomic::AtomicBool,
+    /// Reads answered on a remembered covered verdict since open.
+    repeated_reads: std::sync::atomic::AtomicU64,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -178,7 +181,7 @@ impl Site {
             global: global.clone(),
             global_fingerprint: global.fingerprint(),
             writer: Mutex::new(writer),
-            definitions: RwLock::new(definitions),
+            definitions: Definitions::new(definitions),
             link,
             client: tokio::sync::Mutex::new(None),
             unreachable_since: Mutex::new(None),
@@ -187,7 +190,16 @@ impl Site {
             max_days: std::sync::atomic::AtomicU32::new(DEFAULT_MAX_DAYS),
             halt: Mutex::new(None),
             subscribed: std::sync::atomic::AtomicBool::new(false),
+            repeated_reads: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// How many reads since open were answered on a verdict remembered from
+    /// an earlier *performed* check of the same text (nothing it was drawn
+    /// from having changed), without parsing or planning them again.
+    pub fn repeated_reads(&self) -> u64 {
+        self.repeated_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The mapping in effect.
@@ -772,7 +784,6 @@ impl Site {
         if own && incoming.retrieval.into.is_none() {
             self.definitions
                 .write()
-                .unwrap_or_else(|p| p.into_inner())
                 .push((no, incoming.definition.clone()));
         }
         Ok(no)
@@ -1094,6 +1105,17 @@ struct Incoming<'a> {
     received: u64,
 }
 
+/// How a retrieval's data came to be at the site.
+enum Retrieved {
+    /// Snapshots held already cover it (none if nothing of it is mapped).
+    Covered(Vec<SnapshotNo>),
+    /// What was missing was fetched now.
+    Fetched,
+    /// The global controller could not be asked: the answer is from local
+    /// data, with this notice.
+    LocalOnly(String),
+}
+
 /// What a fetch did.
 pub(crate) enum Fetched {
     /// Nothing of the query is mapped.
@@ -1121,6 +1143,7 @@ impl SiteEngine {
             user: user.to_string(),
             user_code: code.to_string(),
             pending: Vec::new(),
+            reads: CoveredReads::default(),
         })
     }
 }
@@ -1153,6 +1176,9 @@ pub struct SiteSession {
     /// for this session now, for everyone once it commits, and for nobody
     /// if it rolls back.
     pending: Vec<(SnapshotNo, SnapshotDefinition)>,
+    /// Statements found covered, answered again without the check while
+    /// nothing they were judged on changed.
+    reads: CoveredReads,
 }
 
 impl Drop for SiteSession {
@@ -1360,29 +1386,28 @@ impl SiteSession {
         projections(&self.conn, plan)
     }
 
-    /// Makes sure the site holds what `select` needs (steps 2–5); returns
-    /// a notice when the answer will be local-only.
+    /// Makes sure the site holds what `select` needs (steps 2–5).
     fn prepare_retrieval(
         &mut self,
         select: &Select,
         lang: Language,
         text: &str,
-    ) -> Result<Option<String>> {
+    ) -> Result<Retrieved> {
         let site = &self.site;
         let mut plan = plan(select, &site.catalog, &site.mapping())?;
         if plan.query.is_none() {
-            return Ok(None);
+            return Ok(Retrieved::Covered(Vec::new()));
         }
         let current = self.projections(&plan)?;
         let coverage = self.coverage(&plan, &current);
         let used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
         site.touch(&used)?;
         if coverage.covered() {
-            return Ok(None);
+            return Ok(Retrieved::Covered(used));
         }
         // Fetch only the groups no snapshot covers.
         let Some(query) = plan.query.as_mut() else {
-            return Ok(None);
+            return Ok(Retrieved::Fetched);
         };
         let mut keep = coverage.groups.iter().map(Option::is_none);
         query.groups.retain(|_| keep.next().unwrap_or(true));
@@ -1400,13 +1425,13 @@ impl SiteSession {
             user: &self.user_code,
         };
         match site.fetch(&self.conn, &plan, &current, &retrieval)? {
-            Fetched::Nothing => Ok(None),
-            Fetched::LocalOnly(notice) => Ok(Some(notice.to_string())),
+            Fetched::Nothing => Ok(Retrieved::Fetched),
+            Fetched::LocalOnly(notice) => Ok(Retrieved::LocalOnly(notice.to_string())),
             Fetched::Stored(no, def) => {
                 if !self.conn.is_autocommit() {
                     self.pending.push((no, def));
                 }
-                Ok(None)
+                Ok(Retrieved::Fetched)
             }
         }
     }
@@ -1414,11 +1439,7 @@ impl SiteSession {
     /// The performed check against the site's snapshots and this session's
     /// uncommitted ones.
     fn coverage(&self, plan: &Plan, current: &Projections) -> snaps_mapping::performed::Coverage {
-        let shared = self
-            .site
-            .definitions
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let shared = self.site.definitions.read();
         if self.pending.is_empty() {
             return performed(plan, current, &self.site.catalog, &shared);
         }
@@ -1442,11 +1463,7 @@ impl SiteSession {
             |r| r.get(0),
         )?;
         if committed {
-            self.site
-                .definitions
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(pending);
+            self.site.definitions.write().extend(pending);
         } else {
             self.site.mark_uncertain()?;
         }
@@ -1539,7 +1556,39 @@ impl SiteSession {
         })
     }
 
+    /// Answers `text` at once if it is a read found covered earlier and
+    /// nothing it was judged on has changed since.
+    fn repeat_covered(&mut self, text: &str) -> Result<Option<Answer>> {
+        if !self.pending.is_empty() || !self.reads.contains(text) {
+            return Ok(None);
+        }
+        let now = self.stamp()?;
+        let Some(verdict) = self.reads.get(text, &now) else {
+            return Ok(None);
+        };
+        let day = today();
+        if verdict.touched != day {
+            verdict.touched = day;
+            let used = verdict.used.clone();
+            self.site.touch(&used)?;
+        }
+        self.site
+            .repeated_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(Answer {
+            outcomes: self.run_local(text)?,
+            notices: Vec::new(),
+        }))
+    }
+
+    fn stamp(&self) -> Result<Stamp> {
+        Stamp::now(&self.conn, self.site.mapping(), &self.site.definitions)
+    }
+
     fn execute_text(&mut self, text: &str) -> Result<Answer> {
+        if let Some(answer) = self.repeat_covered(text)? {
+            return Ok(answer);
+        }
         let trimmed = text.trim_start();
         let mut answer = Answer::default();
         if trimmed.trim().trim_end_matches(';').trim().is_empty() {
@@ -1564,6 +1613,7 @@ impl SiteSession {
             // Statements SNAPS does not model (DDL, PRAGMA, transactions,
             // SQLite's own syntax) go to SQLite as they are.
             Err(_) if lang == Language::Sql => {
+                self.reads.clear();
                 if writes_mapping_tables(&lower) {
                     return Err(Error::Invalid(
                         "the mapping tables are written with plain INSERT, UPDATE and DELETE \
@@ -1577,6 +1627,13 @@ impl SiteSession {
             Err(e) => return Err(e),
         };
         let single = stmts.len() == 1;
+        // A verdict is remembered only for one SQL read run as written;
+        // anything else may change what the verdicts were drawn from.
+        let repeatable =
+            single && lang == Language::Sql && matches!(stmts[0], Statement::Select(_));
+        if !repeatable {
+            self.reads.clear();
+        }
         for stmt in stmts {
             // SQL runs as the client wrote it; QUEL as its SQL translation.
             let local_sql = if single && lang == Language::Sql {
@@ -1586,15 +1643,28 @@ impl SiteSession {
             };
             match &stmt {
                 Statement::Select(s) => {
-                    if let Some(n) = self.prepare_retrieval(s, lang, text)?
-                        && !answer.notices.contains(&n)
-                    {
-                        answer.notices.push(n);
+                    let stamp = if repeatable && self.pending.is_empty() {
+                        Some(self.stamp()?)
+                    } else {
+                        None
+                    };
+                    match self.prepare_retrieval(s, lang, text)? {
+                        Retrieved::Covered(used) => {
+                            if let Some(stamp) = stamp {
+                                self.reads.remember(text, stamp, used, today());
+                            }
+                        }
+                        Retrieved::Fetched => {}
+                        Retrieved::LocalOnly(n) => {
+                            if !answer.notices.contains(&n) {
+                                answer.notices.push(n);
+                            }
+                        }
                     }
                     answer.outcomes.extend(self.run_local(&local_sql)?);
                 }
                 Statement::DefineSnapshot { query, .. } => {
-                    if let Some(n) = self.prepare_retrieval(query, lang, text)? {
+                    if let Retrieved::LocalOnly(n) = self.prepare_retrieval(query, lang, text)? {
                         answer.notices.push(n);
                     }
                     answer.outcomes.push(Outcome::Command {

@@ -340,7 +340,10 @@ pub async fn run(c: &mut Client, text: &str) -> (Vec<Vec<Option<String>>>, Vec<S
         .client
         .simple_query(text)
         .await
-        .unwrap_or_else(|e| panic!("{text}: {e}"));
+        .unwrap_or_else(|e| match e.as_db_error() {
+            Some(db) => panic!("{text}: {} {}", db.code().code(), db.message()),
+            None => panic!("{text}: {e}"),
+        });
     tokio::task::yield_now().await;
     let mut notices = Vec::new();
     while let Ok(n) = c.notices.try_recv() {
