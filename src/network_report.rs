@@ -768,11 +768,20 @@ fn markdown(r: &NetworkReport) -> String {
     let _ = writeln!(
         m,
         "At {} after the run: up to 20 distinct statements of each class it asked during the week (all covered by \
-         its snapshots now), {} passes, through a SNAPS session (parse, plan, the *performed* check, SQLite) and \
-         with rusqlite straight on the same database file: given the same text (prepared every time, as SNAPS is \
-         given it) and with the statement prepared once and cached. Fetches during the timing: {}.\n",
+         its snapshots now), {} passes taking turns (the median pass counts), through a SNAPS session and with \
+         rusqlite straight on the same database file, reading every value of every row: given the same text \
+         (prepared every time, as SNAPS is given it) and with the statement prepared once and cached. SNAPS parses, plans and checks a statement (*performed?*) the first time, and answers it again \
+         on that verdict while the mapping, its snapshot definitions and the database are as they were: {} of {} \
+         timed statements were answered so. Fetches during the timing: {}.\n",
         r.sites.first().map_or("", String::as_str),
         o.repeats,
+        thousands(r.covered.iter().map(|c| c.remembered).sum::<u64>()),
+        thousands(
+            r.covered
+                .iter()
+                .map(|c| (c.statements * o.repeats.max(1)) as u64)
+                .sum::<u64>()
+        ),
         r.covered_fetches
     );
     let _ = writeln!(

@@ -25,9 +25,10 @@ use snaps_schema::SnapshotNo;
 use crate::Result;
 use crate::site::Active;
 
-/// How many statement texts a session keeps verdicts for; past that it
-/// starts again (an application's distinct statements are far fewer).
-const CAPACITY: usize = 512;
+/// How many statement texts a session keeps verdicts (and compiled
+/// statements) for; past that it starts again. An application's distinct
+/// statements are far fewer, and a compiled statement costs a few kB.
+pub(crate) const CAPACITY: usize = 256;
 
 /// The snapshot definitions a site holds, with a generation that moves on
 /// after every change to them.

@@ -1136,6 +1136,7 @@ impl SiteEngine {
         let conn = open_conn(&self.0.path).map_err(|e| EngineError::new("58000", e.to_string()))?;
         register_next_key(&conn, &self.0.catalog)
             .map_err(|e| EngineError::new("58000", e.to_string()))?;
+        conn.set_prepared_statement_cache_capacity(crate::covered::CAPACITY);
         Ok(SiteSession {
             site: self.0.clone(),
             conn,
@@ -1337,48 +1338,50 @@ impl SiteSession {
         let mut out = Vec::new();
         let mut batch = Batch::new(&self.conn, text);
         while let Some(mut stmt) = batch.next()? {
-            let sql = stmt.expanded_sql().unwrap_or_default();
-            if stmt.column_count() == 0 {
-                stmt.raw_execute()?;
-                out.push(Outcome::Command {
-                    tag: command_tag(&sql, self.conn.changes()),
-                });
-                continue;
-            }
-            let keep: Vec<usize> = (0..stmt.column_count())
-                .filter(|&i| stmt.column_name(i).is_ok_and(|n| n != STATUS_COLUMN))
-                .collect();
-            let decls: Vec<Option<ColumnKind>> = stmt
-                .columns()
-                .map(|c| kind_of_decl(c.decl_type()))
-                .collect();
-            let names: Vec<String> = keep
-                .iter()
-                .map(|&i| stmt.column_name(i).map(str::to_string))
-                .collect::<rusqlite::Result<_>>()?;
-            let mut rows = Vec::new();
-            let mut q = stmt.raw_query();
-            while let Some(r) = q.next()? {
-                let row = keep
-                    .iter()
-                    .map(|&i| Ok(result_value(r.get_ref(i)?)))
-                    .collect::<Result<Vec<_>>>()?;
-                rows.push(row);
-            }
-            let columns = keep
-                .iter()
-                .zip(&names)
-                .map(|(&i, name)| {
-                    let kind = decls[i].unwrap_or_else(|| kind_of_expression(name));
-                    ResultColumn {
-                        name: name.clone(),
-                        kind,
-                    }
-                })
-                .collect();
-            out.push(Outcome::Rows { columns, rows });
+            out.push(self.outcome(&mut stmt)?);
         }
         Ok(out)
+    }
+
+    /// Runs one prepared statement; the status column never reaches the
+    /// client.
+    fn outcome(&self, stmt: &mut rusqlite::Statement<'_>) -> Result<Outcome> {
+        if stmt.column_count() == 0 {
+            let sql = stmt.expanded_sql().unwrap_or_default();
+            stmt.raw_execute()?;
+            return Ok(Outcome::Command {
+                tag: command_tag(&sql, self.conn.changes()),
+            });
+        }
+        let keep: Vec<usize> = (0..stmt.column_count())
+            .filter(|&i| stmt.column_name(i).is_ok_and(|n| n != STATUS_COLUMN))
+            .collect();
+        let decls: Vec<Option<ColumnKind>> = stmt
+            .columns()
+            .map(|c| kind_of_decl(c.decl_type()))
+            .collect();
+        let names: Vec<String> = keep
+            .iter()
+            .map(|&i| stmt.column_name(i).map(str::to_string))
+            .collect::<rusqlite::Result<_>>()?;
+        let mut rows = Vec::new();
+        let mut q = stmt.raw_query();
+        while let Some(r) = q.next()? {
+            let row = keep
+                .iter()
+                .map(|&i| Ok(result_value(r.get_ref(i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push(row);
+        }
+        let columns = keep
+            .iter()
+            .zip(names)
+            .map(|(&i, name)| {
+                let kind = decls[i].unwrap_or_else(|| kind_of_expression(&name));
+                ResultColumn { name, kind }
+            })
+            .collect();
+        Ok(Outcome::Rows { columns, rows })
     }
 
     /// The current semi-join projections of a plan, per variable.
@@ -1575,8 +1578,10 @@ impl SiteSession {
         self.site
             .repeated_reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The statement stays compiled for its next repetition.
+        let mut stmt = self.conn.prepare_cached(text)?;
         Ok(Some(Answer {
-            outcomes: self.run_local(text)?,
+            outcomes: vec![self.outcome(&mut stmt)?],
             notices: Vec::new(),
         }))
     }
