@@ -186,6 +186,16 @@ pub async fn run_demo(
     println!(
         "password of user {DEMO_USER} at every site: {DEMO_PASSWORD} (PGPASSWORD={DEMO_PASSWORD})"
     );
+    if certs
+        .join(format!("{}-sql", network.sites[0].code))
+        .exists()
+    {
+        println!(
+            "the sites' SQL endpoints offer TLS (psql uses it; to check the certificate: \
+             sslmode=verify-full sslrootcert={})",
+            certs.join("ca.pem").display()
+        );
+    }
     for l in &lines {
         println!("{l}");
     }

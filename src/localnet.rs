@@ -84,8 +84,10 @@ pub fn issue_certificates(dir: &std::path::Path, network: &NetworkConfig) -> Res
         &network.name,
         &["localhost".to_string(), "127.0.0.1".to_string()],
     )?;
+    let local = ["localhost".to_string(), "127.0.0.1".to_string()];
     for s in &network.sites {
         snaps_proto::tls::issue_site(dir, s.code.as_str())?;
+        snaps_proto::tls::issue_sql(dir, s.code.as_str(), &local)?;
     }
     Ok(())
 }
@@ -237,6 +239,23 @@ impl LocalNetwork {
         })
     }
 
+    /// TLS for site `code`'s SQL endpoint, offered to clients that ask for
+    /// it, where the network's credentials include the endpoint's
+    /// certificate (`CODE-sql`).
+    pub fn sql_tls(&self, code: &str) -> Result<Option<snaps_local::endpoint::SqlTls>> {
+        let Some(dir) = self.tls.as_ref().map(|d| d.join(format!("{code}-sql"))) else {
+            return Ok(None);
+        };
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let config = snaps_proto::tls::Credentials::in_dir(&dir).sql_server_config()?;
+        Ok(Some(snaps_local::endpoint::SqlTls {
+            config,
+            required: false,
+        }))
+    }
+
     /// Connects as the network's administrator.
     pub async fn admin_client(&self) -> Result<GlobalClient> {
         Ok(GlobalClient::connect(&self.addr, &self.admin_auth()?, None).await?)
@@ -381,8 +400,9 @@ pub async fn run_site(
     let participant = tokio::spawn(site.clone().participate());
     let engine: std::sync::Arc<dyn snaps_local::engine::Engine> =
         std::sync::Arc::new(snaps_local::site::SiteEngine(site.clone()));
+    let sql_tls = global.sql_tls(code)?;
     let endpoint = tokio::spawn(snaps_local::endpoint::serve(
-        engine, login, listener, shutdown,
+        engine, login, sql_tls, listener, shutdown,
     ));
     Ok(RunningSite {
         database,

@@ -279,6 +279,20 @@ enum CertsCommand {
         /// The site code, e.g. CPH.
         code: String,
     },
+    /// Issue the server certificate of a site's SQL endpoint (DIR/CODE-sql)
+    /// for the host names and addresses its clients connect to; in the
+    /// site's site.toml: sql_tls = "DIR/CODE-sql".
+    Sql {
+        /// The folder `snaps certs init` wrote.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// The site code, e.g. CPH.
+        code: String,
+        /// Host names and addresses the site's SQL clients connect to
+        /// (repeat for several).
+        #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
     /// Issue another administrator's key and certificate (DIR/admin-NAME).
     Admin {
         /// The folder `snaps certs init` wrote.
@@ -317,6 +331,17 @@ fn certs_command(command: CertsCommand) -> Result<String> {
                 "site {code}: {} (give it to the site; in its site.toml: tls = \"{}\")",
                 out.display(),
                 out.display()
+            ))
+        }
+        CertsCommand::Sql { dir, code, hosts } => {
+            let out = tls::issue_sql(&dir, &code, &hosts)?;
+            Ok(format!(
+                "SQL endpoint of {code}: {} (for {}; in its site.toml: sql_tls = \"{}\"; \
+                 clients check it with sslmode=verify-full sslrootcert={})",
+                out.display(),
+                hosts.join(", "),
+                out.display(),
+                dir.join("ca.pem").display()
             ))
         }
         CertsCommand::Admin { dir, name } => {

@@ -508,6 +508,161 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
     assert!(stderr(&o).contains("no users_file"), "{}", stderr(&o));
 }
 
+/// `psql` at `conninfo` running `command`, with the demo user's password.
+fn psql(conninfo: &str, command: &str) -> Option<Output> {
+    match Command::new("psql")
+        .args([conninfo, "-X", "-A", "-t", "-c", command])
+        .env("PGPASSWORD", "film-badge-7")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+    {
+        Ok(o) => Some(o),
+        Err(e) if std::env::var_os("SNAPS_REQUIRE_POSTGRES").is_some() => {
+            panic!("psql is needed for this test (SNAPS_REQUIRE_POSTGRES is set): {e}")
+        }
+        Err(e) => {
+            eprintln!(
+                "psql not run ({e}): install postgresql-client to check TLS at the SQL endpoint"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn the_sql_endpoint_serves_tls_with_the_networks_certificate_and_refuses_plain_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().expect("path");
+    let o = snaps(&["certs", "init", "--dir", certs_arg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = snaps(&[
+        "certs",
+        "sql",
+        "STG",
+        "--dir",
+        certs_arg,
+        "--host",
+        "127.0.0.1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sql_tls = "), "{}", stdout(&o));
+    let o = snaps(&[
+        "certs",
+        "sql",
+        "STG",
+        "--dir",
+        certs_arg,
+        "--host",
+        "not a host!",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a host!"), "{}", stderr(&o));
+
+    let added = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["users", "add", "radiology", "--code", "RAD01", "--file"])
+        .arg(dir.path().join("users.toml"))
+        .env("SNAPS_USER_PASSWORD", "film-badge-7")
+        .output()
+        .expect("snaps users add");
+    assert!(added.status.success(), "{}", stderr(&added));
+    let sql_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let site_toml = dir.path().join("site.toml");
+    let write_site = |extra: &str| {
+        std::fs::write(
+            &site_toml,
+            format!(
+                "site = \"STG\"\nnetwork = {:?}\ndatabase = \"STG/local.db\"\n\
+                 listen = \"127.0.0.1:{sql_port}\"\nglobal = \"http://127.0.0.1:1\"\n\
+                 token = \"stg-token-0123456789abcdef\"\nusers_file = \"users.toml\"\n{extra}",
+                network.display().to_string()
+            ),
+        )
+        .expect("write site.toml");
+    };
+    // Asking for TLS without a certificate is named.
+    write_site("sql_tls_required = true\n");
+    let o = snaps(&[
+        "site",
+        "serve",
+        "--insecure",
+        "--config",
+        site_toml.to_str().expect("path"),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("snaps certs sql STG"), "{}", stderr(&o));
+
+    // The SQL endpoint needs no global controller to answer this.
+    write_site("sql_tls = \"certs/STG-sql\"\n");
+    let site = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["site", "serve", "--insecure", "--config"])
+        .arg(&site_toml)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the site");
+    let _running = Running(vec![site]);
+    let ca = certs.join("ca.pem");
+    let verified = format!(
+        "host=127.0.0.1 port={sql_port} user=radiology dbname=STG sslmode=verify-full sslrootcert={}",
+        ca.display()
+    );
+    let mut answer = None;
+    for _ in 0..100 {
+        let Some(o) = psql(&verified, "SELECT 41 + 1") else {
+            return;
+        };
+        if o.status.success() {
+            answer = Some(o);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let answer = answer.expect("psql with sslmode=verify-full never got in");
+    assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "42");
+    let info = psql(&verified, "\\conninfo").expect("psql");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("SSL connection"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
+    // Plain text is refused before any password is asked for.
+    let plain = psql(
+        &format!("host=127.0.0.1 port={sql_port} user=radiology dbname=STG sslmode=disable"),
+        "SELECT 1",
+    )
+    .expect("psql");
+    assert!(!plain.status.success());
+    let message = String::from_utf8_lossy(&plain.stderr);
+    assert!(message.contains("over TLS only"), "{message}");
+    // A client that trusts another CA refuses the endpoint.
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_certs = other.path().join("certs");
+    let o = snaps(&[
+        "certs",
+        "init",
+        "--network",
+        "elsewhere",
+        "--dir",
+        other_certs.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let wrong_ca = psql(
+        &format!(
+            "host=127.0.0.1 port={sql_port} user=radiology dbname=STG sslmode=verify-full sslrootcert={}",
+            other_certs.join("ca.pem").display()
+        ),
+        "SELECT 1",
+    )
+    .expect("psql");
+    assert!(!wrong_ca.status.success());
+    let message = String::from_utf8_lossy(&wrong_ca.stderr);
+    assert!(message.contains("certificate verify failed"), "{message}");
+}
+
 /// The week's total bytes of `design` in the report's table.
 fn total_bytes(report: &str, design: &str) -> u64 {
     let row = report

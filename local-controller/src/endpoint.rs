@@ -77,8 +77,20 @@ pub enum Login {
     Scram(PathBuf),
 }
 
+/// TLS at the SQL endpoint (`sql_tls` in `site.toml`).
+#[derive(Debug, Clone)]
+pub struct SqlTls {
+    /// The endpoint's certificate and key
+    /// ([`snaps_proto::tls::Credentials::sql_server_config`]).
+    pub config: Arc<rustls::ServerConfig>,
+    /// Whether a client that does not ask for TLS is refused (at startup,
+    /// before any password is exchanged).
+    pub required: bool,
+}
+
 /// Serves the PostgreSQL protocol on `listener` until `shutdown` completes,
-/// one task per connection, checking logins as `login` says.
+/// one task per connection, checking logins as `login` says; with `tls`,
+/// clients may (or must) encrypt the connection.
 ///
 /// On shutdown the listener is dropped, so new connections are refused;
 /// connections already open keep being served until their clients leave
@@ -87,19 +99,25 @@ pub enum Login {
 pub async fn serve(
     engine: Arc<dyn Engine>,
     login: Login,
+    tls: Option<SqlTls>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let acceptor = tls
+        .as_ref()
+        .map(|t| pgwire::tokio::TlsAcceptor::from(t.config.clone()));
+    let tls_required = tls.is_some_and(|t| t.required);
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    let handlers = Handlers(Arc::new(Connection::new(engine.clone(), login.clone())));
+                    let handlers = Handlers(Arc::new(Connection::new(engine.clone(), login.clone(), tls_required)));
+                    let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        if let Err(error) = pgwire::tokio::process_socket(socket, acceptor, handlers).await {
                             tracing::debug!(%peer, %error, "SQL client connection ended with an error");
                         }
                     });
@@ -152,16 +170,19 @@ enum Scram {
 struct Connection {
     engine: Arc<dyn Engine>,
     login: Login,
+    /// Refuse the startup of a connection that is not encrypted.
+    tls_required: bool,
     scram: Mutex<Option<Scram>>,
     session: OnceLock<SharedSession>,
     parser: Arc<Parser>,
 }
 
 impl Connection {
-    fn new(engine: Arc<dyn Engine>, login: Login) -> Connection {
+    fn new(engine: Arc<dyn Engine>, login: Login, tls_required: bool) -> Connection {
         Connection {
             engine,
             login,
+            tls_required,
             scram: Mutex::new(None),
             session: OnceLock::new(),
             parser: Arc::new(Parser),
@@ -251,6 +272,14 @@ impl StartupHandler for Connection {
     {
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
+                if self.tls_required && !client.is_secure() {
+                    return Err(fatal(
+                        "28000",
+                        "this site accepts SQL connections over TLS only: connect with \
+                         sslmode=require, or sslmode=verify-full and the network's ca.pem as \
+                         sslrootcert",
+                    ));
+                }
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
                 let Some(user) = client.metadata().get(METADATA_USER).cloned() else {

@@ -14,6 +14,10 @@
 //! retry_after_ms = 10000             # after a failure, local answers at once
 //! users_file = "users.toml"          # SCRAM logins: `snaps users add`
 //!                                    # (without it, --insecure: anyone)
+//! sql_tls = "certs/CPH-sql"          # TLS at the SQL endpoint: cert.pem,
+//!                                    # key.pem (`snaps certs sql CPH`)
+//! sql_tls_required = true            # refuse clients without TLS (default
+//!                                    # with sql_tls)
 //! max_days = 30                      # evict snapshots unused this long
 //! compress = true                    # gzip messages of 512 bytes or more
 //! ```
@@ -28,7 +32,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use snaps_schema::NetworkConfig;
 
-use crate::endpoint::Login;
+use crate::endpoint::{Login, SqlTls};
 use crate::engine::Engine;
 use crate::remote::Auth;
 use crate::site::{GlobalLink, Site, SiteEngine};
@@ -58,6 +62,10 @@ struct File {
     max_days: u32,
     #[serde(default = "default_compress")]
     compress: bool,
+    #[serde(default)]
+    sql_tls: Option<PathBuf>,
+    #[serde(default)]
+    sql_tls_required: Option<bool>,
 }
 
 fn default_compress() -> bool {
@@ -87,6 +95,8 @@ pub struct SiteServeConfig {
     pub link: GlobalLink,
     /// How the SQL endpoint checks logins.
     pub login: Login,
+    /// TLS at the SQL endpoint, if configured.
+    pub sql_tls: Option<SqlTls>,
     /// Snapshots unused this many days are evicted at the refresh.
     pub max_days: u32,
 }
@@ -149,6 +159,29 @@ impl SiteServeConfig {
                 ));
             }
         };
+        let sql_tls = match (&f.sql_tls, f.sql_tls_required) {
+            (Some(tls), required) => Some(SqlTls {
+                config: snaps_proto::tls::Credentials::in_dir(dir.join(tls))
+                    .sql_server_config()
+                    .map_err(|e| bad(format!("sql_tls: {e}")))?,
+                required: required.unwrap_or(true),
+            }),
+            (None, Some(true)) => {
+                return Err(bad(format!(
+                    "sql_tls_required = true needs sql_tls = \"DIR\": the SQL endpoint's \
+                     certificate and key (made by `snaps certs sql {}`)",
+                    f.site
+                )));
+            }
+            (None, _) => None,
+        };
+        if sql_tls.is_none() && !f.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %f.listen,
+                "the SQL endpoint listens beyond this machine without TLS: passwords are \
+                 safe (SCRAM), the data are not; see sql_tls in site.toml"
+            );
+        }
         Ok(SiteServeConfig {
             site: f.site,
             network,
@@ -162,6 +195,7 @@ impl SiteServeConfig {
                 retry_after: Duration::from_millis(f.retry_after_ms),
             },
             login,
+            sql_tls,
             max_days: f.max_days,
         })
     }
@@ -203,7 +237,14 @@ pub async fn serve_site(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(site = %site.code(), %addr, "SQL endpoint serving");
     }
-    let served = crate::endpoint::serve(engine, config.login.clone(), listener, shutdown).await;
+    let served = crate::endpoint::serve(
+        engine,
+        config.login.clone(),
+        config.sql_tls.clone(),
+        listener,
+        shutdown,
+    )
+    .await;
     loader.abort();
     served.map_err(|e| Error::Io {
         path: PathBuf::from("SQL endpoint"),

@@ -226,9 +226,15 @@ async fn start_with(login: Login) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(Arc::new(FakeEngine), login, listener, async move {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(serve(
+        Arc::new(FakeEngine),
+        login,
+        None,
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+    ));
     Server {
         addr,
         shutdown: Some(tx),

@@ -167,6 +167,22 @@ impl Credentials {
         Ok(Arc::new(config))
     }
 
+    /// A site's SQL endpoint: presents this certificate and asks for none
+    /// (SQL clients log in with SCRAM); ALPN `postgresql`, which clients
+    /// opening TLS directly (PostgreSQL 17's `sslnegotiation=direct`) send.
+    pub fn sql_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(ring::default_provider());
+        let (chain, key) = self.chain_and_key()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| self.pair_error(e))?;
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The holder named by this directory's certificate.
     pub fn peer(&self) -> Result<Peer, TlsError> {
         let chain = certificates(&self.cert)?;
@@ -314,6 +330,7 @@ pub fn issue_network(dir: &Path, network: &str, hosts: &[String]) -> Result<Netw
             "the global controller's certificate needs at least one host name or address".into(),
         ));
     }
+    check_hosts(hosts)?;
     let key = KeyPair::generate().map_err(rcgen_error)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -351,18 +368,68 @@ pub fn issue_network(dir: &Path, network: &str, hosts: &[String]) -> Result<Netw
 
 /// Issues site `code`'s credentials into `dir/CODE` with the CA in `dir`.
 pub fn issue_site(dir: &Path, code: &str) -> Result<PathBuf, TlsError> {
-    if code.is_empty() || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(TlsError::Config(format!(
-            "site code {code:?}: letters, digits and _ only"
-        )));
-    }
+    check_code(code)?;
     let out = dir.join(code);
     issue_peer(dir, &Peer::Site(code.to_string()), &out)?;
     Ok(out)
 }
 
-/// Issues `peer`'s client certificate into `out`, signed by the CA in `dir`.
-pub fn issue_peer(dir: &Path, peer: &Peer, out: &Path) -> Result<(), TlsError> {
+/// Issues the server certificate of site `code`'s SQL endpoint, for the
+/// host names and addresses its clients connect to, into `dir/CODE-sql`
+/// with the CA in `dir`. Clients that check it (`sslmode=verify-full`) are
+/// given the network's `ca.pem`.
+pub fn issue_sql(dir: &Path, code: &str, hosts: &[String]) -> Result<PathBuf, TlsError> {
+    check_code(code)?;
+    if hosts.is_empty() {
+        return Err(TlsError::Config(format!(
+            "the SQL endpoint of {code} needs at least one host name or address"
+        )));
+    }
+    check_hosts(hosts)?;
+    let (ca_path, issuer) = network_issuer(dir)?;
+    let mut params = CertificateParams::new(hosts.to_vec())
+        .map_err(|e| TlsError::Config(format!("host names {hosts:?}: {e}")))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("SNAPS SQL endpoint {code}"));
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let out = dir.join(format!("{code}-sql"));
+    leaf(&out, &ca_path, params, &issuer)?;
+    Ok(out)
+}
+
+/// Host names a server certificate is for: IP addresses or DNS names
+/// (letters, digits and `-` in dot-separated labels), so a typo is named now
+/// rather than found when no client can verify the server.
+fn check_hosts(hosts: &[String]) -> Result<(), TlsError> {
+    for host in hosts {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        };
+        if host.parse::<std::net::IpAddr>().is_err() && !host.split('.').all(label_ok) {
+            return Err(TlsError::Config(format!(
+                "host {host:?}: not an IP address or a DNS name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_code(code: &str) -> Result<(), TlsError> {
+    if code.is_empty() || !code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(TlsError::Config(format!(
+            "site code {code:?}: letters, digits and _ only"
+        )));
+    }
+    Ok(())
+}
+
+/// The CA in `dir` (`ca.pem`, `ca-key.pem`), ready to sign.
+fn network_issuer(dir: &Path) -> Result<(PathBuf, Issuer<'static, KeyPair>), TlsError> {
     let ca_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca-key.pem");
     let read = |p: &Path| {
@@ -379,6 +446,12 @@ pub fn issue_peer(dir: &Path, peer: &Peer, out: &Path) -> Result<(), TlsError> {
         path: ca_path.clone(),
         what: format!("not a CA certificate: {e}"),
     })?;
+    Ok((ca_path, issuer))
+}
+
+/// Issues `peer`'s client certificate into `out`, signed by the CA in `dir`.
+pub fn issue_peer(dir: &Path, peer: &Peer, out: &Path) -> Result<(), TlsError> {
+    let (ca_path, issuer) = network_issuer(dir)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, peer.to_string());
@@ -418,6 +491,29 @@ fn leaf(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_certificates_are_for_ip_addresses_and_dns_names_only() {
+        let ok = |h: &str| check_hosts(&[h.to_string()]).is_ok();
+        for good in [
+            "localhost",
+            "radiology-db.cph.example.org",
+            "10.0.0.7",
+            "::1",
+        ] {
+            assert!(ok(good), "{good}");
+        }
+        for bad in [
+            "",
+            "not a host!",
+            "-cph.example.org",
+            "cph..example.org",
+            "cph_db",
+        ] {
+            let e = check_hosts(&[bad.to_string()]).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
 
     #[test]
     fn issued_certificates_name_their_holder() {

@@ -192,6 +192,7 @@ async fn setup_full(
         tokio::spawn(snaps_local::endpoint::serve(
             engine,
             snaps_local::endpoint::Login::Trust,
+            None,
             listener,
             std::future::pending(),
         ));
