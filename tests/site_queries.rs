@@ -544,3 +544,93 @@ async fn a_remembered_covered_read_is_judged_again_after_a_change_it_depends_on(
     assert_eq!(site.repeated_reads(), repeated + 1);
     assert_eq!(stat(&db, "global_fetches"), fetches + 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lookup_by_a_key_the_site_holds_needs_no_fetch() {
+    let net = setup(20).await;
+    let db = net.dir.path().join("STG").join("local.db");
+    let mut stg = connect(net.sites["STG"]).await;
+    let by_no = |pno: &Value| format!("SELECT pno, surname FROM patient WHERE pno = {pno}");
+    let surname = |p: &[Value]| match &p[3] {
+        Value::Text(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    };
+    let fetches = stat(&db, "global_fetches");
+
+    // STG's own exported patient: keys are unique in the global snapshot,
+    // so the one tuple with this number is the one STG holds.
+    let own = net.data["STG"]["patient"][4].clone();
+    let (rows, notices) = run(&mut stg, &by_no(&own[0])).await;
+    assert!(notices.is_empty(), "{notices:?}");
+    assert_eq!(rows, vec![vec![Some(own[0].to_string()), surname(&own)]]);
+    assert_eq!(stat(&db, "global_fetches"), fetches, "answered at STG");
+    let explain = run(&mut stg, &format!("EXPLAIN SNAPS {}", by_no(&own[0])))
+        .await
+        .0;
+    assert!(
+        explain
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|l| l.contains("holds the tuple with the key")),
+        "{explain:?}"
+    );
+    // With another condition too; and in QUEL.
+    run(
+        &mut stg,
+        &format!("SELECT dob FROM patient WHERE pno = {} AND dob > 0", own[0]),
+    )
+    .await;
+    run(
+        &mut stg,
+        &format!(
+            "range of p is patient\nretrieve (p.surname) where p.pno = {}",
+            own[0]
+        ),
+    )
+    .await;
+    assert_eq!(stat(&db, "global_fetches"), fetches);
+
+    // A CPH patient STG does not hold is asked for, once; then it is held.
+    let cph = net.data["CPH"]["patient"][6].clone();
+    let (rows, _) = run(&mut stg, &by_no(&cph[0])).await;
+    assert_eq!(rows, vec![vec![Some(cph[0].to_string()), surname(&cph)]]);
+    assert_eq!(stat(&db, "global_fetches"), fetches + 1);
+    let (rows, _) = run(
+        &mut stg,
+        &format!(
+            "SELECT surname FROM patient WHERE pno = {} AND surname IS NOT NULL",
+            cph[0]
+        ),
+    )
+    .await;
+    assert_eq!(rows, vec![vec![surname(&cph)]]);
+    assert_eq!(stat(&db, "global_fetches"), fetches + 1, "the copy is held");
+
+    // A patient inserted here is not in the global snapshot yet, where
+    // another site's tuple may hold the number: asked for.
+    let new_pno = common::patients(&net, "STG").into_iter().max().unwrap() + 1;
+    run(
+        &mut stg,
+        &format!("INSERT INTO patient (pno, surname) VALUES ({new_pno}, 'Newly')"),
+    )
+    .await;
+    let (rows, _) = run(
+        &mut stg,
+        &format!("SELECT surname FROM patient WHERE pno = {new_pno}"),
+    )
+    .await;
+    assert_eq!(rows, vec![vec![Some("Newly".to_string())]]);
+    assert_eq!(stat(&db, "global_fetches"), fetches + 2);
+
+    // A join still asks: other sites may record visits of STG's patient.
+    run(
+        &mut stg,
+        &format!(
+            "SELECT v.vno FROM patient p, visit v WHERE p.pno = v.pno AND p.pno = {}",
+            own[0]
+        ),
+    )
+    .await;
+    assert_eq!(stat(&db, "global_fetches"), fetches + 3);
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::{Batch, Connection, OpenFlags, OptionalExtension, params};
 use snaps_mapping::ir::{Delete, Insert, Range, Select, Statement, Update};
-use snaps_mapping::performed::{SnapshotDefinition, performed};
+use snaps_mapping::performed::{Coverage, SnapshotDefinition, key_pinned, performed};
 use snaps_mapping::quel::{QuelSession, looks_like_quel};
 use snaps_mapping::rewrite::{Plan, plan};
 use snaps_mapping::{Language, SiteMapping};
@@ -31,7 +31,7 @@ use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Val
 use crate::covered::{CoveredReads, Definitions, Stamp};
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
-use crate::store::{CHANGED_BITS, STATUS_COLUMN, read_tuples};
+use crate::store::{CHANGED_BITS, NEW_BIT, STATUS_COLUMN, read_tuples};
 use crate::value::to_sqlite;
 use crate::write::{KeyCheck, register_next_key};
 use crate::{Error, Result};
@@ -1405,14 +1405,15 @@ impl SiteSession {
         let coverage = self.coverage(&plan, &current);
         let used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
         site.touch(&used)?;
-        if coverage.covered() {
+        let missing = self.missing_groups(&plan, &coverage)?;
+        if !missing.contains(&true) {
             return Ok(Retrieved::Covered(used));
         }
-        // Fetch only the groups no snapshot covers.
+        // Fetch only the groups neither a snapshot nor a held key covers.
         let Some(query) = plan.query.as_mut() else {
             return Ok(Retrieved::Fetched);
         };
-        let mut keep = coverage.groups.iter().map(Option::is_none);
+        let mut keep = missing.into_iter();
         query.groups.retain(|_| keep.next().unwrap_or(true));
         let vars: BTreeSet<String> = query
             .groups
@@ -1437,6 +1438,66 @@ impl SiteSession {
                 Ok(Retrieved::Fetched)
             }
         }
+    }
+
+    /// Per join group of `plan`: whether it must be fetched (neither a
+    /// snapshot covers it nor does the site hold the tuple it pins).
+    fn missing_groups(&self, plan: &Plan, coverage: &Coverage) -> Result<Vec<bool>> {
+        coverage
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(i, covered)| Ok(covered.is_none() && !self.holds_pinned_tuple(plan, i)?))
+            .collect()
+    }
+
+    /// Whether the site holds the one tuple join group `group` of `plan` can
+    /// fetch, so the group needs no fetch: the group pins its table's whole
+    /// key to constants ([`key_pinned`]); the table maps onto one global
+    /// relation whose key the local key reaches unconverted (keys are unique
+    /// in the global snapshot); and a tuple with that key is here and not
+    /// new (a new one is not in the global snapshot yet, and another site's
+    /// tuple may clash with it there). Changes others make to the tuple
+    /// reach the site at the refresh, as they do a copy's.
+    fn holds_pinned_tuple(&self, plan: &Plan, group: usize) -> Result<bool> {
+        let Some(table) = plan
+            .query
+            .as_ref()
+            .and_then(|q| q.groups.get(group))
+            .and_then(|g| g.tables.first())
+        else {
+            return Ok(false);
+        };
+        let active = self.site.mapping();
+        let (Some(check), Some(rm)) = (
+            active.key_checks.get(&table.local_relation),
+            active.relation(&table.local_relation),
+        ) else {
+            return Ok(false);
+        };
+        if rm.parts.len() != 1 || !check.unconverted() {
+            return Ok(false);
+        }
+        let Some(values) = key_pinned(plan, group, &rm.local.key) else {
+            return Ok(false);
+        };
+        let wheres: Vec<String> = rm
+            .local
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{} = ?{}", snaps_schema::sql_ident(k), i + 1))
+            .collect();
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({STATUS_COLUMN} & {NEW_BIT}) = 0)",
+            snaps_schema::sql_ident(&table.local_relation),
+            wheres.join(" AND ")
+        );
+        let args: Vec<rusqlite::types::Value> = values.iter().map(to_sqlite).collect();
+        Ok(self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(rusqlite::params_from_iter(args), |r| r.get(0))?)
     }
 
     /// The performed check against the site's snapshots and this session's
@@ -1533,20 +1594,37 @@ impl SiteSession {
             let plan = plan(&select, &site.catalog, &site.mapping())?;
             let current = self.projections(&plan)?;
             let coverage = self.coverage(&plan, &current);
-            lines.push(match (&plan.query, coverage.covered()) {
+            let missing = self.missing_groups(&plan, &coverage)?;
+            lines.push(match (&plan.query, missing.contains(&true)) {
                 (None, _) => {
                     "covered: nothing to fetch (no relation of the query is mapped)".into()
                 }
-                (Some(_), true) => {
-                    let nos: Vec<String> = coverage
+                (Some(_), false) => {
+                    let nos: BTreeSet<String> = coverage
                         .groups
                         .iter()
                         .flatten()
                         .map(|n| n.0.to_string())
                         .collect();
-                    format!("covered: yes, by snapshot {}", nos.join(", "))
+                    let held = coverage.groups.iter().any(Option::is_none);
+                    match (nos.is_empty(), held) {
+                        (false, false) => format!(
+                            "covered: yes, by snapshot {}",
+                            nos.into_iter().collect::<Vec<_>>().join(", ")
+                        ),
+                        (false, true) => format!(
+                            "covered: yes, by snapshot {} and the tuple this site holds with the \
+                             key asked for",
+                            nos.into_iter().collect::<Vec<_>>().join(", ")
+                        ),
+                        (true, _) => {
+                            "covered: yes, this site holds the tuple with the key asked for \
+                             (keys are unique in the global snapshot)"
+                                .to_string()
+                        }
+                    }
                 }
-                (Some(_), false) => "covered: no, the global snapshot will be asked".into(),
+                (Some(_), true) => "covered: no, the global snapshot will be asked".into(),
             });
             lines.extend(plan.to_string().lines().map(str::to_string));
         }

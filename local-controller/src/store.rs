@@ -67,7 +67,7 @@ pub const STAT_COUNTERS: &[&str] = &[
 ];
 
 /// Appendix-A bit 4: added at this site since the last refresh.
-const NEW_BIT: u8 = 0x10;
+pub(crate) const NEW_BIT: u8 = 0x10;
 /// Appendix-A bit 3: changed at this site since the last refresh.
 const MODIFIED_BIT: u8 = 0x08;
 /// Appendix-A bits 2..0: non-zero while the controller stores a fetch.

@@ -48,6 +48,12 @@ pub(crate) struct KeyCheck {
 }
 
 impl KeyCheck {
+    /// Whether every key attribute reaches the global key unconverted, so
+    /// equal local keys are equal global keys and back.
+    pub(crate) fn unconverted(&self) -> bool {
+        self.attributes.iter().all(|a| a.3.is_none())
+    }
+
     /// The check for `rm`, when its whole key maps onto the key of one
     /// global relation (a relation without a key, or split by a non-unique
     /// one, has nothing to check).

@@ -158,6 +158,47 @@ pub fn performed(
     Coverage { groups }
 }
 
+/// The values join group `group` of `plan` pins its table's whole key to,
+/// in the order of `key`: the group is one table (not the null-supplying
+/// side of a `LEFT JOIN`) and the query has a conjunct `var.k = constant`
+/// (or `constant = var.k`) for every attribute `k` of `key`. As keys are
+/// unique in the global snapshot, such a group can fetch at most one tuple,
+/// the one with that key; whether the site already holds it is the site's
+/// to say.
+pub fn key_pinned(plan: &Plan, group: usize, key: &[String]) -> Option<Vec<Value>> {
+    let g = plan.query.as_ref()?.groups.get(group)?;
+    let [t] = g.tables.as_slice() else {
+        return None;
+    };
+    if t.outer || !g.joins.is_empty() || key.is_empty() {
+        return None;
+    }
+    let conjuncts = plan.decomposition.selections.get(&t.local_var)?;
+    let pinned = |attr: &str| {
+        conjuncts.iter().find_map(|c| {
+            let Expr::Binary {
+                op: BinOp::Eq,
+                left,
+                right,
+            } = c
+            else {
+                return None;
+            };
+            let (col, value) = match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(col), Expr::Literal(v)) | (Expr::Literal(v), Expr::Column(col)) => {
+                    (col, v)
+                }
+                _ => return None,
+            };
+            (col.attr == attr
+                && col.var.as_deref() == Some(t.local_var.as_str())
+                && *value != Value::Null)
+                .then(|| value.clone())
+        })
+    };
+    key.iter().map(|k| pinned(k)).collect()
+}
+
 /// Semi-join attributes and the rows the site would send now, if known.
 type Projection<'a> = (&'a [String], Option<&'a Vec<Vec<Value>>>);
 
@@ -602,6 +643,47 @@ mod tests {
 
     fn definition(sql: &str) -> SnapshotDefinition {
         SnapshotDefinition::from_plan(&planned(sql), &BTreeMap::new())
+    }
+
+    #[test]
+    fn a_group_pins_its_key_only_by_equality_with_a_constant_on_one_table() {
+        let key = ["pno".to_string()];
+        let pinned = |sql: &str, group: usize| key_pinned(&planned(sql), group, &key);
+        assert_eq!(
+            pinned("SELECT name FROM patient WHERE pno = 7", 0),
+            Some(vec![Value::Int(7)])
+        );
+        assert_eq!(
+            pinned(
+                "SELECT name FROM patient p WHERE 7 = p.pno AND p.name = 'Jones'",
+                0
+            ),
+            Some(vec![Value::Int(7)])
+        );
+        for sql in [
+            "SELECT name FROM patient WHERE name = 'Jones'",
+            "SELECT name FROM patient WHERE pno = 7 OR pno = 8",
+            "SELECT name FROM patient WHERE pno >= 7",
+            "SELECT name FROM patient WHERE pno = dob",
+            "SELECT name FROM patient WHERE pno = NULL",
+            // A join group may fetch partners of the key's tuple.
+            "SELECT p.name, v.date FROM patient p, visit v WHERE p.pno = v.pno AND p.pno = 7",
+        ] {
+            assert_eq!(pinned(sql, 0), None, "{sql}");
+        }
+        // Each group on its own: the unjoined patient group is pinned, the
+        // visit group (keyed by vno) is not.
+        let sql = "SELECT p.name, v.date FROM patient p, visit v WHERE p.pno = 7 AND v.pno = 7";
+        let q = planned(sql);
+        let groups = &q.query.as_ref().unwrap().groups;
+        assert_eq!(groups.len(), 2);
+        for (i, g) in groups.iter().enumerate() {
+            let (relation_key, expected) = match g.tables[0].local_relation.as_str() {
+                "patient" => ("pno", Some(vec![Value::Int(7)])),
+                _ => ("vno", None),
+            };
+            assert_eq!(key_pinned(&q, i, &[relation_key.to_string()]), expected);
+        }
     }
 
     /// Coverage with nothing new or modified at the site.
