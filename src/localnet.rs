@@ -249,11 +249,7 @@ impl LocalNetwork {
         if !dir.exists() {
             return Ok(None);
         }
-        let config = snaps_proto::tls::Credentials::in_dir(&dir).sql_server_config()?;
-        Ok(Some(snaps_local::endpoint::SqlTls {
-            config,
-            required: false,
-        }))
+        Ok(Some(snaps_local::endpoint::SqlTls::from_dir(&dir, false)?))
     }
 
     /// Connects as the network's administrator.

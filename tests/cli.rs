@@ -623,6 +623,20 @@ fn the_sql_endpoint_serves_tls_with_the_networks_certificate_and_refuses_plain_t
     }
     let answer = answer.expect("psql with sslmode=verify-full never got in");
     assert_eq!(String::from_utf8_lossy(&answer.stdout).trim(), "42");
+    // The login is bound to the endpoint's certificate (SCRAM-SHA-256-PLUS).
+    let bound = psql(
+        &format!("{verified} channel_binding=require"),
+        "SELECT 6 * 7",
+    )
+    .expect("psql");
+    assert!(
+        bound.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bound.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&bound.stdout).trim(), "42");
+    let wrong = psql(&format!("{verified} password=not-the-password"), "SELECT 1").expect("psql");
+    assert!(!wrong.status.success());
     let info = psql(&verified, "\\conninfo").expect("psql");
     assert!(
         String::from_utf8_lossy(&info.stdout).contains("SSL connection"),

@@ -20,15 +20,15 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{BufMut, BytesMut};
 use futures::sink::{Sink, SinkExt};
-use pgwire::api::auth::sasl::SCRAM_SHA_256_METHOD;
 use pgwire::api::auth::sasl::scram::{ScramServerAuth, ScramServerAuthWaitingForClientFinal};
+use pgwire::api::auth::sasl::{SCRAM_SHA_256_METHOD, SCRAM_SHA_256_PLUS_METHOD};
 use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
@@ -80,12 +80,32 @@ pub enum Login {
 /// TLS at the SQL endpoint (`sql_tls` in `site.toml`).
 #[derive(Debug, Clone)]
 pub struct SqlTls {
-    /// The endpoint's certificate and key
-    /// ([`snaps_proto::tls::Credentials::sql_server_config`]).
-    pub config: Arc<rustls::ServerConfig>,
+    config: Arc<rustls::ServerConfig>,
+    /// The endpoint's certificate (PEM), for SCRAM channel binding.
+    cert_pem: Arc<Vec<u8>>,
     /// Whether a client that does not ask for TLS is refused (at startup,
     /// before any password is exchanged).
-    pub required: bool,
+    required: bool,
+}
+
+impl SqlTls {
+    /// The endpoint's certificate and key in `dir` (`cert.pem`, `key.pem`:
+    /// `snaps certs sql CODE`); with `required`, plain-text clients are
+    /// refused.
+    pub fn from_dir(dir: &Path, required: bool) -> Result<SqlTls, snaps_proto::tls::TlsError> {
+        let creds = snaps_proto::tls::Credentials::in_dir(dir);
+        let config = creds.sql_server_config()?;
+        let cert_pem =
+            std::fs::read(&creds.cert).map_err(|source| snaps_proto::tls::TlsError::File {
+                path: creds.cert.clone(),
+                source,
+            })?;
+        Ok(SqlTls {
+            config,
+            cert_pem: Arc::new(cert_pem),
+            required,
+        })
+    }
 }
 
 /// Serves the PostgreSQL protocol on `listener` until `shutdown` completes,
@@ -107,14 +127,20 @@ pub async fn serve(
     let acceptor = tls
         .as_ref()
         .map(|t| pgwire::tokio::TlsAcceptor::from(t.config.clone()));
-    let tls_required = tls.is_some_and(|t| t.required);
+    let tls_required = tls.as_ref().is_some_and(|t| t.required);
+    let cert_pem = tls.map(|t| t.cert_pem);
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
-                    let handlers = Handlers(Arc::new(Connection::new(engine.clone(), login.clone(), tls_required)));
+                    let handlers = Handlers(Arc::new(Connection::new(
+                        engine.clone(),
+                        login.clone(),
+                        tls_required,
+                        cert_pem.clone(),
+                    )));
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
                         if let Err(error) = pgwire::tokio::process_socket(socket, acceptor, handlers).await {
@@ -154,8 +180,12 @@ type SharedSession = Arc<Mutex<Box<dyn Session>>>;
 
 /// Where a connection's SCRAM exchange is.
 enum Scram {
-    /// The server asked for SCRAM-SHA-256; the client-first message is due.
-    Asked { user: String },
+    /// The server offered SCRAM-SHA-256 (and its channel-bound -PLUS form,
+    /// bound to `binding`, over TLS); the client-first message is due.
+    Asked {
+        user: String,
+        binding: Option<Arc<Vec<u8>>>,
+    },
     /// The server sent its first message; the client's proof is due. `code`
     /// is none for an unknown user, whose exchange fails like a wrong
     /// password's.
@@ -172,17 +202,27 @@ struct Connection {
     login: Login,
     /// Refuse the startup of a connection that is not encrypted.
     tls_required: bool,
+    /// The endpoint's certificate: over TLS, SCRAM binds the exchange to it
+    /// (SCRAM-SHA-256-PLUS), so a man in the middle holding another
+    /// certificate cannot relay the login.
+    cert_pem: Option<Arc<Vec<u8>>>,
     scram: Mutex<Option<Scram>>,
     session: OnceLock<SharedSession>,
     parser: Arc<Parser>,
 }
 
 impl Connection {
-    fn new(engine: Arc<dyn Engine>, login: Login, tls_required: bool) -> Connection {
+    fn new(
+        engine: Arc<dyn Engine>,
+        login: Login,
+        tls_required: bool,
+        cert_pem: Option<Arc<Vec<u8>>>,
+    ) -> Connection {
         Connection {
             engine,
             login,
             tls_required,
+            cert_pem,
             scram: Mutex::new(None),
             session: OnceLock::new(),
             parser: Arc::new(Parser),
@@ -291,12 +331,18 @@ impl StartupHandler for Connection {
                 match &self.login {
                     Login::Trust => self.open(client, user.clone(), user).await,
                     Login::Scram(_) => {
+                        let binding = self.cert_pem.clone().filter(|_| client.is_secure());
+                        let mut methods = Vec::new();
+                        if binding.is_some() {
+                            methods.push(SCRAM_SHA_256_PLUS_METHOD.to_string());
+                        }
+                        methods.push(SCRAM_SHA_256_METHOD.to_string());
                         *self.scram.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some(Scram::Asked { user });
+                            Some(Scram::Asked { user, binding });
                         client.set_state(PgWireConnectionState::AuthenticationInProgress);
                         client
                             .send(PgWireBackendMessage::Authentication(Authentication::SASL(
-                                vec![SCRAM_SHA_256_METHOD.to_string()],
+                                methods,
                             )))
                             .await?;
                         Ok(())
@@ -313,14 +359,22 @@ impl StartupHandler for Connection {
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
                 match state {
-                    Some(Scram::Asked { user }) => {
+                    Some(Scram::Asked { user, binding }) => {
                         let first = message.into_sasl_initial_response()?;
-                        if first.auth_method != SCRAM_SHA_256_METHOD {
+                        let plus_offered = binding.is_some();
+                        if first.auth_method != SCRAM_SHA_256_METHOD
+                            && !(plus_offered && first.auth_method == SCRAM_SHA_256_PLUS_METHOD)
+                        {
                             return Err(fatal(
                                 "28000",
                                 format!(
-                                    "SASL mechanism {} is not offered: use SCRAM-SHA-256",
-                                    first.auth_method
+                                    "SASL mechanism {} is not offered: use {}",
+                                    first.auth_method,
+                                    if plus_offered {
+                                        "SCRAM-SHA-256-PLUS or SCRAM-SHA-256"
+                                    } else {
+                                        "SCRAM-SHA-256"
+                                    }
                                 ),
                             ));
                         }
@@ -343,7 +397,16 @@ impl StartupHandler for Connection {
                             }
                         };
                         let verifier = verifier.map_err(|e| internal(e.to_string()))?;
-                        let (server_first, waiting) = ScramServerAuth::new()
+                        let mut scram = ScramServerAuth::new();
+                        // Bound whenever -PLUS was offered: a client that
+                        // could bind but says the server cannot ("y") is
+                        // being downgraded, and is refused.
+                        if let Some(pem) = &binding {
+                            scram
+                                .configure_certificate(pem)
+                                .map_err(|e| internal(format!("channel binding: {e}")))?;
+                        }
+                        let (server_first, waiting) = scram
                             .on_client_first_message_with_secret(&data, verifier.secret())
                             .map_err(|_| login_failed(&user))?;
                         *self.scram.lock().unwrap_or_else(PoisonError::into_inner) =

@@ -160,12 +160,10 @@ impl SiteServeConfig {
             }
         };
         let sql_tls = match (&f.sql_tls, f.sql_tls_required) {
-            (Some(tls), required) => Some(SqlTls {
-                config: snaps_proto::tls::Credentials::in_dir(dir.join(tls))
-                    .sql_server_config()
+            (Some(tls), required) => Some(
+                SqlTls::from_dir(&dir.join(tls), required.unwrap_or(true))
                     .map_err(|e| bad(format!("sql_tls: {e}")))?,
-                required: required.unwrap_or(true),
-            }),
+            ),
             (None, Some(true)) => {
                 return Err(bad(format!(
                     "sql_tls_required = true needs sql_tls = \"DIR\": the SQL endpoint's \
