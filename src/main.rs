@@ -607,7 +607,23 @@ fn main() -> Result<()> {
             command: BenchCommand::Network(opts),
         } => {
             init_logging_bench();
-            let report = runtime()?.block_on(snaps::network_bench::bench_network(&opts))?;
+            // On Ctrl-C or SIGTERM the benchmark is dropped where it stands,
+            // which stops its PostgreSQL server and removes its files.
+            let rt = runtime()?;
+            let report = rt.block_on(async {
+                tokio::select! {
+                    report = snaps::network_bench::bench_network(&opts) => report.map(Some),
+                    () = snaps_global::shutdown_signal() => Ok(None),
+                }
+            })?;
+            // Blocking work still running (a day's workload stops at its
+            // next encounter; a PostgreSQL start finishes and is undone).
+            rt.shutdown_timeout(std::time::Duration::from_secs(30));
+            let Some(report) = report else {
+                bail!(
+                    "interrupted: the report was not written; the benchmark's servers are stopped and their files removed"
+                );
+            };
             print!("{}", report.summary());
             println!(
                 "report: {}, plots: network-bytes.svg, network-response.svg, network-refresh.svg",

@@ -832,18 +832,33 @@ fn progress(total: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Runs one site's day through a SNAPS session; returns its samples.
+/// Set when the run it belongs to is dropped (interrupted), so a day's
+/// workload on a blocking thread stops at its next encounter instead of
+/// querying servers that are gone.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn snaps_day(
     site: Arc<Site>,
     proxy: Arc<WireProxy>,
     actions: Vec<Action>,
     day: usize,
     bar: indicatif::ProgressBar,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<Sample>> {
     let mut session = SiteEngine(site.clone())
         .open_session("radiology")
         .map_err(|e| anyhow::anyhow!("open a session at {}: {}", site.code(), e.message))?;
     let mut out = Vec::with_capacity(actions.len());
     for a in actions {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("interrupted");
+        }
         let (w0, c0, t0) = (proxy.wire(), cpu_time(), Instant::now());
         let mut rows = 0;
         for s in &a.snaps {
@@ -994,17 +1009,19 @@ async fn run_snaps(
     let bar = progress(steps, "SNAPS");
     let mut samples = Vec::new();
     let mut nights = Vec::new();
+    let stop = StopOnDrop(Arc::default());
     for (day, per_site) in workload.days.iter().enumerate() {
         bar.set_message(format!("day {}", day + 1));
         for (s, actions) in per_site.iter().enumerate() {
-            let (site, proxy, actions, b) = (
+            let (site, proxy, actions, b, halt) = (
                 sites[s].clone(),
                 proxies[s].clone(),
                 actions.clone(),
                 bar.clone(),
+                stop.0.clone(),
             );
             samples.extend(
-                tokio::task::spawn_blocking(move || snaps_day(site, proxy, actions, day, b))
+                tokio::task::spawn_blocking(move || snaps_day(site, proxy, actions, day, b, halt))
                     .await??,
             );
         }

@@ -782,3 +782,92 @@ fn bench_network_compares_three_designs_and_writes_the_report() {
     assert_eq!(again.matches("snaps bench network: begin").count(), 1);
     assert!(again.contains("## Another section\n\nkept"));
 }
+
+#[test]
+fn an_interrupted_bench_network_stops_its_postgresql_and_removes_its_files() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Run as root, the benchmark runs PostgreSQL as `postgres`, which must
+    // reach its cluster inside.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let out = tmp.path().join("out");
+    let pg_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(tmp.path())
+            .expect("read tmp")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("snaps-pg-"))
+            })
+            .collect()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args([
+            "bench", "network", "--scale", "1000", "--days", "3", "--out",
+        ])
+        .arg(&out)
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the benchmark");
+    let mut running = Running(vec![child]);
+    // The server's cluster is made first; once it is running the
+    // benchmark goes on to the workload.
+    let mut started = None;
+    for _ in 0..600 {
+        if let Some(dir) = pg_dirs().pop()
+            && dir.join("data/postmaster.pid").exists()
+        {
+            started = Some(dir);
+            break;
+        }
+        if running.0[0].try_wait().expect("poll").is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let child = running.0.pop().expect("child");
+    let Some(cluster) = started else {
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("no PostgreSQL server binaries")
+            && std::env::var_os("SNAPS_REQUIRE_POSTGRES").is_none()
+        {
+            eprintln!("PostgreSQL server binaries missing: skipped");
+            return;
+        }
+        panic!("the benchmark's PostgreSQL never started: {err}");
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let id = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &id])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let done = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success(), "{err}");
+    assert!(
+        err.contains("interrupted: the report was not written"),
+        "{err}"
+    );
+    assert!(!cluster.exists(), "{} is left behind", cluster.display());
+    assert!(pg_dirs().is_empty());
+    assert!(!out.join("benchmarks.md").exists());
+    let left = Command::new("pgrep")
+        .args(["-f", &cluster.to_string_lossy()])
+        .output()
+        .expect("pgrep");
+    assert!(
+        left.stdout.is_empty(),
+        "postgres still running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
