@@ -201,12 +201,7 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
         hello.keys.map(|k| (k.first, k.last)),
         Some((10_000_000, 19_999_999))
     );
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let out = child.wait_with_output().expect("wait");
+    let out = signalled(child, "TERM");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("SIGTERM: shutting down"), "{err}");
@@ -261,6 +256,16 @@ fn bench_global_runs_and_reports_ratios() {
 }
 
 /// Processes killed if a test fails before stopping them.
+/// Sends `signal` (`TERM`, `INT`) to `child` and waits for it to end.
+fn signalled(child: std::process::Child, signal: &str) -> Output {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill -{signal} failed");
+    child.wait_with_output().expect("wait")
+}
+
 struct Running(Vec<std::process::Child>);
 
 impl Drop for Running {
@@ -344,15 +349,7 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
     );
     assert!(dir.path().join("STG/local.db").exists());
     for child in std::mem::take(&mut running.0) {
-        let id = child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &id])
-                .status()
-                .expect("kill")
-                .success()
-        );
-        let out = child.wait_with_output().expect("wait");
+        let out = signalled(child, "TERM");
         assert!(
             out.status.success(),
             "{}",
@@ -843,15 +840,7 @@ fn an_interrupted_bench_network_stops_its_postgresql_and_removes_its_files() {
         panic!("the benchmark's PostgreSQL never started: {err}");
     };
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let id = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &id])
-            .status()
-            .expect("kill")
-            .success()
-    );
-    let done = child.wait_with_output().expect("wait");
+    let done = signalled(child, "INT");
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(!done.status.success(), "{err}");
     assert!(

@@ -470,16 +470,14 @@ async fn a_remembered_covered_read_is_judged_again_after_a_change_it_depends_on(
 
     // Another client records a visit of CPH's patient: the join now needs
     // that patient, which only the global snapshot has.
-    run(
-        &mut other,
-        &format!(
+    let record = |vno: i64, patient: usize, description: &str| {
+        format!(
             "INSERT INTO visit (vno, pno, date, description) \
-             VALUES ({}, {}, 20261201, 'Cache check film')",
-            new_vno + 1,
-            pno(2)
-        ),
-    )
-    .await;
+             VALUES ({vno}, {}, 20261201, '{description}')",
+            pno(patient)
+        )
+    };
+    run(&mut other, &record(new_vno + 1, 2, "Cache check film")).await;
     let (rows, _) = run(&mut stg, query).await;
     assert_eq!(
         rows,
@@ -491,16 +489,7 @@ async fn a_remembered_covered_read_is_judged_again_after_a_change_it_depends_on(
 
     // The same session records a visit of another CPH patient, then gives
     // it the description the query asks for.
-    run(
-        &mut stg,
-        &format!(
-            "INSERT INTO visit (vno, pno, date, description) \
-             VALUES ({}, {}, 20261201, 'Other film')",
-            new_vno + 2,
-            pno(5)
-        ),
-    )
-    .await;
+    run(&mut stg, &record(new_vno + 2, 5, "Other film")).await;
     run(&mut stg, query).await;
     let repeated = site.repeated_reads();
     let (rows, _) = run(&mut stg, query).await;
