@@ -256,6 +256,19 @@ fn bench_global_runs_and_reports_ratios() {
 }
 
 /// Processes killed if a test fails before stopping them.
+/// `snaps users add radiology` (user code RAD01, password `film-badge-7`)
+/// to `dir/users.toml`.
+fn add_radiology_user(dir: &std::path::Path) -> Output {
+    let added = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["users", "add", "radiology", "--code", "RAD01", "--file"])
+        .arg(dir.join("users.toml"))
+        .env("SNAPS_USER_PASSWORD", "film-badge-7")
+        .output()
+        .expect("snaps users add");
+    assert!(added.status.success(), "{}", stderr(&added));
+    added
+}
+
 /// Sends `signal` (`TERM`, `INT`) to `child` and waits for it to end.
 fn signalled(child: std::process::Child, signal: &str) -> Output {
     let sent = Command::new("kill")
@@ -302,13 +315,7 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
         ),
     )
     .expect("write site.toml");
-    let added = Command::new(env!("CARGO_BIN_EXE_snaps"))
-        .args(["users", "add", "radiology", "--code", "RAD01", "--file"])
-        .arg(dir.path().join("users.toml"))
-        .env("SNAPS_USER_PASSWORD", "film-badge-7")
-        .output()
-        .expect("snaps users add");
-    assert!(added.status.success(), "{}", stderr(&added));
+    let added = add_radiology_user(dir.path());
     assert!(
         String::from_utf8_lossy(&added.stdout).contains("added user radiology (user code RAD01)")
     );
@@ -541,13 +548,7 @@ fn the_sql_endpoint_serves_tls_with_the_networks_certificate_and_refuses_plain_t
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("sql_tls = "), "{}", stdout(&o));
 
-    let added = Command::new(env!("CARGO_BIN_EXE_snaps"))
-        .args(["users", "add", "radiology", "--code", "RAD01", "--file"])
-        .arg(dir.path().join("users.toml"))
-        .env("SNAPS_USER_PASSWORD", "film-badge-7")
-        .output()
-        .expect("snaps users add");
-    assert!(added.status.success(), "{}", stderr(&added));
+    add_radiology_user(dir.path());
     let sql_port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
