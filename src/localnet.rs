@@ -177,6 +177,7 @@ impl LocalNetwork {
         config.tls = tls
             .as_ref()
             .map(|d| snaps_proto::tls::Credentials::in_dir(d.join("global")));
+        config.revoked = tls.as_ref().map(|d| d.join(snaps_proto::tls::REVOKED_FILE));
         let mut controller = GlobalController::open(config)?;
         if let Some(h) = halt {
             controller.halt_at(h);

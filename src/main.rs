@@ -293,6 +293,19 @@ enum CertsCommand {
         #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
     },
+    /// Revoke certificates (a lost laptop, a site leaving the network): adds
+    /// them to the network's revocation list DIR/revoked.pem, signed by the
+    /// CA. The global controller reads the list again when it changes and
+    /// refuses those certificates from the next request on, on connections
+    /// already open too.
+    Revoke {
+        /// The folder `snaps certs init` wrote.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Credential directories (e.g. certs/STG) or certificate files.
+        #[arg(required = true)]
+        holders: Vec<PathBuf>,
+    },
     /// Issue another administrator's key and certificate (DIR/admin-NAME).
     Admin {
         /// The folder `snaps certs init` wrote.
@@ -343,6 +356,20 @@ fn certs_command(command: CertsCommand) -> Result<String> {
                 out.display(),
                 dir.join("ca.pem").display()
             ))
+        }
+        CertsCommand::Revoke { dir, holders } => {
+            let revoked = tls::revoke(&dir, &holders)?;
+            let mut out = String::new();
+            for r in &revoked {
+                out.push_str(&format!("revoked: {} (serial {})\n", r.peer, r.serial));
+            }
+            out.push_str(&format!(
+                "revocation list: {} (the global controller reads it from beside its \
+                 credential directory, or from [tls] revoked = \"...\"; a revoked site needs \
+                 a new certificate: snaps certs site CODE)",
+                dir.join(tls::REVOKED_FILE).display()
+            ));
+            Ok(out)
         }
         CertsCommand::Admin { dir, name } => {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

@@ -505,6 +505,32 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("ca-key.pem"), "{}", stderr(&o));
 
+    // Revoking a certificate: by its credential directory.
+    let stg_dir = certs.join("STG");
+    let o = snaps(&[
+        "certs",
+        "revoke",
+        "--dir",
+        certs_arg,
+        stg_dir.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("revoked: site STG (serial "),
+        "{}",
+        stdout(&o)
+    );
+    assert!(certs.join("revoked.pem").exists());
+    let o = snaps(&["certs", "revoke", "--dir", certs_arg]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("<HOLDERS>"), "{}", stderr(&o));
+    let o = snaps(&["certs", "site", "STG", "--dir", certs_arg]);
+    assert!(
+        o.status.success(),
+        "a revoked site gets a new certificate: {}",
+        stderr(&o)
+    );
+
     // With the site's credentials configured, a missing users file is the
     // next thing named.
     let o = serve_site("tls = \"certs/STG\"\n");

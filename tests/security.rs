@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use snaps_local::remote::{Auth, GlobalClient};
+use snaps_proto::tls::Peer;
 use snaps_proto::v1;
 
 fn rule(relation: &str, site: &str, user: &str, right: v1::Right) -> v1::AclRule {
@@ -531,4 +532,55 @@ async fn a_canary_in_an_unmapped_column_never_leaves_its_site() {
         !contains(&logged, CANARY.as_bytes()),
         "the global controller logged the canary"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_certificate_is_refused_at_once_and_a_new_one_is_let_in() {
+    let certs = tempfile::tempdir().unwrap();
+    snaps::localnet::issue_certificates(certs.path(), &network()).unwrap();
+    let dir = certs.path().to_path_buf();
+    let net = setup_with(10, move |o| o.tls = Some(dir)).await;
+    let global = net.global.as_ref().unwrap();
+    let fingerprint = net.network.global_catalog().unwrap().fingerprint();
+    let client = |code: &'static str| async move {
+        GlobalClient::connect(&global.addr, &global.site_auth(code).unwrap(), Some(code)).await
+    };
+    let stg = client("STG").await.unwrap();
+    assert_eq!(stg.hello(&fingerprint).await.unwrap().site_code, "STG");
+
+    let revoked = snaps_proto::tls::revoke(certs.path(), &[certs.path().join("STG")]).unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].peer, Peer::Site("STG".into()));
+
+    // The connection STG opened before: its next request is refused.
+    let e = stg.hello(&fingerprint).await.unwrap_err().to_string();
+    assert!(
+        e.contains("the certificate of site STG") && e.contains("is revoked"),
+        "{e}"
+    );
+    // A new connection with that certificate fails its handshake.
+    let refused = match client("STG").await {
+        Err(e) => e.to_string(),
+        Ok(c) => c.hello(&fingerprint).await.unwrap_err().to_string(),
+    };
+    assert!(refused.contains("transport error"), "{refused}");
+    // Other sites go on.
+    let cph = client("CPH").await.unwrap();
+    assert_eq!(cph.hello(&fingerprint).await.unwrap().site_code, "CPH");
+
+    // Revoking again adds nothing; a new certificate for STG is let in.
+    let list = certs.path().join(snaps_proto::tls::REVOKED_FILE);
+    snaps_proto::tls::revoke(certs.path(), &[certs.path().join("STG")]).unwrap();
+    assert_eq!(snaps_proto::tls::revoked_serials(&list).unwrap().len(), 1);
+    snaps_proto::tls::issue_site(certs.path(), "STG").unwrap();
+    let renewed = client("STG").await.unwrap();
+    assert_eq!(renewed.hello(&fingerprint).await.unwrap().site_code, "STG");
+    // A revoked administrator cannot administer.
+    snaps_proto::tls::revoke(certs.path(), &[certs.path().join("admin")]).unwrap();
+    let admin = global.admin_client().await;
+    let e = match admin {
+        Err(e) => e.to_string(),
+        Ok(a) => a.conflicts().await.unwrap_err().to_string(),
+    };
+    assert!(e.contains("transport error"), "{e}");
 }

@@ -15,6 +15,8 @@
 //! [tls]                              # certificates: `snaps certs init`
 //! dir = "certs/global"               # ca.pem, cert.pem, key.pem
 //!                                    # (or ca = , cert = , key = )
+//! # revoked = "certs/revoked.pem"    # `snaps certs revoke`; by default
+//!                                    # beside the dir, read when it changes
 //!
 //! [credentials]                      # plain-text mode (--insecure) only:
 //! CPH = { token = "..." }            # one token per site
@@ -113,6 +115,7 @@ struct TlsFile {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+    revoked: Option<PathBuf>,
 }
 
 impl TlsFile {
@@ -127,6 +130,20 @@ impl TlsFile {
             _ => Err(Error::Config(
                 "[tls]: give dir, or all of ca, cert and key".into(),
             )),
+        }
+    }
+
+    /// The revocation list: as given, or beside the credential directory
+    /// (`snaps certs init` makes `certs/global`; `snaps certs revoke`
+    /// writes `certs/revoked.pem`).
+    fn revoked(&self, base: &Path) -> Option<PathBuf> {
+        match (&self.revoked, &self.dir) {
+            (Some(r), _) => Some(base.join(r)),
+            (None, Some(d)) => base
+                .join(d)
+                .parent()
+                .map(|p| p.join(snaps_proto::tls::REVOKED_FILE)),
+            (None, None) => None,
         }
     }
 }
@@ -221,6 +238,9 @@ pub struct GlobalConfig {
     pub admin_token: Option<String>,
     /// The controller's TLS credentials; none: plain text (development).
     pub tls: Option<Credentials>,
+    /// The network's certificate revocation list (`snaps certs revoke`),
+    /// read again whenever it changes; a missing file revokes nothing.
+    pub revoked: Option<PathBuf>,
     /// What a site may do with a relation no access rule names.
     pub access_default: Right,
     /// The global attribute whose values the audit trail records as the
@@ -273,6 +293,7 @@ impl GlobalConfig {
         };
         config.set_refresh(refresh)?;
         config.tls = file.tls.as_ref().map(|t| t.resolve(&dir)).transpose()?;
+        config.revoked = file.tls.as_ref().and_then(|t| t.revoked(&dir));
         if let Some(d) = file.access.default {
             config.access_default = d;
         }
@@ -378,6 +399,7 @@ impl GlobalConfig {
             refresh: RefreshConfig::default(),
             admin_token: None,
             tls: None,
+            revoked: None,
             access_default: Right::Write,
             patient_key: "pno".to_string(),
         })

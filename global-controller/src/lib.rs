@@ -116,11 +116,12 @@ impl GlobalController {
             .add_service(server);
         let result = match &self.config.tls {
             Some(credentials) => {
-                let tls = credentials
-                    .server_config()
-                    .map_err(|e| Error::Config(e.to_string()))?;
-                tracing::info!(%addr, network = %self.config.network.name, "global controller serving (TLS, client certificates required)");
-                let (incoming, acceptor) = transport::tls_incoming(listener, tls);
+                let revocation =
+                    transport::Revocation::new(credentials.clone(), self.config.revoked.clone())
+                        .map_err(|e| Error::Config(e.to_string()))?;
+                tracing::info!(%addr, network = %self.config.network.name, revoked = ?self.config.revoked, "global controller serving (TLS, client certificates required)");
+                let (incoming, acceptor) =
+                    transport::tls_incoming(listener, std::sync::Arc::new(revocation));
                 let served = router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;

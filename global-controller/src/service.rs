@@ -44,6 +44,18 @@ fn respond<T: Message>(message: T) -> Response<T> {
 /// The metadata key naming the site a request claims to come from.
 pub const SITE_HEADER: &str = "snaps-site";
 
+/// Refuses a request on a connection whose certificate was revoked after
+/// the connection was made.
+fn refuse_revoked(certified: &Certified) -> Result<(), Status> {
+    match certified.revoked() {
+        Some(message) => {
+            tracing::warn!(remote = %certified.remote, %message, "refused: revoked certificate");
+            Err(Status::permission_denied(message))
+        }
+        None => Ok(()),
+    }
+}
+
 /// The bearer token of a request, if it sends one.
 fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
     match req.metadata().get("authorization") {
@@ -206,6 +218,7 @@ impl Service {
     /// certificate, in plain-text mode the `[admin]` token.
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
         if let Some(certified) = req.extensions().get::<Certified>() {
+            refuse_revoked(certified)?;
             return match &certified.peer {
                 Ok(Peer::Admin(_)) => Ok(()),
                 Ok(Peer::Site(code)) => Err(Status::permission_denied(format!(
@@ -260,6 +273,7 @@ impl Service {
         };
         let code = match req.extensions().get::<Certified>() {
             Some(certified) => {
+                refuse_revoked(certified)?;
                 let code = match &certified.peer {
                     Ok(Peer::Site(code)) => code.clone(),
                     Ok(Peer::Admin(name)) => {

@@ -6,13 +6,15 @@
 //! cannot hold up the accept loop; a refused handshake is logged with the
 //! peer's address and the reason.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use snaps_proto::tls::{Peer, peer_of};
+use snaps_proto::tls::{Credentials, Peer, peer_of, serial_of};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -31,6 +33,119 @@ pub struct Certified {
     pub peer: Result<Peer, String>,
     /// The client's address.
     pub remote: SocketAddr,
+    /// The certificate's serial number.
+    serial: Vec<u8>,
+    revocation: Arc<Revocation>,
+}
+
+impl Certified {
+    /// Whether the certificate has been revoked since the connection was
+    /// made (a connection lives for many requests), naming it if so.
+    pub fn revoked(&self) -> Option<String> {
+        self.revocation.is_revoked(&self.serial).then(|| {
+            let serial: String = self.serial.iter().map(|b| format!("{b:02x}")).collect();
+            match &self.peer {
+                Ok(p) => format!("the certificate of {p} (serial {serial}) is revoked"),
+                Err(_) => format!("the certificate with serial {serial} is revoked"),
+            }
+        })
+    }
+}
+
+/// The controller's TLS settings and the network's revocation list, read
+/// again whenever the list's file changes: new handshakes are checked
+/// against it by rustls, requests on connections made before by serial.
+pub struct Revocation {
+    credentials: Credentials,
+    path: Option<PathBuf>,
+    state: Mutex<RevocationState>,
+}
+
+/// What tells a changed file: modification time, length and inode (a
+/// coarse clock may give two quick rewrites the same time; the list is
+/// replaced by a rename, so a new file is a new inode).
+type FileStamp = (SystemTime, u64, u64);
+
+struct RevocationState {
+    /// The list file when read (none: no file).
+    stamp: Option<FileStamp>,
+    serials: BTreeSet<Vec<u8>>,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for Revocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocation")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Revocation {
+    /// Reads the credentials and the list at `path` (if any); an unusable
+    /// credential or list is an error now.
+    pub fn new(
+        credentials: Credentials,
+        path: Option<PathBuf>,
+    ) -> Result<Revocation, snaps_proto::tls::TlsError> {
+        let state = Self::read(&credentials, path.as_deref())?;
+        Ok(Revocation {
+            credentials,
+            path,
+            state: Mutex::new(state),
+        })
+    }
+
+    fn stamp_of(path: Option<&Path>) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path?).ok()?;
+        Some((m.modified().ok()?, m.len(), m.ino()))
+    }
+
+    fn read(
+        credentials: &Credentials,
+        path: Option<&Path>,
+    ) -> Result<RevocationState, snaps_proto::tls::TlsError> {
+        let stamp = Self::stamp_of(path);
+        let serials = match path {
+            Some(p) => snaps_proto::tls::revoked_serials(p)?,
+            None => BTreeSet::new(),
+        };
+        let config = credentials.server_config(path)?;
+        Ok(RevocationState {
+            stamp,
+            serials,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+        })
+    }
+
+    /// The current state, read again if the list's file changed. A list
+    /// that cannot be read keeps the previous one in force (and says why).
+    fn current(&self) -> std::sync::MutexGuard<'_, RevocationState> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = Self::stamp_of(self.path.as_deref());
+        if stamp != state.stamp {
+            match Self::read(&self.credentials, self.path.as_deref()) {
+                Ok(fresh) => {
+                    tracing::info!(path = ?self.path, revoked = fresh.serials.len(), "revocation list read");
+                    *state = fresh;
+                }
+                Err(error) => {
+                    tracing::error!(path = ?self.path, %error, "the revocation list cannot be used: the previous one stays in force");
+                    state.stamp = stamp;
+                }
+            }
+        }
+        state
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.current().acceptor.clone()
+    }
+
+    fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.current().serials.contains(serial)
+    }
 }
 
 /// A TLS connection whose client certificate was verified.
@@ -80,13 +195,12 @@ impl AsyncWrite for TlsConnection {
 /// receiver is dropped and the returned task is aborted.
 pub fn tls_incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    revocation: Arc<Revocation>,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConnection>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let task = tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -102,7 +216,8 @@ pub fn tls_incoming(
                 return;
             }
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = revocation.acceptor();
+            let revocation = revocation.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
@@ -118,9 +233,15 @@ pub fn tls_incoming(
                         return;
                     }
                 };
-                let peer = match stream.get_ref().1.peer_certificates() {
-                    Some([first, ..]) => peer_of(first).map_err(|e| e.to_string()),
-                    _ => Err("the connection has no client certificate".to_string()),
+                let (peer, serial) = match stream.get_ref().1.peer_certificates() {
+                    Some([first, ..]) => (
+                        peer_of(first).map_err(|e| e.to_string()),
+                        serial_of(first).unwrap_or_default(),
+                    ),
+                    _ => (
+                        Err("the connection has no client certificate".to_string()),
+                        Vec::new(),
+                    ),
                 };
                 match &peer {
                     Ok(p) => tracing::debug!(%remote, peer = %p, "TLS connection"),
@@ -130,7 +251,12 @@ pub fn tls_incoming(
                 }
                 let conn = TlsConnection {
                     stream: Box::new(stream),
-                    certified: Certified { peer, remote },
+                    certified: Certified {
+                        peer,
+                        remote,
+                        serial,
+                        revocation,
+                    },
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

@@ -12,6 +12,7 @@
 //! `cert.pem` and `key.pem`; [`issue_network`] and [`issue_site`] write
 //! them, so an administrator needs no `openssl` command.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ use rustls::RootCertStore;
 use rustls::crypto::ring;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// What went wrong reading, checking or issuing credentials.
 #[derive(Debug, thiserror::Error)]
@@ -136,10 +137,27 @@ impl Credentials {
         ))
     }
 
-    /// The server side: demands a client certificate issued by the CA.
-    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    /// The server side: demands a client certificate issued by the CA and
+    /// not in the revocation list at `revoked` (written by [`revoke`]; a
+    /// missing file revokes nothing).
+    pub fn server_config(
+        &self,
+        revoked: Option<&Path>,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let provider = Arc::new(ring::default_provider());
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
+        if let Some(path) = revoked.filter(|p| p.exists()) {
+            let data = fs::read(path).map_err(|source| TlsError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error(path, e))?;
+            builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let verifier = builder
             .build()
             .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
         let (chain, key) = self.chain_and_key()?;
@@ -249,6 +267,122 @@ pub fn peer_of(cert: &CertificateDer<'_>) -> Result<Peer, TlsError> {
         _ => Err(TlsError::Identity("names more than one SNAPS role".into())),
     }
 }
+
+/// A certificate's serial number, without leading zero bytes (how the
+/// revocation list and [`revoked_serials`] compare them).
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::Identity(format!("cannot be parsed: {e}")))?;
+    Ok(trimmed(parsed.raw_serial()))
+}
+
+fn trimmed(serial: &[u8]) -> Vec<u8> {
+    let start = serial.iter().position(|&b| b != 0).unwrap_or(serial.len());
+    serial[start..].to_vec()
+}
+
+/// The serial numbers the revocation list at `path` names (none if there is
+/// no file yet).
+pub fn revoked_serials(path: &Path) -> Result<BTreeSet<Vec<u8>>, TlsError> {
+    Ok(read_revocations(path)?.0.into_keys().collect())
+}
+
+/// The serials a revocation list names, with when each was revoked (Unix
+/// seconds), and the list's number (0 without a file).
+fn read_revocations(path: &Path) -> Result<(BTreeMap<Vec<u8>, i64>, u64), TlsError> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((BTreeMap::new(), 0)),
+        Err(source) => {
+            return Err(TlsError::File {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut serials = BTreeMap::new();
+    let mut number = 0;
+    for der in CertificateRevocationListDer::pem_slice_iter(&data) {
+        let der = der.map_err(|e| pem_error(path, e))?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: format!("not a certificate revocation list: {e}"),
+        })?;
+        for r in crl.iter_revoked_certificates() {
+            serials.insert(trimmed(r.raw_serial()), r.revocation_date.timestamp());
+        }
+        if let Some(n) = crl.crl_number().and_then(|n| u64::try_from(n).ok()) {
+            number = number.max(n);
+        }
+    }
+    Ok((serials, number))
+}
+
+/// Who a revoked certificate belonged to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// The holder its certificate named.
+    pub peer: Peer,
+    /// Its serial number, in hex.
+    pub serial: String,
+}
+
+/// Revokes the certificates of `holders` (credential directories, or
+/// certificate files) with the CA in `dir`: adds them to the revocation
+/// list `dir/revoked.pem` (made if missing, re-signed with a higher number
+/// otherwise). The global controller refuses them from its next request on.
+pub fn revoke(dir: &Path, holders: &[PathBuf]) -> Result<Vec<Revoked>, TlsError> {
+    if holders.is_empty() {
+        return Err(TlsError::Config(
+            "name the certificates to revoke (a credential directory or a cert.pem)".into(),
+        ));
+    }
+    let (_, issuer) = network_issuer(dir)?;
+    let path = dir.join(REVOKED_FILE);
+    let (mut serials, number) = read_revocations(&path)?;
+    let mut out = Vec::new();
+    for h in holders {
+        let file = if h.is_dir() {
+            Credentials::in_dir(h).cert
+        } else {
+            h.clone()
+        };
+        let cert = certificates(&file)?.remove(0);
+        let peer = peer_of(&cert).map_err(|e| TlsError::Pem {
+            path: file.clone(),
+            what: e.to_string(),
+        })?;
+        let serial = serial_of(&cert)?;
+        out.push(Revoked {
+            peer,
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        });
+        serials.entry(serial).or_insert(time_now().unix_timestamp());
+    }
+    let now = time_now();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + rcgen_duration(VALID_DAYS),
+        crl_number: rcgen::SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|(s, &at)| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(at).unwrap_or(now),
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer).map_err(rcgen_error)?;
+    write(&path, &crl.pem().map_err(rcgen_error)?, false)?;
+    Ok(out)
+}
+
+/// The revocation list's file name in the network's credential folder.
+pub const REVOKED_FILE: &str = "revoked.pem";
 
 /// How long issued certificates are valid, in days.
 const VALID_DAYS: i64 = 825;
@@ -533,11 +667,39 @@ mod tests {
             Credentials::in_dir(&net.global).peer(),
             Err(TlsError::Identity(_))
         ));
-        Credentials::in_dir(&net.global).server_config().unwrap();
+        Credentials::in_dir(&net.global)
+            .server_config(None)
+            .unwrap();
         Credentials::in_dir(&site).client_config().unwrap();
         // A second init would orphan every certificate issued.
         assert!(issue_network(&dir, "test", &["localhost".into()]).is_err());
         assert!(issue_site(&dir, "C/PH").is_err());
+
+        // Revocation: by credential directory or certificate file, kept
+        // across re-signings, read back by serial; the controller's
+        // configuration still builds with the list.
+        let list = dir.join(REVOKED_FILE);
+        assert!(revoked_serials(&list).unwrap().is_empty());
+        let cph = certificates(&Credentials::in_dir(&site).cert)
+            .unwrap()
+            .remove(0);
+        let r = revoke(&dir, std::slice::from_ref(&site)).unwrap();
+        assert_eq!(r[0].peer, Peer::Site("CPH".into()));
+        let admin_cert = Credentials::in_dir(&net.admin).cert;
+        revoke(&dir, std::slice::from_ref(&admin_cert)).unwrap();
+        let serials = revoked_serials(&list).unwrap();
+        assert_eq!(serials.len(), 2);
+        assert!(serials.contains(&serial_of(&cph).unwrap()));
+        let (_, number) = read_revocations(&list).unwrap();
+        assert_eq!(number, 2, "each signing numbers the list anew");
+        Credentials::in_dir(&net.global)
+            .server_config(Some(&list))
+            .unwrap();
+        assert!(revoke(&dir, &[]).is_err());
+        let e = revoke(&dir, &[dir.join("nowhere.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nowhere.pem"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
