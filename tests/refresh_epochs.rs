@@ -2,7 +2,8 @@
 //! (the global controller killed and restarted; a site stopped and opened
 //! again) ending exactly as an uninterrupted epoch, and the differential
 //! refresh ending exactly as a recomputation from scratch would, over
-//! random days at three radiology sites.
+//! random days at three radiology sites; and reads through a long-lived
+//! session (remembered verdicts) against a new session's over such days.
 
 mod common;
 
@@ -302,35 +303,44 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
     )
 }
 
+/// The statement of step `n`.
+fn statement(net: &Net, n: usize, s: &Step) -> String {
+    let me = SITES[s.site];
+    let pno = patient(net, SITES[s.whose], s.which);
+    let mine = patient(net, me, s.which);
+    let surname = surname(net, s);
+    match s.op {
+        0 => format!("SELECT * FROM patient WHERE pno = {pno}"),
+        1 => format!(
+            "SELECT p.surname, v.date FROM patient p, visit v WHERE p.pno = v.pno AND p.pno = {pno}"
+        ),
+        2 => format!("UPDATE patient SET add1 = 'day {n}' WHERE pno = {pno}"),
+        3 => format!("UPDATE patient SET surname = 'Renamed{n}' WHERE pno = {pno}"),
+        4 => format!(
+            "INSERT INTO patient (surname, first_names, dob, sex) VALUES ('{surname}', 'New {n}', 19800101, 'F')"
+        ),
+        5 => format!("DELETE FROM patient WHERE pno = {mine}"),
+        6 => format!("UPDATE patient SET film_locate = 'shelf {n}' WHERE pno = {pno}"),
+        7 => format!("SELECT * FROM patient WHERE surname = '{surname}'"),
+        _ => format!("UPDATE visit SET description = 'seen {n}' WHERE pno = {mine}"),
+    }
+}
+
+/// The surname of the patient a step is about, quoted for SQL.
+fn surname(net: &Net, s: &Step) -> String {
+    match &net.data[SITES[s.whose]]["patient"][s.which][3] {
+        Value::Text(t) => t.replace('\'', "''"),
+        v => panic!("surname {v:?}"),
+    }
+}
+
 async fn random_day(net: &Net, steps: &[Step]) {
     let mut clients = Vec::new();
     for code in SITES {
         clients.push(connect(net.sites[code]).await);
     }
     for (n, s) in steps.iter().enumerate() {
-        let me = SITES[s.site];
-        let pno = patient(net, SITES[s.whose], s.which);
-        let mine = patient(net, me, s.which);
-        let surname = match &net.data[SITES[s.whose]]["patient"][s.which][3] {
-            Value::Text(t) => t.replace('\'', "''"),
-            v => panic!("surname {v:?}"),
-        };
-        let text = match s.op {
-            0 => format!("SELECT * FROM patient WHERE pno = {pno}"),
-            1 => format!(
-                "SELECT p.surname, v.date FROM patient p, visit v WHERE p.pno = v.pno AND p.pno = {pno}"
-            ),
-            2 => format!("UPDATE patient SET add1 = 'day {n}' WHERE pno = {pno}"),
-            3 => format!("UPDATE patient SET surname = 'Renamed{n}' WHERE pno = {pno}"),
-            4 => format!(
-                "INSERT INTO patient (surname, first_names, dob, sex) VALUES ('{surname}', 'New {n}', 19800101, 'F')"
-            ),
-            5 => format!("DELETE FROM patient WHERE pno = {mine}"),
-            6 => format!("UPDATE patient SET film_locate = 'shelf {n}' WHERE pno = {pno}"),
-            7 => format!("SELECT * FROM patient WHERE surname = '{surname}'"),
-            _ => format!("UPDATE visit SET description = 'seen {n}' WHERE pno = {mine}"),
-        };
-        try_run(&clients[s.site], &text).await;
+        try_run(&clients[s.site], &statement(net, n, s)).await;
     }
 }
 
@@ -473,8 +483,80 @@ async fn recomputed(net: &Net, code: &str) -> BTreeMap<String, Vec<String>> {
     shared_rows(&copy, net, code)
 }
 
+/// The reads a step makes at its site afterwards: the patient it was about
+/// (of the first two of each site, so reads repeat), by number, with the
+/// visits, and by name.
+fn reads(net: &Net, s: &Step) -> Vec<String> {
+    let step = Step {
+        which: s.which % 2,
+        ..s.clone()
+    };
+    let pno = patient(net, SITES[step.whose], step.which);
+    vec![
+        format!("SELECT pno, surname, add1 FROM patient WHERE pno = {pno}"),
+        format!(
+            "SELECT p.surname, v.vno, v.description FROM patient p, visit v \
+             WHERE p.pno = v.pno AND p.pno = {pno}"
+        ),
+        format!(
+            "SELECT pno, first_names FROM patient WHERE surname = '{}'",
+            surname(net, &step)
+        ),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 8, max_shrink_iters: 16, ..ProptestConfig::default() })]
+
+    /// A session answers a repeated read on the verdict it remembered while
+    /// nothing it was drawn from changed: at every step of a random day (with
+    /// a refresh in the middle; the day's changes made through another
+    /// connection), each read through the long-lived session equals the same
+    /// read through a new session, which judges it afresh.
+    #[test]
+    fn a_remembered_answer_equals_a_fresh_sessions_answer(day in steps()) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let net = setup(12).await;
+            // The day's statements go through other connections than the
+            // reads: the readers learn of them only from the database.
+            let (mut long, mut writers) = (Vec::new(), Vec::new());
+            for code in SITES {
+                long.push(connect(net.sites[code]).await);
+                writers.push(connect(net.sites[code]).await);
+            }
+            let mut asked: Vec<(usize, String)> = Vec::new();
+            for (n, s) in day.iter().enumerate() {
+                if n == day.len() / 2 {
+                    let summary = net.refresh().await;
+                    settled(&net, summary.epoch).await;
+                }
+                try_run(&writers[s.site], &statement(&net, n, s)).await;
+                for q in reads(&net, s) {
+                    let (remembered, _) = common::run(&mut long[s.site], &q).await;
+                    let mut fresh_client = connect(net.sites[SITES[s.site]]).await;
+                    let (fresh, _) = common::run(&mut fresh_client, &q).await;
+                    prop_assert_eq!(&remembered, &fresh, "step {} at {}: {}", n, SITES[s.site], &q);
+                    asked.push((s.site, q));
+                }
+            }
+            // Asked three times with nothing changed, a read is answered on
+            // its remembered verdict at least the third time.
+            let before: u64 = net.handles.values().map(|h| h.repeated_reads()).sum();
+            for (site, q) in &asked {
+                for _ in 0..3 {
+                    common::run(&mut long[*site], q).await;
+                }
+            }
+            let after: u64 = net.handles.values().map(|h| h.repeated_reads()).sum();
+            prop_assert!(after >= before + asked.len() as u64, "{} of {}", after - before, asked.len());
+            Ok(())
+        })?;
+    }
 
     /// DESIGN.md's oracle for the refresh: after a random day and one
     /// refresh, every site holds what a recomputation from scratch would
