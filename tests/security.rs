@@ -547,6 +547,12 @@ async fn a_revoked_certificate_is_refused_at_once_and_a_new_one_is_let_in() {
     };
     let stg = client("STG").await.unwrap();
     assert_eq!(stg.hello(&fingerprint).await.unwrap().site_code, "STG");
+    let mut notices = stg.subscribe().await.unwrap();
+    notices
+        .message()
+        .await
+        .unwrap()
+        .expect("the current epoch's notice");
 
     let revoked = snaps_proto::tls::revoke(certs.path(), &[certs.path().join("STG")]).unwrap();
     assert_eq!(revoked.len(), 1);
@@ -575,6 +581,15 @@ async fn a_revoked_certificate_is_refused_at_once_and_a_new_one_is_let_in() {
     snaps_proto::tls::issue_site(certs.path(), "STG").unwrap();
     let renewed = client("STG").await.unwrap();
     assert_eq!(renewed.hello(&fingerprint).await.unwrap().site_code, "STG");
+    // STG's subscription, opened before, ends at the next notice.
+    let admin = global.admin_client().await.unwrap();
+    let refresh = tokio::spawn(async move { admin.run_refresh().await.map(|_| ()) });
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), notices.message())
+        .await
+        .expect("a notice within 20 s");
+    let e = ended.unwrap_err().to_string();
+    assert!(e.contains("is revoked"), "{e}");
+    refresh.abort();
     // A revoked administrator cannot administer.
     snaps_proto::tls::revoke(certs.path(), &[certs.path().join("admin")]).unwrap();
     let admin = global.admin_client().await;

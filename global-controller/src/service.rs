@@ -811,12 +811,17 @@ impl GlobalSnapshot for Service {
         tracing::info!(site = %site.code, "subscribed to refresh epochs");
         let connected = self.coordinator.connect(site.number);
         let notices = tokio_stream::wrappers::WatchStream::new(self.coordinator.notices());
+        let certified = req.extensions().get::<Certified>().cloned();
         // The guard lives as long as the stream: the site counts as
-        // connected until it goes away.
+        // connected until it goes away. A certificate revoked meanwhile
+        // ends the stream at the next notice.
         let stream = futures::StreamExt::take_until(
             notices.map(move |n| {
                 let _ = &connected;
-                Ok(n)
+                match certified.as_ref().and_then(Certified::revoked) {
+                    Some(message) => Err(Status::permission_denied(message)),
+                    None => Ok(n),
+                }
             }),
             self.coordinator.closed(),
         );
