@@ -505,6 +505,15 @@ fn reads(net: &Net, s: &Step) -> Vec<String> {
     ]
 }
 
+/// A runtime for one property-test case.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 8, max_shrink_iters: 16, ..ProptestConfig::default() })]
 
@@ -515,12 +524,7 @@ proptest! {
     /// read through a new session, which judges it afresh.
     #[test]
     fn a_remembered_answer_equals_a_fresh_sessions_answer(day in steps()) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             let net = setup(12).await;
             // The day's statements go through other connections than the
             // reads: the readers learn of them only from the database.
@@ -563,12 +567,7 @@ proptest! {
     /// give, and the global snapshot is the union of the sites' exports.
     #[test]
     fn a_differential_refresh_equals_a_recomputation(day in steps()) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        runtime().block_on(async {
             let all: Vec<String> = common::network()
                 .global_catalog()
                 .unwrap()

@@ -95,11 +95,7 @@ impl SqlTls {
     pub fn from_dir(dir: &Path, required: bool) -> Result<SqlTls, snaps_proto::tls::TlsError> {
         let creds = snaps_proto::tls::Credentials::in_dir(dir);
         let config = creds.sql_server_config()?;
-        let cert_pem =
-            std::fs::read(&creds.cert).map_err(|source| snaps_proto::tls::TlsError::File {
-                path: creds.cert.clone(),
-                source,
-            })?;
+        let cert_pem = snaps_proto::tls::read_file(&creds.cert)?;
         Ok(SqlTls {
             config,
             cert_pem: Arc::new(cert_pem),

@@ -148,10 +148,7 @@ impl Credentials {
         let mut builder =
             WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone());
         if let Some(path) = revoked.filter(|p| p.exists()) {
-            let data = fs::read(path).map_err(|source| TlsError::File {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            let data = read_file(path)?;
             let crls = CertificateRevocationListDer::pem_slice_iter(&data)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| pem_error(path, e))?;
@@ -225,11 +222,16 @@ fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> TlsError {
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let data = fs::read(path).map_err(|source| TlsError::File {
+/// A file's bytes, or an error naming it.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::File {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read_file(path)?;
     let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, e))?;
