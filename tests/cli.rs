@@ -148,11 +148,8 @@ fn bad_input_gets_a_clear_error() {
 /// A `global.toml` in `dir` for the radiology network, listening on a free
 /// loopback port; returns its path and the address.
 fn global_config(dir: &std::path::Path, cph_token: &str) -> (std::path::PathBuf, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let port = free_port();
+    let network = radiology();
     let text = format!(
         "listen = \"127.0.0.1:{port}\"\nstore = \"global.db\"\nnetwork = {:?}\n\n[credentials]\nCPH = {{ token = {cph_token:?} }}\nSTG = {{ token_file = \"stg.token\" }}\n",
         network.display().to_string()
@@ -174,12 +171,10 @@ fn global_serve_answers_sites_and_stops_cleanly_on_sigterm() {
         .spawn()
         .expect("start snaps global serve");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let fingerprint = snaps_schema::NetworkConfig::load(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology"),
-    )
-    .and_then(|n| n.global_catalog())
-    .expect("network")
-    .fingerprint();
+    let fingerprint = snaps_schema::NetworkConfig::load(&radiology())
+        .and_then(|n| n.global_catalog())
+        .expect("network")
+        .fingerprint();
     let hello = rt.block_on(async {
         for _ in 0..100 {
             if let Ok(c) = snaps_local::remote::GlobalClient::connect(
@@ -256,6 +251,19 @@ fn bench_global_runs_and_reports_ratios() {
 }
 
 /// Processes killed if a test fails before stopping them.
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The radiology fixture network.
+fn radiology() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology")
+}
+
 /// `snaps users add radiology` (user code RAD01, password `film-badge-7`)
 /// to `dir/users.toml`.
 fn add_radiology_user(dir: &std::path::Path) -> Output {
@@ -300,11 +308,8 @@ fn site_serve_creates_its_database_registers_and_answers_sql() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the global controller");
-    let sql_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let sql_port = free_port();
+    let network = radiology();
     let site_toml = dir.path().join("site.toml");
     std::fs::write(
         &site_toml,
@@ -444,7 +449,7 @@ fn serving_plain_text_needs_insecure_and_certificates_are_issued_by_the_cli() {
         stderr(&o)
     );
     let site_toml = dir.path().join("site.toml");
-    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let network = radiology();
     let serve_site = |extra: &str| {
         std::fs::write(
             &site_toml,
@@ -575,11 +580,8 @@ fn the_sql_endpoint_serves_tls_with_the_networks_certificate_and_refuses_plain_t
     assert!(stdout(&o).contains("sql_tls = "), "{}", stdout(&o));
 
     add_radiology_user(dir.path());
-    let sql_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let network = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/radiology");
+    let sql_port = free_port();
+    let network = radiology();
     let site_toml = dir.path().join("site.toml");
     let write_site = |extra: &str| {
         std::fs::write(
