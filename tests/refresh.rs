@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Net, connect, db, one, patients, refused, run, setup};
+use common::{Net, connect, db, one, patients, refused, run, setup, stat};
 use snaps_schema::{LocalRights, LocalStatus, TupleType};
 
 /// A value in the global store.
@@ -334,11 +334,20 @@ async fn an_absent_site_keeps_its_locks_and_catches_up_when_it_returns() {
 async fn unused_snapshots_are_evicted_and_their_copies_released() {
     let net = setup(30).await;
     let grc = patients(&net, "GRC");
-    let (old, kept, pinned) = (grc[0], grc[1], grc[2]);
+    let (old, kept, pinned, by_name) = (grc[0], grc[1], grc[2], grc[3]);
     let mut stg = connect(net.sites["STG"]).await;
     for p in [old, kept, pinned] {
         run(&mut stg, &format!("SELECT * FROM patient WHERE pno = {p}")).await;
     }
+    let surname = match &net.data["GRC"]["patient"][3][3] {
+        snaps_schema::Value::Text(s) => s.replace('\'', "''"),
+        v => v.to_string(),
+    };
+    run(
+        &mut stg,
+        &format!("SELECT * FROM patient WHERE surname = '{surname}'"),
+    )
+    .await;
     run(
         &mut stg,
         &format!("UPDATE patient SET race = 'pin' WHERE pno = {pinned}"),
@@ -353,12 +362,24 @@ async fn unused_snapshots_are_evicted_and_their_copies_released() {
     ))
     .unwrap();
     let count = |sql: &str| -> i64 { site.query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 3);
+    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 4);
+    // A lookup by number of the patient fetched by name is answered on the
+    // copy held (no fetch), and uses the snapshot that holds it.
+    let fetches = stat(&db(&net, "STG"), "global_fetches");
+    run(
+        &mut stg,
+        &format!("SELECT surname FROM patient WHERE pno = {by_name}"),
+    )
+    .await;
+    assert_eq!(stat(&db(&net, "STG"), "global_fetches"), fetches);
 
     net.refresh().await;
-    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 1);
+    assert_eq!(count("SELECT count(*) FROM snaps_snapshot_definition"), 2);
     let held = |p: i64| count(&format!("SELECT count(*) FROM patient WHERE pno = {p}"));
-    assert_eq!((held(old), held(kept), held(pinned)), (0, 1, 1));
+    assert_eq!(
+        (held(old), held(kept), held(pinned), held(by_name)),
+        (0, 1, 1, 1)
+    );
     // The controller no longer counts STG as holding the evicted copy: a
     // query brings it again.
     let sent_to_stg = |p: i64| sent_to(&net, p, 2);

@@ -1403,9 +1403,10 @@ impl SiteSession {
         }
         let current = self.projections(&plan)?;
         let coverage = self.coverage(&plan, &current);
-        let used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
+        let (missing, holding) = self.missing_groups(&plan, &coverage)?;
+        let mut used: Vec<SnapshotNo> = coverage.groups.iter().flatten().copied().collect();
+        used.extend(holding);
         site.touch(&used)?;
-        let missing = self.missing_groups(&plan, &coverage)?;
         if !missing.contains(&true) {
             return Ok(Retrieved::Covered(used));
         }
@@ -1441,45 +1442,61 @@ impl SiteSession {
     }
 
     /// Per join group of `plan`: whether it must be fetched (neither a
-    /// snapshot covers it nor does the site hold the tuple it pins).
-    fn missing_groups(&self, plan: &Plan, coverage: &Coverage) -> Result<Vec<bool>> {
-        coverage
-            .groups
-            .iter()
-            .enumerate()
-            .map(|(i, covered)| Ok(covered.is_none() && !self.holds_pinned_tuple(plan, i)?))
-            .collect()
+    /// snapshot covers it nor does the site hold the tuple it pins); and the
+    /// snapshots holding the pinned tuples that answer, which count as used.
+    fn missing_groups(
+        &self,
+        plan: &Plan,
+        coverage: &Coverage,
+    ) -> Result<(Vec<bool>, Vec<SnapshotNo>)> {
+        let mut missing = Vec::with_capacity(coverage.groups.len());
+        let mut holding = Vec::new();
+        for (i, covered) in coverage.groups.iter().enumerate() {
+            if covered.is_some() {
+                missing.push(false);
+                continue;
+            }
+            match self.held_pinned_tuple(plan, i)? {
+                Some(snapshots) => {
+                    holding.extend(snapshots);
+                    missing.push(false);
+                }
+                None => missing.push(true),
+            }
+        }
+        Ok((missing, holding))
     }
 
-    /// Whether the site holds the one tuple join group `group` of `plan` can
+    /// The snapshots holding the one tuple join group `group` of `plan` can
     /// fetch, so the group needs no fetch: the group pins its table's whole
     /// key to constants ([`key_pinned`]); the table maps onto one global
     /// relation whose key the local key reaches unconverted (keys are unique
     /// in the global snapshot); and a tuple with that key is here and not
     /// new (a new one is not in the global snapshot yet, and another site's
     /// tuple may clash with it there). Changes others make to the tuple
-    /// reach the site at the refresh, as they do a copy's.
-    fn holds_pinned_tuple(&self, plan: &Plan, group: usize) -> Result<bool> {
+    /// reach the site at the refresh, as they do a copy's. None: not held
+    /// (or not a group this applies to); an own tuple is in no snapshot.
+    fn held_pinned_tuple(&self, plan: &Plan, group: usize) -> Result<Option<Vec<SnapshotNo>>> {
         let Some(table) = plan
             .query
             .as_ref()
             .and_then(|q| q.groups.get(group))
             .and_then(|g| g.tables.first())
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let active = self.site.mapping();
         let (Some(check), Some(rm)) = (
             active.key_checks.get(&table.local_relation),
             active.relation(&table.local_relation),
         ) else {
-            return Ok(false);
+            return Ok(None);
         };
         if rm.parts.len() != 1 || !check.unconverted() {
-            return Ok(false);
+            return Ok(None);
         }
         let Some(values) = key_pinned(plan, group, &rm.local.key) else {
-            return Ok(false);
+            return Ok(None);
         };
         let wheres: Vec<String> = rm
             .local
@@ -1489,15 +1506,30 @@ impl SiteSession {
             .map(|(i, k)| format!("{} = ?{}", snaps_schema::sql_ident(k), i + 1))
             .collect();
         let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({STATUS_COLUMN} & {NEW_BIT}) = 0)",
+            "SELECT rowid FROM {} WHERE {} AND ({STATUS_COLUMN} & {NEW_BIT}) = 0",
             snaps_schema::sql_ident(&table.local_relation),
             wheres.join(" AND ")
         );
         let args: Vec<rusqlite::types::Value> = values.iter().map(to_sqlite).collect();
-        Ok(self
+        let Some(rowid) = self
             .conn
             .prepare_cached(&sql)?
-            .query_row(rusqlite::params_from_iter(args), |r| r.get(0))?)
+            .query_row(rusqlite::params_from_iter(args), |r| r.get::<_, i64>(0))
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let snapshots = self
+            .conn
+            .prepare_cached(
+                "SELECT snapshot_no FROM snaps_snapshot_membership
+                 WHERE relation = ?1 AND tuple_rowid = ?2",
+            )?
+            .query_map(params![table.local_relation, rowid], |r| {
+                Ok(SnapshotNo(r.get::<_, u32>(0)?))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Some(snapshots))
     }
 
     /// The performed check against the site's snapshots and this session's
@@ -1594,7 +1626,7 @@ impl SiteSession {
             let plan = plan(&select, &site.catalog, &site.mapping())?;
             let current = self.projections(&plan)?;
             let coverage = self.coverage(&plan, &current);
-            let missing = self.missing_groups(&plan, &coverage)?;
+            let (missing, _) = self.missing_groups(&plan, &coverage)?;
             lines.push(match (&plan.query, missing.contains(&true)) {
                 (None, _) => {
                     "covered: nothing to fetch (no relation of the query is mapped)".into()
