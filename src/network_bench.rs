@@ -76,6 +76,10 @@ pub struct NetworkBenchOptions {
     /// Passes over the covered queries when timing them against SQLite.
     #[arg(long, default_value_t = 50)]
     pub repeats: usize,
+    /// Cross-site encounters run again at the end through a proxy shaped
+    /// like the 2,400 bit/s line, to check the model against (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub shaped: usize,
 }
 
 /// The three designs.
@@ -561,6 +565,19 @@ pub struct CoveredTiming {
     pub remembered: u64,
 }
 
+/// A first lookup of another site's patient (by name, the visit history,
+/// the last visit's reports) at the first site, through a proxy that delays
+/// and paces the bytes as the slow line would.
+#[derive(Debug, Clone)]
+pub struct ShapedEncounter {
+    /// What crossed the line.
+    pub wire: Wire,
+    /// The process' CPU time meanwhile (the model's local part).
+    pub cpu: Duration,
+    /// Wall time through the shaped line.
+    pub measured: Duration,
+}
+
 /// Steps through a statement's rows reading every value, as an
 /// application reading the answer does; returns the number of rows.
 fn read_all(stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
@@ -619,6 +636,8 @@ pub struct NetworkReport {
     pub covered: Vec<CoveredTiming>,
     /// Whether the covered timing fetched anything (it must not).
     pub covered_fetches: i64,
+    /// Cross-site encounters through a line shaped like the slow link.
+    pub shaped: Vec<ShapedEncounter>,
     /// SNAPS answers whose row count differed from the central server's
     /// (queries about other sites' patients; changes of the same day reach
     /// SNAPS only at the night's refresh).
@@ -958,12 +977,50 @@ struct SnapsRun {
     nights: Vec<Night>,
     covered: Vec<CoveredTiming>,
     covered_fetches: i64,
+    shaped: Vec<ShapedEncounter>,
+}
+
+/// Candidates for the shaped-line check: other sites' patients with
+/// visits, in a seeded order, each with the statements of a first encounter
+/// at the first site (by name, the visit history, the last visit's reports).
+fn shaped_checks(patients: &[SitePatients], rng: &mut Rng) -> Vec<(i64, Vec<String>)> {
+    let mut out = Vec::new();
+    for p in patients.iter().skip(1) {
+        let mut with_visits: Vec<i64> = p
+            .visits
+            .iter()
+            .filter(|(pno, v)| !v.is_empty() && p.names.contains_key(*pno))
+            .map(|(pno, _)| *pno)
+            .collect();
+        with_visits.sort_unstable();
+        for _ in 0..20.min(with_visits.len()) {
+            let pno = with_visits.swap_remove(rng.below(with_visits.len()));
+            let (sur, first) = p.names[&pno].clone();
+            let last = *p.visits[&pno].last().unwrap_or(&0);
+            out.push((
+                pno,
+                vec![
+                    with_literals(Class::Name, &Param::Name(sur, first)),
+                    with_literals(Class::History, &Param::Key(pno as i32)),
+                    with_literals(Class::Reports, &Param::Key(last as i32)),
+                ],
+            ));
+        }
+    }
+    // Alternate between the other sites.
+    let half = out.len() / 2;
+    let (a, b) = out.split_at(half);
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| [x.clone(), y.clone()])
+        .collect()
 }
 
 async fn run_snaps(
     network: &NetworkConfig,
     data: &Data,
     workload: &Workload,
+    checks: &[(i64, Vec<String>)],
     opts: &NetworkBenchOptions,
     dir: &std::path::Path,
 ) -> Result<SnapsRun> {
@@ -1125,6 +1182,16 @@ async fn run_snaps(
     })
     .await??;
     let covered_fetches = stat(&sites[0], "global_fetches")? - fetches0;
+    let first = network.sites[0].code.as_str();
+    let shaped = shaped_encounters(
+        &net,
+        first,
+        &dir.join(first).join("local.db"),
+        target,
+        checks,
+        opts.shaped,
+    )
+    .await?;
     drop(sites);
     net.stop().await?;
     Ok(SnapsRun {
@@ -1132,7 +1199,76 @@ async fn run_snaps(
         nights,
         covered,
         covered_fetches,
+        shaped,
     })
+}
+
+/// Runs up to `wanted` of `checks` (a patient of another site, and the
+/// encounter's statements) that site `code` holds nothing of yet, through a
+/// second handle on its database whose link to the controller is a proxy
+/// shaped like the slow line.
+async fn shaped_encounters(
+    net: &LocalNetwork,
+    code: &str,
+    database: &std::path::Path,
+    target: std::net::SocketAddr,
+    checks: &[(i64, Vec<String>)],
+    wanted: usize,
+) -> Result<Vec<ShapedEncounter>> {
+    if wanted == 0 {
+        return Ok(Vec::new());
+    }
+    let slow = &crate::network_report::LINKS[0];
+    let line = crate::wire_proxy::Line {
+        bits_per_second: slow.bits_per_second,
+        one_way: Duration::from_secs_f64(slow.rtt / 2.0),
+    };
+    let proxy = Arc::new(WireProxy::start_with(target, Some(line)).await?);
+    let link = snaps_local::site::GlobalLink {
+        addr: format!("http://{}", proxy.addr),
+        auth: net.site_auth(code)?,
+        compress: true,
+        fetch_timeout: Duration::from_secs(300),
+        retry_after: Duration::from_secs(10),
+    };
+    let site = Site::open(database, &net.network.global_catalog()?, Some(link))?;
+    let (database, checks) = (database.to_path_buf(), checks.to_vec());
+    tokio::task::spawn_blocking(move || -> Result<Vec<ShapedEncounter>> {
+        let mut session = SiteEngine(site.clone())
+            .open_session("radiology")
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let held = rusqlite::Connection::open(&database)?;
+        let mut out = Vec::new();
+        for (pno, statements) in checks {
+            if out.len() == wanted {
+                break;
+            }
+            let holds: bool = held.query_row(
+                "SELECT EXISTS (SELECT 1 FROM patient WHERE pno = ?1)",
+                [pno],
+                |r| r.get(0),
+            )?;
+            if holds {
+                continue;
+            }
+            let (w0, c0, t0) = (proxy.wire(), cpu_time(), Instant::now());
+            for s in &statements {
+                let answer = session
+                    .execute(s)
+                    .map_err(|e| anyhow::anyhow!("shaped line: {s}: {}", e.message))?;
+                if !answer.notices.is_empty() {
+                    bail!("shaped line: {s}: {:?}", answer.notices);
+                }
+            }
+            out.push(ShapedEncounter {
+                wire: proxy.wire().since(&w0),
+                cpu: cpu_time() - c0,
+                measured: t0.elapsed(),
+            });
+        }
+        Ok(out)
+    })
+    .await?
 }
 
 struct CentralSite {
@@ -1464,6 +1600,7 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
         })
         .collect::<Result<Vec<_>>>()?;
     let workload = make_workload(opts, &network, &mut patients);
+    let checks = shaped_checks(&patients, &mut rng);
 
     // The central server's databases: one for each design that uses it.
     let rows = global_rows(&network, &global, &data)?;
@@ -1491,7 +1628,7 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
     }
 
     let dir = tempfile::tempdir()?;
-    let snaps = run_snaps(&network, &data, &workload, opts, dir.path()).await?;
+    let snaps = run_snaps(&network, &data, &workload, &checks, opts, dir.path()).await?;
     let (central, central_setup) = run_central(&server, &network, &workload).await?;
     let (copy_samples, copy_nights) =
         run_full_copy(&server, &network, &global, &workload, dir.path()).await?;
@@ -1552,6 +1689,7 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
         central_setup,
         covered: snaps.covered,
         covered_fetches: snaps.covered_fetches,
+        shaped: snaps.shaped,
         differing_answers,
         refresh,
         elapsed: started.elapsed(),

@@ -333,6 +333,9 @@ impl NetworkReport {
             human(b[2] as f64),
             human(b[3] as f64)
         );
+        if let Some(line) = self.shaped_line() {
+            let _ = writeln!(out, "{line}");
+        }
         for g in self.goals() {
             let _ = writeln!(
                 out,
@@ -346,6 +349,39 @@ impl NetworkReport {
             );
         }
         out
+    }
+
+    /// Per shaped-line encounter: (modelled, measured) seconds.
+    fn shaped_times(&self) -> Vec<(f64, f64)> {
+        self.shaped
+            .iter()
+            .map(|e| (LINKS[0].seconds(&e.wire, e.cpu), e.measured.as_secs_f64()))
+            .collect()
+    }
+
+    /// The shaped-line check in one sentence, if it ran.
+    fn shaped_line(&self) -> Option<String> {
+        let times = self.shaped_times();
+        if times.is_empty() {
+            return None;
+        }
+        let ratios: Vec<f64> = times.iter().map(|(m, t)| t / m).collect();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        Some(format!(
+            "shaped {} line: {} cross-site {} took {:.2}x to {:.2}x of the model's time (measured {} to {})",
+            LINKS[0].name,
+            times.len(),
+            if times.len() == 1 {
+                "encounter"
+            } else {
+                "encounters"
+            },
+            lo,
+            hi,
+            secs(times.iter().map(|t| t.1).fold(f64::INFINITY, f64::min)),
+            secs(times.iter().map(|t| t.1).fold(0.0, f64::max)),
+        ))
     }
 
     /// Each goal: reached, and the sentence with the figure.
@@ -761,6 +797,42 @@ fn markdown(r: &NetworkReport) -> String {
             thousands(last.wire.bytes()),
             per(last)
         );
+    }
+
+    // The model against a shaped line.
+    if !r.shaped.is_empty() {
+        let _ = writeln!(m, "### The model against a shaped line\n");
+        let _ = writeln!(
+            m,
+            "After the run, {} first encounters with other sites' patients at {} (lookup by name, visit \
+             history, the last visit's reports) through a proxy that paces each direction at {} bit/s and \
+             delays it by half the round-trip time: what such a line does to the conversation (HTTP/2's own \
+             exchanges, the order of replies), which the model of the tables above — round trips × RTT + \
+             bytes × 8 / rate + local time — does not see. Local time here is the process' CPU time. The shaped \
+             line carries both directions at once; the model puts both on one line (half duplex), so it errs \
+             long.\n",
+            r.shaped.len(),
+            r.sites.first().map_or("", String::as_str),
+            thousands(LINKS[0].bits_per_second as u64)
+        );
+        let _ = writeln!(
+            m,
+            "| encounter | bytes | round trips | modelled | measured | measured / modelled |"
+        );
+        let _ = writeln!(m, "|---:|---:|---:|---:|---:|---:|");
+        for (i, (e, (modelled, measured))) in r.shaped.iter().zip(r.shaped_times()).enumerate() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {:.2} |",
+                i + 1,
+                thousands(e.wire.bytes()),
+                e.wire.round_trips,
+                secs(modelled),
+                secs(measured),
+                measured / modelled
+            );
+        }
+        let _ = writeln!(m);
     }
 
     // Covered queries.

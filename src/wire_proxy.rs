@@ -7,6 +7,11 @@
 //! what a client waits for on a slow line, whatever the protocol (gRPC over
 //! HTTP/2, the PostgreSQL protocol). Each new connection costs one more
 //! (the TCP handshake).
+//!
+//! A proxy may also stand for a slow line ([`Line`]): each direction sends
+//! one chunk after another at the line's rate and delivers it the one-way
+//! delay later, so what crosses it takes as long as it would on the line
+//! (TCP's own pacing aside).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +56,22 @@ impl Wire {
     }
 }
 
+/// A line a shaped proxy stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct Line {
+    /// Its rate, each direction.
+    pub bits_per_second: f64,
+    /// Half its round-trip time.
+    pub one_way: std::time::Duration,
+}
+
+impl Line {
+    /// How long `bytes` take to go onto the line.
+    fn sending(&self, bytes: usize) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(bytes as f64 * 8.0 / self.bits_per_second)
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     up: AtomicU64,
@@ -69,6 +90,11 @@ pub struct WireProxy {
 impl WireProxy {
     /// Listens on a free loopback port and forwards to `target`.
     pub async fn start(target: SocketAddr) -> Result<WireProxy> {
+        Self::start_with(target, None).await
+    }
+
+    /// The same, through `line` when given.
+    pub async fn start_with(target: SocketAddr, line: Option<Line>) -> Result<WireProxy> {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .context("listen for the counting proxy")?;
@@ -83,7 +109,7 @@ impl WireProxy {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
                         c.round_trips.fetch_add(1, Ordering::Relaxed);
-                        forward(client, server, c).await;
+                        forward(client, server, c, line).await;
                     }
                 });
             }
@@ -111,46 +137,81 @@ impl Drop for WireProxy {
     }
 }
 
-/// Copies both ways until either side closes.
-async fn forward(client: TcpStream, server: TcpStream, counters: Arc<Counters>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
+/// Copies both ways until either side closes, through `line` if given.
+async fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    counters: Arc<Counters>,
+    line: Option<Line>,
+) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
     // True while the client spoke last on this connection.
     let client_spoke = Arc::new(AtomicBool::new(false));
     let (c_up, s_up) = (counters.clone(), client_spoke.clone());
-    let up = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match client_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            c_up.up.fetch_add(n as u64, Ordering::SeqCst);
-            s_up.store(true, Ordering::SeqCst);
-            if server_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
+    let up = pump(client_read, server_write, line, move |n| {
+        c_up.up.fetch_add(n as u64, Ordering::SeqCst);
+        s_up.store(true, Ordering::SeqCst);
+    });
+    let down = pump(server_read, client_write, line, move |n| {
+        if client_spoke.swap(false, Ordering::SeqCst) {
+            counters.round_trips.fetch_add(1, Ordering::SeqCst);
         }
-        let _ = server_write.shutdown().await;
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match server_read.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            if client_spoke.swap(false, Ordering::SeqCst) {
-                counters.round_trips.fetch_add(1, Ordering::SeqCst);
-            }
-            counters.down.fetch_add(n as u64, Ordering::SeqCst);
-            if client_write.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-        }
-        let _ = client_write.shutdown().await;
-    };
+        counters.down.fetch_add(n as u64, Ordering::SeqCst);
+    });
     tokio::join!(up, down);
+}
+
+/// One direction: counts each chunk read (`count`), then writes it on,
+/// at once or as `line` would deliver it.
+async fn pump(
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    mut write: tokio::net::tcp::OwnedWriteHalf,
+    line: Option<Line>,
+    count: impl Fn(usize),
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let Some(line) = line else {
+        loop {
+            let n = match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            count(n);
+            if write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = write.shutdown().await;
+        return;
+    };
+    // Chunks in order with the time each arrives at the far end.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let deliver = async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if write.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = write.shutdown().await;
+    };
+    let receive = async move {
+        // When the line has sent everything queued so far.
+        let mut free = tokio::time::Instant::now();
+        loop {
+            let n = match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            count(n);
+            free = free.max(tokio::time::Instant::now()) + line.sending(n);
+            if tx.send((free + line.one_way, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    tokio::join!(receive, deliver);
 }
 
 #[cfg(test)]
@@ -192,5 +253,28 @@ mod tests {
         assert_eq!(w.round_trips, 4);
         let later = proxy.wire();
         assert_eq!(later.since(&w), Wire::default());
+    }
+
+    #[tokio::test]
+    async fn a_shaped_proxy_takes_the_lines_time_and_counts_the_same() {
+        // 1,000 bytes each way at 80,000 bit/s: 0.1 s each way, plus 50 ms
+        // each way.
+        let line = Line {
+            bits_per_second: 80_000.0,
+            one_way: std::time::Duration::from_millis(50),
+        };
+        let proxy = WireProxy::start_with(echo().await, Some(line))
+            .await
+            .expect("proxy");
+        let mut c = TcpStream::connect(proxy.addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        let sent = vec![7u8; 1000];
+        c.write_all(&sent).await.expect("write");
+        let mut back = vec![0u8; 1000];
+        c.read_exact(&mut back).await.expect("read");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+        assert_eq!(back, sent, "every byte arrives, in order");
+        let w = proxy.wire();
+        assert_eq!((w.up, w.down), (1000, 1000));
     }
 }

@@ -737,6 +737,8 @@ fn bench_network_compares_three_designs_and_writes_the_report() {
         "3",
         "--repeats",
         "2",
+        "--shaped",
+        "1",
         "--out",
         dir,
     ];
@@ -756,7 +758,15 @@ fn bench_network_compares_three_designs_and_writes_the_report() {
     for design in ["SNAPS", "central PostgreSQL", "full nightly copy"] {
         assert!(summary.contains(design), "{summary}");
     }
+    assert!(
+        summary.contains("shaped 2,400 bit/s, 300 ms RTT line: 1 cross-site encounter took"),
+        "{summary}"
+    );
     let report = std::fs::read_to_string(out.path().join("benchmarks.md")).expect("report");
+    assert!(
+        report.contains("### The model against a shaped line"),
+        "{report}"
+    );
     assert!(report.contains("## Another section\n\nkept"), "{report}");
     assert!(report.contains("snaps bench network: begin"), "{report}");
     let (snaps_b, central_b, copy_b) = (
