@@ -547,14 +547,7 @@ pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
     )
     .await?;
     tokio::spawn(conn);
-    let stat = |name: &str| -> Result<i64> {
-        let c = rusqlite::Connection::open(&stg.database)?;
-        Ok(c.query_row(
-            "SELECT value FROM snaps_stats WHERE name = ?1",
-            [name],
-            |r| r.get(0),
-        )?)
-    };
+    let stat = |name: &str| -> Result<i64> { Ok(stg.site.counter(name)?) };
 
     // First lookups of CPH patients by number: each brings one tuple.
     let cph = &data.get("CPH").context("no CPH data")?["patient"];

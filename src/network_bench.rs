@@ -831,12 +831,7 @@ async fn pg_connect(conninfo: &str) -> Result<tokio_postgres::Client> {
 }
 
 fn stat(site: &Site, name: &str) -> Result<i64> {
-    let c = rusqlite::Connection::open(site.path())?;
-    Ok(c.query_row(
-        "SELECT value FROM snaps_stats WHERE name = ?1",
-        [name],
-        |r| r.get(0),
-    )?)
+    Ok(site.counter(name)?)
 }
 
 fn progress(total: u64, what: &str) -> indicatif::ProgressBar {

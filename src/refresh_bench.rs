@@ -128,12 +128,7 @@ impl fmt::Display for RefreshBenchReport {
 }
 
 fn stat(site: &Site, name: &str) -> Result<i64> {
-    let c = rusqlite::Connection::open(site.path())?;
-    Ok(c.query_row(
-        "SELECT value FROM snaps_stats WHERE name = ?1",
-        [name],
-        |r| r.get(0),
-    )?)
+    Ok(site.counter(name)?)
 }
 
 fn copies(site: &Site) -> Result<Vec<String>> {

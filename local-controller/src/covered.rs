@@ -142,15 +142,18 @@ pub(crate) struct CoveredReads {
 }
 
 impl CoveredReads {
-    /// The verdict for `text` if it still holds at `now`.
-    pub(crate) fn get(&mut self, text: &str, now: &Stamp) -> Option<&mut Verdict> {
-        self.verdicts.get_mut(text).filter(|v| v.stamp.same(now))
-    }
-
-    /// Whether `text` has a verdict, current or not (only then is the
-    /// stamp worth reading).
-    pub(crate) fn contains(&self, text: &str) -> bool {
-        self.verdicts.contains_key(text)
+    /// The verdict for `text` if it still holds in the state `now` reads
+    /// (called only when there is a verdict to check).
+    pub(crate) fn get(
+        &mut self,
+        text: &str,
+        now: impl FnOnce() -> Result<Stamp>,
+    ) -> Result<Option<&mut Verdict>> {
+        let Some(v) = self.verdicts.get_mut(text) else {
+            return Ok(None);
+        };
+        let now = now()?;
+        Ok(v.stamp.same(&now).then_some(v))
     }
 
     /// Records that `text` was found covered by `used` in the state

@@ -740,13 +740,7 @@ impl Site {
             };
             planned.push((*no, lang, text.as_str(), select, plan, current));
         }
-        let received = |conn: &Connection| -> Result<i64> {
-            Ok(conn.query_row(
-                "SELECT value FROM snaps_stats WHERE name = 'tuples_received'",
-                [],
-                |r| r.get(0),
-            )?)
-        };
+        let received = |conn: &Connection| crate::store::counter(conn, "tuples_received");
         let mut start = 0;
         while start < planned.len() {
             let end = if start == 0 {

@@ -245,6 +245,12 @@ impl Site {
         &self.path
     }
 
+    /// A `snaps_stats` counter (read on a connection of its own, so it
+    /// never waits for the site's writer).
+    pub fn counter(&self, name: &str) -> Result<i64> {
+        crate::store::counter(&open_conn(&self.path)?, name)
+    }
+
     /// Refuses a change to a shared relation while a refresh epoch holds
     /// the site's data still.
     pub(crate) fn not_refreshing(&self, conn: &Connection) -> Result<()> {
@@ -1672,11 +1678,14 @@ impl SiteSession {
     /// Answers `text` at once if it is a read found covered earlier and
     /// nothing it was judged on has changed since.
     fn repeat_covered(&mut self, text: &str) -> Result<Option<Answer>> {
-        if !self.pending.is_empty() || !self.reads.contains(text) {
+        if !self.pending.is_empty() {
             return Ok(None);
         }
-        let now = self.stamp()?;
-        let Some(verdict) = self.reads.get(text, &now) else {
+        // The stamp is read only for a text with a verdict.
+        let Some(verdict) = self.reads.get(text, || {
+            Stamp::now(&self.conn, self.site.mapping(), &self.site.definitions)
+        })?
+        else {
             return Ok(None);
         };
         let day = today();

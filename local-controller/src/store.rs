@@ -693,6 +693,13 @@ pub(crate) const CHANGED_BITS: u8 = 0x18;
 /// A partial index of a mapped relation's new and modified tuples: every
 /// query computes its semi-join projections from them, and there are few,
 /// so without it each query would scan the whole relation.
+/// The `snaps_stats` counter `name` as `conn` sees it.
+pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM snaps_stats WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))?)
+}
+
 pub(crate) fn changed_index(relation: &str) -> String {
     format!(
         "CREATE INDEX IF NOT EXISTS {} ON {} ({STATUS_COLUMN}) WHERE ({STATUS_COLUMN} & {CHANGED_BITS}) <> 0;",
