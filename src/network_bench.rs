@@ -638,6 +638,8 @@ pub struct NetworkReport {
     pub covered_fetches: i64,
     /// Cross-site encounters through a line shaped like the slow link.
     pub shaped: Vec<ShapedEncounter>,
+    /// The epoch after SNAPS' initial load: every site's summaries, whole.
+    pub initial_summaries: Night,
     /// SNAPS answers whose row count differed from the central server's
     /// (queries about other sites' patients; changes of the same day reach
     /// SNAPS only at the night's refresh).
@@ -973,6 +975,9 @@ struct SnapsRun {
     covered: Vec<CoveredTiming>,
     covered_fetches: i64,
     shaped: Vec<ShapedEncounter>,
+    /// The epoch after the initial load, which sends every site its
+    /// summaries whole: counted apart, as the initial load is.
+    initial_summaries: Night,
 }
 
 /// Candidates for the shaped-line check: other sites' patients with
@@ -1057,6 +1062,7 @@ async fn run_snaps(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let initial_summaries = snaps_night(&net, &sites, &proxies, 0).await?;
     let steps: u64 = workload.days.iter().flatten().map(|a| a.len() as u64).sum();
     let bar = progress(steps, "SNAPS");
     let mut samples = Vec::new();
@@ -1195,6 +1201,7 @@ async fn run_snaps(
         covered,
         covered_fetches,
         shaped,
+        initial_summaries,
     })
 }
 
@@ -1685,6 +1692,7 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
         covered: snaps.covered,
         covered_fetches: snaps.covered_fetches,
         shaped: snaps.shaped,
+        initial_summaries: snaps.initial_summaries,
         differing_answers,
         refresh,
         elapsed: started.elapsed(),

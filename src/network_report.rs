@@ -665,6 +665,16 @@ fn markdown(r: &NetworkReport) -> String {
         human(b[3] as f64),
         b[3] as f64 * 100.0 / all
     );
+    let _ = writeln!(
+        m,
+        "The summaries (what each site is told of the others' data: the own keys other sites' tuples hold, and \
+         fingerprints of the names and birth dates held elsewhere) first go out whole at the epoch after the initial \
+         load: {} bytes for all {} sites ({} received), not counted above, as the initial load is not. From then on \
+         each night carries only their changes.\n",
+        thousands(r.initial_summaries.wire.bytes()),
+        r.sites.len(),
+        thousands(r.initial_summaries.wire.down),
+    );
     let _ = writeln!(m, "![bytes per day](network-bytes.svg)\n");
 
     // Per query class.

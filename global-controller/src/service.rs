@@ -2,12 +2,13 @@
 //! and checks it, runs it on the store off the async threads, and counts the
 //! bytes each site sends and receives.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use snaps_proto::v1::global_snapshot_server::GlobalSnapshot;
 use snaps_proto::{encode_rows, v1};
+use snaps_schema::summary::{SummaryKind, SummarySpec, encode_sorted};
 use snaps_schema::{RelationMode, SiteNo};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -18,6 +19,7 @@ use crate::epochs::Coordinator;
 use crate::error::Error;
 use crate::query::FetchQuery;
 use crate::store::{
+    SummaryDelta, SummaryRequest,
     Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId, TupleRef,
 };
 use crate::transport::Certified;
@@ -78,6 +80,24 @@ pub struct Service {
     /// The access rules in force (kept in the store, changed only through
     /// Grant and Revoke).
     acl: Arc<std::sync::RwLock<Acl>>,
+    /// The summaries the network declares (`network.toml`).
+    summaries: Arc<Vec<SummarySpec>>,
+}
+
+fn summary_to_wire(d: &SummaryDelta) -> v1::Summary {
+    let kind = match d.spec.kind {
+        SummaryKind::Keys => v1::SummaryKind::Keys,
+        SummaryKind::Lookup => v1::SummaryKind::Lookup,
+    };
+    v1::Summary {
+        kind: kind as i32,
+        relation: d.spec.relation.clone(),
+        attributes: d.spec.attributes.clone(),
+        first: d.range.map_or(0, |r| r.first),
+        last: d.range.map_or(0, |r| r.last),
+        added: encode_sorted(&d.added),
+        removed: encode_sorted(&d.removed),
+    }
 }
 
 /// The metadata key of an UNAVAILABLE reply sent while an epoch collects:
@@ -92,7 +112,12 @@ impl Service {
         coordinator: Arc<Coordinator>,
     ) -> crate::Result<Service> {
         let acl = Acl::new(config.access_default, store.acl_rules()?);
+        let summaries = config
+            .network
+            .summary_specs()
+            .map_err(|e| crate::Error::Config(e.to_string()))?;
         Ok(Service {
+            summaries: Arc::new(summaries),
             config,
             store,
             coordinator,
@@ -139,6 +164,28 @@ impl Service {
             .await?;
         tracing::warn!(site = %site.code, user, %relation, "access denied");
         Err(Status::permission_denied(message))
+    }
+
+    /// The summaries `site` may be told of: those of relations the access
+    /// rules let it read (as a site, whoever its users are), each key
+    /// summary with the site's own range.
+    fn summary_request(&self, site: &SiteId, version: u64) -> Result<SummaryRequest, Status> {
+        let me = self
+            .config
+            .network
+            .site(&site.code)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let acl = self.acl();
+        let specs = self
+            .summaries
+            .iter()
+            .filter(|s| {
+                acl.denied(std::iter::once(s.relation.as_str()), &site.code, "", Right::Read)
+                    .is_none()
+            })
+            .map(|s| (s.clone(), s.range_of.as_ref().map(|r| me.key_range(r))))
+            .collect();
+        Ok(SummaryRequest { version, specs })
     }
 
     /// The administrator's name, for the audit trail.
@@ -861,9 +908,39 @@ impl GlobalSnapshot for Service {
             .map(|p| (p.relation.clone(), p.columns.clone()))
             .collect();
         let since = req.get_ref().since;
+        let summaries = self.summary_request(&site, req.get_ref().summary_version)?;
         let s = site.clone();
         let changes = self
-            .blocking(move |store| store.changes(&s, since, &parts))
+            .blocking(move |store| {
+                let changes = store.changes(&s, since, &parts, &summaries)?;
+                if changes.summaries_whole || !changes.summaries.is_empty() {
+                    // Which summaries reached which site is on the record
+                    // before they leave, as a fetch's tuples are.
+                    let mut record = AuditRecord::new(&s.code, "", "summaries");
+                    record.relations = changes
+                        .summaries
+                        .iter()
+                        .map(|d| d.spec.relation.clone())
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    let parts: Vec<String> = changes
+                        .summaries
+                        .iter()
+                        .map(|d| {
+                            format!("{} +{} -{}", d.spec.name(), d.added.len(), d.removed.len())
+                        })
+                        .collect();
+                    record.detail = format!(
+                        "version {}{}: {}",
+                        changes.summary_version,
+                        if changes.summaries_whole { " (whole)" } else { "" },
+                        if parts.is_empty() { "none".to_string() } else { parts.join(", ") }
+                    );
+                    store.append_audit(&[record])?;
+                }
+                Ok(changes)
+            })
             .await?;
         let resent: usize = changes.changed.iter().map(|c| c.tuple_ids.len()).sum();
         let reply = v1::ChangesReply {
@@ -893,6 +970,9 @@ impl GlobalSnapshot for Service {
                     tuple_ids,
                 })
                 .collect(),
+            summary_version: changes.summary_version,
+            summaries_whole: changes.summaries_whole,
+            summaries: changes.summaries.iter().map(summary_to_wire).collect(),
         };
         self.coordinator.count_resent(resent);
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());

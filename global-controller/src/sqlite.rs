@@ -32,6 +32,7 @@ use crate::store::*;
 
 mod audit;
 mod refresh;
+mod summary;
 
 /// The SQLite global store.
 pub struct SqliteStore {
@@ -309,6 +310,7 @@ impl SqliteStore {
                  UNIQUE (site, relation, origin));",
         )?;
         tx.execute_batch(refresh::TABLES)?;
+        tx.execute_batch(summary::TABLES)?;
         tx.execute_batch(audit::TABLES)?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
@@ -836,8 +838,9 @@ impl GlobalStore for SqliteStore {
         site: &SiteId,
         since: u64,
         parts: &[(String, Vec<String>)],
+        summaries: &SummaryRequest,
     ) -> Result<Changes> {
-        self.changes_for(site, since, parts)
+        self.changes_for(site, since, parts, summaries)
     }
 
     fn acknowledge(&self, site: &SiteId, epoch: u64) -> Result<()> {

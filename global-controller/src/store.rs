@@ -6,7 +6,8 @@ pub use crate::acl::{AuditFilter, AuditRecord, Right, Subject};
 use std::collections::{BTreeMap, BTreeSet};
 
 use snaps_proto::{decode_rows, v1};
-use snaps_schema::{Catalog, RelationMode, SiteNo, Value};
+use snaps_schema::summary::SummarySpec;
+use snaps_schema::{Catalog, KeyRange, RelationMode, SiteNo, Value};
 
 use crate::error::{Error, Result};
 use crate::query::{FetchQuery, Shape};
@@ -369,11 +370,14 @@ pub trait GlobalStore: Send + Sync {
 
     /// What changed after epoch `since` for the site, in the given parts
     /// (global relation, columns).
+    /// With them, the summaries' changes since `summaries.version`, in the
+    /// same view of the global snapshot.
     fn changes(
         &self,
         site: &SiteId,
         since: u64,
         parts: &[(String, Vec<String>)],
+        summaries: &SummaryRequest,
     ) -> Result<Changes>;
 
     /// Records that the site applied the epoch.
@@ -652,6 +656,36 @@ pub struct Changes {
     pub changed: Vec<ChangedPart>,
     /// Removed tuples the site held: global relation → tuple ids.
     pub removed: Vec<(String, Vec<u64>)>,
+    /// The summaries' version after this reply (0: none are sent).
+    pub summary_version: u64,
+    /// The summaries are sent whole (the site forgets what it held).
+    pub summaries_whole: bool,
+    /// The summaries that changed (all of them when whole).
+    pub summaries: Vec<SummaryDelta>,
+}
+
+/// The summaries a site may be told of, with `changes`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SummaryRequest {
+    /// The version the site holds (0: none).
+    pub version: u64,
+    /// The summaries it may receive (the access rules let it read their
+    /// relations), each key summary with the site's range for it.
+    pub specs: Vec<(SummarySpec, Option<KeyRange>)>,
+}
+
+/// One summary's change for a site.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SummaryDelta {
+    /// Which summary.
+    pub spec: SummarySpec,
+    /// The site's range, for a key summary.
+    pub range: Option<KeyRange>,
+    /// Items now in the set (key summaries: value − range start;
+    /// lookups: fingerprints), sorted.
+    pub added: Vec<u64>,
+    /// Items no longer in it, sorted.
+    pub removed: Vec<u64>,
 }
 
 /// A recorded key conflict.

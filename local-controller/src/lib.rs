@@ -38,6 +38,7 @@ pub mod remote;
 pub mod serve;
 pub mod site;
 pub mod store;
+mod summary;
 pub mod users;
 pub mod value;
 mod write;

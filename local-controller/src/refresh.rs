@@ -626,8 +626,14 @@ impl Site {
             .relations()
             .flat_map(|rm| shape_of_relation(rm).parts)
             .collect();
-        let reply = self.remote(|c| async move { c.changes(since, parts).await })?;
+        let summaries = crate::summary::version(conn)?;
+        let reply = self.remote(|c| async move { c.changes(since, parts, summaries).await })?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (added, removed) = crate::summary::apply(&tx, &reply)?;
+        if added + removed > 0 {
+            tracing::info!(site = %self.code(), added, removed, version = reply.summary_version,
+                "summaries applied");
+        }
         // Writes are allowed again from here (in this transaction too).
         tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFRESHING])?;
         for part in &reply.changed {

@@ -471,8 +471,17 @@ impl GlobalClient {
     }
 
     /// What changed for this site after epoch `since`, in its parts.
-    pub async fn changes(&self, since: u64, parts: Vec<v1::Part>) -> Result<v1::ChangesReply> {
-        let req = v1::ChangesRequest { since, parts };
+    pub async fn changes(
+        &self,
+        since: u64,
+        parts: Vec<v1::Part>,
+        summary_version: u64,
+    ) -> Result<v1::ChangesReply> {
+        let req = v1::ChangesRequest {
+            since,
+            parts,
+            summary_version,
+        };
         Ok(self
             .for_len(req.encoded_len())
             .changes(req)

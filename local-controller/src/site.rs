@@ -120,6 +120,9 @@ pub struct Site {
     pub(crate) subscribed: std::sync::atomic::AtomicBool,
     /// Reads answered on a remembered covered verdict since open.
     repeated_reads: std::sync::atomic::AtomicU64,
+    /// Join groups left out of a fetch because the summaries proved them
+    /// empty, since open.
+    summary_answers: std::sync::atomic::AtomicU64,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -191,6 +194,7 @@ impl Site {
             halt: Mutex::new(None),
             subscribed: std::sync::atomic::AtomicBool::new(false),
             repeated_reads: std::sync::atomic::AtomicU64::new(0),
+            summary_answers: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -199,6 +203,13 @@ impl Site {
     /// from having changed), without parsing or planning them again.
     pub fn repeated_reads(&self) -> u64 {
         self.repeated_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many join groups since open needed no fetch because the
+    /// summaries proved that no other site holds anything they select.
+    pub fn summary_answers(&self) -> u64 {
+        self.summary_answers
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -1448,7 +1459,8 @@ impl SiteSession {
     }
 
     /// Per join group of `plan`: whether it must be fetched (neither a
-    /// snapshot covers it nor does the site hold the tuple it pins); and the
+    /// snapshot covers it, nor does the site hold the tuple it pins, nor do
+    /// the summaries prove it would bring nothing); and the
     /// snapshots holding the pinned tuples that answer, which count as used.
     fn missing_groups(
         &self,
@@ -1467,7 +1479,18 @@ impl SiteSession {
                     holding.extend(snapshots);
                     missing.push(false);
                 }
-                None => missing.push(true),
+                None => {
+                    let empty = match plan.query.as_ref().and_then(|q| q.groups.get(i)) {
+                        Some(g) => crate::summary::proves_empty(&self.conn, &self.site.global, g)?,
+                        None => false,
+                    };
+                    if empty {
+                        self.site
+                            .summary_answers
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    missing.push(!empty);
+                }
             }
         }
         Ok((missing, holding))

@@ -45,7 +45,7 @@ use crate::value::{from_sqlite, to_sqlite};
 use crate::{Error, Result};
 
 /// The version of the site database layout, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The hidden status column on every mapped relation: the appendix-A byte.
 pub const STATUS_COLUMN: &str = "snaps_status";
@@ -187,6 +187,25 @@ CREATE TABLE snaps_stats (
 );
 ";
 
+/// Layout 4: what the controller told this site of the others' data
+/// (`snaps_schema::summary`), as of the last epoch applied. `items` are
+/// key values less `first` (key summaries) or fingerprints (lookups).
+const SUMMARY_TABLES: &str = "
+CREATE TABLE snaps_summary (
+    name       TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    relation   TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    first      INTEGER NOT NULL,
+    last       INTEGER NOT NULL
+);
+CREATE TABLE snaps_summary_item (
+    name TEXT NOT NULL,
+    item INTEGER NOT NULL,
+    PRIMARY KEY (name, item)
+) WITHOUT ROWID;
+";
+
 /// A site's database, open.
 #[derive(Debug)]
 pub struct SiteStore {
@@ -322,7 +341,15 @@ impl SiteStore {
         if !has_site {
             return Err(not_site("it has no snaps_site table"));
         }
-        let version: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let mut version: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version == 3 {
+            // Layout 3 lacks only the summary tables: added in place.
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(SUMMARY_TABLES)?;
+            tx.pragma_update(None, "user_version", 4)?;
+            tx.commit()?;
+            version = 4;
+        }
         if version != SCHEMA_VERSION {
             return Err(Error::Invalid(format!(
                 "{} is a SNAPS site database of layout version {version}; this build reads version {SCHEMA_VERSION}",
@@ -519,6 +546,7 @@ impl Definition<'_> {
             }
         }
         tx.execute_batch(BOOKKEEPING)?;
+        tx.execute_batch(SUMMARY_TABLES)?;
         for rm in self.mapping.relations() {
             tx.execute_batch(&relation_triggers(rm))?;
         }

@@ -24,12 +24,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use snaps_schema::summary::normalise;
 use snaps_schema::{Catalog, SnapshotNo, Value, ValueType};
 
 use crate::decompose::JoinClause;
 use crate::eval;
 use crate::ir::{BinOp, ColumnRef, Expr};
-use crate::rewrite::Plan;
+use crate::rewrite::{JoinGroup, Plan};
 
 /// One table of a recorded group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +198,141 @@ pub fn key_pinned(plan: &Plan, group: usize, key: &[String]) -> Option<Vec<Value
         })
     };
     key.iter().map(|k| pinned(k)).collect()
+}
+
+/// The values a join group of the mapped query restricts each global
+/// attribute to, where it restricts it to a finite set: `(global variable,
+/// attribute)` → the values, normalised to the attribute's type
+/// ([`snaps_schema::summary::normalise`]). From `attr = constant` and
+/// `attr IN (constants)` conjuncts of the tables' mapped selections, carried
+/// along the group's inner equi-joins (`v.pno = p.pno AND p.pno = 7` pins
+/// `v.pno` to 7 too). Every tuple a fetch of the group could return has, in
+/// each pinned attribute, one of the values given. `None` for a group with
+/// an outer join, where a row's partner may be missing.
+pub fn pinned_global(
+    group: &JoinGroup,
+    global: &Catalog,
+) -> Option<BTreeMap<(String, String), Vec<Value>>> {
+    if group.tables.iter().any(|t| t.outer) || group.joins.iter().any(|j| j.outer.is_some()) {
+        return None;
+    }
+    let relation_of: BTreeMap<&str, &str> = group
+        .tables
+        .iter()
+        .flat_map(|t| &t.parts)
+        .map(|p| (p.var.as_str(), p.relation.as_str()))
+        .collect();
+    let ty = |c: &ColumnRef| -> Option<ValueType> {
+        let r = relation_of.get(c.var.as_deref()?)?;
+        Some(global.relation(r)?.attribute(&c.attr)?.ty)
+    };
+    let key = |c: &ColumnRef| (c.var.clone().unwrap_or_default(), c.attr.clone());
+    // Values per attribute from the selections (intersected when several
+    // conjuncts pin the same attribute).
+    let mut pins: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for conjunct in group.tables.iter().flat_map(|t| &t.selection) {
+        let (col, list): (&ColumnRef, Vec<&Value>) = match conjunct {
+            Expr::Binary {
+                op: BinOp::Eq,
+                left,
+                right,
+            } => match (left.as_ref(), right.as_ref()) {
+                (Expr::Column(c), Expr::Literal(v)) | (Expr::Literal(v), Expr::Column(c)) => {
+                    (c, vec![v])
+                }
+                _ => continue,
+            },
+            Expr::InList {
+                expr,
+                list,
+                negated: false,
+            } => {
+                let Expr::Column(c) = expr.as_ref() else {
+                    continue;
+                };
+                let Some(values) = list
+                    .iter()
+                    .map(|e| match e {
+                        Expr::Literal(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                else {
+                    continue;
+                };
+                // A NULL in the list matches nothing.
+                (c, values.into_iter().filter(|v| !v.is_null()).collect())
+            }
+            _ => continue,
+        };
+        let Some(t) = ty(col) else { continue };
+        let Some(mut values) = list
+            .into_iter()
+            .map(|v| normalise(t, v))
+            .collect::<Option<Vec<Value>>>()
+        else {
+            continue;
+        };
+        values.sort();
+        values.dedup();
+        match pins.entry(key(col)) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(values);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => {
+                e.get_mut().retain(|v| values.contains(v));
+            }
+        }
+    }
+    // Equi-join classes: every member of a class holds the same value.
+    let mut classes: Vec<Vec<ColumnRef>> = Vec::new();
+    for j in &group.joins {
+        let (Expr::Column(a), Expr::Column(b)) = (&j.left, &j.right) else {
+            continue;
+        };
+        let ia = classes.iter().position(|c| c.contains(a));
+        let ib = classes.iter().position(|c| c.contains(b));
+        match (ia, ib) {
+            (Some(x), Some(y)) if x == y => {}
+            (Some(x), Some(y)) => {
+                let moved = classes.remove(x.max(y));
+                classes[x.min(y)].extend(moved);
+            }
+            (Some(x), None) => classes[x].push(b.clone()),
+            (None, Some(y)) => classes[y].push(a.clone()),
+            (None, None) => classes.push(vec![a.clone(), b.clone()]),
+        }
+    }
+    for class in &classes {
+        // The values every pinned member allows, in each member's type.
+        let mut allowed: Option<Vec<Value>> = None;
+        for c in class {
+            let (Some(values), Some(t)) = (pins.get(&key(c)), ty(c)) else {
+                continue;
+            };
+            allowed = Some(match allowed {
+                None => values.clone(),
+                Some(prev) => prev
+                    .into_iter()
+                    .filter(|v| normalise(t, v).is_some_and(|n| values.contains(&n)))
+                    .collect(),
+            });
+        }
+        let Some(allowed) = allowed else { continue };
+        for c in class {
+            let Some(t) = ty(c) else { continue };
+            if let Some(mut values) = allowed
+                .iter()
+                .map(|v| normalise(t, v))
+                .collect::<Option<Vec<Value>>>()
+            {
+                values.sort();
+                values.dedup();
+                pins.insert(key(c), values);
+            }
+        }
+    }
+    Some(pins)
 }
 
 /// Semi-join attributes and the rows the site would send now, if known.

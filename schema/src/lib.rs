@@ -21,6 +21,7 @@ mod error;
 mod ids;
 mod network;
 mod status;
+pub mod summary;
 mod value;
 
 pub use catalog::{Attribute, Catalog, Relation, sql_ident};

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::summary::{SummaryConfig, SummarySpec};
 use crate::{Catalog, Error, Result, SiteCode, SiteNo};
 
 /// Whether sites other than a tuple's owner may update it (under a lock).
@@ -101,6 +102,10 @@ pub struct NetworkConfig {
     /// The sites.
     #[serde(rename = "site")]
     pub sites: Vec<SiteConfig>,
+    /// What sites are told of each other's data at every distribution
+    /// ([`crate::summary`]); none declared: nothing is.
+    #[serde(default)]
+    pub summaries: SummaryConfig,
     /// The folder the paths above are relative to.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -179,7 +184,13 @@ impl NetworkConfig {
                 )));
             }
         }
+        self.summaries.specs(&global)?;
         Ok(())
+    }
+
+    /// The summaries in effect, checked when the file was loaded.
+    pub fn summary_specs(&self) -> Result<Vec<SummarySpec>> {
+        self.summaries.specs(&self.global_catalog()?)
     }
 
     /// Resolves a path from the configuration against its folder.

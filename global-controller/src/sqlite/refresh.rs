@@ -418,9 +418,10 @@ impl SqliteStore {
         site: &SiteId,
         since: u64,
         parts: &[(String, Vec<String>)],
+        summaries: &SummaryRequest,
     ) -> Result<Changes> {
         let me = i64::from(site.number.0);
-        let conn = self.conn();
+        let mut conn = self.conn();
         let epoch: i64 = conn.query_row(
             "SELECT coalesce(max(epoch), 0) FROM snaps_epochs WHERE phase <> 'collect'",
             [],
@@ -464,6 +465,7 @@ impl SqliteStore {
                 .into_iter()
                 .map(|(r, ids)| (r, ids.into_iter().map(|i| i as u64).collect()))
                 .collect(),
+            ..Changes::default()
         };
         for (relation, columns) in parts {
             let rel = self.catalog.relation(relation).ok_or_else(|| {
@@ -522,6 +524,12 @@ impl SqliteStore {
                 out.changed.push(part);
             }
         }
+        // Under the same lock: no commit comes between the changes and the
+        // summaries, so they describe the same epoch.
+        let sent = super::summary::update(&mut conn, &self.catalog, site, summaries)?;
+        out.summary_version = sent.version;
+        out.summaries_whole = sent.whole;
+        out.summaries = sent.deltas;
         Ok(out)
     }
 
