@@ -74,7 +74,11 @@ async fn own_patients_stay_home_until_another_site_records_something_of_theirs()
     let (own_history, _) = run(&mut cph, &history).await;
     let (names, _) = run(&mut cph, &by_name).await;
     run(&mut cph, &reports).await;
-    assert_eq!(fetches(&net), before, "the summaries answer for own patients");
+    assert_eq!(
+        fetches(&net),
+        before,
+        "the summaries answer for own patients"
+    );
     assert_eq!(net.handles["CPH"].summary_answers(), answered + 3);
     assert_eq!(names, vec![vec![Some(pno.to_string())]]);
     assert!(!own_history.is_empty());
@@ -91,7 +95,9 @@ async fn own_patients_stay_home_until_another_site_records_something_of_theirs()
     .await;
     run(
         &mut stg,
-        &format!("INSERT INTO visit_rep (vno, line_no, line) VALUES ({vno}, 99, 'Second opinion, STG')"),
+        &format!(
+            "INSERT INTO visit_rep (vno, line_no, line) VALUES ({vno}, 99, 'Second opinion, STG')"
+        ),
     )
     .await;
     run(
@@ -120,7 +126,10 @@ async fn own_patients_stay_home_until_another_site_records_something_of_theirs()
     let (reports_now, _) = run(&mut cph, &reports).await;
     assert!(reports_now.contains(&vec![Some("99".to_string())]));
     let (names_now, _) = run(&mut cph, &by_name).await;
-    let mut expected = vec![vec![Some("10999002".to_string())], vec![Some(pno.to_string())]];
+    let mut expected = vec![
+        vec![Some("10999002".to_string())],
+        vec![Some(pno.to_string())],
+    ];
     expected.sort();
     assert_eq!(names_now, expected);
 
@@ -137,7 +146,11 @@ async fn own_patients_stay_home_until_another_site_records_something_of_theirs()
     assert!(details[0].contains("(whole)"), "{}", details[0]);
     assert!(details[1].contains("visit.pno +1 -0"), "{}", details[1]);
     assert!(details[1].contains("visit_rep.vno +1 -0"), "{}", details[1]);
-    assert!(details[1].contains("patient(surname,first_names) +1 -0"), "{}", details[1]);
+    assert!(
+        details[1].contains("patient(surname,first_names) +1 -0"),
+        "{}",
+        details[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -19,8 +19,8 @@ use crate::epochs::Coordinator;
 use crate::error::Error;
 use crate::query::FetchQuery;
 use crate::store::{
-    SummaryDelta, SummaryRequest,
-    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId, TupleRef,
+    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId,
+    SummaryDelta, SummaryRequest, TupleRef,
 };
 use crate::transport::Certified;
 use snaps_proto::tls::Peer;
@@ -180,8 +180,13 @@ impl Service {
             .summaries
             .iter()
             .filter(|s| {
-                acl.denied(std::iter::once(s.relation.as_str()), &site.code, "", Right::Read)
-                    .is_none()
+                acl.denied(
+                    std::iter::once(s.relation.as_str()),
+                    &site.code,
+                    "",
+                    Right::Read,
+                )
+                .is_none()
             })
             .map(|s| (s.clone(), s.range_of.as_ref().map(|r| me.key_range(r))))
             .collect();
@@ -934,8 +939,16 @@ impl GlobalSnapshot for Service {
                     record.detail = format!(
                         "version {}{}: {}",
                         changes.summary_version,
-                        if changes.summaries_whole { " (whole)" } else { "" },
-                        if parts.is_empty() { "none".to_string() } else { parts.join(", ") }
+                        if changes.summaries_whole {
+                            " (whole)"
+                        } else {
+                            ""
+                        },
+                        if parts.is_empty() {
+                            "none".to_string()
+                        } else {
+                            parts.join(", ")
+                        }
                     );
                     store.append_audit(&[record])?;
                 }

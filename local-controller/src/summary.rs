@@ -62,7 +62,14 @@ pub(crate) fn apply(tx: &Connection, reply: &v1::ChangesReply) -> Result<(u64, u
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, relation = excluded.relation,
                  attributes = excluded.attributes, first = excluded.first, last = excluded.last",
-            params![name, kind, s.relation, s.attributes.join(","), s.first, s.last],
+            params![
+                name,
+                kind,
+                s.relation,
+                s.attributes.join(","),
+                s.first,
+                s.last
+            ],
         )?;
         let mut del =
             tx.prepare_cached("DELETE FROM snaps_summary_item WHERE name = ?1 AND item = ?2")?;
@@ -133,7 +140,9 @@ fn key_summary_closes<'a>(
             "SELECT name, attributes, first, last FROM snaps_summary
              WHERE relation = ?1 AND kind = 'keys'",
         )?
-        .query_map([relation], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([relation], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     'summary: for (name, attribute, first, last) in summaries {
         let Some(values) = pinned(&attribute) else {

@@ -146,10 +146,15 @@ impl SummaryConfig {
     }
 }
 
-fn attribute_type(global: &Catalog, relation: &str, attribute: &str, what: &str) -> Result<ValueType> {
-    let rel = global.relation(relation).ok_or_else(|| {
-        Error::Catalog(format!("{what}: {relation} is not a global relation"))
-    })?;
+fn attribute_type(
+    global: &Catalog,
+    relation: &str,
+    attribute: &str,
+    what: &str,
+) -> Result<ValueType> {
+    let rel = global
+        .relation(relation)
+        .ok_or_else(|| Error::Catalog(format!("{what}: {relation} is not a global relation")))?;
     rel.attribute(attribute)
         .map(|a| a.ty)
         .ok_or_else(|| Error::Catalog(format!("{what}: {relation} has no attribute {attribute}")))
@@ -232,7 +237,9 @@ pub fn decode_sorted(bytes: &[u8]) -> Result<Vec<u64>> {
             };
             i += 1;
             if shift > 63 {
-                return Err(Error::Parse("summary set: a number of more than 64 bits".into()));
+                return Err(Error::Parse(
+                    "summary set: a number of more than 64 bits".into(),
+                ));
             }
             gap |= u64::from(b & 0x7f) << shift;
             shift += 7;
@@ -242,9 +249,9 @@ pub fn decode_sorted(bytes: &[u8]) -> Result<Vec<u64>> {
         }
         let v = match last {
             None => gap,
-            Some(l) if gap > 0 => l.checked_add(gap).ok_or_else(|| {
-                Error::Parse("summary set: a number of more than 64 bits".into())
-            })?,
+            Some(l) if gap > 0 => l
+                .checked_add(gap)
+                .ok_or_else(|| Error::Parse("summary set: a number of more than 64 bits".into()))?,
             Some(_) => return Err(Error::Parse("summary set: a value repeated".into())),
         };
         out.push(v);
@@ -286,12 +293,21 @@ mod tests {
         assert_eq!(a, fingerprint(&[Value::text("Smith"), Value::text("John")]));
         assert_ne!(a, fingerprint(&[Value::text("SmithJ"), Value::text("ohn")]));
         // Fixed for good: sites and controllers of any version agree.
-        assert_eq!(fingerprint(&[Value::Int(19340512)]), fingerprint(&[Value::Int(19340512)]));
+        assert_eq!(
+            fingerprint(&[Value::Int(19340512)]),
+            fingerprint(&[Value::Int(19340512)])
+        );
         let ty = ValueType::Int4;
-        assert_eq!(normalise(ty, &Value::text("19340512")), Some(Value::Int(19340512)));
+        assert_eq!(
+            normalise(ty, &Value::text("19340512")),
+            Some(Value::Int(19340512))
+        );
         assert_eq!(normalise(ty, &Value::Float(7.0)), Some(Value::Int(7)));
         assert_eq!(normalise(ty, &Value::Float(7.5)), None);
         assert_eq!(normalise(ty, &Value::Null), None);
-        assert_eq!(normalise(ValueType::Char(4), &Value::Int(12)), Some(Value::text("12")));
+        assert_eq!(
+            normalise(ValueType::Char(4), &Value::Int(12)),
+            Some(Value::text("12"))
+        );
     }
 }

@@ -56,8 +56,13 @@ pub(super) fn update(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let specs_json = serde_json::to_string(&req.specs.iter().map(|(s, r)| (s, r.map(|r| (r.first, r.last)))).collect::<Vec<_>>())
-        .map_err(|e| Error::Internal(format!("summary specs: {e}")))?;
+    let specs_json = serde_json::to_string(
+        &req.specs
+            .iter()
+            .map(|(s, r)| (s, r.map(|r| (r.first, r.last))))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(|e| Error::Internal(format!("summary specs: {e}")))?;
     if req.specs.is_empty() && stored.is_none() {
         return Ok(Sent {
             version: 0,
@@ -66,9 +71,8 @@ pub(super) fn update(
         });
     }
     let (stored_version, stored_specs) = stored.unwrap_or((0, String::new()));
-    let whole = req.version == 0
-        || req.version != stored_version as u64
-        || stored_specs != specs_json;
+    let whole =
+        req.version == 0 || req.version != stored_version as u64 || stored_specs != specs_json;
     if whole {
         tx.execute("DELETE FROM snaps_summary_item WHERE site = ?1", [me])?;
     }
@@ -142,7 +146,10 @@ fn items(
     range: Option<KeyRange>,
 ) -> Result<BTreeSet<u64>> {
     let rel = catalog.relation(&spec.relation).ok_or_else(|| {
-        Error::Internal(format!("summary of {}, not a global relation", spec.relation))
+        Error::Internal(format!(
+            "summary of {}, not a global relation",
+            spec.relation
+        ))
     })?;
     let cols: Vec<String> = spec.attributes.iter().map(|a| sql_ident(a)).collect();
     let mut out = BTreeSet::new();
