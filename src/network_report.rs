@@ -384,6 +384,20 @@ impl NetworkReport {
         ))
     }
 
+    /// SNAPS' mean round trips per encounter with another site's patient
+    /// (its lookup, visit history and reports together).
+    fn encounter_round_trips(&self) -> f64 {
+        let mut per: BTreeMap<u64, u64> = BTreeMap::new();
+        for s in self
+            .samples
+            .iter()
+            .filter(|s| s.design == Design::Snaps && s.other && s.encounter > 0)
+        {
+            *per.entry(s.encounter).or_default() += s.wire.round_trips;
+        }
+        per.values().sum::<u64>() as f64 / per.len().max(1) as f64
+    }
+
     /// Each goal: reached, and the sentence with the figure.
     pub fn goals(&self) -> Vec<(bool, String)> {
         let (central, full, gzip) = self.ratios();
@@ -394,7 +408,23 @@ impl NetworkReport {
                 format!("{r:.2}: SNAPS sends {r:.1} times as much")
             }
         };
+        let b = self.snaps_breakdown();
+        let own_share = b[0] as f64 / b.iter().sum::<u64>().max(1) as f64;
         let mut out = vec![
+            (
+                central <= 1.0,
+                format!(
+                    "SNAPS sends no more than the central design: SNAPS/central = {}",
+                    as_share(central)
+                ),
+            ),
+            (
+                own_share <= 0.05,
+                format!(
+                    "queries about a site's own patients at most 5% of SNAPS' bytes: {:.1}%",
+                    own_share * 100.0
+                ),
+            ),
             (
                 central <= 0.1,
                 format!(
@@ -443,6 +473,35 @@ impl NetworkReport {
                 e.len()
             ),
         ));
+        out.push((
+            !e.is_empty() && median < 2.5,
+            format!(
+                "a cross-site encounter under 2.5 s median at 2,400 bit/s: median {}",
+                secs(median)
+            ),
+        ));
+        let trips = self.encounter_round_trips();
+        out.push((
+            trips <= 1.2,
+            format!("at most 1.2 round trips per cross-site encounter, on average: {trips:.2}"),
+        ));
+        let nights: Vec<u64> = self
+            .nights
+            .iter()
+            .filter(|n| n.design == Design::Snaps)
+            .map(|n| n.wire.bytes())
+            .collect();
+        if let (Some(first), Some(last)) = (nights.first(), nights.last()) {
+            let growth = *last as f64 / (*first).max(1) as f64;
+            out.push((
+                growth <= 1.3,
+                format!(
+                    "the last night's bytes at most 1.3x the first's: {growth:.2}x ({} B against {} B)",
+                    thousands(*last),
+                    thousands(*first)
+                ),
+            ));
+        }
         if let Some((diff, re, size)) = self.refresh_growth() {
             out.push((
                 diff < size.sqrt(),
