@@ -293,10 +293,7 @@ mod tests {
         assert_eq!(a, fingerprint(&[Value::text("Smith"), Value::text("John")]));
         assert_ne!(a, fingerprint(&[Value::text("SmithJ"), Value::text("ohn")]));
         // Fixed for good: sites and controllers of any version agree.
-        assert_eq!(
-            fingerprint(&[Value::Int(19340512)]),
-            fingerprint(&[Value::Int(19340512)])
-        );
+        assert_eq!(fingerprint(&[Value::Int(19340512)]), 3_439_168_647);
         let ty = ValueType::Int4;
         assert_eq!(
             normalise(ty, &Value::text("19340512")),
