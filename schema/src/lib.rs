@@ -19,6 +19,7 @@ mod catalog;
 pub mod datagen;
 mod error;
 mod ids;
+pub mod include;
 mod network;
 mod status;
 pub mod summary;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::include::{IncludeConfig, IncludeEdge, include_edges};
 use crate::summary::{SummaryConfig, SummarySpec};
 use crate::{Catalog, Error, Result, SiteCode, SiteNo};
 
@@ -106,6 +107,10 @@ pub struct NetworkConfig {
     /// ([`crate::summary`]); none declared: nothing is.
     #[serde(default)]
     pub summaries: SummaryConfig,
+    /// What a fetch of a relation's tuples brings along
+    /// ([`crate::include`]); none declared: a fetch brings what it asks.
+    #[serde(default)]
+    pub includes: IncludeConfig,
     /// The folder the paths above are relative to.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -185,7 +190,13 @@ impl NetworkConfig {
             }
         }
         self.summaries.specs(&global)?;
+        include_edges(&self.includes, &global)?;
         Ok(())
+    }
+
+    /// The include trees' edges, checked when the file was loaded.
+    pub fn include_edges(&self) -> Result<Vec<IncludeEdge>> {
+        include_edges(&self.includes, &self.global_catalog()?)
     }
 
     /// The summaries in effect, checked when the file was loaded.
