@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use snaps_proto::v1::global_snapshot_server::GlobalSnapshot;
 use snaps_proto::{encode_rows, v1};
+use snaps_schema::include::IncludeEdge;
 use snaps_schema::summary::{SummaryKind, SummarySpec, encode_sorted};
 use snaps_schema::{RelationMode, SiteNo};
 use tokio_stream::StreamExt;
@@ -82,6 +83,8 @@ pub struct Service {
     acl: Arc<std::sync::RwLock<Acl>>,
     /// The summaries the network declares (`network.toml`).
     summaries: Arc<Vec<SummarySpec>>,
+    /// The include trees the network declares (`network.toml`).
+    includes: Arc<Vec<IncludeEdge>>,
 }
 
 fn summary_to_wire(d: &SummaryDelta) -> v1::Summary {
@@ -116,8 +119,13 @@ impl Service {
             .network
             .summary_specs()
             .map_err(|e| crate::Error::Config(e.to_string()))?;
+        let includes = config
+            .network
+            .include_edges()
+            .map_err(|e| crate::Error::Config(e.to_string()))?;
         Ok(Service {
             summaries: Arc::new(summaries),
+            includes: Arc::new(includes),
             config,
             store,
             coordinator,
@@ -501,6 +509,29 @@ impl GlobalSnapshot for Service {
                     code: s.code.to_string(),
                 })
                 .collect(),
+            // Only edges into relations the site may read: a fetch asking
+            // for more would be refused whole.
+            includes: {
+                let acl = self.acl();
+                self.includes
+                    .iter()
+                    .filter(|e| {
+                        acl.denied(
+                            [e.parent.as_str(), e.child.as_str()],
+                            &site.code,
+                            "",
+                            Right::Read,
+                        )
+                        .is_none()
+                    })
+                    .map(|e| v1::IncludeEdge {
+                        parent: e.parent.clone(),
+                        parent_attribute: e.parent_attribute.clone(),
+                        child: e.child.clone(),
+                        child_attribute: e.child_attribute.clone(),
+                    })
+                    .collect()
+            },
         };
         self.count(&site, req_len, reply.encoded_len());
         Ok(respond(reply))

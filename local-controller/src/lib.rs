@@ -32,6 +32,7 @@
 mod covered;
 pub mod endpoint;
 pub mod engine;
+mod include;
 pub mod mapping_admin;
 pub mod refresh;
 pub mod remote;

@@ -938,7 +938,7 @@ impl Site {
 /// A recorded group as a query over the site's own relations: the rowid of
 /// every table's tuple in each combination the group's mapped selections
 /// and joins select (NULL for an unmatched null-supplying side).
-fn group_sql(group: &DefinedGroup) -> String {
+pub(crate) fn group_sql(group: &DefinedGroup) -> String {
     let mut from = String::new();
     let mut conds: Vec<String> = Vec::new();
     for t in group.tables.iter().filter(|t| !t.outer) {

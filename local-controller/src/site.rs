@@ -26,17 +26,18 @@ use snaps_mapping::quel::{QuelSession, looks_like_quel};
 use snaps_mapping::rewrite::{Plan, plan};
 use snaps_mapping::{Language, SiteMapping};
 use snaps_proto::{fetch_request, v1};
+use snaps_schema::include::IncludeEdge;
 use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Value};
 
 use crate::covered::{CoveredReads, Definitions, Stamp};
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
+use crate::include::Include;
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
 use crate::store::{CHANGED_BITS, NEW_BIT, STATUS_COLUMN, read_tuples};
 use crate::value::to_sqlite;
 use crate::write::{KeyCheck, register_next_key};
 use crate::{Error, Result};
 
-/// Appendix-A new and modified bits: the tuples a semi-join projects.
 /// Appendix-A tuple-type bit: set on snapshot tuples.
 const SNAPSHOT_BIT: u8 = 0x80;
 /// The notice a local-only answer carries.
@@ -65,6 +66,8 @@ pub const DEFAULT_MAX_DAYS: u32 = 30;
 const INITIAL_LOAD_DONE: &str = "initial_load_done";
 /// `snaps_meta` key set when a fetch's reply may have been lost.
 const UNCERTAIN: &str = "sent_to_uncertain";
+/// `snaps_meta` key of the include trees the controller last sent (JSON).
+const INCLUDES: &str = "include_edges";
 
 /// The current semi-join projections of a plan: per variable, the join
 /// values of the site's new and modified tuples.
@@ -123,6 +126,9 @@ pub struct Site {
     /// Join groups left out of a fetch because the summaries proved them
     /// empty, since open.
     summary_answers: std::sync::atomic::AtomicU64,
+    /// The network's include trees as the controller last said (kept in
+    /// `snaps_meta` for the fetches before the next connect).
+    includes: RwLock<Arc<Vec<IncludeEdge>>>,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -174,8 +180,21 @@ impl Site {
             [UNCERTAIN],
             |r| r.get(0),
         )?;
+        let includes: Vec<IncludeEdge> = match writer
+            .query_row(
+                "SELECT value FROM snaps_meta WHERE key = ?1",
+                [INCLUDES],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| Error::Invalid(format!("snaps_meta {INCLUDES} is unreadable: {e}")))?,
+            None => Vec::new(),
+        };
         let active = Active::new(mapping, global);
         Ok(Arc::new(Site {
+            includes: RwLock::new(Arc::new(includes)),
             path: path.to_path_buf(),
             code,
             catalog,
@@ -369,7 +388,22 @@ impl Site {
                 params![site.number, site.code],
             )?;
         }
+        let includes: Vec<IncludeEdge> = hello
+            .includes
+            .iter()
+            .map(|e| IncludeEdge {
+                parent: e.parent.clone(),
+                parent_attribute: e.parent_attribute.clone(),
+                child: e.child.clone(),
+                child_attribute: e.child_attribute.clone(),
+            })
+            .collect();
+        tx.execute(
+            "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
+            params![INCLUDES, to_json(&includes)?],
+        )?;
         tx.commit()?;
+        *self.includes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(includes);
         Ok(())
     }
 
@@ -550,10 +584,46 @@ impl Site {
         conn: &Connection,
         items: &[(&Plan, &Projections, &Retrieval<'_>)],
     ) -> Result<Vec<Fetched>> {
+        let requests = items
+            .iter()
+            .map(|(plan, current, retrieval)| self.request_for(plan, current, retrieval.user))
+            .collect::<Result<Vec<_>>>()?;
+        let (parts, sent, received) = match self.send_together(requests)? {
+            Together::Replies(parts, sent, received) => (parts, sent, received),
+            Together::Nothing => return Ok(items.iter().map(|_| Fetched::Nothing).collect()),
+            Together::LocalOnly(notice) => {
+                return Ok(items.iter().map(|_| Fetched::LocalOnly(notice)).collect());
+            }
+        };
+        // The counters count the batch once; each snapshot gets its share.
+        let asked = parts.iter().flatten().count().max(1) as u64;
+        let mut out = Vec::with_capacity(items.len());
+        for ((plan, current, retrieval), part) in items.iter().zip(&parts) {
+            let Some(part) = part else {
+                out.push(Fetched::Nothing);
+                continue;
+            };
+            out.push(self.store_reply(
+                conn,
+                plan,
+                current,
+                retrieval,
+                part,
+                sent / asked,
+                received / asked,
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// Sends several requests as one — their join groups one after
+    /// another — and splits the reply back by request (`None` where a
+    /// request was `None`), with the wire bytes of the whole exchange.
+    fn send_together(&self, requests: Vec<Option<v1::FetchRequest>>) -> Result<Together> {
         let mut combined = v1::FetchRequest::default();
-        let mut ranges = Vec::with_capacity(items.len());
-        for (plan, current, retrieval) in items {
-            let Some(req) = self.request_for(plan, current, retrieval.user)? else {
+        let mut ranges = Vec::with_capacity(requests.len());
+        for req in requests {
+            let Some(req) = req else {
                 ranges.push(None);
                 continue;
             };
@@ -570,46 +640,142 @@ impl Site {
             combined.user = req.user;
         }
         if combined.groups.is_empty() {
-            return Ok(items.iter().map(|_| Fetched::Nothing).collect());
+            return Ok(Together::Nothing);
         }
         let (reply, sent, received) = match self.send_fetch(combined)? {
             Ok(x) => x,
-            Err(notice) => return Ok(items.iter().map(|_| Fetched::LocalOnly(notice)).collect()),
+            Err(notice) => return Ok(Together::LocalOnly(notice)),
         };
-        let mut parts: Vec<v1::FetchReply> =
-            items.iter().map(|_| v1::FetchReply::default()).collect();
+        let mut parts: Vec<Option<v1::FetchReply>> = ranges
+            .iter()
+            .map(|r| r.map(|_| v1::FetchReply::default()))
+            .collect();
         for mut t in reply.tables {
             let owner = ranges.iter().position(|r| {
                 r.is_some_and(|(offset, n)| t.group >= offset && t.group < offset + n)
             });
-            let Some(i) = owner else {
+            let (Some(i), Some((offset, _))) = (owner, owner.and_then(|i| ranges[i])) else {
                 return Err(Error::Invalid(format!(
                     "reply names group {}, not asked for",
                     t.group
                 )));
             };
-            t.group -= ranges[i].map_or(0, |(offset, _)| offset);
-            parts[i].tables.push(t);
-        }
-        // The counters count the batch once; each snapshot gets its share.
-        let asked = ranges.iter().flatten().count().max(1) as u64;
-        let mut out = Vec::with_capacity(items.len());
-        for (((plan, current, retrieval), range), part) in items.iter().zip(&ranges).zip(&parts) {
-            if range.is_none() {
-                out.push(Fetched::Nothing);
-                continue;
+            t.group -= offset;
+            if let Some(part) = parts[i].as_mut() {
+                part.tables.push(t);
             }
-            out.push(self.store_reply(
-                conn,
-                plan,
-                current,
-                retrieval,
-                part,
-                sent / asked,
-                received / asked,
-            )?);
         }
-        Ok(out)
+        Ok(Together::Replies(parts, sent, received))
+    }
+
+    /// The include trees in effect.
+    fn include_edges(&self) -> Arc<Vec<IncludeEdge>> {
+        self.includes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fetches `plan` with what its include tree brings along, in one
+    /// request; stores the plan's reply as its snapshot and what came along
+    /// as another, whose definition claims it by key. Returns both (the
+    /// second `None` when nothing came along to claim).
+    fn fetch_including(
+        &self,
+        conn: &Connection,
+        plan: &Plan,
+        current: &Projections,
+        retrieval: &Retrieval<'_>,
+        include: &Include,
+    ) -> Result<(Fetched, Option<(SnapshotNo, SnapshotDefinition)>)> {
+        let extra_current = projections(conn, &include.plan)?;
+        let requests = vec![
+            self.request_for(plan, current, retrieval.user)?,
+            self.request_for(&include.plan, &extra_current, retrieval.user)?,
+        ];
+        let (parts, sent, received) = match self.send_together(requests) {
+            // The user may not read what the tree brings: fetch what was
+            // asked.
+            Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
+                return Ok((self.fetch(conn, plan, current, retrieval)?, None));
+            }
+            Err(e) => return Err(e),
+            Ok(Together::Replies(parts, sent, received)) => (parts, sent, received),
+            Ok(Together::Nothing) => return Ok((Fetched::Nothing, None)),
+            Ok(Together::LocalOnly(notice)) => return Ok((Fetched::LocalOnly(notice), None)),
+        };
+        let mut parts = parts.into_iter();
+        let (main, extra) = (parts.next().flatten(), parts.next().flatten());
+        let fetched = match main {
+            Some(reply) => {
+                self.store_reply(conn, plan, current, retrieval, &reply, sent, received)?
+            }
+            None => Fetched::Nothing,
+        };
+        let Some(extra) = extra else {
+            return Ok((fetched, None));
+        };
+        match self.store_include(conn, include, &extra, retrieval.user) {
+            Ok(claimed) => Ok((fetched, claimed)),
+            Err(e) => {
+                // The query's own tuples are stored; what came along is not,
+                // though the controller believes it is here.
+                tracing::warn!(site = %self.code, error = %e, "tuples fetched along not stored");
+                self.mark_uncertain()?;
+                Ok((fetched, None))
+            }
+        }
+    }
+
+    /// Stores what an include tree brought as a snapshot whose definition
+    /// names the parents by key ([`Include::claim`]).
+    fn store_include(
+        &self,
+        conn: &Connection,
+        include: &Include,
+        reply: &v1::FetchReply,
+        user: &str,
+    ) -> Result<Option<(SnapshotNo, SnapshotDefinition)>> {
+        let mapping = self.mapping();
+        let Some(q) = &include.plan.query else {
+            return Ok(None);
+        };
+        let tuples = map_back(reply, q, &mapping)?;
+        let any = tuples.iter().any(|t| !t.tuples.is_empty());
+        let claim = include.claim(conn, &mapping, &self.catalog, tuples)?;
+        let Some(claim) = claim.filter(|c| c.plan.query.is_some()) else {
+            if any {
+                self.mark_uncertain()?;
+            }
+            return Ok(None);
+        };
+        if !claim.complete {
+            self.mark_uncertain()?;
+        }
+        let Some(cq) = &claim.plan.query else {
+            return Ok(None);
+        };
+        let definition =
+            SnapshotDefinition::from_plan(&claim.plan, &projections(conn, &claim.plan)?);
+        let retrieval = Retrieval {
+            select: &claim.select,
+            lang: Language::Sql,
+            text: &claim.text,
+            into: None,
+            user,
+        };
+        let incoming = Incoming {
+            definition: &definition,
+            tuples: &claim.tuples,
+            query: cq,
+            retrieval: &retrieval,
+            sent: 0,
+            received: 0,
+            fetches: 0,
+            claim_held: true,
+        };
+        let no = self.store_snapshot(conn, &incoming)?;
+        Ok(Some((no, definition)))
     }
 
     /// The fetch request of a plan with its semi-join projections; `None`
@@ -740,6 +906,8 @@ impl Site {
                 retrieval,
                 sent,
                 received,
+                fetches: 1,
+                claim_held: false,
             };
             self.store_snapshot(conn, &incoming)
         });
@@ -814,6 +982,7 @@ impl Site {
             retrieval,
             sent,
             received,
+            ..
         } = *incoming;
         let status = LocalStatus {
             tuple_type: TupleType::Snapshot,
@@ -976,10 +1145,31 @@ impl Site {
                 .execute(params![rel.name, rowid, no, day])?;
             }
         }
+        if incoming.claim_held {
+            // Copies held already that the definition selects are its too,
+            // so evicting another snapshot keeps what this one claims.
+            for group in &definition.groups {
+                let mut stmt = tx.prepare(&crate::refresh::group_sql(group))?;
+                let mut rows = stmt.query([])?;
+                while let Some(r) = rows.next()? {
+                    for (i, t) in group.tables.iter().enumerate() {
+                        let Some(rowid) = r.get::<_, Option<i64>>(i)? else {
+                            continue;
+                        };
+                        tx.prepare_cached(&format!(
+                            "INSERT OR IGNORE INTO snaps_snapshot_membership (relation, tuple_rowid, snapshot_no, last_access_day)
+                             SELECT ?1, rowid, ?3, ?4 FROM {} WHERE rowid = ?2 AND ({STATUS_COLUMN} & {SNAPSHOT_BIT}) <> 0",
+                            snaps_schema::sql_ident(&t.relation)
+                        ))?
+                        .execute(params![t.relation, rowid, no, day])?;
+                    }
+                }
+            }
+        }
         Site::bump(
             tx,
             &[
-                ("global_fetches", 1),
+                ("global_fetches", incoming.fetches),
                 (
                     "tuples_received",
                     tuples.iter().map(|t| t.tuples.len() as i64).sum(),
@@ -1110,6 +1300,17 @@ pub(crate) struct Retrieval<'a> {
     pub user: &'a str,
 }
 
+/// What [`Site::send_together`] brought back.
+enum Together {
+    /// Per request, its share of the reply; and the wire bytes sent and
+    /// received for all of them.
+    Replies(Vec<Option<v1::FetchReply>>, u64, u64),
+    /// No request mapped anything: nothing was sent.
+    Nothing,
+    /// The controller could not be asked.
+    LocalOnly(&'static str),
+}
+
 /// A fetch's reply, mapped back, on its way into the site's database.
 #[derive(Clone, Copy)]
 struct Incoming<'a> {
@@ -1120,6 +1321,11 @@ struct Incoming<'a> {
     /// Wire bytes of the fetch, both ways.
     sent: u64,
     received: u64,
+    /// Round trips to count (0 for what came along with another's fetch).
+    fetches: i64,
+    /// Whether the snapshot also takes in the copies held already that its
+    /// definition selects (an include tree's, which claims them).
+    claim_held: bool,
 }
 
 /// How a retrieval's data came to be at the site.
@@ -1446,7 +1652,20 @@ impl SiteSession {
             into: None,
             user: &self.user_code,
         };
-        match site.fetch(&self.conn, &plan, &current, &retrieval)? {
+        let edges = site.include_edges();
+        let include = crate::include::include_for(&site.mapping(), &site.catalog, &edges, &plan);
+        let (fetched, along) = match &include {
+            Some(include) => {
+                site.fetch_including(&self.conn, &plan, &current, &retrieval, include)?
+            }
+            None => (site.fetch(&self.conn, &plan, &current, &retrieval)?, None),
+        };
+        if let Some(along) = along
+            && !self.conn.is_autocommit()
+        {
+            self.pending.push(along);
+        }
+        match fetched {
             Fetched::Nothing => Ok(Retrieved::Fetched),
             Fetched::LocalOnly(notice) => Ok(Retrieved::LocalOnly(notice.to_string())),
             Fetched::Stored(no, def) => {

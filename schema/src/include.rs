@@ -6,9 +6,9 @@
 //! its tuples brings with it: `"patient.pno" = ["visit.pno"]` says that a
 //! fetch of patients brings every visit whose `pno` is a fetched patient's,
 //! and `"visit.vno" = ["visit_rep.vno"]` that visits bring their report
-//! lines. The edges follow keys: the parent side is the parent relation's
-//! whole (one-attribute) key, so the site can tell afterwards, by key, which
-//! parents' children it now holds all of.
+//! lines. The edges follow keys: the parent side is an attribute of the
+//! parent relation's key, so the site can tell afterwards, by those values,
+//! which parents' children it now holds all of.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,8 +35,8 @@ pub struct IncludeEdge {
 }
 
 /// The edges `config` declares, checked against the global schema: the
-/// relations and attributes exist, each parent attribute is its relation's
-/// whole key, both sides have the same type, and no relation includes
+/// relations and attributes exist, each parent attribute is one of its
+/// relation's key attributes, both sides have the same type, and no relation includes
 /// itself through any path (a cycle would fetch without end).
 pub fn include_edges(config: &IncludeConfig, global: &Catalog) -> Result<Vec<IncludeEdge>> {
     let split = |qualified: &str| -> Result<(String, String)> {
@@ -60,9 +60,9 @@ pub fn include_edges(config: &IncludeConfig, global: &Catalog) -> Result<Vec<Inc
             .relation(&pr)
             .map(|r| r.key.clone())
             .unwrap_or_default();
-        if key.as_slice() != [pa.clone()] {
+        if !key.contains(&pa) {
             return Err(Error::Catalog(format!(
-                "includes: {parent} is not {pr}'s whole key (its key is {})",
+                "includes: {parent} is not part of {pr}'s key (its key is {})",
                 if key.is_empty() {
                     "not declared".to_string()
                 } else {
@@ -129,7 +129,7 @@ mod tests {
     fn global() -> Catalog {
         Catalog::from_ddl(
             "CREATE TABLE patient (pno INTEGER PRIMARY KEY, surname CHAR(20));
-             CREATE TABLE visit (vno INTEGER PRIMARY KEY, pno INTEGER, date INTEGER);
+             CREATE TABLE visit (vno INTEGER, pno INTEGER, date INTEGER, PRIMARY KEY (vno, pno));
              CREATE TABLE visit_rep (vno INTEGER, line_no SMALLINT, line CHAR(60), PRIMARY KEY (vno, line_no));",
         )
         .unwrap()
@@ -170,8 +170,8 @@ mod tests {
         );
         assert!(err(&[("ward.no", &["visit.pno"])]).contains("ward is not a global relation"));
         assert!(err(&[("patient.pno", &["visit.pnum"])]).contains("visit has no attribute pnum"));
-        assert!(err(&[("patient.surname", &["visit.pno"])]).contains("not patient's whole key"));
-        assert!(err(&[("visit_rep.vno", &["visit.vno"])]).contains("not visit_rep's whole key"));
+        assert!(err(&[("patient.surname", &["visit.pno"])]).contains("not part of patient's key"));
+        assert!(err(&[("visit.date", &["visit_rep.vno"])]).contains("not part of visit's key"));
         assert!(err(&[("patient.pno", &["visit.pno", "visit.pno"])]).contains("twice"));
         assert!(
             err(&[
