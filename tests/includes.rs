@@ -43,6 +43,9 @@ fn patient_with_reports(net: &Net) -> (i64, String, String, i64) {
         .expect("an STG patient with visits and reports")
 }
 
+/// Result rows as `run` gives them.
+type Rows = Vec<Vec<Option<String>>>;
+
 /// What the whole network holds: the visits of `pno` as (vno, date), and
 /// the report lines of `vno` as line numbers, sorted as `run` sorts.
 fn network_view(
@@ -50,7 +53,7 @@ fn network_view(
     pno: i64,
     vno: i64,
 ) -> (Vec<Vec<Option<String>>>, Vec<Vec<Option<String>>>) {
-    let mut visits: Vec<Vec<Option<String>>> = net
+    let mut visits: Rows = net
         .data
         .values()
         .flat_map(|rows| &rows["visit"])
@@ -58,7 +61,7 @@ fn network_view(
         .map(|v| vec![Some(int(&v[0]).to_string()), Some(int(&v[4]).to_string())])
         .collect();
     visits.sort();
-    let mut lines: Vec<Vec<Option<String>>> = net
+    let mut lines: Rows = net
         .data
         .values()
         .flat_map(|rows| &rows["visit_rep"])
