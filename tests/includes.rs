@@ -48,11 +48,7 @@ type Rows = Vec<Vec<Option<String>>>;
 
 /// What the whole network holds: the visits of `pno` as (vno, date), and
 /// the report lines of `vno` as line numbers, sorted as `run` sorts.
-fn network_view(
-    net: &Net,
-    pno: i64,
-    vno: i64,
-) -> (Vec<Vec<Option<String>>>, Vec<Vec<Option<String>>>) {
+fn network_view(net: &Net, pno: i64, vno: i64) -> (Rows, Rows) {
     let mut visits: Rows = net
         .data
         .values()
