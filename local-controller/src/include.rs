@@ -1,7 +1,8 @@
 //! Include trees at the site: a fetch that brings a whole encounter.
 //!
 //! When a query's join group is one table of a relation the network's
-//! include trees start from (a patient by name or number), the fetch asks
+//! include trees start from (a patient by name or number), and the site
+//! has no tuple of its own that the group selects, the fetch asks
 //! in the same request for the tuples the tree hangs below the ones it
 //! selects: the patients' visits, the visits' report lines. The extra
 //! groups repeat the table's selection, one group per path of the tree
@@ -32,7 +33,7 @@ use snaps_schema::{Value, sql_ident};
 use crate::Result;
 use crate::remote::LocalTuples;
 use crate::site::{Active, result_value};
-use crate::store::{CHANGED_BITS, STATUS_COLUMN};
+use crate::store::{CHANGED_BITS, SNAPSHOT_BIT, STATUS_COLUMN};
 
 /// At most this many relations in one tree: a fetch must stay one
 /// encounter's worth.
@@ -236,6 +237,27 @@ pub(crate) struct Claim {
 }
 
 impl Include {
+    /// Whether the tree is worth bringing: the selection picks none of the
+    /// site's own tuples. An encounter with one of the site's own patients
+    /// (a lookup by a name the summaries say may be held elsewhere too)
+    /// does not need the namesakes' whole records; the query's own fetch
+    /// still brings the namesakes.
+    pub(crate) fn for_others(&self, conn: &Connection) -> Result<bool> {
+        let conds: Vec<String> = self
+            .root_selection
+            .iter()
+            .map(|e| format!("({e})"))
+            .collect();
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {r} AS {v} WHERE {c} AND ({v}.{STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0)",
+            v = sql_ident(&self.root_var),
+            r = sql_ident(&self.nodes[0].relation),
+            c = conds.join(" AND "),
+        );
+        let own: bool = conn.prepare_cached(&sql)?.query_row([], |r| r.get(0))?;
+        Ok(!own)
+    }
+
     /// The key-based query claiming what `fetched` brought (after the
     /// main group's tuples were stored): `None` when the selection picks
     /// no parent here that is as the global snapshot has it.

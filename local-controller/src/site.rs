@@ -1653,7 +1653,11 @@ impl SiteSession {
             user: &self.user_code,
         };
         let edges = site.include_edges();
-        let include = crate::include::include_for(&site.mapping(), &site.catalog, &edges, &plan);
+        let include =
+            match crate::include::include_for(&site.mapping(), &site.catalog, &edges, &plan) {
+                Some(i) if i.for_others(&self.conn)? => Some(i),
+                _ => None,
+            };
         let (fetched, along) = match &include {
             Some(include) => {
                 site.fetch_including(&self.conn, &plan, &current, &retrieval, include)?

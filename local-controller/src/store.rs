@@ -73,7 +73,7 @@ const MODIFIED_BIT: u8 = 0x08;
 /// Appendix-A bits 2..0: non-zero while the controller stores a fetch.
 const JUST_COPIED_BITS: u8 = 0x07;
 /// Appendix-A bit 7: a snapshot tuple (a copy from the global snapshot).
-const SNAPSHOT_BIT: u8 = 0x80;
+pub(crate) const SNAPSHOT_BIT: u8 = 0x80;
 /// Appendix-A bits 6..5: the access rights; all set is *deleted*.
 const RIGHTS_BITS: u8 = 0x60;
 /// The rights bits of *read-write*: this site holds the lock (or the tuple
