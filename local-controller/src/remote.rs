@@ -35,9 +35,48 @@ const MAX_MESSAGE_BYTES: usize = 256 << 20;
 pub struct WireCounters {
     sent: AtomicU64,
     received: AtomicU64,
+    /// While set, a copy of every byte each way (for a benchmark taking a
+    /// request apart by protocol layer).
+    capture: std::sync::Mutex<Option<Captured>>,
+}
+
+/// The bytes a connection sent and received while capturing, as they
+/// crossed the socket.
+#[derive(Debug, Default, Clone)]
+pub struct Captured {
+    /// From the client.
+    pub sent: Vec<u8>,
+    /// To the client.
+    pub received: Vec<u8>,
 }
 
 impl WireCounters {
+    /// Starts keeping a copy of the bytes crossing the connection.
+    pub fn start_capture(&self) {
+        *self.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(Captured::default());
+    }
+
+    /// The bytes kept since [`WireCounters::start_capture`]; stops keeping
+    /// them.
+    pub fn take_capture(&self) -> Captured {
+        self.capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default()
+    }
+
+    fn keep(&self, sent: bool, bytes: &[u8]) {
+        if let Some(c) = self
+            .capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            if sent { &mut c.sent } else { &mut c.received }.extend_from_slice(bytes);
+        }
+    }
+
     /// Bytes written to the connection.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
@@ -67,6 +106,7 @@ impl AsyncRead for Counted {
         self.counters
             .received
             .fetch_add(n as u64, Ordering::Relaxed);
+        self.counters.keep(false, &buf.filled()[before..]);
         r
     }
 }
@@ -80,6 +120,7 @@ impl AsyncWrite for Counted {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.counters.keep(true, &buf[..n]);
         }
         r
     }
