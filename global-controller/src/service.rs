@@ -394,6 +394,74 @@ impl Service {
             .map_or(0, |d| d.as_secs() as i64);
     }
 
+    /// Puts in place the bodies of the groups `request` names by digest,
+    /// and keeps the bodies it sends with a digest; returns the indices of
+    /// groups named by a digest the store keeps no body for (then nothing
+    /// is put in place).
+    async fn resolve_groups(
+        &self,
+        site: &SiteId,
+        request: &mut v1::FetchRequest,
+    ) -> Result<Vec<u32>, Status> {
+        let mut keep = Vec::new();
+        let mut named = Vec::new();
+        for (i, g) in request.groups.iter().enumerate() {
+            if g.digest == 0 {
+                continue;
+            }
+            if g.tables.is_empty() {
+                if !g.joins.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "group {i} names a kept body by digest but has joins of its own"
+                    )));
+                }
+                named.push(g.digest);
+            } else {
+                let body = v1::Group {
+                    tables: g.tables.clone(),
+                    joins: g.joins.clone(),
+                    digest: 0,
+                };
+                keep.push((g.digest, body.encode_to_vec()));
+            }
+        }
+        if keep.is_empty() && named.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = site.clone();
+        let bodies = self
+            .blocking(move |store| {
+                store.remember_groups(&s, &keep)?;
+                store.recall_groups(&s, &named)
+            })
+            .await?;
+        let mut unknown = Vec::new();
+        let mut found = Vec::new();
+        for (i, g) in request.groups.iter().enumerate() {
+            if g.digest == 0 || !g.tables.is_empty() {
+                continue;
+            }
+            match bodies.get(&g.digest) {
+                Some(body) => found.push((i, body)),
+                None => unknown.push(i as u32),
+            }
+        }
+        if !unknown.is_empty() {
+            return Ok(unknown);
+        }
+        for (i, body) in found {
+            let b = v1::Group::decode(body.as_slice()).map_err(|e| {
+                Status::internal(format!(
+                    "a kept group of site {} is unreadable: {e}",
+                    site.code
+                ))
+            })?;
+            request.groups[i].tables = b.tables;
+            request.groups[i].joins = b.joins;
+        }
+        Ok(Vec::new())
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn GlobalStore) -> crate::Result<T> + Send + 'static,
@@ -588,8 +656,18 @@ impl GlobalSnapshot for Service {
     ) -> Result<Response<v1::FetchReply>, Status> {
         let site = self.site(&req)?;
         self.not_collecting()?;
-        let query = FetchQuery::decode(req.get_ref(), &self.config.catalog)?;
-        let user = req.get_ref().user.clone();
+        let req_len = req.get_ref().encoded_len();
+        let mut request = req.into_inner();
+        let unknown = self.resolve_groups(&site, &mut request).await?;
+        if !unknown.is_empty() {
+            tracing::debug!(site = %site.code, groups = unknown.len(), "fetch names groups not kept");
+            return Ok(respond(v1::FetchReply {
+                tables: Vec::new(),
+                unknown_groups: unknown,
+            }));
+        }
+        let query = FetchQuery::decode(&request, &self.config.catalog)?;
+        let user = request.user.clone();
         let mut relations: Vec<String> = query
             .groups
             .iter()
@@ -661,15 +739,10 @@ impl GlobalSnapshot for Service {
             reply.tables.push(encode_table(t, w)?);
         }
         tracing::debug!(site = %site.code, tuples, "fetch");
-        self.tally(
-            &site,
-            req.get_ref().encoded_len(),
-            reply.encoded_len(),
-            |a| {
-                a.fetches += 1;
-                a.tuples_sent += tuples as u64;
-            },
-        );
+        self.tally(&site, req_len, reply.encoded_len(), |a| {
+            a.fetches += 1;
+            a.tuples_sent += tuples as u64;
+        });
         Ok(respond(reply))
     }
 

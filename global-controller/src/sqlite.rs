@@ -31,6 +31,7 @@ use crate::query::{FetchQuery, Split};
 use crate::store::*;
 
 mod audit;
+mod groups;
 mod refresh;
 mod summary;
 
@@ -312,6 +313,7 @@ impl SqliteStore {
         tx.execute_batch(refresh::TABLES)?;
         tx.execute_batch(summary::TABLES)?;
         tx.execute_batch(audit::TABLES)?;
+        tx.execute_batch(groups::TABLES)?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
             .query_row(
@@ -874,6 +876,14 @@ impl GlobalStore for SqliteStore {
 
     fn append_audit(&self, records: &[AuditRecord]) -> Result<()> {
         self.append_audit_records(records)
+    }
+
+    fn remember_groups(&self, site: &SiteId, groups: &[(u64, Vec<u8>)]) -> Result<()> {
+        self.remember_group_bodies(site, groups)
+    }
+
+    fn recall_groups(&self, site: &SiteId, digests: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+        self.recall_group_bodies(site, digests)
     }
 
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {

@@ -406,6 +406,18 @@ pub trait GlobalStore: Send + Sync {
 
     /// Reads the audit trail, oldest first.
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
+
+    /// Keeps the encoded bodies of join groups `site` named by digest
+    /// (replacing a body kept under the same digest).
+    fn remember_groups(&self, site: &SiteId, groups: &[(u64, Vec<u8>)]) -> Result<()>;
+
+    /// The bodies kept for `site` under `digests` (those it has), marking
+    /// them used; forgets bodies no site named for a long time.
+    fn recall_groups(
+        &self,
+        site: &SiteId,
+        digests: &[u64],
+    ) -> Result<std::collections::HashMap<u64, Vec<u8>>>;
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

@@ -588,7 +588,7 @@ impl Site {
             .iter()
             .map(|(plan, current, retrieval)| self.request_for(plan, current, retrieval.user))
             .collect::<Result<Vec<_>>>()?;
-        let (parts, sent, received) = match self.send_together(requests)? {
+        let (parts, sent, received) = match self.send_together(requests, true)? {
             Together::Replies(parts, sent, received) => (parts, sent, received),
             Together::Nothing => return Ok(items.iter().map(|_| Fetched::Nothing).collect()),
             Together::LocalOnly(notice) => {
@@ -619,7 +619,14 @@ impl Site {
     /// Sends several requests as one — their join groups one after
     /// another — and splits the reply back by request (`None` where a
     /// request was `None`), with the wire bytes of the whole exchange.
-    fn send_together(&self, requests: Vec<Option<v1::FetchRequest>>) -> Result<Together> {
+    /// `by_name`: the groups go by name alone (what the refresh re-runs was
+    /// fetched before, and the controller kept it), with their bodies only
+    /// if the controller no longer has one.
+    fn send_together(
+        &self,
+        requests: Vec<Option<v1::FetchRequest>>,
+        by_name: bool,
+    ) -> Result<Together> {
         let mut combined = v1::FetchRequest::default();
         let mut ranges = Vec::with_capacity(requests.len());
         for req in requests {
@@ -642,10 +649,40 @@ impl Site {
         if combined.groups.is_empty() {
             return Ok(Together::Nothing);
         }
-        let (reply, sent, received) = match self.send_fetch(combined)? {
-            Ok(x) => x,
-            Err(notice) => return Ok(Together::LocalOnly(notice)),
+        // The request with the groups named by digest, but for `whole`.
+        let named = |whole: &[u32]| {
+            let mut named = combined.clone();
+            for (i, g) in named.groups.iter_mut().enumerate() {
+                if g.digest != 0 && !whole.contains(&(i as u32)) {
+                    g.tables.clear();
+                    g.joins.clear();
+                }
+            }
+            named
         };
+        let (reply, sent, received) = match by_name {
+            true => match self.send_fetch(named(&[]))? {
+                Ok((reply, sent, received)) if !reply.unknown_groups.is_empty() => {
+                    tracing::info!(site = %self.code, groups = reply.unknown_groups.len(),
+                        "the controller keeps no body for some groups: sending those whole");
+                    match self.send_fetch(named(&reply.unknown_groups))? {
+                        Ok((reply, s, r)) => (reply, sent + s, received + r),
+                        Err(notice) => return Ok(Together::LocalOnly(notice)),
+                    }
+                }
+                Ok(x) => x,
+                Err(notice) => return Ok(Together::LocalOnly(notice)),
+            },
+            false => match self.send_fetch(combined)? {
+                Ok(x) => x,
+                Err(notice) => return Ok(Together::LocalOnly(notice)),
+            },
+        };
+        if !reply.unknown_groups.is_empty() {
+            return Err(Error::Invalid(
+                "the controller does not know groups sent with their bodies".into(),
+            ));
+        }
         let mut parts: Vec<Option<v1::FetchReply>> = ranges
             .iter()
             .map(|r| r.map(|_| v1::FetchReply::default()))
@@ -693,7 +730,7 @@ impl Site {
             self.request_for(plan, current, retrieval.user)?,
             self.request_for(&include.plan, &extra_current, retrieval.user)?,
         ];
-        let (parts, sent, received) = match self.send_together(requests) {
+        let (parts, sent, received) = match self.send_together(requests, false) {
             // The user may not read what the tree brings: fetch what was
             // asked.
             Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
@@ -818,6 +855,11 @@ impl Site {
             )?);
         }
         snaps_proto::compact_shapes(&mut req, &self.global);
+        // The controller keeps each body under its name, so the refresh
+        // can re-run the definition by name.
+        for g in &mut req.groups {
+            g.digest = snaps_proto::group_digest(g);
+        }
         Ok(Some(req))
     }
 

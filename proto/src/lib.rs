@@ -17,5 +17,5 @@ pub mod v1 {
 
 pub use convert::{
     WireError, compact_shapes, decode_expr, decode_rows, decode_value, encode_expr, encode_rows,
-    encode_value, fetch_request, shape_of, shape_of_relation,
+    encode_value, fetch_request, group_digest, shape_of, shape_of_relation,
 };
