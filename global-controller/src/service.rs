@@ -59,8 +59,22 @@ fn refuse_revoked(certified: &Certified) -> Result<(), Status> {
     }
 }
 
-/// The bearer token of a request, if it sends one.
+/// The metadata key sites send their token under in plain-text mode.
+/// HTTP/2's header compression never indexes `authorization`, so a token
+/// there crosses the line whole with every call; under this name it is
+/// sent once per connection and named by an index after that (the
+/// connection is plain text: anyone on the path reads it either way).
+pub const TOKEN_HEADER: &str = "snaps-token";
+
+/// The bearer token of a request, if it sends one (`snaps-token`, or
+/// `authorization: Bearer`).
 fn bearer<T>(req: &Request<T>) -> Result<Option<&str>, Status> {
+    if let Some(t) = req.metadata().get(TOKEN_HEADER) {
+        return t
+            .to_str()
+            .map(|t| Some(t.trim()))
+            .map_err(|_| Status::unauthenticated("the token is not text"));
+    }
     match req.metadata().get("authorization") {
         None => Ok(None),
         Some(h) => h
@@ -353,7 +367,9 @@ impl Service {
                 code
             }
             None => token_site.ok_or_else(|| {
-                Status::unauthenticated("no credential: send authorization: Bearer <token>")
+                Status::unauthenticated(
+                    "no credential: send snaps-token: <token> (or authorization: Bearer <token>)",
+                )
             })?,
         };
         if let Some(claim) = req.metadata().get(SITE_HEADER) {

@@ -176,7 +176,7 @@ pub struct Bearer {
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
+            req.metadata_mut().insert(TOKEN_HEADER, t.clone());
         }
         if let Some(c) = &self.claim {
             req.metadata_mut().insert(SITE_HEADER, c.clone());
@@ -184,6 +184,11 @@ impl tonic::service::Interceptor for Bearer {
         Ok(req)
     }
 }
+
+/// The metadata key of the token in plain-text mode (the controller's
+/// `TOKEN_HEADER`): unlike `authorization`, HTTP/2 compresses it to an
+/// index after the first call on a connection.
+pub const TOKEN_HEADER: &str = "snaps-token";
 
 /// The metadata key naming the site a request is sent for.
 pub const SITE_HEADER: &str = "snaps-site";
@@ -331,7 +336,7 @@ impl GlobalClient {
             .map_err(|e| Error::Unreachable(format!("{addr}: {}", crate::error_chain(&e))))?;
         let token = match auth {
             Auth::Insecure(token) => Some(
-                format!("Bearer {token}")
+                token
                     .parse::<MetadataValue<Ascii>>()
                     .map_err(|_| {
                         Error::Invalid("the token has characters a header cannot carry".into())
