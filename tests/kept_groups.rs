@@ -1,5 +1,5 @@
 //! The controller keeps the body of every join group a site fetched, under
-//! the name (digest) the site gives it, so the nightly refresh re-runs a
+//! a name the site gives it, so the nightly refresh re-runs a
 //! site's snapshot definitions by name: a few bytes a definition instead of
 //! the whole query. A body the controller no longer has is sent again, and
 //! the refresh brings the same as before.
@@ -52,7 +52,7 @@ async fn the_refresh_reruns_definitions_by_name_and_resends_what_the_controller_
     rusqlite::Connection::open(&net.store)
         .unwrap()
         .execute(
-            "DELETE FROM snaps_site_group WHERE site = 2 AND digest % 2 = 0",
+            "DELETE FROM snaps_site_group WHERE site = 2 AND name % 2 = 0",
             [],
         )
         .unwrap();

@@ -410,10 +410,10 @@ impl Service {
             .map_or(0, |d| d.as_secs() as i64);
     }
 
-    /// Puts in place the bodies of the groups `request` names by digest,
-    /// and keeps the bodies it sends with a digest; returns the indices of
-    /// groups named by a digest the store keeps no body for (then nothing
-    /// is put in place).
+    /// Puts in place the bodies of the groups `request` names alone, and
+    /// keeps the bodies it sends with a name; returns the indices of groups
+    /// named by a name the store keeps no body for (then nothing is put in
+    /// place).
     async fn resolve_groups(
         &self,
         site: &SiteId,
@@ -422,23 +422,23 @@ impl Service {
         let mut keep = Vec::new();
         let mut named = Vec::new();
         for (i, g) in request.groups.iter().enumerate() {
-            if g.digest == 0 {
+            if g.kept == 0 {
                 continue;
             }
             if g.tables.is_empty() {
                 if !g.joins.is_empty() {
                     return Err(Status::invalid_argument(format!(
-                        "group {i} names a kept body by digest but has joins of its own"
+                        "group {i} names a kept body but has joins of its own"
                     )));
                 }
-                named.push(g.digest);
+                named.push(u64::from(g.kept));
             } else {
                 let body = v1::Group {
                     tables: g.tables.clone(),
                     joins: g.joins.clone(),
-                    digest: 0,
+                    kept: 0,
                 };
-                keep.push((g.digest, body.encode_to_vec()));
+                keep.push((u64::from(g.kept), body.encode_to_vec()));
             }
         }
         if keep.is_empty() && named.is_empty() {
@@ -454,10 +454,10 @@ impl Service {
         let mut unknown = Vec::new();
         let mut found = Vec::new();
         for (i, g) in request.groups.iter().enumerate() {
-            if g.digest == 0 || !g.tables.is_empty() {
+            if g.kept == 0 || !g.tables.is_empty() {
                 continue;
             }
-            match bodies.get(&g.digest) {
+            match bodies.get(&u64::from(g.kept)) {
                 Some(body) => found.push((i, body)),
                 None => unknown.push(i as u32),
             }

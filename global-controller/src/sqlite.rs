@@ -882,8 +882,8 @@ impl GlobalStore for SqliteStore {
         self.remember_group_bodies(site, groups)
     }
 
-    fn recall_groups(&self, site: &SiteId, digests: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
-        self.recall_group_bodies(site, digests)
+    fn recall_groups(&self, site: &SiteId, names: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+        self.recall_group_bodies(site, names)
     }
 
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {

@@ -407,16 +407,16 @@ pub trait GlobalStore: Send + Sync {
     /// Reads the audit trail, oldest first.
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
 
-    /// Keeps the encoded bodies of join groups `site` named by digest
-    /// (replacing a body kept under the same digest).
+    /// Keeps the encoded bodies of join groups under the names `site` gave
+    /// them (replacing a body kept under the same name).
     fn remember_groups(&self, site: &SiteId, groups: &[(u64, Vec<u8>)]) -> Result<()>;
 
-    /// The bodies kept for `site` under `digests` (those it has), marking
+    /// The bodies kept for `site` under `names` (those it has), marking
     /// them used; forgets bodies no site named for a long time.
     fn recall_groups(
         &self,
         site: &SiteId,
-        digests: &[u64],
+        names: &[u64],
     ) -> Result<std::collections::HashMap<u64, Vec<u8>>>;
 }
 

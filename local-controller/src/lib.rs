@@ -33,6 +33,7 @@ mod covered;
 pub mod endpoint;
 pub mod engine;
 mod include;
+mod kept;
 pub mod mapping_admin;
 pub mod refresh;
 pub mod remote;

@@ -335,13 +335,9 @@ impl GlobalClient {
             .await
             .map_err(|e| Error::Unreachable(format!("{addr}: {}", crate::error_chain(&e))))?;
         let token = match auth {
-            Auth::Insecure(token) => Some(
-                token
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| {
-                        Error::Invalid("the token has characters a header cannot carry".into())
-                    })?,
-            ),
+            Auth::Insecure(token) => Some(token.parse::<MetadataValue<Ascii>>().map_err(|_| {
+                Error::Invalid("the token has characters a header cannot carry".into())
+            })?),
             Auth::Tls(_) => None,
         };
         let claim = claim

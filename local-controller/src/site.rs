@@ -129,6 +129,8 @@ pub struct Site {
     /// The network's include trees as the controller last said (kept in
     /// `snaps_meta` for the fetches before the next connect).
     includes: RwLock<Arc<Vec<IncludeEdge>>>,
+    /// The names given to fetched join groups' bodies.
+    kept: crate::kept::KeptNames,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -192,8 +194,10 @@ impl Site {
                 .map_err(|e| Error::Invalid(format!("snaps_meta {INCLUDES} is unreadable: {e}")))?,
             None => Vec::new(),
         };
+        let kept = crate::kept::KeptNames::read(&writer)?;
         let active = Active::new(mapping, global);
         Ok(Arc::new(Site {
+            kept,
             includes: RwLock::new(Arc::new(includes)),
             path: path.to_path_buf(),
             code,
@@ -563,7 +567,7 @@ impl Site {
         current: &Projections,
         retrieval: &Retrieval<'_>,
     ) -> Result<Fetched> {
-        let Some(req) = self.request_for(plan, current, retrieval.user)? else {
+        let Some(req) = self.request_for(conn, plan, current, retrieval.user)? else {
             return Ok(Fetched::Nothing);
         };
         match self.send_fetch(req)? {
@@ -586,9 +590,9 @@ impl Site {
     ) -> Result<Vec<Fetched>> {
         let requests = items
             .iter()
-            .map(|(plan, current, retrieval)| self.request_for(plan, current, retrieval.user))
+            .map(|(plan, current, retrieval)| self.request_for(conn, plan, current, retrieval.user))
             .collect::<Result<Vec<_>>>()?;
-        let (parts, sent, received) = match self.send_together(requests, true)? {
+        let (parts, sent, received) = match self.send_together(conn, requests, true)? {
             Together::Replies(parts, sent, received) => (parts, sent, received),
             Together::Nothing => return Ok(items.iter().map(|_| Fetched::Nothing).collect()),
             Together::LocalOnly(notice) => {
@@ -624,6 +628,7 @@ impl Site {
     /// if the controller no longer has one.
     fn send_together(
         &self,
+        conn: &Connection,
         requests: Vec<Option<v1::FetchRequest>>,
         by_name: bool,
     ) -> Result<Together> {
@@ -649,40 +654,34 @@ impl Site {
         if combined.groups.is_empty() {
             return Ok(Together::Nothing);
         }
-        // The request with the groups named by digest, but for `whole`.
-        let named = |whole: &[u32]| {
-            let mut named = combined.clone();
-            for (i, g) in named.groups.iter_mut().enumerate() {
-                if g.digest != 0 && !whole.contains(&(i as u32)) {
-                    g.tables.clear();
-                    g.joins.clear();
-                }
-            }
-            named
+        // By name: a first try naming every confirmed body alone, and if
+        // the controller lost some, a second sending those whole.
+        let first = if by_name {
+            self.kept.by_name(&combined, &[])
+        } else {
+            combined.clone()
         };
-        let (reply, sent, received) = match by_name {
-            true => match self.send_fetch(named(&[]))? {
-                Ok((reply, sent, received)) if !reply.unknown_groups.is_empty() => {
-                    tracing::info!(site = %self.code, groups = reply.unknown_groups.len(),
-                        "the controller keeps no body for some groups: sending those whole");
-                    match self.send_fetch(named(&reply.unknown_groups))? {
-                        Ok((reply, s, r)) => (reply, sent + s, received + r),
-                        Err(notice) => return Ok(Together::LocalOnly(notice)),
-                    }
-                }
-                Ok(x) => x,
-                Err(notice) => return Ok(Together::LocalOnly(notice)),
-            },
-            false => match self.send_fetch(combined)? {
-                Ok(x) => x,
-                Err(notice) => return Ok(Together::LocalOnly(notice)),
-            },
+        let (mut reply, mut sent, mut received) = match self.send_fetch(first.clone())? {
+            Ok(x) => x,
+            Err(notice) => return Ok(Together::LocalOnly(notice)),
         };
+        let mut answered = first;
+        if by_name && !reply.unknown_groups.is_empty() {
+            tracing::info!(site = %self.code, groups = reply.unknown_groups.len(),
+                "the controller keeps no body for some groups: sending those whole");
+            let again = self.kept.by_name(&combined, &reply.unknown_groups);
+            (reply, sent, received) = match self.send_fetch(again.clone())? {
+                Ok((reply, s, r)) => (reply, sent + s, received + r),
+                Err(notice) => return Ok(Together::LocalOnly(notice)),
+            };
+            answered = again;
+        }
         if !reply.unknown_groups.is_empty() {
             return Err(Error::Invalid(
                 "the controller does not know groups sent with their bodies".into(),
             ));
         }
+        self.kept.confirm(conn, &answered)?;
         let mut parts: Vec<Option<v1::FetchReply>> = ranges
             .iter()
             .map(|r| r.map(|_| v1::FetchReply::default()))
@@ -727,10 +726,10 @@ impl Site {
     ) -> Result<(Fetched, Option<(SnapshotNo, SnapshotDefinition)>)> {
         let extra_current = projections(conn, &include.plan)?;
         let requests = vec![
-            self.request_for(plan, current, retrieval.user)?,
-            self.request_for(&include.plan, &extra_current, retrieval.user)?,
+            self.request_for(conn, plan, current, retrieval.user)?,
+            self.request_for(conn, &include.plan, &extra_current, retrieval.user)?,
         ];
-        let (parts, sent, received) = match self.send_together(requests, false) {
+        let (parts, sent, received) = match self.send_together(conn, requests, false) {
             // The user may not read what the tree brings: fetch what was
             // asked.
             Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
@@ -819,6 +818,7 @@ impl Site {
     /// when the plan maps nothing.
     fn request_for(
         &self,
+        conn: &Connection,
         plan: &Plan,
         current: &Projections,
         user: &str,
@@ -857,9 +857,7 @@ impl Site {
         snaps_proto::compact_shapes(&mut req, &self.global);
         // The controller keeps each body under its name, so the refresh
         // can re-run the definition by name.
-        for g in &mut req.groups {
-            g.digest = snaps_proto::group_digest(g);
-        }
+        self.kept.name(conn, &mut req)?;
         Ok(Some(req))
     }
 

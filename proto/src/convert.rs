@@ -292,23 +292,22 @@ pub fn decode_expr(e: &v1::Expr) -> Result<Expr, WireError> {
     )
 }
 
-/// The name a site gives a join group's body ([`v1::Group::digest`]):
-/// FNV-1a (64 bits) of the body's encoding, never 0. The controller keeps
-/// the body under the name as the site sent it, so the two need not agree
-/// on anything but the bytes of the body they exchanged.
+/// A digest of a join group's body (its tables and joins, not its name
+/// [`v1::Group::kept`]): FNV-1a, 64 bits, of the body's encoding. A site
+/// tells the bodies it named apart by it.
 pub fn group_digest(g: &v1::Group) -> u64 {
     use prost::Message;
     let body = v1::Group {
         tables: g.tables.clone(),
         joins: g.joins.clone(),
-        digest: 0,
+        kept: 0,
     };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in body.encode_to_vec() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h.max(1)
+    h
 }
 
 /// Sends a fetch request's attributes by position instead of by name
@@ -437,7 +436,7 @@ pub fn fetch_request(q: &GlobalQuery) -> v1::FetchRequest {
                         }),
                     })
                     .collect(),
-                digest: 0,
+                kept: 0,
             })
             .collect(),
         semijoins: Vec::new(),

@@ -1,8 +1,8 @@
 //! The SQLite store's kept join groups: the bodies of the groups each site
-//! fetched, under the names (digests) the site gave them, so the site's
+//! fetched, under the names the site gave them, so the site's
 //! refresh re-runs its snapshot definitions by name.
 //!
-//! * `snaps_site_group` — per site and digest, the group's encoded body and
+//! * `snaps_site_group` — per site and name, the group's encoded body and
 //!   the day it was last named. Bodies no site named for
 //!   [`KEEP_DAYS`] days go (a site evicts its snapshots unused for 30 days
 //!   by default; a site naming a body gone sends it again).
@@ -18,8 +18,8 @@ use crate::store::SiteId;
 /// The table.
 pub(super) const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS snaps_site_group (
-    site INTEGER NOT NULL, digest INTEGER NOT NULL, body BLOB NOT NULL,
-    used_day INTEGER NOT NULL, PRIMARY KEY (site, digest)) WITHOUT ROWID;
+    site INTEGER NOT NULL, name INTEGER NOT NULL, body BLOB NOT NULL,
+    used_day INTEGER NOT NULL, PRIMARY KEY (site, name)) WITHOUT ROWID;
 ";
 
 /// Days a body is kept after it was last named.
@@ -45,11 +45,11 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut put = tx.prepare_cached(
-                "INSERT INTO snaps_site_group (site, digest, body, used_day) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (site, digest) DO UPDATE SET body = excluded.body, used_day = excluded.used_day",
+                "INSERT INTO snaps_site_group (site, name, body, used_day) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (site, name) DO UPDATE SET body = excluded.body, used_day = excluded.used_day",
             )?;
-            for (digest, body) in groups {
-                put.execute(params![i64::from(site.number.0), *digest as i64, body, day])?;
+            for (name, body) in groups {
+                put.execute(params![i64::from(site.number.0), *name as i64, body, day])?;
             }
         }
         tx.commit()?;
@@ -59,10 +59,10 @@ impl SqliteStore {
     pub(super) fn recall_group_bodies(
         &self,
         site: &SiteId,
-        digests: &[u64],
+        names: &[u64],
     ) -> Result<HashMap<u64, Vec<u8>>> {
         let mut out = HashMap::new();
-        if digests.is_empty() {
+        if names.is_empty() {
             return Ok(out);
         }
         let day = today();
@@ -70,12 +70,12 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut get = tx.prepare_cached(
-                "SELECT body FROM snaps_site_group WHERE site = ?1 AND digest = ?2",
+                "SELECT body FROM snaps_site_group WHERE site = ?1 AND name = ?2",
             )?;
             let mut used = tx.prepare_cached(
-                "UPDATE snaps_site_group SET used_day = ?3 WHERE site = ?1 AND digest = ?2 AND used_day < ?3",
+                "UPDATE snaps_site_group SET used_day = ?3 WHERE site = ?1 AND name = ?2 AND used_day < ?3",
             )?;
-            for d in digests {
+            for d in names {
                 let key = params![i64::from(site.number.0), *d as i64];
                 let body: Option<Vec<u8>> =
                     get.query_row(key, |r| r.get(0))
