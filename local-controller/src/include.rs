@@ -243,19 +243,28 @@ impl Include {
     /// does not need the namesakes' whole records; the query's own fetch
     /// still brings the namesakes.
     pub(crate) fn for_others(&self, conn: &Connection) -> Result<bool> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 {} AND ({}.{STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0)",
+            self.root_from(),
+            sql_ident(&self.root_var),
+        );
+        let own: bool = conn.prepare_cached(&sql)?.query_row([], |r| r.get(0))?;
+        Ok(!own)
+    }
+
+    /// `FROM root AS var WHERE <the fetched table's selection>`.
+    fn root_from(&self) -> String {
         let conds: Vec<String> = self
             .root_selection
             .iter()
             .map(|e| format!("({e})"))
             .collect();
-        let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {r} AS {v} WHERE {c} AND ({v}.{STATUS_COLUMN} & {SNAPSHOT_BIT}) = 0)",
-            v = sql_ident(&self.root_var),
-            r = sql_ident(&self.nodes[0].relation),
-            c = conds.join(" AND "),
-        );
-        let own: bool = conn.prepare_cached(&sql)?.query_row([], |r| r.get(0))?;
-        Ok(!own)
+        format!(
+            "FROM {} AS {} WHERE {}",
+            sql_ident(&self.nodes[0].relation),
+            sql_ident(&self.root_var),
+            conds.join(" AND ")
+        )
     }
 
     /// The key-based query claiming what `fetched` brought (after the
@@ -286,23 +295,13 @@ impl Include {
             })
         };
         if let Some(key) = child_key(0) {
-            let conds: Vec<String> = self
-                .root_selection
-                .iter()
-                .map(|e| format!("({e})"))
-                .collect();
             let sql = format!(
-                "SELECT {v}.{k} FROM {r} AS {v} WHERE {c} AND ({v}.{STATUS_COLUMN} & {CHANGED_BITS}) = 0",
+                "SELECT {v}.{k} {from} AND ({v}.{STATUS_COLUMN} & {CHANGED_BITS}) = 0",
                 v = sql_ident(&self.root_var),
                 k = sql_ident(key),
-                r = sql_ident(&nodes[0].relation),
-                c = conds.join(" AND "),
+                from = self.root_from(),
             );
-            let mut stmt = conn.prepare(&sql)?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                keys[0].insert(result_value(r.get_ref(0)?));
-            }
+            keys[0] = values(conn, &sql)?;
         }
         keys[0].remove(&Value::Null);
         if keys[0].is_empty() {
@@ -322,7 +321,6 @@ impl Include {
             ) else {
                 continue;
             };
-            let mut found = BTreeSet::new();
             let sql = format!(
                 "SELECT {k} FROM {r} WHERE {a} IN ({list}) AND ({STATUS_COLUMN} & {CHANGED_BITS}) = 0",
                 k = sql_ident(key),
@@ -330,11 +328,7 @@ impl Include {
                 a = sql_ident(attr),
                 list = in_list(&keys[*p]),
             );
-            let mut stmt = conn.prepare(&sql)?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                found.insert(result_value(r.get_ref(0)?));
-            }
+            let mut found = values(conn, &sql)?;
             for lt in fetched
                 .iter()
                 .filter(|lt| node_of(&lt.local_var) == Some(n))
@@ -433,6 +427,17 @@ impl Include {
             complete,
         }))
     }
+}
+
+/// The values of a one-column query's rows.
+fn values(conn: &Connection, sql: &str) -> Result<BTreeSet<Value>> {
+    let mut out = BTreeSet::new();
+    let mut stmt = conn.prepare(sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        out.insert(result_value(r.get_ref(0)?));
+    }
+    Ok(out)
 }
 
 /// SQL text of a list of constants.
