@@ -133,12 +133,12 @@ impl GlobalController {
                     tracing::warn!(%site, "no token: the site cannot connect in plain-text mode");
                 }
                 tracing::warn!(%addr, network = %self.config.network.name, "global controller serving PLAIN TEXT (--insecure): data and tokens cross the network readable");
-                router
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        shutdown,
-                    )
-                    .await
+                let (incoming, acceptor) = transport::plain_incoming(listener);
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                acceptor.abort();
+                served
             }
         };
         ticker.abort();

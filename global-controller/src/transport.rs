@@ -2,6 +2,9 @@
 //! (the peer's role comes from its verified client certificate), or plain
 //! TCP in development mode (`--insecure`, bearer tokens).
 //!
+//! Either way a client may compress the connection as one stream
+//! (`snaps_proto::deflate`); the first byte tells.
+//!
 //! TLS handshakes run in their own tasks, so one slow or hostile client
 //! cannot hold up the accept loop; a refused handshake is logged with the
 //! peer's address and the reason.
@@ -14,12 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use snaps_proto::deflate::Link;
 use snaps_proto::tls::{Credentials, Peer, peer_of, serial_of};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,9 +152,10 @@ impl Revocation {
     }
 }
 
-/// A TLS connection whose client certificate was verified.
+/// A TLS connection whose client certificate was verified (compressed
+/// inside the encryption if the client asked).
 pub struct TlsConnection {
-    stream: Box<TlsStream<TcpStream>>,
+    stream: Box<Link<TlsStream<TcpStream>>>,
     certified: Certified,
 }
 
@@ -249,6 +254,18 @@ pub fn tls_incoming(
                         tracing::warn!(%remote, %reason, "TLS connection with a certificate naming no SNAPS role")
                     }
                 }
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, Link::accept(stream)).await {
+                        Ok(Ok(link)) => link,
+                        Ok(Err(error)) => {
+                            tracing::warn!(%remote, %error, "refused a connection");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%remote, "refused a connection: it sent nothing");
+                            return;
+                        }
+                    };
                 let conn = TlsConnection {
                     stream: Box::new(stream),
                     certified: Certified {
@@ -259,6 +276,98 @@ pub fn tls_incoming(
                     },
                 };
                 let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}
+
+/// A plain-text connection (development mode), compressed if the client
+/// asked.
+pub struct PlainConnection {
+    stream: Link<TcpStream>,
+    info: TcpConnectInfo,
+}
+
+impl Connected for PlainConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PlainConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepts on `listener` and yields plain-text connections once their
+/// first byte told whether they are compressed (in a task per connection,
+/// so a silent client holds up no other).
+pub fn plain_incoming(
+    listener: TcpListener,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<std::io::Result<PlainConnection>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let info = TcpConnectInfo {
+                local_addr: tcp.local_addr().ok(),
+                remote_addr: Some(remote),
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Link::accept(tcp)).await
+                {
+                    Ok(Ok(link)) => link,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%remote, %error, "refused a connection");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%remote, "refused a connection: it sent nothing");
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(PlainConnection { stream, info })).await;
             });
         }
     });

@@ -1,6 +1,7 @@
 //! The site's side of the gRPC contract: a client of the global snapshot
 //! controller that sends the site's credential with every request,
-//! compresses, and counts the bytes that really cross the wire (HTTP/2
+//! compresses the connection as one stream (`snaps_proto::deflate`), and
+//! counts the bytes that really cross the wire (HTTP/2
 //! framing and headers included) — the thesis' first cost; and the
 //! conversions between the site's mapping and the wire (export batches,
 //! semi-join projections, fetched tuples mapped back).
@@ -12,15 +13,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use prost::Message;
 use snaps_mapping::mapping::{RelationMapping, SiteMapping};
 use snaps_mapping::rewrite::{GlobalQuery, GlobalTable};
+use snaps_proto::deflate::Link;
 use snaps_proto::v1::global_snapshot_client::GlobalSnapshotClient;
 use snaps_proto::{decode_rows, encode_rows, shape_of_relation, v1};
 use snaps_schema::Value;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tonic::codec::CompressionEncoding;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -243,17 +243,10 @@ impl AsyncWrite for Wire {
 /// The generated client with the credential attached.
 pub type RawClient = GlobalSnapshotClient<InterceptedService<Channel, Bearer>>;
 
-/// Requests smaller than this go uncompressed: gzip's header and trailer
-/// alone are 18 bytes, more than it saves on a small message.
-const COMPRESS_FROM_BYTES: usize = 512;
-
 /// A connection to the global snapshot controller.
 #[derive(Clone)]
 pub struct GlobalClient {
-    /// Compresses what it sends.
     client: RawClient,
-    /// The same connection, sending uncompressed.
-    plain: RawClient,
     counters: Arc<WireCounters>,
 }
 
@@ -265,8 +258,8 @@ impl GlobalClient {
         GlobalClient::connect_with(addr, auth, claim, true).await
     }
 
-    /// [`GlobalClient::connect`], compressing (and accepting compressed
-    /// replies) only when `compress` is set.
+    /// [`GlobalClient::connect`], compressing the connection (both ways,
+    /// one deflate stream for its life) only when `compress` is set.
     pub async fn connect_with(
         addr: &str,
         auth: &Auth,
@@ -327,7 +320,8 @@ impl GlobalClient {
                         Wire::Tls(Box::new(stream))
                     }
                 };
-                Ok::<_, std::io::Error>(TokioIo::new(wire))
+                let link = Link::connect(wire, compress).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(link))
             }
         });
         let channel = endpoint
@@ -347,20 +341,10 @@ impl GlobalClient {
                 })
             })
             .transpose()?;
-        let mut plain = GlobalSnapshotClient::with_interceptor(channel, Bearer { token, claim })
+        let client = GlobalSnapshotClient::with_interceptor(channel, Bearer { token, claim })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let client = if compress {
-            plain = plain.accept_compressed(CompressionEncoding::Gzip);
-            plain.clone().send_compressed(CompressionEncoding::Gzip)
-        } else {
-            plain.clone()
-        };
-        Ok(GlobalClient {
-            client,
-            plain,
-            counters,
-        })
+        Ok(GlobalClient { client, counters })
     }
 
     /// The wire byte counters of this connection.
@@ -368,19 +352,9 @@ impl GlobalClient {
         &self.counters
     }
 
-    /// The generated client, for calls this type does not wrap (it
-    /// compresses every request).
+    /// The generated client, for calls this type does not wrap.
     pub fn raw(&self) -> RawClient {
         self.client.clone()
-    }
-
-    /// The client to send a request of `len` bytes with.
-    fn for_len(&self, len: usize) -> RawClient {
-        if len < COMPRESS_FROM_BYTES {
-            self.plain.clone()
-        } else {
-            self.client.clone()
-        }
     }
 
     /// Registers: checks the schema fingerprint, learns code, number, key
@@ -390,7 +364,7 @@ impl GlobalClient {
             schema_fingerprint: schema_fingerprint.to_string(),
             software: concat!("snaps ", env!("CARGO_PKG_VERSION")).to_string(),
         };
-        Ok(self.plain.clone().hello(req).await?.into_inner())
+        Ok(self.client.clone().hello(req).await?.into_inner())
     }
 
     /// Sends export batches in one stream.
@@ -405,7 +379,7 @@ impl GlobalClient {
             relation: relation.to_string(),
         };
         Ok(self
-            .plain
+            .client
             .clone()
             .load_progress(req)
             .await?
@@ -415,11 +389,7 @@ impl GlobalClient {
 
     /// One fetch.
     pub async fn fetch(&self, req: v1::FetchRequest) -> Result<v1::FetchReply> {
-        Ok(self
-            .for_len(req.encoded_len())
-            .fetch(req)
-            .await?
-            .into_inner())
+        Ok(self.raw().fetch(req).await?.into_inner())
     }
 
     /// Asks for primary-copy locks (all or none) for the person with user
@@ -429,11 +399,7 @@ impl GlobalClient {
             tuples,
             user: user.to_string(),
         };
-        Ok(self
-            .for_len(req.encoded_len())
-            .lock(req)
-            .await?
-            .into_inner())
+        Ok(self.raw().lock(req).await?.into_inner())
     }
 
     /// The owner of each key of `relation` (global attribute values of
@@ -451,12 +417,7 @@ impl GlobalClient {
             ),
             attributes,
         };
-        let owners = self
-            .for_len(req.encoded_len())
-            .key_owners(req)
-            .await?
-            .into_inner()
-            .owners;
+        let owners = self.raw().key_owners(req).await?.into_inner().owners;
         if owners.len() != keys.len() {
             return Err(Error::Invalid(format!(
                 "the global controller named {} owners for {} keys",
@@ -473,29 +434,19 @@ impl GlobalClient {
     /// Gives locks back.
     pub async fn unlock(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
         let req = v1::UnlockRequest { tuples };
-        Ok(self
-            .for_len(req.encoded_len())
-            .unlock(req)
-            .await?
-            .into_inner()
-            .released)
+        Ok(self.raw().unlock(req).await?.into_inner().released)
     }
 
     /// Says the site no longer holds these copies.
     pub async fn release_copies(&self, tuples: Vec<v1::TupleRef>) -> Result<u64> {
         let req = v1::ReleaseRequest { tuples };
-        Ok(self
-            .for_len(req.encoded_len())
-            .release_copies(req)
-            .await?
-            .into_inner()
-            .released)
+        Ok(self.raw().release_copies(req).await?.into_inner().released)
     }
 
     /// Opens the stream of refresh epoch notices.
     pub async fn subscribe(&self) -> Result<tonic::Streaming<v1::EpochNotice>> {
         Ok(self
-            .plain
+            .client
             .clone()
             .subscribe(v1::SubscribeRequest {})
             .await?
@@ -504,12 +455,7 @@ impl GlobalClient {
 
     /// Pushes the site's changes for an epoch.
     pub async fn push(&self, req: v1::PushRequest) -> Result<u64> {
-        Ok(self
-            .for_len(req.encoded_len())
-            .push(req)
-            .await?
-            .into_inner()
-            .tuples)
+        Ok(self.raw().push(req).await?.into_inner().tuples)
     }
 
     /// What changed for this site after epoch `since`, in its parts.
@@ -524,28 +470,20 @@ impl GlobalClient {
             parts,
             summary_version,
         };
-        Ok(self
-            .for_len(req.encoded_len())
-            .changes(req)
-            .await?
-            .into_inner())
+        Ok(self.raw().changes(req).await?.into_inner())
     }
 
     /// Tells the controller every tuple the site holds; returns the sent-to
     /// bits it added and removed.
     pub async fn resync(&self, held: Vec<v1::HeldTuples>) -> Result<(u64, u64)> {
         let req = v1::ResyncRequest { held };
-        let r = self
-            .for_len(req.encoded_len())
-            .resync(req)
-            .await?
-            .into_inner();
+        let r = self.raw().resync(req).await?.into_inner();
         Ok((r.added, r.removed))
     }
 
     /// Says the site applied an epoch.
     pub async fn acknowledge(&self, epoch: u64) -> Result<()> {
-        self.plain
+        self.client
             .clone()
             .acknowledge(v1::AcknowledgeRequest { epoch })
             .await?;
@@ -556,7 +494,7 @@ impl GlobalClient {
     /// streams its progress.
     pub async fn run_refresh(&self) -> Result<tonic::Streaming<v1::RefreshProgress>> {
         Ok(self
-            .plain
+            .client
             .clone()
             .refresh(v1::RefreshRequest {})
             .await?
@@ -565,18 +503,18 @@ impl GlobalClient {
 
     /// Sets an access rule (administrator); returns the rules in force.
     pub async fn grant(&self, rule: v1::AclRule) -> Result<v1::AclReply> {
-        Ok(self.plain.clone().grant(rule).await?.into_inner())
+        Ok(self.client.clone().grant(rule).await?.into_inner())
     }
 
     /// Removes an access rule (administrator); returns the rules in force.
     pub async fn revoke(&self, rule: v1::AclRule) -> Result<v1::AclReply> {
-        Ok(self.plain.clone().revoke(rule).await?.into_inner())
+        Ok(self.client.clone().revoke(rule).await?.into_inner())
     }
 
     /// The access rules in force (administrator).
     pub async fn list_acl(&self) -> Result<v1::AclReply> {
         Ok(self
-            .plain
+            .client
             .clone()
             .list_acl(v1::ListAclRequest {})
             .await?
@@ -597,7 +535,7 @@ impl GlobalClient {
     /// The key conflicts awaiting an administrator.
     pub async fn conflicts(&self) -> Result<Vec<v1::ConflictEntry>> {
         Ok(self
-            .plain
+            .client
             .clone()
             .conflicts(v1::ConflictsRequest {})
             .await?
@@ -608,7 +546,7 @@ impl GlobalClient {
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
         Ok(self
-            .plain
+            .client
             .clone()
             .status(v1::StatusRequest {})
             .await?

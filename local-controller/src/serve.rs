@@ -19,7 +19,7 @@
 //! sql_tls_required = true            # refuse clients without TLS (default
 //!                                    # with sql_tls)
 //! max_days = 30                      # evict snapshots unused this long
-//! compress = true                    # gzip messages of 512 bytes or more
+//! compress = true                    # the connection as one deflate stream
 //! ```
 //!
 //! Relative paths are resolved against the folder of `site.toml`.

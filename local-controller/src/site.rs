@@ -80,7 +80,7 @@ pub struct GlobalLink {
     pub addr: String,
     /// How the site proves who it is.
     pub auth: crate::remote::Auth,
-    /// Whether messages are compressed (off only to inspect the traffic of
+    /// Whether the connection is compressed (off only to inspect the traffic of
     /// a plain-text development network).
     pub compress: bool,
     /// How long a fetch may take before the answer is given from local data.

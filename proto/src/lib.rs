@@ -7,6 +7,7 @@
 //! query is defined once.
 
 pub mod convert;
+pub mod deflate;
 pub mod tls;
 
 /// Generated messages, client and server of package `snaps.v1`.
