@@ -260,7 +260,13 @@ impl LocalNetwork {
 
     /// Connects as site `code`.
     pub async fn client(&self, code: &str) -> Result<GlobalClient> {
-        Ok(GlobalClient::connect(&self.addr, &self.site_auth(code)?, Some(code)).await?)
+        self.client_with(code, true).await
+    }
+
+    /// Connects as site `code`, compressing the connection or not.
+    pub async fn client_with(&self, code: &str, compress: bool) -> Result<GlobalClient> {
+        let auth = self.site_auth(code)?;
+        Ok(GlobalClient::connect_with(&self.addr, &auth, Some(code), compress).await?)
     }
 
     /// The mapping of site `code`.
