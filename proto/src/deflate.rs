@@ -370,7 +370,7 @@ mod tests {
         assert!(second * 10 < first, "first {first} B, second {second} B");
         c.shutdown().await.unwrap();
         let all = reader.await.unwrap();
-        assert_eq!(all, [&msg[..], &msg[..]].concat());
+        assert_eq!(all, [msg, msg].concat());
     }
 
     #[tokio::test]
@@ -411,7 +411,9 @@ mod tests {
     async fn a_wrong_start_is_refused_and_garbage_is_an_error() {
         let (mut c, s) = duplex(1 << 10);
         c.write_all(b"SNAPS-GZIP/9\n...").await.unwrap();
-        let err = Link::accept(s).await.err().expect("refused");
+        let Err(err) = Link::accept(s).await else {
+            panic!("a wrong start was accepted");
+        };
         assert!(err.to_string().contains("SNAPS-DEFLATE/1"), "{err}");
 
         let (mut c, s) = duplex(1 << 10);
@@ -423,8 +425,7 @@ mod tests {
         let err = s
             .read_to_end(&mut buf)
             .await
-            .err()
-            .expect("garbage refused");
+            .expect_err("garbage refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }
