@@ -422,10 +422,7 @@ mod tests {
         drop(c);
         let mut s = Link::accept(s).await.unwrap();
         let mut buf = Vec::new();
-        let err = s
-            .read_to_end(&mut buf)
-            .await
-            .expect_err("garbage refused");
+        let err = s.read_to_end(&mut buf).await.expect_err("garbage refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 }
