@@ -168,3 +168,27 @@ async fn a_patient_fetched_by_number_brings_his_record_and_a_rebuild_keeps_it() 
     assert_eq!(run(&mut cph, &reports).await.0, want_lines);
     assert_eq!(stat(&cph_db, "global_fetches"), fetched);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_visit_history_asked_first_brings_the_report_lines_along() {
+    let net = setup(30).await;
+    let (pno, _, _, vno) = patient_with_reports(&net);
+    let (want_visits, want_lines) = network_view(&net, pno, vno);
+    let cph_db = db(&net, "CPH");
+    let mut cph = connect(net.sites["CPH"]).await;
+    // The join of patient and visit hangs the tree from the patient's own
+    // selection: one fetch brings the visits and their report lines.
+    let before = stat(&cph_db, "global_fetches");
+    let history = format!(
+        "SELECT v.vno, v.date FROM patient p, visit v WHERE p.pno = {pno} AND v.pno = p.pno"
+    );
+    assert_eq!(run(&mut cph, &history).await.0, want_visits);
+    assert_eq!(stat(&cph_db, "global_fetches"), before + 1);
+    let reports = format!("SELECT line_no FROM visit_rep WHERE vno = {vno}");
+    assert_eq!(run(&mut cph, &reports).await.0, want_lines);
+    assert_eq!(
+        stat(&cph_db, "global_fetches"),
+        before + 1,
+        "the report lines came along with the visit history"
+    );
+}

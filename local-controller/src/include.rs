@@ -1,8 +1,9 @@
 //! Include trees at the site: a fetch that brings a whole encounter.
 //!
-//! When a query's join group is one table of a relation the network's
-//! include trees start from (a patient by name or number), and the site
-//! has no tuple of its own that the group selects, the fetch asks
+//! When a query's join group has a table with a selection of its own, of a
+//! relation the network's include trees start from (a patient by name or
+//! number, the patient of a visit history), and the site has no tuple of
+//! its own that the selection picks, the fetch asks
 //! in the same request for the tuples the tree hangs below the ones it
 //! selects: the patients' visits, the visits' report lines. The extra
 //! groups repeat the table's selection, one group per path of the tree
@@ -153,8 +154,8 @@ fn path_var(n: usize, d: usize) -> String {
     format!("snaps_inc{n}_{d}")
 }
 
-/// What a fetch of `plan` brings along: for its first join group that is
-/// one table with a selection, of a relation an include tree starts from.
+/// What a fetch of `plan` brings along: for the first table with a
+/// selection of its own, of a relation an include tree starts from.
 /// `None` when nothing applies (or the extra groups cannot be mapped).
 pub(crate) fn include_for(
     mapping: &Active,
@@ -166,16 +167,21 @@ pub(crate) fn include_for(
         return None;
     }
     let query = main.query.as_ref()?;
+    // The table the tree hangs from: one with a selection of its own, in
+    // the first group that has one (a patient by name, or the patient of a
+    // visit history, whose report lines then come along). What the tree
+    // brings follows that selection alone, as if the patients it picks had
+    // been looked up: other tables of the group may narrow the answer, not
+    // the encounter.
     let (table, nodes) = query.groups.iter().find_map(|g| {
-        let [t] = g.tables.as_slice() else {
-            return None;
-        };
-        // A fetch of a whole relation brings no tree along: that would be
-        // everyone's visits.
-        if t.outer || t.local_selection.is_empty() {
-            return None;
-        }
-        Some((t, tree(mapping, edges, &t.local_relation)?))
+        g.tables.iter().find_map(|t| {
+            // A fetch of a whole relation brings no tree along: that would
+            // be everyone's visits.
+            if t.outer || t.local_selection.is_empty() {
+                return None;
+            }
+            Some((t, tree(mapping, edges, &t.local_relation)?))
+        })
     })?;
     let mut ranges = Vec::new();
     let mut qual = Vec::new();
