@@ -654,7 +654,7 @@ fn markdown(r: &NetworkReport) -> String {
     let _ = writeln!(
         m,
         "**How it is measured.** Each site reaches the server it talks to (the global controller, or PostgreSQL) \
-         through a counting TCP proxy: bytes are counted at its sockets in both directions (HTTP/2 frames with gzip \
+         through a counting TCP proxy: bytes are counted at its sockets in both directions (HTTP/2 through one deflate stream per connection \
          for SNAPS, the PostgreSQL protocol for the others), and a round trip is a turn of the conversation (the \
          server starts sending after the client has sent) plus one per new connection; HTTP/2's window updates and \
          pings can make turns of their own, so SNAPS' count errs high. **Modelled response time** = \
