@@ -205,6 +205,67 @@ pub fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConnection>>,
     tokio::task::JoinHandle<()>,
 ) {
+    accept_each(listener, move |tcp, remote| {
+        let acceptor = revocation.acceptor();
+        let revocation = revocation.clone();
+        async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::warn!(%remote, %error, "refused a connection: TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "refused a connection: TLS handshake timed out");
+                    return None;
+                }
+            };
+            let (peer, serial) = match stream.get_ref().1.peer_certificates() {
+                Some([first, ..]) => (
+                    peer_of(first).map_err(|e| e.to_string()),
+                    serial_of(first).unwrap_or_default(),
+                ),
+                _ => (
+                    Err("the connection has no client certificate".to_string()),
+                    Vec::new(),
+                ),
+            };
+            match &peer {
+                Ok(p) => tracing::debug!(%remote, peer = %p, "TLS connection"),
+                Err(reason) => {
+                    tracing::warn!(%remote, %reason, "TLS connection with a certificate naming no SNAPS role")
+                }
+            }
+            let stream = sniff(stream, remote).await?;
+            Some(TlsConnection {
+                stream: Box::new(stream),
+                certified: Certified {
+                    peer,
+                    remote,
+                    serial,
+                    revocation,
+                },
+            })
+        }
+    })
+}
+
+/// Accepts on `listener` and yields what `admit` makes of each connection,
+/// in a task per connection so a slow or silent client holds up no other
+/// (`None`: refused, and logged by `admit`). The loop ends when the
+/// receiver is dropped and the returned task is aborted.
+fn accept_each<T, F, Fut>(
+    listener: TcpListener,
+    admit: F,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<std::io::Result<T>>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    T: Send + 'static,
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<T>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
         loop {
@@ -221,65 +282,35 @@ pub fn tls_incoming(
                 return;
             }
             let _ = tcp.set_nodelay(true);
-            let acceptor = revocation.acceptor();
-            let revocation = revocation.clone();
+            let admitted = admit(tcp, remote);
             let tx = tx.clone();
             tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::warn!(%remote, %error, "refused a connection: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%remote, "refused a connection: TLS handshake timed out");
-                        return;
-                    }
-                };
-                let (peer, serial) = match stream.get_ref().1.peer_certificates() {
-                    Some([first, ..]) => (
-                        peer_of(first).map_err(|e| e.to_string()),
-                        serial_of(first).unwrap_or_default(),
-                    ),
-                    _ => (
-                        Err("the connection has no client certificate".to_string()),
-                        Vec::new(),
-                    ),
-                };
-                match &peer {
-                    Ok(p) => tracing::debug!(%remote, peer = %p, "TLS connection"),
-                    Err(reason) => {
-                        tracing::warn!(%remote, %reason, "TLS connection with a certificate naming no SNAPS role")
-                    }
+                if let Some(conn) = admitted.await {
+                    let _ = tx.send(Ok(conn)).await;
                 }
-                let stream =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, Link::accept(stream)).await {
-                        Ok(Ok(link)) => link,
-                        Ok(Err(error)) => {
-                            tracing::warn!(%remote, %error, "refused a connection");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::warn!(%remote, "refused a connection: it sent nothing");
-                            return;
-                        }
-                    };
-                let conn = TlsConnection {
-                    stream: Box::new(stream),
-                    certified: Certified {
-                        peer,
-                        remote,
-                        serial,
-                        revocation,
-                    },
-                };
-                let _ = tx.send(Ok(conn)).await;
             });
         }
     });
     (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+}
+
+/// Reads a connection's first byte to tell whether it is compressed;
+/// `None` (logged) when it starts wrong or sends nothing in time.
+async fn sniff<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    remote: SocketAddr,
+) -> Option<Link<S>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, Link::accept(stream)).await {
+        Ok(Ok(link)) => Some(link),
+        Ok(Err(error)) => {
+            tracing::warn!(%remote, %error, "refused a connection");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "refused a connection: it sent nothing");
+            None
+        }
+    }
 }
 
 /// A plain-text connection (development mode), compressed if the client
@@ -326,50 +357,19 @@ impl AsyncWrite for PlainConnection {
 }
 
 /// Accepts on `listener` and yields plain-text connections once their
-/// first byte told whether they are compressed (in a task per connection,
-/// so a silent client holds up no other).
+/// first byte told whether they are compressed.
 pub fn plain_incoming(
     listener: TcpListener,
 ) -> (
     tokio_stream::wrappers::ReceiverStream<std::io::Result<PlainConnection>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
-            }
-            let _ = tcp.set_nodelay(true);
-            let info = TcpConnectInfo {
-                local_addr: tcp.local_addr().ok(),
-                remote_addr: Some(remote),
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, Link::accept(tcp)).await
-                {
-                    Ok(Ok(link)) => link,
-                    Ok(Err(error)) => {
-                        tracing::warn!(%remote, %error, "refused a connection");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%remote, "refused a connection: it sent nothing");
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok(PlainConnection { stream, info })).await;
-            });
-        }
-    });
-    (tokio_stream::wrappers::ReceiverStream::new(rx), task)
+    accept_each(listener, |tcp, remote| async move {
+        let info = TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: Some(remote),
+        };
+        let stream = sniff(tcp, remote).await?;
+        Some(PlainConnection { stream, info })
+    })
 }

@@ -70,11 +70,6 @@ impl<S> Deflated<S> {
         }
     }
 
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Runs the compressor over `data` (empty with `Sync`: the flush),
     /// appending to `out`.
     fn deflate(&mut self, mut data: &[u8], flush: FlushCompress) -> io::Result<()> {
@@ -248,14 +243,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
             ));
         }
         Ok(Link::Deflated(Box::new(Deflated::new(inner))))
-    }
-
-    /// The connection below the compression.
-    pub fn get_ref(&self) -> &S {
-        match self {
-            Link::Plain(_, s) => s,
-            Link::Deflated(d) => d.get_ref(),
-        }
     }
 
     /// Whether the client compresses.
