@@ -224,15 +224,23 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
                     if temps.len() == g.tables.len() {
                         continue;
                     }
-                    let c = compile_group(g, &temps);
-                    conn.prepare(&c.sql).unwrap_or_else(|e| {
-                        panic!(
-                            "{}: compiled fetch does not run: {e}\n{}",
-                            path.display(),
-                            c.sql
-                        )
-                    });
-                    compiled += 1;
+                    // The whole group, and each term of its nightly delta.
+                    let terms = std::iter::once(None).chain(
+                        (0..g.tables.len())
+                            .filter(|t| temps.iter().all(|(x, _)| x != t))
+                            .map(|t| Some((t, 1))),
+                    );
+                    for term in terms {
+                        let c = compile_group(g, &temps, term);
+                        conn.prepare(&c.sql).unwrap_or_else(|e| {
+                            panic!(
+                                "{}: compiled fetch does not run: {e}\n{}",
+                                path.display(),
+                                c.sql
+                            )
+                        });
+                        compiled += 1;
+                    }
                 }
             }
         }

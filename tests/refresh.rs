@@ -850,3 +850,67 @@ async fn a_site_unsure_of_what_it_holds_is_resynchronised_and_old_changes_are_fo
         Some("0")
     );
 }
+
+/// How many audit records of `action` the controller has for `site`, and
+/// their tuples.
+fn audited(net: &Net, site: &str, action: &str) -> (i64, i64) {
+    rusqlite::Connection::open(&net.store)
+        .unwrap()
+        .query_row(
+            "SELECT count(*), coalesce(sum(tuples), 0) FROM snaps_audit WHERE site = ?1 AND action = ?2",
+            [site, action],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_night_brings_what_the_changes_add_to_a_definition_without_re_running_it() {
+    let net = setup(30).await;
+    let g = patients(&net, "GRC")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut grc = connect(net.sites["GRC"]).await;
+    let history =
+        format!("SELECT v.vno FROM patient p, visit v WHERE p.pno = {g} AND v.pno = p.pno");
+    let (before, _) = run(&mut stg, &history).await;
+    // The first night makes STG's definitions standing at the controller.
+    net.refresh().await;
+    let standing: i64 = rusqlite::Connection::open(&net.store)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM snaps_site_group WHERE site = 2 AND standing = 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(standing >= 1, "STG's visit history is standing: {standing}");
+
+    // GRC records a visit of its patient; the night brings it to STG as the
+    // controller's delta, and STG fetches nothing.
+    run(
+        &mut grc,
+        &format!(
+            "INSERT INTO visit (vno, pno, date, description) VALUES (30999001, {g}, 19880404, 'Seen tonight')"
+        ),
+    )
+    .await;
+    let fetches = audited(&net, "STG", "fetch");
+    let (refetches, refetched) = audited(&net, "STG", "refetch");
+    net.refresh().await;
+    assert_eq!(
+        audited(&net, "STG", "fetch"),
+        fetches,
+        "no definition was re-run"
+    );
+    let (refetches_now, refetched_now) = audited(&net, "STG", "refetch");
+    assert_eq!(refetches_now, refetches + 1, "one refetch for the night");
+    assert_eq!(refetched_now - refetched, 1, "the new visit alone");
+
+    // The history at STG shows the new visit, answered from its snapshot.
+    let stg_db = db(&net, "STG");
+    let asked = stat(&stg_db, "global_fetches");
+    let (after, _) = run(&mut stg, &history).await;
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    assert!(after.contains(&vec![Some("30999001".to_string())]), "{after:?}");
+    assert_eq!(stat(&stg_db, "global_fetches"), asked, "covered");
+}

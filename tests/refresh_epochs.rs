@@ -256,7 +256,7 @@ async fn a_site_stopped_at_any_step_finishes_the_epoch_as_if_it_had_not_been() {
         SitePoint::Evicted,
         SitePoint::Pushed,
         SitePoint::Applied,
-        SitePoint::Rerunning,
+        SitePoint::Refetching,
     ] {
         let mut net = setup(PATIENTS).await;
         day(&net).await;

@@ -108,6 +108,19 @@ impl Acl {
         self.default
     }
 
+    /// A digest of the default and every rule (FNV-1a, the same in every
+    /// process): a site compares it with the one of its last refresh to
+    /// learn whether what it may read could have changed since.
+    pub fn fingerprint(&self) -> u64 {
+        let mut text = format!("default={}", self.default);
+        for (s, r) in &self.rules {
+            text.push_str(&format!("\n{}\t{}\t{}\t{r}", s.relation, s.site, s.user));
+        }
+        text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
     /// Every rule.
     pub fn rules(&self) -> impl Iterator<Item = (&Subject, Right)> {
         self.rules.iter().map(|(s, r)| (s, *r))

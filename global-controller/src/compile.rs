@@ -45,7 +45,14 @@ pub struct Compiled {
 
 /// Compiles group `g`, reading the tables in `temps` from their temporary
 /// tables (with the projection's columns) instead of the global snapshot.
-pub fn compile_group(g: &Group, temps: &[(usize, &SemiJoin)]) -> Compiled {
+/// With `changed` = `(t, e)`, only combinations whose table `t` has a part
+/// tuple the change log records as new or changed after epoch `e`: one
+/// term of a delta rule (Δvisit ⋈ patient ∪ visit ⋈ Δpatient).
+pub fn compile_group(
+    g: &Group,
+    temps: &[(usize, &SemiJoin)],
+    changed: Option<(usize, u64)>,
+) -> Compiled {
     let temp_of = |t: usize| temps.iter().find(|(x, _)| *x == t).map(|(_, s)| *s);
     let column = |c: &ColumnRef| -> String {
         let var = c.var.as_deref().unwrap_or_default();
@@ -129,6 +136,26 @@ pub fn compile_group(g: &Group, temps: &[(usize, &SemiJoin)]) -> Compiled {
         let l = sql(&j.left, &mut params, &column);
         let r = sql(&j.right, &mut params, &column);
         wheres.push(format!("{l} = {r}"));
+    }
+    if let Some((ti, epoch)) = changed {
+        let any: Vec<String> = g.tables[ti]
+            .shape
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| {
+                params.push(Value::Text(p.relation.clone()));
+                let rel = params.len();
+                params.push(Value::Int(epoch as i64));
+                format!(
+                    "{}.tuple_id IN (SELECT tuple_id FROM snaps_changes \
+                     WHERE relation = ?{rel} AND epoch > ?{} AND removed = 0)",
+                    alias(ti, pi),
+                    params.len()
+                )
+            })
+            .collect();
+        wheres.push(format!("({})", any.join(" OR ")));
     }
     let mut text = format!("SELECT DISTINCT {} FROM {from}", selects.join(", "));
     if !wheres.is_empty() {

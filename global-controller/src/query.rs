@@ -202,6 +202,11 @@ pub struct FetchQuery {
     pub semijoins: Vec<SemiJoin>,
     /// Return tuples the site holds too.
     pub include_held: bool,
+    /// Only combinations with a tuple the change log records as new or
+    /// changed after this epoch (the nightly delta of standing groups): a
+    /// combination of tuples none of which changed was selected, and so
+    /// sent, before.
+    pub changed_after: Option<u64>,
 }
 
 /// The alias of part `p` of table `t` in compiled SQL.
@@ -378,6 +383,7 @@ impl FetchQuery {
             groups,
             semijoins,
             include_held: req.include_held,
+            changed_after: None,
         })
     }
 }

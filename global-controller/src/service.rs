@@ -188,6 +188,80 @@ impl Service {
         Err(Status::permission_denied(message))
     }
 
+    /// Evaluates a checked fetch for `site` and records it in the audit
+    /// trail (as `action`) before anything leaves: the encoded tables and
+    /// the number of tuples.
+    async fn fetch_audited(
+        &self,
+        site: &SiteId,
+        user: &str,
+        relations: Vec<String>,
+        query: FetchQuery,
+        action: &str,
+    ) -> Result<(Vec<v1::TableTuples>, usize), Status> {
+        let widths: Vec<Vec<Vec<usize>>> = query
+            .groups
+            .iter()
+            .map(|g| {
+                g.tables
+                    .iter()
+                    .map(|t| t.shape.parts.iter().map(|p| p.columns.len()).collect())
+                    .collect()
+            })
+            .collect();
+        // Where each returned part carries the patient key, for the audit.
+        let patient_columns: Vec<Vec<Vec<Option<usize>>>> = query
+            .groups
+            .iter()
+            .map(|g| {
+                g.tables
+                    .iter()
+                    .map(|t| {
+                        t.shape
+                            .parts
+                            .iter()
+                            .map(|p| p.columns.iter().position(|c| *c == self.config.patient_key))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let s = site.clone();
+        let mut record = AuditRecord::new(&site.code, user, action);
+        record.relations = relations;
+        let tables = self
+            .blocking(move |store| {
+                let tables = store.fetch(&s, &query)?;
+                let mut patients = std::collections::BTreeSet::new();
+                for t in &tables {
+                    record.tuples += t.len() as u64;
+                    let columns = &patient_columns[t.group][t.table];
+                    for (part, column) in t.parts.iter().zip(columns) {
+                        let Some(c) = column else { continue };
+                        for row in &part.rows {
+                            if let Some(v) = row.get(*c).filter(|v| !v.is_null()) {
+                                patients.insert(v.to_string());
+                            }
+                        }
+                    }
+                }
+                record.patients = patients.into_iter().collect();
+                // Nothing leaves unrecorded: an audit that cannot be written
+                // fails the fetch.
+                store.append_audit(&[record])?;
+                Ok(tables)
+            })
+            .await?;
+        let mut out = Vec::new();
+        let mut tuples = 0;
+        for t in tables {
+            tuples += t.len();
+            let w = &widths[t.group][t.table];
+            out.push(encode_table(t, w)?);
+        }
+        Ok((out, tuples))
+    }
+
     /// The summaries `site` may be told of: those of relations the access
     /// rules let it read (as a site, whoever its users are), each key
     /// summary with the site's own range.
@@ -694,66 +768,13 @@ impl GlobalSnapshot for Service {
         relations.dedup();
         self.check_access(&site, &user, &relations, Right::Read, "fetch-denied")
             .await?;
-        let widths: Vec<Vec<Vec<usize>>> = query
-            .groups
-            .iter()
-            .map(|g| {
-                g.tables
-                    .iter()
-                    .map(|t| t.shape.parts.iter().map(|p| p.columns.len()).collect())
-                    .collect()
-            })
-            .collect();
-        // Where each returned part carries the patient key, for the audit.
-        let patient_columns: Vec<Vec<Vec<Option<usize>>>> = query
-            .groups
-            .iter()
-            .map(|g| {
-                g.tables
-                    .iter()
-                    .map(|t| {
-                        t.shape
-                            .parts
-                            .iter()
-                            .map(|p| p.columns.iter().position(|c| *c == self.config.patient_key))
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect();
-        let s = site.clone();
-        let mut record = AuditRecord::new(&site.code, &user, "fetch");
-        record.relations = relations;
-        let tables = self
-            .blocking(move |store| {
-                let tables = store.fetch(&s, &query)?;
-                let mut patients = std::collections::BTreeSet::new();
-                for t in &tables {
-                    record.tuples += t.len() as u64;
-                    let columns = &patient_columns[t.group][t.table];
-                    for (part, column) in t.parts.iter().zip(columns) {
-                        let Some(c) = column else { continue };
-                        for row in &part.rows {
-                            if let Some(v) = row.get(*c).filter(|v| !v.is_null()) {
-                                patients.insert(v.to_string());
-                            }
-                        }
-                    }
-                }
-                record.patients = patients.into_iter().collect();
-                // Nothing leaves unrecorded: an audit that cannot be written
-                // fails the fetch.
-                store.append_audit(&[record])?;
-                Ok(tables)
-            })
+        let (reply_tables, tuples) = self
+            .fetch_audited(&site, &user, relations, query, "fetch")
             .await?;
-        let mut reply = v1::FetchReply::default();
-        let mut tuples = 0;
-        for t in tables {
-            tuples += t.len();
-            let w = &widths[t.group][t.table];
-            reply.tables.push(encode_table(t, w)?);
-        }
+        let reply = v1::FetchReply {
+            tables: reply_tables,
+            ..Default::default()
+        };
         tracing::debug!(site = %site.code, tuples, "fetch");
         self.tally(&site, req_len, reply.encoded_len(), |a| {
             a.fetches += 1;
@@ -1109,6 +1130,103 @@ impl GlobalSnapshot for Service {
         };
         self.coordinator.count_resent(resent);
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
+    async fn refetch(
+        &self,
+        req: Request<v1::RefetchRequest>,
+    ) -> Result<Response<v1::RefetchReply>, Status> {
+        let site = self.site(&req)?;
+        self.not_collecting()?;
+        let req_len = req.get_ref().encoded_len();
+        let r = req.into_inner();
+        let names = |bytes: &[u8], what: &str| {
+            snaps_schema::summary::decode_sorted(bytes)
+                .map_err(|e| Status::invalid_argument(format!("the {what} standing names: {e}")))
+        };
+        let (added, removed) = (names(&r.added, "added")?, names(&r.removed, "removed")?);
+        if r.whole && !removed.is_empty() {
+            return Err(Status::invalid_argument(
+                "a whole set of standing names has nothing to remove",
+            ));
+        }
+        let s = site.clone();
+        let (unknown, standing, bodies) = self
+            .blocking(move |store| {
+                let (unknown, standing) = store.change_standing(&s, &added, &removed, r.whole)?;
+                Ok((unknown, standing, store.standing_groups(&s)?))
+            })
+            .await?;
+        // What the site may read may have grown since its last night: then
+        // every group is evaluated whole, as a re-run would.
+        let access = self.acl().fingerprint();
+        let whole = r.access != access;
+        let mut query = FetchQuery {
+            groups: Vec::new(),
+            semijoins: Vec::new(),
+            include_held: r.include_held,
+            changed_after: (!whole).then_some(r.since),
+        };
+        let mut kept_names = Vec::new();
+        let mut relations = BTreeSet::new();
+        let mut denied = BTreeSet::new();
+        for (name, body) in bodies {
+            let group = v1::Group::decode(body.as_slice())
+                .map_err(|e| Status::internal(format!("kept group {name} is unreadable: {e}")))?;
+            let one = v1::FetchRequest {
+                groups: vec![group],
+                ..Default::default()
+            };
+            let mut q = FetchQuery::decode(&one, &self.config.catalog)?;
+            let rels: BTreeSet<String> = q.groups[0]
+                .tables
+                .iter()
+                .flat_map(|t| t.shape.parts.iter().map(|p| p.relation.clone()))
+                .collect();
+            let refused = self
+                .acl()
+                .denied(rels.iter().map(String::as_str), &site.code, "", Right::Read)
+                .map(|(rel, _)| rel.to_string());
+            if let Some(rel) = refused {
+                denied.insert(rel);
+                continue;
+            }
+            relations.extend(rels);
+            query.groups.push(q.groups.remove(0));
+            kept_names.push(name);
+        }
+        if !denied.is_empty() {
+            // As a re-run refused: the copies stay, nothing new comes.
+            let denied: Vec<String> = denied.into_iter().collect();
+            tracing::warn!(site = %site.code, relations = ?denied, "standing groups not evaluated: access denied");
+            let mut record = AuditRecord::new(&site.code, "", "refetch-denied");
+            record.detail = format!("site {} may not read {}", site.code, denied.join(", "));
+            record.relations = denied;
+            self.blocking(move |store| store.append_audit(&[record]))
+                .await?;
+        }
+        let (mut tables, tuples) = if query.groups.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            self.fetch_audited(&site, "", relations.into_iter().collect(), query, "refetch")
+                .await?
+        };
+        for t in &mut tables {
+            t.group = kept_names[t.group as usize] as u32;
+        }
+        let reply = v1::RefetchReply {
+            tables,
+            unknown_groups: unknown.into_iter().map(|n| n as u32).collect(),
+            standing,
+            whole,
+            access,
+        };
+        tracing::info!(site = %site.code, groups = kept_names.len(), tuples, whole, "standing groups refetched");
+        self.tally(&site, req_len, reply.encoded_len(), |a| {
+            a.fetches += 1;
+            a.tuples_sent += tuples as u64;
+        });
         Ok(respond(reply))
     }
 

@@ -113,11 +113,15 @@ impl SqliteStore {
     /// Appends a batch of a site's own tuples inside `tx` (the initial load
     /// and the refresh's new tuples): a tuple whose origin is known is not
     /// appended again; a taken key becomes a recorded conflict.
+    /// Appends a batch of `site`'s tuples; within a refresh epoch (`epoch`)
+    /// each new tuple goes into the change log too, so the delta of the
+    /// sites' standing groups finds it.
     pub(crate) fn load_in(
         &self,
         tx: &rusqlite::Transaction<'_>,
         site: &SiteId,
         batch: &LoadBatch,
+        epoch: Option<u64>,
     ) -> Result<LoadOutcome> {
         let me = i64::from(site.number.0);
         let shape = &batch.shape;
@@ -259,8 +263,12 @@ impl SqliteStore {
                 params.push(ToSqlOutput::Owned(SqlValue::Integer(origin as i64)));
                 params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(rights))));
                 tx.prepare_cached(&sql)?.execute(params_from_iter(params))?;
+                let id = tx.last_insert_rowid();
                 if pi == main {
-                    main_id = Some(tx.last_insert_rowid());
+                    main_id = Some(id);
+                }
+                if let Some(epoch) = epoch {
+                    Self::log_change(tx, epoch, &p.relation, id, me, None)?;
                 }
             }
             out.loaded += 1;
@@ -314,6 +322,7 @@ impl SqliteStore {
         tx.execute_batch(summary::TABLES)?;
         tx.execute_batch(audit::TABLES)?;
         tx.execute_batch(groups::TABLES)?;
+        groups::migrate(&tx)?;
         let fingerprint = self.catalog.fingerprint();
         let stored: Option<String> = tx
             .query_row(
@@ -450,7 +459,7 @@ impl GlobalStore for SqliteStore {
     fn load(&self, site: &SiteId, batch: &LoadBatch) -> Result<LoadOutcome> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = self.load_in(&tx, site, batch)?;
+        let out = self.load_in(&tx, site, batch, None)?;
         tx.commit()?;
         Ok(out)
     }
@@ -522,29 +531,40 @@ impl GlobalStore for SqliteStore {
                 if temps.len() == g.tables.len() || temps.iter().any(|(_, s)| s.rows.is_empty()) {
                     continue;
                 }
-                let c = compile_group(g, &temps);
-                tracing::debug!(sql = %c.sql, "fetch");
-                let mut stmt = tx.prepare_cached(&c.sql)?;
-                let mut rows = stmt.query(params_from_iter(c.params.iter().map(to_sql)))?;
-                while let Some(r) = rows.next()? {
-                    let mut col = 0;
-                    for &(ti, nparts) in &c.tables {
-                        let mut ids = Vec::with_capacity(nparts);
-                        let mut want = false;
-                        for _ in 0..nparts {
-                            let id: Option<i64> = r.get(col)?;
-                            let owner: Option<i64> = r.get(col + 1)?;
-                            let sent: Option<Vec<u8>> = r.get(col + 2)?;
-                            col += 3;
-                            if let (Some(_), Some(owner)) = (id, owner) {
-                                let held = SentTo::from_bytes(&sent.unwrap_or_default())
-                                    .contains(site.number);
-                                want |= owner != me && (q.include_held || !held);
+                // A delta: one evaluation per table read from the snapshot,
+                // that table's changed tuples against the others whole.
+                let terms: Vec<Option<(usize, u64)>> = match q.changed_after {
+                    None => vec![None],
+                    Some(e) => (0..g.tables.len())
+                        .filter(|t| temps.iter().all(|(x, _)| x != t))
+                        .map(|t| Some((t, e)))
+                        .collect(),
+                };
+                for term in terms {
+                    let c = compile_group(g, &temps, term);
+                    tracing::debug!(sql = %c.sql, "fetch");
+                    let mut stmt = tx.prepare_cached(&c.sql)?;
+                    let mut rows = stmt.query(params_from_iter(c.params.iter().map(to_sql)))?;
+                    while let Some(r) = rows.next()? {
+                        let mut col = 0;
+                        for &(ti, nparts) in &c.tables {
+                            let mut ids = Vec::with_capacity(nparts);
+                            let mut want = false;
+                            for _ in 0..nparts {
+                                let id: Option<i64> = r.get(col)?;
+                                let owner: Option<i64> = r.get(col + 1)?;
+                                let sent: Option<Vec<u8>> = r.get(col + 2)?;
+                                col += 3;
+                                if let (Some(_), Some(owner)) = (id, owner) {
+                                    let held = SentTo::from_bytes(&sent.unwrap_or_default())
+                                        .contains(site.number);
+                                    want |= owner != me && (q.include_held || !held);
+                                }
+                                ids.push(id);
                             }
-                            ids.push(id);
-                        }
-                        if want {
-                            wanted.entry(ti).or_default().insert(ids);
+                            if want {
+                                wanted.entry(ti).or_default().insert(ids);
+                            }
                         }
                     }
                 }
@@ -884,6 +904,20 @@ impl GlobalStore for SqliteStore {
 
     fn recall_groups(&self, site: &SiteId, names: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
         self.recall_group_bodies(site, names)
+    }
+
+    fn change_standing(
+        &self,
+        site: &SiteId,
+        added: &[u64],
+        removed: &[u64],
+        whole: bool,
+    ) -> Result<(Vec<u64>, u64)> {
+        SqliteStore::change_standing(self, site, added, removed, whole)
+    }
+
+    fn standing_groups(&self, site: &SiteId) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.standing_bodies(site)
     }
 
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {

@@ -418,6 +418,22 @@ pub trait GlobalStore: Send + Sync {
         site: &SiteId,
         names: &[u64],
     ) -> Result<std::collections::HashMap<u64, Vec<u8>>>;
+
+    /// Makes the kept bodies named `added` standing for `site` (its
+    /// snapshot definitions fetch them; with `whole`, these and no others)
+    /// and `removed` not. Returns the added names no body is kept for
+    /// (they stay not standing) and the number standing now.
+    fn change_standing(
+        &self,
+        site: &SiteId,
+        added: &[u64],
+        removed: &[u64],
+        whole: bool,
+    ) -> Result<(Vec<u64>, u64)>;
+
+    /// The bodies standing for `site`, by name: what the nightly delta
+    /// evaluates for it.
+    fn standing_groups(&self, site: &SiteId) -> Result<Vec<(u64, Vec<u8>)>>;
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

@@ -16,8 +16,14 @@
 //! unconfirmed one, which goes with its body, replacing what the controller
 //! kept. A name the controller lost comes back as unknown, and the body is
 //! sent again.
+//!
+//! A name is *standing* (`snaps_kept_group.standing`) once the controller
+//! has confirmed, at a night's refetch, that it evaluates the body for this
+//! site at every epoch; the site tells it only which names became standing
+//! and which stopped, so a night's request follows the day's new and
+//! evicted definitions, not all that are held.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, params};
@@ -29,8 +35,52 @@ use crate::Result;
 pub(crate) const TABLE: &str = "CREATE TABLE IF NOT EXISTS snaps_kept_group (
     digest    INTEGER PRIMARY KEY,
     name      INTEGER NOT NULL UNIQUE,
-    confirmed INTEGER NOT NULL DEFAULT 0
+    confirmed INTEGER NOT NULL DEFAULT 0,
+    standing  INTEGER NOT NULL DEFAULT 0
 );";
+
+/// Brings a table made before standing names up to date.
+fn migrate(conn: &Connection) -> Result<()> {
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('snaps_kept_group') WHERE name = 'standing'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has {
+        conn.execute_batch(
+            "ALTER TABLE snaps_kept_group ADD COLUMN standing INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
+/// The names the controller confirmed standing.
+pub(crate) fn standing(conn: &Connection) -> Result<BTreeSet<u32>> {
+    let mut stmt = conn.prepare("SELECT name FROM snaps_kept_group WHERE standing = 1")?;
+    let names = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<BTreeSet<u32>>>()?;
+    Ok(names)
+}
+
+/// Records what the controller confirmed: `names` standing or not (with
+/// `whole`, exactly `names` standing).
+pub(crate) fn set_standing(
+    conn: &Connection,
+    names: &BTreeSet<u32>,
+    standing: bool,
+    whole: bool,
+) -> Result<()> {
+    if whole {
+        conn.execute("UPDATE snaps_kept_group SET standing = 0", [])?;
+    }
+    let mut set =
+        conn.prepare_cached("UPDATE snaps_kept_group SET standing = ?2 WHERE name = ?1")?;
+    for name in names {
+        set.execute(params![name, standing])?;
+    }
+    Ok(())
+}
 
 /// The names a site gave, by body digest.
 pub(crate) struct KeptNames {
@@ -48,6 +98,7 @@ impl KeptNames {
     /// The names recorded in the site's file.
     pub(crate) fn read(conn: &Connection) -> Result<KeptNames> {
         conn.execute_batch(TABLE)?;
+        migrate(conn)?;
         let mut by_digest = HashMap::new();
         let mut next = 1;
         let mut stmt = conn.prepare("SELECT digest, name, confirmed FROM snaps_kept_group")?;

@@ -16,8 +16,15 @@
 //!   transaction, updates the copies in place (pinned copies keep their own
 //!   attributes), removes the copies whose tuples are gone, and — when its
 //!   push was committed — clears its new/modified flags, rights and
-//!   deletes; then re-runs its snapshot definitions for tuples it does not
-//!   hold yet, and acknowledges.
+//!   deletes. Then it brings what the epoch's changes add to its snapshot
+//!   definitions: it tells the controller which kept groups became
+//!   standing and which stopped (the day's new and evicted definitions),
+//!   and the controller sends the tuples the site lacks of every
+//!   combination a standing group selects with a changed tuple (delta
+//!   rules, `Refetch`). A site whose own changes are not in the global
+//!   snapshot yet (its push missed the commit) re-runs every definition
+//!   instead, its new tuples joining as semi-joins. It drops the copies
+//!   nothing selects any more, and acknowledges.
 //!
 //! Every step is recorded in `snaps_meta` (`refresh_push_sent`, `refresh_pushed`,
 //! `refresh_applied`, `refresh_acked`) in the transaction that does it, so a
@@ -55,8 +62,10 @@ pub enum SitePoint {
     Pushed,
     /// The changes are applied, no definition re-run yet.
     Applied,
-    /// One snapshot definition re-run, others not.
-    Rerunning,
+    /// New tuples of the snapshot definitions stored, wholly (the
+    /// controller's delta) or in part (a re-run's first batch); memberships
+    /// not recomputed, nothing acknowledged.
+    Refetching,
 }
 
 /// Where a halting site stops, and how it says it has.
@@ -102,6 +111,17 @@ const SENT: &str = "refresh_push_sent";
 const APPLIED: &str = "refresh_applied";
 const ACKED: &str = "refresh_acked";
 const REFRESHING: &str = "refreshing";
+/// The epoch the site had applied before its last apply: the night's delta
+/// covers the changes after it.
+const DELTA_FROM: &str = "refresh_delta_from";
+/// The last epoch whose new tuples (refetch or re-run) are stored.
+const REFETCHED: &str = "refresh_refetched";
+/// The epoch a refetch was asked for and its reply not yet stored.
+const REFETCH_ASKED: &str = "refresh_refetch_asked";
+/// How many names the controller said stand for this site.
+const REFETCH_STANDING: &str = "refetch_standing";
+/// The access rules' fingerprint at the last refetch.
+const REFETCH_ACCESS: &str = "refetch_access";
 
 fn meta_epoch(conn: &Connection, key: &str) -> Result<u64> {
     let v: Option<String> = conn
@@ -110,6 +130,15 @@ fn meta_epoch(conn: &Connection, key: &str) -> Result<u64> {
         })
         .optional()?;
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+fn meta_opt(conn: &Connection, key: &str) -> Result<Option<u64>> {
+    let v: Option<String> = conn
+        .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(v.and_then(|v| v.parse().ok()))
 }
 
 fn set_meta(conn: &Connection, key: &str, value: u64) -> Result<()> {
@@ -244,7 +273,9 @@ impl Site {
             if self.uncertain() {
                 self.resync(conn)?;
             }
-            self.rerun(conn, did)?;
+            if meta_epoch(conn, REFETCHED)? < applied {
+                self.refetch_or_rerun(conn, applied, did)?;
+            }
             *self.definitions.write() = crate::site::read_definitions(conn)?;
             self.drop_unmatched(conn, did)?;
             self.release(conn, did)?;
@@ -685,6 +716,8 @@ impl Site {
                 [mapping_admin::WITHDRAWN],
             )?;
         }
+        // The night's delta starts where this site was.
+        set_meta(&tx, DELTA_FROM, since)?;
         set_meta(&tx, APPLIED, reply.epoch)?;
         tx.commit()?;
         tracing::info!(site = %self.code(), epoch = reply.epoch, committed, updated = did.updated,
@@ -718,9 +751,9 @@ impl Site {
         self.clear_uncertain(conn)
     }
 
-    /// Re-runs every snapshot definition, [`RERUN_BATCH`] to a request:
-    /// the controller sends only the tuples this site does not hold yet.
-    fn rerun(&self, conn: &Connection, did: &mut SiteEpoch) -> Result<()> {
+    /// Every snapshot definition that has a query, planned against the
+    /// site's mapping now.
+    fn plan_definitions(&self, conn: &Connection) -> Result<Vec<Planned>> {
         let defs: Vec<(i64, String, String, Option<String>)> = {
             let mut stmt = conn.prepare(
                 "SELECT snapshot_no, language, statement, query FROM snaps_snapshot_definition ORDER BY snapshot_no",
@@ -728,13 +761,10 @@ impl Site {
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
-        // Definitions are planned here, then fetched a batch per request.
-        // The first goes alone, so a crash test can stop the site between
-        // re-runs.
         let mut planned = Vec::new();
-        for (no, lang, text, query) in &defs {
+        for (no, lang, text, query) in defs {
             let Some(query) = query else { continue };
-            let select: Select = serde_json::from_str(query).map_err(|e| {
+            let select: Select = serde_json::from_str(&query).map_err(|e| {
                 Error::Invalid(format!("snapshot definition {no} is unreadable: {e}"))
             })?;
             let plan = plan(&select, &self.catalog, &self.mapping())?;
@@ -744,8 +774,193 @@ impl Site {
             } else {
                 Language::Sql
             };
-            planned.push((*no, lang, text.as_str(), select, plan, current));
+            planned.push(Planned {
+                no,
+                lang,
+                text,
+                select,
+                plan,
+                current,
+            });
         }
+        Ok(planned)
+    }
+
+    /// Brings the tuples the epoch's changes add to the snapshot
+    /// definitions: by the controller's delta of the standing groups when
+    /// the global snapshot has all this site's changes, else by re-running
+    /// every definition (the site's uncommitted tuples join as semi-joins,
+    /// which only the site can send).
+    fn refetch_or_rerun(
+        &self,
+        conn: &mut Connection,
+        applied: u64,
+        did: &mut SiteEpoch,
+    ) -> Result<()> {
+        let from = meta_opt(conn, DELTA_FROM)?;
+        match from {
+            Some(from) if !self.has_uncommitted(conn)? => self.refetch(conn, from, applied, did)?,
+            _ => self.rerun(conn, did, None)?,
+        }
+        set_meta(conn, REFETCHED, applied)
+    }
+
+    /// Whether any tuple of a mapped relation is new or changed here and
+    /// not yet in the global snapshot.
+    fn has_uncommitted(&self, conn: &Connection) -> Result<bool> {
+        for rm in self.mapping().relations() {
+            let any: bool = conn.query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE ({STATUS_COLUMN} & {}) <> 0)",
+                    sql_ident(&rm.local.name),
+                    NEW | MODIFIED
+                ),
+                [],
+                |r| r.get(0),
+            )?;
+            if any {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Tells the controller which kept groups became standing and which
+    /// stopped, and stores what it sends: the tuples this site does not
+    /// hold of every combination a standing group selects with a tuple
+    /// changed after epoch `from`. A definition whose group the controller
+    /// keeps no body for is re-run, sending the body.
+    fn refetch(
+        &self,
+        conn: &mut Connection,
+        from: u64,
+        applied: u64,
+        did: &mut SiteEpoch,
+    ) -> Result<()> {
+        let planned = self.plan_definitions(conn)?;
+        // name → the (definition, group) pairs it is.
+        let mut by_name: BTreeMap<u32, Vec<(usize, u32)>> = BTreeMap::new();
+        for (i, p) in planned.iter().enumerate() {
+            if let Some(req) = self.request_for(conn, &p.plan, &p.current, "")? {
+                for (gi, g) in req.groups.iter().enumerate() {
+                    by_name.entry(g.kept).or_default().push((i, gi as u32));
+                }
+            }
+        }
+        let want: BTreeSet<u32> = by_name.keys().copied().collect();
+        let told = crate::kept::standing(conn)?;
+        // A record that disagrees with the controller's count (a restored
+        // file, a new store) is replaced whole.
+        let whole = meta_opt(conn, REFETCH_STANDING)? != Some(told.len() as u64);
+        let (added, removed): (BTreeSet<u32>, BTreeSet<u32>) = if whole {
+            (want.clone(), BTreeSet::new())
+        } else {
+            (
+                want.difference(&told).copied().collect(),
+                told.difference(&want).copied().collect(),
+            )
+        };
+        let sorted = |names: &BTreeSet<u32>| {
+            snaps_schema::summary::encode_sorted(
+                &names.iter().map(|&n| u64::from(n)).collect::<Vec<_>>(),
+            )
+        };
+        // Asked before for this epoch: that reply may have been lost after
+        // the controller recorded its tuples as sent.
+        let include_held = meta_epoch(conn, REFETCH_ASKED)? == applied || self.uncertain();
+        set_meta(conn, REFETCH_ASKED, applied)?;
+        let req = v1::RefetchRequest {
+            since: from,
+            added: sorted(&added),
+            removed: sorted(&removed),
+            whole,
+            include_held,
+            access: meta_epoch(conn, REFETCH_ACCESS)?,
+        };
+        let reply = self.remote(|c| async move { c.refetch(req).await })?;
+        let unknown: BTreeSet<u32> = reply.unknown_groups.iter().copied().collect();
+        let mut replies: BTreeMap<usize, v1::FetchReply> = BTreeMap::new();
+        for t in &reply.tables {
+            let targets = by_name.get(&t.group).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the refetch reply names group {}, not asked for",
+                    t.group
+                ))
+            })?;
+            did.fetched += u64::from(t.count);
+            for &(i, gi) in targets {
+                let mut t = t.clone();
+                t.group = gi;
+                replies.entry(i).or_default().tables.push(t);
+            }
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (i, r) in &replies {
+            let p = &planned[*i];
+            let retrieval = Retrieval {
+                select: &p.select,
+                lang: p.lang,
+                text: &p.text,
+                into: Some(SnapshotNo(p.no as u32)),
+                user: "",
+            };
+            self.store_reply(&tx, &p.plan, &p.current, &retrieval, r, 0, 0)?;
+        }
+        let now: BTreeSet<u32> = added.difference(&unknown).copied().collect();
+        crate::kept::set_standing(&tx, &now, true, whole)?;
+        crate::kept::set_standing(&tx, &removed, false, false)?;
+        let expected = if whole {
+            now.len()
+        } else {
+            told.difference(&removed).count() + now.len()
+        };
+        // The controller stands for other names than this site recorded
+        // (it lost some): the set goes whole, at once.
+        let agreed = reply.standing == expected as u64;
+        if agreed {
+            set_meta(&tx, REFETCH_STANDING, reply.standing)?;
+        } else {
+            tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFETCH_STANDING])?;
+        }
+        set_meta(&tx, REFETCH_ACCESS, reply.access)?;
+        tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFETCH_ASKED])?;
+        tx.commit()?;
+        tracing::info!(site = %self.code(), fetched = did.fetched, added = added.len(),
+            removed = removed.len(), whole, evaluated_whole = reply.whole, "standing groups refetched");
+        if !agreed && !whole {
+            tracing::warn!(site = %self.code(), standing = reply.standing, expected,
+                "the controller's standing groups differ from this site's record: sending them whole");
+            return self.refetch(conn, from, applied, did);
+        }
+        self.reached(SitePoint::Refetching)?;
+        if !unknown.is_empty() {
+            let only: BTreeSet<i64> = by_name
+                .iter()
+                .filter(|(name, _)| unknown.contains(name))
+                .flat_map(|(_, targets)| targets.iter().map(|&(i, _)| planned[i].no))
+                .collect();
+            tracing::info!(site = %self.code(), definitions = only.len(),
+                "the controller keeps no body for some standing groups: re-running their definitions");
+            self.rerun(conn, did, Some(&only))?;
+        }
+        Ok(())
+    }
+
+    /// Re-runs every snapshot definition (or those numbered in `only`),
+    /// [`RERUN_BATCH`] to a request: the controller sends only the tuples
+    /// this site does not hold yet.
+    fn rerun(
+        &self,
+        conn: &Connection,
+        did: &mut SiteEpoch,
+        only: Option<&BTreeSet<i64>>,
+    ) -> Result<()> {
+        let mut planned = self.plan_definitions(conn)?;
+        if let Some(only) = only {
+            planned.retain(|p| only.contains(&p.no));
+        }
+        // Fetched a batch per request. The first goes alone, so a crash
+        // test can stop the site between re-runs.
         let received = |conn: &Connection| crate::store::counter(conn, "tuples_received");
         let mut start = 0;
         while start < planned.len() {
@@ -757,18 +972,18 @@ impl Site {
             let batch = &planned[start..end];
             let retrievals: Vec<Retrieval<'_>> = batch
                 .iter()
-                .map(|(no, lang, text, select, _, _)| Retrieval {
-                    select,
-                    lang: *lang,
-                    text,
-                    into: Some(SnapshotNo(*no as u32)),
+                .map(|p| Retrieval {
+                    select: &p.select,
+                    lang: p.lang,
+                    text: &p.text,
+                    into: Some(SnapshotNo(p.no as u32)),
                     user: "",
                 })
                 .collect();
             let items: Vec<_> = batch
                 .iter()
                 .zip(&retrievals)
-                .map(|((_, _, _, _, plan, current), r)| (plan, current, r))
+                .map(|(p, r)| (&p.plan, &p.current, r))
                 .collect();
             let before = received(conn)?;
             let fetched = match self.fetch_together(conn, &items) {
@@ -777,10 +992,10 @@ impl Site {
                 // are and no new tuples come); the epoch goes on.
                 Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
                     let mut one_by_one = Vec::new();
-                    for ((no, ..), (plan, current, r)) in batch.iter().zip(&items) {
+                    for (p, (plan, current, r)) in batch.iter().zip(&items) {
                         match self.fetch(conn, plan, current, r) {
                             Err(Error::Remote(s)) if s.code() == tonic::Code::PermissionDenied => {
-                                tracing::warn!(site = %self.code(), snapshot = no, reason = s.message(), "snapshot definition not re-run: access denied");
+                                tracing::warn!(site = %self.code(), snapshot = p.no, reason = s.message(), "snapshot definition not re-run: access denied");
                             }
                             other => one_by_one.push(other?),
                         }
@@ -796,12 +1011,22 @@ impl Site {
             }
             did.fetched += (received(conn)? - before) as u64;
             if start == 0 {
-                self.reached(SitePoint::Rerunning)?;
+                self.reached(SitePoint::Refetching)?;
             }
             start = end;
         }
         Ok(())
     }
+}
+
+/// A snapshot definition planned for a night's refetch or re-run.
+struct Planned {
+    no: i64,
+    lang: Language,
+    text: String,
+    select: Select,
+    plan: snaps_mapping::rewrite::Plan,
+    current: crate::site::Projections,
 }
 
 impl Site {
@@ -930,7 +1155,7 @@ impl Site {
         tx.commit()?;
         self.mark_uncertain()?;
         let mut did = SiteEpoch::default();
-        self.rerun(&conn, &mut did)?;
+        self.rerun(&conn, &mut did, None)?;
         Ok(did.fetched)
     }
 }

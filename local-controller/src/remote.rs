@@ -473,6 +473,11 @@ impl GlobalClient {
         Ok(self.raw().changes(req).await?.into_inner())
     }
 
+    /// Asks for the new tuples of the site's standing groups.
+    pub async fn refetch(&self, req: v1::RefetchRequest) -> Result<v1::RefetchReply> {
+        Ok(self.raw().refetch(req).await?.into_inner())
+    }
+
     /// Tells the controller every tuple the site holds; returns the sent-to
     /// bits it added and removed.
     pub async fn resync(&self, held: Vec<v1::HeldTuples>) -> Result<(u64, u64)> {

@@ -816,7 +816,7 @@ impl Site {
 
     /// The fetch request of a plan with its semi-join projections; `None`
     /// when the plan maps nothing.
-    fn request_for(
+    pub(crate) fn request_for(
         &self,
         conn: &Connection,
         plan: &Plan,
@@ -923,7 +923,7 @@ impl Site {
 
     /// Stores a fetch's reply as the plan's snapshot.
     #[allow(clippy::too_many_arguments)]
-    fn store_reply(
+    pub(crate) fn store_reply(
         &self,
         conn: &Connection,
         plan: &Plan,

@@ -230,7 +230,7 @@ impl SqliteStore {
         Ok(out)
     }
 
-    fn log_change(
+    pub(super) fn log_change(
         tx: &Tx<'_>,
         epoch: u64,
         relation: &str,
@@ -280,7 +280,7 @@ impl SqliteStore {
                     .collect::<rusqlite::Result<Vec<_>>>()?
             };
             for id in ids {
-                Self::log_change(tx, epoch, relation, id, me, None)?;
+                SqliteStore::log_change(tx, epoch, relation, id, me, None)?;
                 out.withdrawn += 1;
             }
             tracing::info!(site = %site.code, relation, ?columns, "attributes withdrawn");
@@ -303,7 +303,7 @@ impl SqliteStore {
                     any = true;
                     let held = !SentTo::from_bytes(&sent).is_empty();
                     if self.propagate_deletes.contains(relation) {
-                        Self::log_change(tx, epoch, relation, id, me, Some(&sent))?;
+                        SqliteStore::log_change(tx, epoch, relation, id, me, Some(&sent))?;
                         if held {
                             out.removed += 1;
                         }
@@ -320,7 +320,7 @@ impl SqliteStore {
             }
         }
         for batch in &push.inserted {
-            let o = self.load_in(tx, site, batch)?;
+            let o = self.load_in(tx, site, batch, Some(epoch))?;
             out.inserted += o.loaded;
             out.conflicts += o.conflicts.len() as u64;
         }
@@ -353,7 +353,7 @@ impl SqliteStore {
                         .optional()?;
                     if let Some(id) = id {
                         found = true;
-                        Self::log_change(tx, epoch, &p.relation, id, me, None)?;
+                        SqliteStore::log_change(tx, epoch, &p.relation, id, me, None)?;
                     }
                 }
                 if found {
@@ -366,7 +366,7 @@ impl SqliteStore {
                         origins: vec![origin],
                         parts: batch.parts.iter().map(|p| vec![p[row].clone()]).collect(),
                     };
-                    let o = self.load_in(tx, site, &single)?;
+                    let o = self.load_in(tx, site, &single, Some(epoch))?;
                     out.inserted += o.loaded;
                     out.conflicts += o.conflicts.len() as u64;
                 }
@@ -400,7 +400,7 @@ impl SqliteStore {
                 match done {
                     Some(id) => {
                         out.updated += 1;
-                        Self::log_change(tx, epoch, &c.relation, id, me, None)?;
+                        SqliteStore::log_change(tx, epoch, &c.relation, id, me, None)?;
                     }
                     None => {
                         out.refused += 1;
