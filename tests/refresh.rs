@@ -911,6 +911,9 @@ async fn a_night_brings_what_the_changes_add_to_a_definition_without_re_running_
     let asked = stat(&stg_db, "global_fetches");
     let (after, _) = run(&mut stg, &history).await;
     assert_eq!(after.len(), before.len() + 1, "{after:?}");
-    assert!(after.contains(&vec![Some("30999001".to_string())]), "{after:?}");
+    assert!(
+        after.contains(&vec![Some("30999001".to_string())]),
+        "{after:?}"
+    );
     assert_eq!(stat(&stg_db, "global_fetches"), asked, "covered");
 }

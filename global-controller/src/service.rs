@@ -1151,9 +1151,32 @@ impl GlobalSnapshot for Service {
                 "a whole set of standing names has nothing to remove",
             ));
         }
+        let mut keep = Vec::new();
+        for (i, g) in r.bodies.iter().enumerate() {
+            if g.kept == 0 || g.tables.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "refetch body {i} has no name or no tables"
+                )));
+            }
+            let body = v1::Group {
+                tables: g.tables.clone(),
+                joins: g.joins.clone(),
+                kept: 0,
+            };
+            // Checked now, so a body kept is one a fetch would accept.
+            FetchQuery::decode(
+                &v1::FetchRequest {
+                    groups: vec![body.clone()],
+                    ..Default::default()
+                },
+                &self.config.catalog,
+            )?;
+            keep.push((u64::from(g.kept), body.encode_to_vec()));
+        }
         let s = site.clone();
         let (unknown, standing, bodies) = self
             .blocking(move |store| {
+                store.remember_groups(&s, &keep)?;
                 let (unknown, standing) = store.change_standing(&s, &added, &removed, r.whole)?;
                 Ok((unknown, standing, store.standing_groups(&s)?))
             })

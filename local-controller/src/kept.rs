@@ -161,6 +161,14 @@ impl KeptNames {
         out
     }
 
+    /// Whether the controller confirmed keeping the body named `name`.
+    pub(crate) fn confirmed(&self, name: u32) -> bool {
+        self.lock()
+            .by_digest
+            .values()
+            .any(|&(n, confirmed)| n == name && confirmed)
+    }
+
     /// The bodies `sent` carried reached the controller (its reply came).
     pub(crate) fn confirm(&self, conn: &Connection, sent: &v1::FetchRequest) -> Result<()> {
         let mut names = self.lock();

@@ -840,10 +840,12 @@ impl Site {
         let planned = self.plan_definitions(conn)?;
         // name → the (definition, group) pairs it is.
         let mut by_name: BTreeMap<u32, Vec<(usize, u32)>> = BTreeMap::new();
+        let mut body_of: BTreeMap<u32, v1::Group> = BTreeMap::new();
         for (i, p) in planned.iter().enumerate() {
             if let Some(req) = self.request_for(conn, &p.plan, &p.current, "")? {
-                for (gi, g) in req.groups.iter().enumerate() {
+                for (gi, g) in req.groups.into_iter().enumerate() {
                     by_name.entry(g.kept).or_default().push((i, gi as u32));
+                    body_of.entry(g.kept).or_insert(g);
                 }
             }
         }
@@ -869,6 +871,16 @@ impl Site {
         // the controller recorded its tuples as sent.
         let include_held = meta_epoch(conn, REFETCH_ASKED)? == applied || self.uncertain();
         set_meta(conn, REFETCH_ASKED, applied)?;
+        // Bodies the controller has not confirmed keeping go along.
+        let bodies: Vec<v1::Group> = added
+            .iter()
+            .filter(|&&n| !self.kept.confirmed(n))
+            .filter_map(|n| body_of.remove(n))
+            .collect();
+        let sent_bodies = v1::FetchRequest {
+            groups: bodies.clone(),
+            ..Default::default()
+        };
         let req = v1::RefetchRequest {
             since: from,
             added: sorted(&added),
@@ -876,8 +888,10 @@ impl Site {
             whole,
             include_held,
             access: meta_epoch(conn, REFETCH_ACCESS)?,
+            bodies,
         };
         let reply = self.remote(|c| async move { c.refetch(req).await })?;
+        self.kept.confirm(conn, &sent_bodies)?;
         let unknown: BTreeSet<u32> = reply.unknown_groups.iter().copied().collect();
         let mut replies: BTreeMap<usize, v1::FetchReply> = BTreeMap::new();
         for t in &reply.tables {

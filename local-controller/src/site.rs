@@ -130,7 +130,7 @@ pub struct Site {
     /// `snaps_meta` for the fetches before the next connect).
     includes: RwLock<Arc<Vec<IncludeEdge>>>,
     /// The names given to fetched join groups' bodies.
-    kept: crate::kept::KeptNames,
+    pub(crate) kept: crate::kept::KeptNames,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
