@@ -524,6 +524,9 @@ pub struct Sample {
     pub cpu: Duration,
     /// Rows returned.
     pub rows: usize,
+    /// Tuples the site received from the global snapshot (SNAPS; 0 for the
+    /// other designs).
+    pub fetched: u64,
 }
 
 /// One night's refresh.
@@ -875,7 +878,8 @@ fn snaps_day(
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             bail!("interrupted");
         }
-        let (w0, c0, t0) = (proxy.wire(), cpu_time(), Instant::now());
+        let received = || site.counter("tuples_received").unwrap_or(0);
+        let (w0, c0, t0, f0) = (proxy.wire(), cpu_time(), Instant::now(), received());
         let mut rows = 0;
         for s in &a.snaps {
             let answer = session
@@ -898,6 +902,7 @@ fn snaps_day(
             wall: Some(wall),
             cpu: cpu_time().saturating_sub(c0),
             rows,
+            fetched: received().saturating_sub(f0) as u64,
         });
         bar.inc(1);
     }
@@ -1328,6 +1333,7 @@ async fn run_central(
                         wall: None,
                         cpu: Duration::ZERO,
                         rows: 0,
+                        fetched: 0,
                     });
                     continue;
                 }
@@ -1357,6 +1363,7 @@ async fn run_central(
                     wall: Some(t0.elapsed()),
                     cpu: Duration::ZERO,
                     rows,
+                    fetched: 0,
                 });
             }
         }
@@ -1546,6 +1553,7 @@ async fn run_full_copy(
                     wall: None,
                     cpu: Duration::ZERO,
                     rows: 0,
+                    fetched: 0,
                 });
                 push.extend(a.central.iter().cloned());
             }

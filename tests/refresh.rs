@@ -395,6 +395,46 @@ async fn unused_snapshots_are_evicted_and_their_copies_released() {
     )
     .await;
     assert_eq!(rows.len(), 1);
+
+    // The controller evaluates at night only what STG's definitions still
+    // fetch: evicting the lookup by name stops its groups standing, and
+    // the controller's standing names are the site's.
+    let standing = || -> std::collections::BTreeSet<i64> {
+        let conn = rusqlite::Connection::open(&net.store).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM snaps_site_group WHERE site = 2 AND standing = 1")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let at_site = || -> std::collections::BTreeSet<i64> {
+        let mut stmt = site
+            .prepare("SELECT name FROM snaps_kept_group WHERE standing = 1")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let before = standing();
+    assert_eq!(before, at_site());
+    site.execute_batch(&format!(
+        "UPDATE snaps_snapshot_membership SET last_access_day = last_access_day - 40
+           WHERE NOT (relation = 'patient' AND tuple_rowid IN
+                      (SELECT rowid FROM patient WHERE pno IN ({kept}, {old})));
+         UPDATE snaps_snapshot_definition SET created_day = created_day - 40;"
+    ))
+    .unwrap();
+    net.refresh().await;
+    assert_eq!(held(by_name), 0, "evicted");
+    let after = standing();
+    assert_eq!(after, at_site());
+    assert!(
+        !before.is_subset(&after) && !after.is_empty(),
+        "the evicted definitions' groups stop standing: {before:?} before, {after:?} after"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

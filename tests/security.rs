@@ -599,3 +599,61 @@ async fn a_revoked_certificate_is_refused_at_once_and_a_new_one_is_let_in() {
     };
     assert!(e.contains("transport error"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_right_given_back_brings_at_night_what_changed_while_it_was_taken() {
+    let net = setup(20).await;
+    let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
+    let g = patients(&net, "GRC")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut grc = connect(net.sites["GRC"]).await;
+    run(
+        &mut stg,
+        &format!("SELECT v.vno FROM patient p, visit v WHERE p.pno = {g} AND v.pno = p.pno"),
+    )
+    .await;
+    net.refresh().await;
+
+    // STG may not read visits; GRC records one of its patient's.
+    admin
+        .grant(rule("visit", "STG", "", v1::Right::None))
+        .await
+        .unwrap();
+    run(
+        &mut grc,
+        &format!(
+            "INSERT INTO visit (vno, pno, date, description) VALUES (30999002, {g}, 19880505, 'While refused')"
+        ),
+    )
+    .await;
+    net.refresh().await;
+    let held = || -> i64 {
+        rusqlite::Connection::open(db(&net, "STG"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM visit WHERE vno = 30999002", [], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(held(), 0, "refused: the night brought nothing of it");
+    let audit = admin
+        .audit(v1::AuditRequest {
+            site: "STG".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        audit.iter().any(|r| r.action == "refetch-denied"),
+        "the refusal is on the record"
+    );
+
+    // The right given back, the next night (nothing changed in it) brings
+    // the visit: the controller evaluates the standing groups whole.
+    admin
+        .revoke(rule("visit", "STG", "", v1::Right::None))
+        .await
+        .unwrap();
+    net.refresh().await;
+    assert_eq!(held(), 1, "the visit came with the night");
+}
