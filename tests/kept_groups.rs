@@ -1,7 +1,7 @@
 //! The controller keeps the body of every join group a site fetched, under
-//! a name the site gives it, so the nightly refresh re-runs a
-//! site's snapshot definitions by name: a few bytes a definition instead of
-//! the whole query. A body the controller no longer has is sent again, and
+//! a name the site gives it, so the nightly refresh names a site's
+//! standing groups in a few bytes instead of sending whole queries. A body
+//! the controller no longer has is sent again (its definitions re-run), and
 //! the refresh brings the same as before.
 
 mod common;
@@ -20,7 +20,7 @@ fn kept(net: &common::Net, site: u32) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_refresh_reruns_definitions_by_name_and_resends_what_the_controller_lost() {
+async fn the_refresh_names_standing_groups_and_resends_what_the_controller_lost() {
     let net = setup(30).await;
     let cph = patients(&net, "CPH");
     let mut stg = connect(net.sites["STG"]).await;
@@ -37,9 +37,9 @@ async fn the_refresh_reruns_definitions_by_name_and_resends_what_the_controller_
         "the controller keeps what STG fetched: {bodies}"
     );
 
-    // The first night sends the summaries whole, and the bodies of what
-    // the include trees brought (never fetched as such); from then on a
-    // night with nothing new names the definitions only.
+    // The first night sends the summaries whole, the standing set whole,
+    // and the bodies of what the include trees brought (never fetched as
+    // such); from then on a night with nothing new sends almost nothing.
     let stg_db = db(&net, "STG");
     let night = |net: &common::Net| stat(&db(net, "STG"), "refresh_distribute_bytes");
     net.refresh().await;
