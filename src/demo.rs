@@ -57,8 +57,10 @@ pub struct DemoOptions {
     #[arg(long, default_value_t = 7700)]
     pub port_base: u16,
     /// The network folder (holding network.toml).
-    #[arg(long, default_value = "fixtures/radiology")]
-    pub network: PathBuf,
+    /// Default: the radiology network built into this binary, written to
+    /// the demo folder's `network/` on the first run (edits there are kept).
+    #[arg(long)]
+    pub network: Option<PathBuf>,
     /// Seed of the data generator.
     #[arg(long, default_value_t = 1988)]
     pub seed: u64,
@@ -69,11 +71,19 @@ pub async fn run_demo(
     opts: &DemoOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let network = NetworkConfig::load(&opts.network)
-        .with_context(|| format!("load network {}", opts.network.display()))?;
     if opts.dir.exists() && !opts.dir.is_dir() {
         bail!("{} exists and is not a folder", opts.dir.display());
     }
+    let folder = match &opts.network {
+        Some(folder) => folder.clone(),
+        None => {
+            let folder = opts.dir.join("network");
+            crate::fixtures::write_radiology(&folder)?;
+            folder
+        }
+    };
+    let network = NetworkConfig::load(&folder)
+        .with_context(|| format!("load network {}", folder.display()))?;
     let port = |i: usize| -> Result<u16> {
         opts.port_base
             .checked_add(i as u16)

@@ -44,7 +44,8 @@ fn start(dir: &std::path::Path, port: u16) -> (Demo, Vec<String>) {
         .args(["demo", "--dir"])
         .arg(dir)
         .args(["--scale", "small", "--port-base", &port.to_string()])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        // Outside the checkout: the network comes from the binary.
+        .current_dir(dir.parent().expect("the demo folder has a parent"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -98,6 +99,10 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_ports();
     let (child, lines) = start(dir.path(), port);
+    // Run outside the checkout, the demo wrote its network for the user to
+    // read and edit.
+    assert!(dir.path().join("network/network.toml").exists());
+    assert!(dir.path().join("network/CPH/mapping.tsv").exists());
     for (i, code) in ["CPH", "STG", "GRC"].iter().enumerate() {
         let expected = format!(
             "{code}: psql -h 127.0.0.1 -p {} -U radiology {code}",

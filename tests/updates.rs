@@ -485,7 +485,7 @@ async fn a_program_writing_to_the_file_directly_meets_the_same_rules() {
     };
     refuse(
         format!("UPDATE patient SET surname = 'Direct' WHERE pno = {other}"),
-        &format!("patient pno={other} is a copy of a tuple owned by GRC"),
+        "patient: this tuple is a copy of a tuple another site owns",
     );
     refuse(
         format!("DELETE FROM patient WHERE pno = {other}"),

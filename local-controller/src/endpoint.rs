@@ -787,18 +787,30 @@ fn text_value(value: &Value) -> String {
     }
 }
 
-/// Rust's shortest round-trip formatting, with PostgreSQL's spellings for the
-/// non-finite values (Rust's `inf` is not accepted by JDBC or libpq users).
+/// A REAL as SQLite writes it (`CAST(x AS TEXT)`: `3.0`, `1.0e+20`,
+/// `1.5e-07`), with PostgreSQL's spellings for the non-finite values (Rust's
+/// `inf` is not accepted by JDBC or libpq users). SQLite's own formatting
+/// is asked for (a small in-memory database per thread): its digit rules
+/// are SQLite's to change, and a client comparing with the file must see
+/// the same text.
 fn float_text(f: f64) -> String {
-    if f.is_nan() {
-        "NaN".to_owned()
-    } else if f == f64::INFINITY {
-        "Infinity".to_owned()
-    } else if f == f64::NEG_INFINITY {
-        "-Infinity".to_owned()
-    } else {
-        format!("{f}")
+    thread_local! {
+        static SQLITE: Option<rusqlite::Connection> = rusqlite::Connection::open_in_memory().ok();
     }
+    if f.is_nan() {
+        return "NaN".to_owned();
+    } else if f == f64::INFINITY {
+        return "Infinity".to_owned();
+    } else if f == f64::NEG_INFINITY {
+        return "-Infinity".to_owned();
+    }
+    let text = SQLITE.with(|conn| {
+        let conn = conn.as_ref()?;
+        let mut stmt = conn.prepare_cached("SELECT CAST(?1 AS TEXT)").ok()?;
+        stmt.query_row([f], |r| r.get::<_, String>(0)).ok()
+    });
+    // Only an in-memory database that cannot open leaves Rust's spelling.
+    text.unwrap_or_else(|| format!("{f}"))
 }
 
 fn binary_value(value: &Value, column: &ResultColumn) -> PgWireResult<Vec<u8>> {
@@ -1264,9 +1276,28 @@ mod tests {
     }
 
     #[test]
+    fn reals_are_written_as_sqlite_writes_them() {
+        for (f, text) in [
+            (3.0, "3.0"),
+            (1e20, "1.0e+20"),
+            (1.5e-7, "1.5e-07"),
+            (0.1, "0.1"),
+            (100.0, "100.0"),
+            (-2.75, "-2.75"),
+            (49.47, "49.47"),
+        ] {
+            assert_eq!(float_text(f), text);
+        }
+        // What it gives reads back as the same number.
+        for f in [1.0 / 3.0, 0.1 + 0.2, 123456789012345678.0, 5e-324, f64::MAX] {
+            assert_eq!(float_text(f).parse::<f64>().unwrap(), f, "{f:e}");
+        }
+    }
+
+    #[test]
     fn values_encode_in_both_formats() {
         assert_eq!(float_text(0.1), "0.1");
-        assert_eq!(float_text(3.0), "3");
+        assert_eq!(float_text(3.0), "3.0");
         assert_eq!(float_text(f64::NEG_INFINITY), "-Infinity");
         let int = ResultColumn {
             name: "n".into(),

@@ -176,6 +176,7 @@ impl Site {
         // effect now.
         active.make_active(&writer)?;
         let mapping = active.mapping(&catalog, global)?;
+        crate::store::upgrade_triggers(&writer, &mapping)?;
         let definitions = read_definitions(&writer)?;
         let uncertain: bool = writer.query_row(
             "SELECT EXISTS (SELECT 1 FROM snaps_meta WHERE key = ?1)",

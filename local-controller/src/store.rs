@@ -753,6 +753,37 @@ pub(crate) fn relation_triggers(rm: &snaps_mapping::mapping::RelationMapping) ->
         + &changed_index(&rm.local.name)
 }
 
+/// The form of the triggers this build makes; a file whose `snaps_meta`
+/// `trigger_format` differs has them made again at open. Format 2: SQL any
+/// SQLite from 3.31 on parses (constant RAISE messages, no `unixepoch()`).
+const TRIGGER_FORMAT: &str = "2";
+
+/// Makes the triggers of every mapped relation again when the file has
+/// them in an older form, in one transaction.
+pub(crate) fn upgrade_triggers(conn: &Connection, mapping: &SiteMapping) -> Result<()> {
+    let format: Option<String> = conn
+        .query_row(
+            "SELECT value FROM snaps_meta WHERE key = 'trigger_format'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if format.as_deref() == Some(TRIGGER_FORMAT) {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    for rm in mapping.relations() {
+        drop_relation_triggers(&tx, &rm.local.name)?;
+        tx.execute_batch(&relation_triggers(rm))?;
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES ('trigger_format', ?1)",
+        [TRIGGER_FORMAT],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// Drops every trigger SNAPS keeps on `relation` (to make them again for a
 /// new mapping).
 pub(crate) fn drop_relation_triggers(conn: &Connection, relation: &str) -> Result<()> {
@@ -797,7 +828,8 @@ fn modified_trigger(relation: &str, mapped_columns: &[&str]) -> String {
 }
 
 /// Today as SQLite computes it in a trigger: days since 1970-01-01 (UTC).
-const SQL_TODAY: &str = "CAST(unixepoch() / 86400 AS INTEGER)";
+/// (`strftime('%s')`, not `unixepoch()`, which SQLite has only from 3.38.)
+const SQL_TODAY: &str = "CAST(strftime('%s', 'now') / 86400 AS INTEGER)";
 
 /// The triggers that keep the update rules for whoever writes to the file
 /// (DESIGN.md, "Updates"): a copy's mapped attributes change only under the
@@ -820,30 +852,12 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
     let read_write = format!(
         "EXISTS (SELECT 1 FROM snaps_relation_mode WHERE relation = {name} AND read_write = 1)"
     );
-    let owner = format!(
-        "coalesce((SELECT owner FROM snaps_copy WHERE relation = {name} \
-         AND tuple_rowid = OLD.rowid LIMIT 1), 'another site')"
-    );
-    // `patient pno=1000007`, `visit_rep (vno, line_no)=(5, 1)`, or by rowid.
-    let which = match rm.local.key.as_slice() {
-        [] => format!(
-            "{} || OLD.rowid",
-            sql_literal(&format!("{relation} rowid "))
-        ),
-        [k] => format!(
-            "{} || quote(OLD.{})",
-            sql_literal(&format!("{relation} {k}=")),
-            quote(k)
-        ),
-        ks => format!(
-            "{} || {} || ')'",
-            sql_literal(&format!("{relation} ({})=(", ks.join(", "))),
-            ks.iter()
-                .map(|k| format!("quote(OLD.{})", quote(k)))
-                .collect::<Vec<_>>()
-                .join(" || ', ' || ")
-        ),
-    };
+    // Constant messages: SQLite before 3.47 parses only a string literal in
+    // RAISE, and the file must open in the SQLite of any platform from 3.31
+    // on. Through SNAPS a write is checked before it reaches the triggers,
+    // with the tuple and its owner named; these speak to programs writing
+    // to the file directly.
+    let says = |what: &str| sql_literal(&format!("{relation}: {what}"));
     let changed = |cols: &[&str]| {
         cols.iter()
             .map(|c| format!("OLD.{0} IS NOT NEW.{0}", quote(c)))
@@ -869,11 +883,14 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
         sql.push_str(&format!(
             "CREATE TRIGGER {trigger} BEFORE UPDATE OF {cols} ON {table} FOR EACH ROW\n\
              WHEN {quiet} AND (OLD.{s} & {NEW_BIT}) = 0 AND ({key_changed})\n\
-             BEGIN\n    SELECT RAISE(ABORT, {which} || ': the key of a tuple the global snapshot \
-             holds cannot change; delete the tuple and insert a new one');\nEND;\n",
+             BEGIN\n    SELECT RAISE(ABORT, {message});\nEND;\n",
             trigger = quote(&format!("snaps_key_{relation}")),
             cols = of(&key),
             key_changed = changed(&key),
+            message = says(
+                "the key of a tuple the global snapshot holds cannot change; delete the tuple and \
+                 insert a new one"
+            ),
         ));
     }
     if !watched.is_empty() {
@@ -881,14 +898,20 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
             "CREATE TRIGGER {trigger} BEFORE UPDATE OF {cols} ON {table} FOR EACH ROW\n\
              WHEN {quiet} AND {unlocked} AND ({mapped_changed})\n\
              BEGIN\n    \
-             SELECT RAISE(ABORT, {which} || ' is a copy of a tuple owned by ' || {owner} || \
-             ' and this site holds no primary-copy lock on it') WHERE {snapshot};\n    \
-             SELECT RAISE(ABORT, {which} || ' is shared read-write: changing it needs the \
-             primary-copy lock, which this site does not hold') WHERE {own_exported} AND {read_write};\n\
+             SELECT RAISE(ABORT, {copy}) WHERE {snapshot};\n    \
+             SELECT RAISE(ABORT, {shared}) WHERE {own_exported} AND {read_write};\n\
              END;\n",
             trigger = quote(&format!("snaps_lock_{relation}")),
             cols = of(&watched),
             mapped_changed = changed(&watched),
+            copy = says(
+                "this tuple is a copy of a tuple another site owns (snaps_copy names it), and this \
+                 site holds no primary-copy lock on it"
+            ),
+            shared = says(
+                "this tuple is shared read-write: changing it needs the primary-copy lock, which \
+                 this site does not hold"
+            ),
         ));
     }
     if !unmapped.is_empty() {
@@ -924,12 +947,8 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
     sql.push_str(&format!(
         "CREATE TRIGGER {guard} BEFORE DELETE ON {table} FOR EACH ROW WHEN {quiet}\n\
          BEGIN\n    \
-         SELECT RAISE(ABORT, {which} || ' is a copy of a tuple owned by ' || {owner} || \
-         ': only its owner deletes it (copies leave this site when they are no longer used)') \
-         WHERE {snapshot};\n    \
-         SELECT RAISE(ABORT, {which} || ' is shared read-write: deleting it needs the \
-         primary-copy lock, which this site does not hold') \
-         WHERE {own_exported} AND {unlocked} AND {read_write};\n\
+         SELECT RAISE(ABORT, {copy}) WHERE {snapshot};\n    \
+         SELECT RAISE(ABORT, {shared}) WHERE {own_exported} AND {unlocked} AND {read_write};\n\
          END;\n\
          CREATE TRIGGER {record} AFTER DELETE ON {table} FOR EACH ROW \
          WHEN {quiet} AND {own_exported}\n\
@@ -937,6 +956,14 @@ fn guard_triggers(rm: &snaps_mapping::mapping::RelationMapping) -> String {
          VALUES ({name}, OLD.rowid, OLD.{s} | {RIGHTS_BITS}, {SQL_TODAY});\nEND;\n",
         guard = quote(&format!("snaps_delete_{relation}")),
         record = quote(&format!("snaps_deleted_{relation}")),
+        copy = says(
+            "this tuple is a copy of a tuple another site owns: only its owner deletes it (copies \
+             leave this site when they are no longer used)"
+        ),
+        shared = says(
+            "this tuple is shared read-write: deleting it needs the primary-copy lock, which this \
+             site does not hold"
+        ),
     ));
     sql
 }
