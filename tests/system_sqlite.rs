@@ -31,7 +31,6 @@ fn out(o: &Output) -> String {
 async fn the_platforms_sqlite3_opens_checks_reads_and_meets_the_update_rules() {
     let net = setup(20).await;
     let other = patients(&net, "GRC")[0];
-    let mine = patients(&net, "STG")[0];
     let mut stg = connect(net.sites["STG"]).await;
     run(
         &mut stg,

@@ -258,7 +258,20 @@ async fn without_the_global_controller_no_lock_can_be_had() {
     let text = format!("UPDATE patient SET add3 = 'offline' WHERE pno = {held}");
     assert_eq!(changed(&stg, &text).await, 1);
     let text = format!("UPDATE visit SET description = 'offline' WHERE vno = {own_visit}");
-    assert_eq!(changed(&stg, &text).await, 1);
+    let (_, notices) = run(&mut stg, &text).await;
+    assert!(
+        notices.iter().any(|n| n.contains("applies to the tuples this site holds")),
+        "the write applied to what the site holds, and says so: {notices:?}"
+    );
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!("SELECT description FROM visit WHERE vno = {own_visit}")
+        )
+        .await
+        .as_deref(),
+        Some("offline")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -688,4 +701,87 @@ async fn concurrent_updates_on_a_hot_set_never_share_a_lock_nor_half_apply() {
             }
         }
     }
+}
+
+/// A surname registered at every site of the network.
+fn surname_everywhere(net: &Net) -> String {
+    let names = |code: &str| -> std::collections::BTreeSet<String> {
+        net.data[code]["patient"]
+            .iter()
+            .filter_map(|r| match &r[3] {
+                snaps_schema::Value::Text(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let (c, s, g) = (names("CPH"), names("STG"), names("GRC"));
+    c.iter()
+        .find(|n| s.contains(*n) && g.contains(*n) && !n.contains('\''))
+        .cloned()
+        .expect("a surname at all three sites")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_reaches_every_tuple_the_same_select_shows() {
+    let net = setup(30).await;
+    let grc = patients(&net, "GRC");
+    let mut stg = connect(net.sites["STG"]).await;
+
+    // A copy STG never read: the UPDATE brings it as the SELECT would, and
+    // changes it under its lock.
+    let text = format!(
+        "UPDATE patient SET add1 = '1 Test St' WHERE pno = {}",
+        grc[0]
+    );
+    assert_eq!(changed(&stg, &text).await, 1);
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!("SELECT add1 FROM patient WHERE pno = {}", grc[0])
+        )
+        .await
+        .as_deref(),
+        Some("1 Test St")
+    );
+    // The same in QUEL.
+    let text = format!(
+        "range of p is patient\nreplace p (add1 = \"2 Quel St\") where p.pno = {}",
+        grc[1]
+    );
+    assert_eq!(changed(&stg, &text).await, 1);
+
+    // A condition on a non-key attribute that holds at all three sites: the
+    // UPDATE changes as many tuples as the SELECT then shows, all of them.
+    let surname = surname_everywhere(&net);
+    let text = format!("UPDATE patient SET add3 = 'Seen' WHERE surname = '{surname}'");
+    let n = changed(&stg, &text).await;
+    let (rows, _) = run(
+        &mut stg,
+        &format!("SELECT pno, add3 FROM patient WHERE surname = '{surname}'"),
+    )
+    .await;
+    assert_eq!(n as usize, rows.len(), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r[1].as_deref() == Some("Seen")),
+        "{rows:?}"
+    );
+    let sites: std::collections::BTreeSet<i64> = rows
+        .iter()
+        .map(|r| r[0].as_deref().unwrap().parse::<i64>().unwrap() / 10_000_000)
+        .collect();
+    assert_eq!(sites.len(), 3, "patients of all three sites: {rows:?}");
+
+    // The other sites see it after the night, as any change under lock.
+    net.refresh().await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    let (rows, _) = run(
+        &mut cph,
+        &format!("SELECT add3 FROM patient WHERE surname = '{surname}'"),
+    )
+    .await;
+    assert_eq!(rows.len(), n as usize);
+    assert!(
+        rows.iter().all(|r| r[0].as_deref() == Some("Seen")),
+        "{rows:?}"
+    );
 }

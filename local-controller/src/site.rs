@@ -1370,7 +1370,7 @@ struct Incoming<'a> {
 }
 
 /// How a retrieval's data came to be at the site.
-enum Retrieved {
+pub(crate) enum Retrieved {
     /// Snapshots held already cover it (none if nothing of it is mapped).
     Covered(Vec<SnapshotNo>),
     /// What was missing was fetched now.
@@ -1654,7 +1654,7 @@ impl SiteSession {
     }
 
     /// Makes sure the site holds what `select` needs (steps 2–5).
-    fn prepare_retrieval(
+    pub(crate) fn prepare_retrieval(
         &mut self,
         select: &Select,
         lang: Language,
@@ -2107,10 +2107,22 @@ impl SiteSession {
                     answer.outcomes.push(outcome);
                 }
                 Statement::Update(u) if self.site.mapped.contains(&u.target.relation) => {
-                    answer.outcomes.push(self.update(u, &local_sql)?);
+                    let (outcome, notice) = self.update(u, &local_sql)?;
+                    if let Some(n) = notice
+                        && !answer.notices.contains(&n)
+                    {
+                        answer.notices.push(n);
+                    }
+                    answer.outcomes.push(outcome);
                 }
                 Statement::Delete(d) if self.site.mapped.contains(&d.target.relation) => {
-                    answer.outcomes.push(self.delete(d, &local_sql)?);
+                    let (outcome, notice) = self.delete(d, &local_sql)?;
+                    if let Some(n) = notice
+                        && !answer.notices.contains(&n)
+                    {
+                        answer.notices.push(n);
+                    }
+                    answer.outcomes.push(outcome);
                 }
                 _ => answer.outcomes.extend(self.run_local(&local_sql)?),
             }

@@ -15,6 +15,13 @@
 //! * DELETE (QUEL `delete`): the site's own tuples only; an exported one is
 //!   recorded as deleted (`snaps_deleted`) and leaves the relation at once.
 //!
+//! Before either, the tuples the statement's condition selects are brought
+//! up to date exactly as the `SELECT` with that condition would be (the
+//! *performed* check, then a fetch of what is missing, kept as a snapshot):
+//! a write touches every tuple a read shows, not only the copies the site
+//! happens to hold. Offline it applies to what the site holds, with
+//! [`LOCAL_ONLY_WRITE`] as its notice.
+//!
 //! The rules themselves live in the database as triggers (see `store`), so
 //! a program writing to the file directly meets them too; this module asks
 //! for the locks the triggers require first, and turns refusals into errors
@@ -25,16 +32,21 @@ use std::sync::Mutex;
 
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, params};
+use snaps_mapping::Language;
 use snaps_mapping::ir::{Delete, Expr, Insert, Range, Statement, Update};
 use snaps_mapping::mapping::{Conversion, RelationMapping};
 use snaps_proto::v1;
 use snaps_schema::{Catalog, LocalRights, LocalStatus, TupleType, Value, ValueType, sql_ident};
 
 use crate::engine::Outcome;
-use crate::site::{Site, SiteSession};
+use crate::site::{Retrieved, Site, SiteSession};
 use crate::store::STATUS_COLUMN;
 use crate::value::from_sqlite;
 use crate::{Error, Result};
+
+/// The notice of a write the controller could not be asked about.
+pub const LOCAL_ONLY_WRITE: &str = "the global snapshot controller could not be asked: this \
+     write applies to the tuples this site holds and may miss tuples recorded at other sites";
 
 /// How a local relation's key is found in the global snapshot, for the
 /// insert check: the global relation whose key the site's key maps onto.
@@ -298,10 +310,12 @@ impl SiteSession {
     }
 
     /// UPDATE / QUEL replace of a mapped relation; `sql` is the statement
-    /// as SQLite runs it.
-    pub(crate) fn update(&mut self, u: &Update, sql: &str) -> Result<Outcome> {
+    /// as SQLite runs it. Returns the notice of a write applied to local
+    /// data only (the controller could not be asked).
+    pub(crate) fn update(&mut self, u: &Update, sql: &str) -> Result<(Outcome, Option<String>)> {
         let site = self.site.clone();
         site.not_refreshing(&self.conn)?;
+        let notice = self.bring_selected(&u.target, &u.others, u.qual.as_ref())?;
         let active = site.mapping();
         let rm = active
             .relation(&u.target.relation)
@@ -314,20 +328,57 @@ impl SiteSession {
             let touched = self.touched(&u.target, &u.others, u.qual.as_ref())?;
             self.acquire(rm, &touched, Change::Update)?;
         }
-        self.run_write(sql)
+        Ok((self.run_write(sql)?, notice))
     }
 
     /// DELETE / QUEL delete from a mapped relation.
-    pub(crate) fn delete(&mut self, d: &Delete, sql: &str) -> Result<Outcome> {
+    pub(crate) fn delete(&mut self, d: &Delete, sql: &str) -> Result<(Outcome, Option<String>)> {
         let site = self.site.clone();
         site.not_refreshing(&self.conn)?;
+        let notice = self.bring_selected(&d.target, &d.others, d.qual.as_ref())?;
         let active = site.mapping();
         let rm = active
             .relation(&d.target.relation)
             .ok_or_else(|| Error::Invalid(format!("{} is not mapped", d.target.relation)))?;
         let touched = self.touched(&d.target, &d.others, d.qual.as_ref())?;
         self.acquire(rm, &touched, Change::Delete)?;
-        self.run_write(sql)
+        Ok((self.run_write(sql)?, notice))
+    }
+
+    /// Brings the tuples of the network a write's qualification selects,
+    /// exactly as the `SELECT` with the same condition would (the
+    /// *performed* check, then a fetch of what is missing, kept as a
+    /// snapshot), so the write touches every tuple that `SELECT` shows and
+    /// not only the copies the site happened to hold. Returns the notice
+    /// when the controller could not be asked (the write then applies to
+    /// what the site holds, as a read answers from it).
+    fn bring_selected(
+        &mut self,
+        target: &Range,
+        others: &[Range],
+        qual: Option<&Expr>,
+    ) -> Result<Option<String>> {
+        let mut text = format!("SELECT {}.* FROM {target}", sql_ident(&target.var));
+        for o in others {
+            text.push_str(&format!(", {o}"));
+        }
+        if let Some(q) = qual {
+            text.push_str(&format!(" WHERE {q}"));
+        }
+        let select = match snaps_mapping::sql::parse(&text)?.into_iter().next() {
+            Some(Statement::Select(s)) => s,
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "the rows this statement writes could not be read as a query: {text}"
+                )));
+            }
+        };
+        Ok(
+            match self.prepare_retrieval(&select, Language::Sql, &text)? {
+                Retrieved::LocalOnly(_) => Some(LOCAL_ONLY_WRITE.to_string()),
+                Retrieved::Covered(_) | Retrieved::Fetched => None,
+            },
+        )
     }
 
     /// The tuples of `target` a statement's qualification selects.
