@@ -314,7 +314,7 @@ async fn simple_query_returns_rows_and_tags() {
         rows(&messages),
         [
             [Some("1".into()), Some("x".into()), Some("0.1".into())],
-            [Some("2".into()), None, Some("3".into())],
+            [Some("2".into()), None, Some("3.0".into())],
         ]
     );
     let columns = messages
