@@ -186,6 +186,32 @@ async fn the_demo_serves_psql_and_finds_patients_across_sites() {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), surname);
+            // psql's own description of a table, from the site's catalogue.
+            let out = Command::new("psql")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &(port + 3).to_string(),
+                    "-U",
+                    "radiology",
+                ])
+                .args(["-c", "\\d patient", "GRC"])
+                .env("PGPASSWORD", "snaps-demo")
+                .output()
+                .expect("psql");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "psql \\d: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(text.contains("Table \"public.patient\""), "{text}");
+            assert!(
+                text.contains("\"patient_pkey\" PRIMARY KEY, btree (pno)"),
+                "{text}"
+            );
+            assert!(!text.contains("snaps_status"), "{text}");
         }
         Err(e) => eprintln!("psql not run ({e}): install postgresql-client to check it"),
     }

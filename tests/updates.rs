@@ -260,7 +260,9 @@ async fn without_the_global_controller_no_lock_can_be_had() {
     let text = format!("UPDATE visit SET description = 'offline' WHERE vno = {own_visit}");
     let (_, notices) = run(&mut stg, &text).await;
     assert!(
-        notices.iter().any(|n| n.contains("applies to the tuples this site holds")),
+        notices
+            .iter()
+            .any(|n| n.contains("applies to the tuples this site holds")),
         "the write applied to what the site holds, and says so: {notices:?}"
     );
     assert_eq!(

@@ -29,6 +29,7 @@
 //! PostgreSQL-wire SQL endpoint that hides the status column from the
 //! application; [`serve`] `snaps site serve`.
 
+mod catalogue;
 mod covered;
 pub mod endpoint;
 pub mod engine;

@@ -2011,6 +2011,11 @@ impl SiteSession {
             answer.outcomes.push(self.explain(stmt)?);
             return Ok(answer);
         }
+        if crate::catalogue::asks(text) {
+            answer.outcomes =
+                crate::catalogue::answer(&self.site.catalog, self.site.code.as_str(), text)?;
+            return Ok(answer);
+        }
         let (lang, parsed) = if looks_like_quel(text) {
             (Language::Quel, self.quel.parse(text).map_err(Error::from))
         } else {
@@ -2146,6 +2151,15 @@ impl Session for SiteSession {
                 name: "plan".into(),
                 kind: ColumnKind::Text,
             }]);
+        }
+        if crate::catalogue::asks(text) {
+            let outcomes =
+                crate::catalogue::answer(&self.site.catalog, self.site.code.as_str(), text)
+                    .map_err(engine_error)?;
+            return Ok(match outcomes.into_iter().next() {
+                Some(Outcome::Rows { columns, .. }) => columns,
+                _ => Vec::new(),
+            });
         }
         let sql = if looks_like_quel(text) {
             let mut quel = self.quel.clone();
