@@ -78,7 +78,7 @@ async fn psqls_catalogue_queries_describe_the_sites_own_schema() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn drivers_read_information_schema_and_unknown_questions_are_named() {
+async fn drivers_read_information_schema_and_reals_and_unknown_questions_are_named() {
     let net = setup(10).await;
     let stg = connect(net.sites["STG"]).await;
     let rows = stg
@@ -102,6 +102,23 @@ async fn drivers_read_information_schema_and_unknown_questions_are_named() {
             ("line".into(), "character".into(), "YES".into()),
         ]
     );
+    // REALs are float8 in Describe and Execute, a column's or an
+    // expression's, and read back as numbers.
+    use tokio_postgres::types::Type;
+    let st = stg
+        .client
+        .prepare("SELECT rsb_rebate FROM rsb_codes")
+        .await
+        .expect("prepare");
+    assert_eq!(st.columns()[0].type_(), &Type::FLOAT8);
+    let row = stg
+        .client
+        .query_one("SELECT 3.0 AS x, 1.5e-7 AS y, 2 AS n", &[])
+        .await
+        .expect("expressions");
+    assert_eq!(row.get::<_, f64>(0), 3.0);
+    assert_eq!(row.get::<_, f64>(1), 1.5e-7);
+    assert_eq!(row.get::<_, i64>(2), 2);
     let (code, message) = refused(&stg, "SELECT * FROM pg_catalog.pg_stat_activity").await;
     assert!(
         message.contains("catalogue query is not supported"),

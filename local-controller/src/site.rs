@@ -1637,11 +1637,24 @@ impl SiteSession {
                 .collect::<Result<Vec<_>>>()?;
             rows.push(row);
         }
+        // An expression's type is what its rows hold when they agree (as
+        // `describe` finds it from the first), else the name's guess.
         let columns = keep
             .iter()
+            .enumerate()
             .zip(names)
-            .map(|(&i, name)| {
-                let kind = decls[i].unwrap_or_else(|| kind_of_expression(&name));
+            .map(|((k, &i), name)| {
+                let mut kinds = rows.iter().filter_map(|r| match &r[k] {
+                    Value::Float(_) => Some(Some(ColumnKind::Float)),
+                    Value::Int(_) => Some(Some(ColumnKind::Int)),
+                    Value::Text(_) => Some(None),
+                    Value::Null => None,
+                });
+                let first = kinds.next().flatten();
+                let held = first.filter(|f| kinds.all(|k| k == Some(*f)));
+                let kind = decls[i]
+                    .or(held)
+                    .unwrap_or_else(|| kind_of_expression(&name));
                 ResultColumn { name, kind }
             })
             .collect();
@@ -2171,16 +2184,42 @@ impl Session for SiteSession {
         } else {
             text.to_string()
         };
-        let stmt = self
+        let mut stmt = self
             .conn
             .prepare(&sql)
             .map_err(|e| engine_error(e.into()))?;
-        Ok(stmt
+        let decls: Vec<(usize, String, Option<ColumnKind>)> = stmt
             .columns()
-            .filter(|c| c.name() != STATUS_COLUMN)
-            .map(|c| ResultColumn {
-                name: c.name().to_string(),
-                kind: kind_of_decl(c.decl_type()).unwrap_or_else(|| kind_of_expression(c.name())),
+            .into_iter()
+            .enumerate()
+            .filter(|(_, c)| c.name() != STATUS_COLUMN)
+            .map(|(i, c)| (i, c.name().to_string(), kind_of_decl(c.decl_type())))
+            .collect();
+        // An expression has no declared type: a read-only statement's first
+        // row says what SQLite makes of it (`SELECT 3.0` is a REAL, so
+        // float8), before the name's guess.
+        let mut seen: BTreeMap<usize, ColumnKind> = BTreeMap::new();
+        if decls.iter().any(|d| d.2.is_none()) && stmt.readonly() {
+            if let Ok(mut rows) = stmt.query([]) {
+                if let Ok(Some(r)) = rows.next() {
+                    for (i, _, d) in &decls {
+                        let kind = match (d, r.get_ref(*i)) {
+                            (None, Ok(rusqlite::types::ValueRef::Real(_))) => ColumnKind::Float,
+                            (None, Ok(rusqlite::types::ValueRef::Integer(_))) => ColumnKind::Int,
+                            _ => continue,
+                        };
+                        seen.insert(*i, kind);
+                    }
+                }
+            }
+        }
+        Ok(decls
+            .into_iter()
+            .map(|(i, name, decl)| ResultColumn {
+                kind: decl
+                    .or_else(|| seen.get(&i).copied())
+                    .unwrap_or_else(|| kind_of_expression(&name)),
+                name,
             })
             .collect())
     }
