@@ -2190,7 +2190,6 @@ impl Session for SiteSession {
             .map_err(|e| engine_error(e.into()))?;
         let decls: Vec<(usize, String, Option<ColumnKind>)> = stmt
             .columns()
-            .into_iter()
             .enumerate()
             .filter(|(_, c)| c.name() != STATUS_COLUMN)
             .map(|(i, c)| (i, c.name().to_string(), kind_of_decl(c.decl_type())))
@@ -2199,18 +2198,18 @@ impl Session for SiteSession {
         // row says what SQLite makes of it (`SELECT 3.0` is a REAL, so
         // float8), before the name's guess.
         let mut seen: BTreeMap<usize, ColumnKind> = BTreeMap::new();
-        if decls.iter().any(|d| d.2.is_none()) && stmt.readonly() {
-            if let Ok(mut rows) = stmt.query([]) {
-                if let Ok(Some(r)) = rows.next() {
-                    for (i, _, d) in &decls {
-                        let kind = match (d, r.get_ref(*i)) {
-                            (None, Ok(rusqlite::types::ValueRef::Real(_))) => ColumnKind::Float,
-                            (None, Ok(rusqlite::types::ValueRef::Integer(_))) => ColumnKind::Int,
-                            _ => continue,
-                        };
-                        seen.insert(*i, kind);
-                    }
-                }
+        if decls.iter().any(|d| d.2.is_none())
+            && stmt.readonly()
+            && let Ok(mut rows) = stmt.query([])
+            && let Ok(Some(r)) = rows.next()
+        {
+            for (i, _, d) in &decls {
+                let kind = match (d, r.get_ref(*i)) {
+                    (None, Ok(rusqlite::types::ValueRef::Real(_))) => ColumnKind::Float,
+                    (None, Ok(rusqlite::types::ValueRef::Integer(_))) => ColumnKind::Int,
+                    _ => continue,
+                };
+                seen.insert(*i, kind);
             }
         }
         Ok(decls
