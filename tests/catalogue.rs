@@ -119,6 +119,22 @@ async fn drivers_read_information_schema_and_reals_and_unknown_questions_are_nam
     assert_eq!(row.get::<_, f64>(0), 3.0);
     assert_eq!(row.get::<_, f64>(1), 1.5e-7);
     assert_eq!(row.get::<_, i64>(2), 2);
+    // What drivers ask on connecting.
+    let mut stg = stg;
+    let (v, _) = run(&mut stg, "select pg_catalog.version()").await;
+    assert!(
+        v[0][0].as_deref().unwrap().starts_with("PostgreSQL 15"),
+        "{v:?}"
+    );
+    let (schema, _) = run(&mut stg, "select current_schema()").await;
+    assert_eq!(schema, vec![vec![Some("public".into())]]);
+    let (iso, _) = run(&mut stg, "show transaction isolation level").await;
+    assert_eq!(iso, vec![vec![Some("serializable".into())]]);
+    let (_, message) = refused(&stg, "SHOW work_mem").await;
+    assert!(
+        message.contains("unrecognized configuration parameter \"work_mem\""),
+        "{message}"
+    );
     let (code, message) = refused(&stg, "SELECT * FROM pg_catalog.pg_stat_activity").await;
     assert!(
         message.contains("catalogue query is not supported"),

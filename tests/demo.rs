@@ -250,6 +250,41 @@ with psycopg.connect("host=127.0.0.1 port={port} user=radiology password=snaps-d
         }
         _ => eprintln!("psycopg not run: pip install 'psycopg[binary]' to check it"),
     }
+    // SQLAlchemy's reflection reads the catalogue, when Python has it (CI
+    // installs it).
+    let script = format!(
+        r#"
+import sqlalchemy as sa
+engine = sa.create_engine("postgresql+psycopg://radiology:snaps-demo@127.0.0.1:{port}/STG")
+inspector = sa.inspect(engine)
+print("patient" in inspector.get_table_names())
+columns = {{c["name"]: c for c in inspector.get_columns("patient")}}
+print(columns["pno"]["nullable"], columns["surname"]["nullable"], columns["surname"]["type"].length)
+print("snaps_status" in columns)
+"#,
+        port = port + 2
+    );
+    match Command::new("python3")
+        .args(["-c", "import sqlalchemy, psycopg"])
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let out = Command::new("python3")
+                .args(["-c", &script])
+                .output()
+                .expect("python3");
+            assert!(
+                out.status.success(),
+                "sqlalchemy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "True\nFalse True 22\nFalse\n"
+            );
+        }
+        _ => eprintln!("SQLAlchemy not run: pip install sqlalchemy to check it"),
+    }
     stop(child);
 
     // A second run reuses the folder: no new data, the same patient.

@@ -1,6 +1,7 @@
 //! A PostgreSQL catalogue for tools: the queries psql's `\dt`, `\d`,
-//! `\d NAME`, `\dn` and `\l` send (and drivers' `information_schema.tables`
-//! and `.columns`) are answered from the site's own schema — its
+//! `\d NAME`, `\dn` and `\l` send, drivers' `information_schema.tables`
+//! and `.columns`, SQLAlchemy's table names and columns, `version()`,
+//! `current_schema()` and the `SHOW` settings drivers read are answered from the site's own schema — its
 //! application relations, their columns, types and keys, never SNAPS'
 //! status column or `snaps_` bookkeeping.
 //!
@@ -45,13 +46,28 @@ const ALWAYS_EMPTY: &[&str] = &[
 
 /// Whether `text` asks the PostgreSQL catalogue.
 pub(crate) fn asks(text: &str) -> bool {
+    static FUNCTIONS: OnceLock<Regex> = OnceLock::new();
     let lower = text.to_ascii_lowercase();
-    lower.contains("pg_catalog.") || lower.contains("information_schema.")
+    lower.trim_start().starts_with("show ")
+        || lower.contains("pg_catalog.")
+        || lower.contains("information_schema.")
+        || re(
+            &FUNCTIONS,
+            r"\b(current_schema|current_database|version)\s*\(|\b(from|join)\s+pg_[a-z_]+\b",
+        )
+        .is_match(&lower)
 }
 
 /// Answers a catalogue query from `catalog` (the site's application
 /// relations) for database `database`.
 pub(crate) fn answer(catalog: &Catalog, database: &str, text: &str) -> Result<Vec<Outcome>> {
+    if let Some(name) = text.trim_start().get(5..).filter(|_| {
+        text.trim_start()
+            .get(..5)
+            .is_some_and(|s| s.eq_ignore_ascii_case("show "))
+    }) {
+        return show(name);
+    }
     let conn = build(catalog, database)?;
     let sql = to_sqlite(text);
     match run(&conn, &sql) {
@@ -69,10 +85,51 @@ pub(crate) fn answer(catalog: &Catalog, database: &str, text: &str) -> Result<Ve
             }
             Err(Error::Invalid(format!(
                 "this PostgreSQL catalogue query is not supported by SNAPS' catalogue \
-                 (psql's \\d, \\dt, \\dn, \\l and information_schema.tables/columns are): {e}"
+                 (psql's \\d, \\dt, \\dn, \\l, information_schema.tables/columns and \
+                 SQLAlchemy's table names and columns are): {e}"
             )))
         }
     }
+}
+
+/// `SHOW name`: the settings drivers ask for, as a PostgreSQL 15 server
+/// over SQLite has them (SQLite's transactions are serializable).
+fn show(name: &str) -> Result<Vec<Outcome>> {
+    let name = name
+        .trim()
+        .trim_end_matches(';')
+        .trim()
+        .to_ascii_lowercase();
+    let (column, value) = match name.as_str() {
+        "transaction isolation level" | "transaction_isolation" => {
+            ("transaction_isolation", "serializable")
+        }
+        "default_transaction_isolation" => ("default_transaction_isolation", "serializable"),
+        "standard_conforming_strings" => ("standard_conforming_strings", "on"),
+        "server_version" => ("server_version", "15.0"),
+        "server_version_num" => ("server_version_num", "150000"),
+        "server_encoding" => ("server_encoding", "UTF8"),
+        "client_encoding" => ("client_encoding", "UTF8"),
+        "datestyle" => ("DateStyle", "ISO, MDY"),
+        "timezone" => ("TimeZone", "UTC"),
+        "search_path" => ("search_path", "public"),
+        "integer_datetimes" => ("integer_datetimes", "on"),
+        "max_identifier_length" => ("max_identifier_length", "63"),
+        other => {
+            return Err(Error::Invalid(format!(
+                "unrecognized configuration parameter \"{other}\" (SNAPS answers SHOW for the \
+                 settings drivers read: transaction isolation level, standard_conforming_strings, \
+                 server_version, client_encoding, DateStyle, TimeZone, search_path, ...)"
+            )));
+        }
+    };
+    Ok(vec![Outcome::Rows {
+        columns: vec![ResultColumn {
+            name: column.into(),
+            kind: ColumnKind::Text,
+        }],
+        rows: vec![vec![Value::Text(value.into())]],
+    }])
 }
 
 fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
@@ -88,7 +145,9 @@ fn to_sqlite(text: &str) -> String {
     static CAST: OnceLock<Regex> = OnceLock::new();
     static ESCAPE: OnceLock<Regex> = OnceLock::new();
     static INFO: OnceLock<Regex> = OnceLock::new();
-    let s = re(&OPERATOR, r"OPERATOR\(pg_catalog\.~\)").replace_all(text, " REGEXP ");
+    static ANY: OnceLock<Regex> = OnceLock::new();
+    let s = re(&ANY, r"(?i)=\s*ANY\s*\(\s*ARRAY\[([^\]]*)\]\s*\)").replace_all(text, " IN ($1)");
+    let s = re(&OPERATOR, r"OPERATOR\(pg_catalog\.~\)").replace_all(&s, " REGEXP ");
     let s = re(&NOT_MATCH, r"!~").replace_all(&s, " NOT REGEXP ");
     let s = re(&MATCH, r"\s~\s").replace_all(&s, " REGEXP ");
     let s = re(&COLLATE, r"(?i)COLLATE\s+pg_catalog\.\w+").replace_all(&s, "");
@@ -96,6 +155,7 @@ fn to_sqlite(text: &str) -> String {
     let s = re(&ESCAPE, r"E'\\n'").replace_all(&s, "char(10)");
     let s = re(&INFO, r"(?i)information_schema\.(\w+)").replace_all(&s, "information_schema_$1");
     s.replace("pg_catalog.", "")
+        .replace("json_build_object(", "json_object(")
 }
 
 /// The relation the outermost `FROM` of a query names first, if any.
@@ -142,35 +202,40 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
     conn.execute_batch(
         "CREATE TABLE pg_namespace (oid INTEGER, nspname TEXT, nspowner INTEGER, nspacl TEXT);
          CREATE TABLE pg_class (oid INTEGER, relname TEXT, relnamespace INTEGER, relkind TEXT,
-             relowner INTEGER, relam INTEGER, relchecks INTEGER, relhasindex TEXT, relhasrules TEXT,
-             relhastriggers TEXT, relrowsecurity TEXT, relforcerowsecurity TEXT,
-             relispartition TEXT, reltablespace INTEGER, reloftype INTEGER, relpersistence TEXT,
+             relowner INTEGER, relam INTEGER, relchecks INTEGER, relhasindex BOOL, relhasrules BOOL,
+             relhastriggers BOOL, relrowsecurity BOOL, relforcerowsecurity BOOL,
+             relispartition BOOL, reltablespace INTEGER, reloftype INTEGER, relpersistence TEXT,
              relreplident TEXT, reltoastrelid INTEGER, relpartbound TEXT, reltuples REAL, relacl TEXT);
          CREATE TABLE pg_am (oid INTEGER, amname TEXT);
          CREATE TABLE pg_type (oid INTEGER, typname TEXT, typnamespace INTEGER, typcollation INTEGER,
-             typlen INTEGER, typtype TEXT);
+             typlen INTEGER, typtype TEXT, typarray INTEGER, typdelim TEXT, typelem INTEGER,
+             typbasetype INTEGER, typnotnull BOOL, typtypmod INTEGER, typrelid INTEGER);
          CREATE TABLE pg_attribute (attrelid INTEGER, attname TEXT, atttypid INTEGER,
-             atttypmod INTEGER, attnum INTEGER, attnotnull TEXT, atthasdef TEXT,
-             attisdropped TEXT, attcollation INTEGER, attidentity TEXT, attgenerated TEXT);
+             atttypmod INTEGER, attnum INTEGER, attnotnull BOOL, atthasdef BOOL,
+             attisdropped BOOL, attcollation INTEGER, attidentity TEXT, attgenerated TEXT);
          CREATE TABLE pg_attrdef (oid INTEGER, adrelid INTEGER, adnum INTEGER, adbin TEXT);
-         CREATE TABLE pg_collation (oid INTEGER, collname TEXT);
-         CREATE TABLE pg_index (indexrelid INTEGER, indrelid INTEGER, indisprimary TEXT,
-             indisunique TEXT, indisclustered TEXT, indisvalid TEXT, indisreplident TEXT, indkey TEXT);
+         CREATE TABLE pg_collation (oid INTEGER, collname TEXT, collnamespace INTEGER);
+         CREATE TABLE pg_index (indexrelid INTEGER, indrelid INTEGER, indisprimary BOOL,
+             indisunique BOOL, indisclustered BOOL, indisvalid BOOL, indisreplident BOOL, indkey TEXT);
          CREATE TABLE pg_constraint (oid INTEGER, conname TEXT, conrelid INTEGER, conindid INTEGER,
-             contype TEXT, condeferrable TEXT, condeferred TEXT, connamespace INTEGER);
+             contype TEXT, condeferrable BOOL, condeferred BOOL, connamespace INTEGER);
          CREATE TABLE pg_database (oid INTEGER, datname TEXT, datdba INTEGER, encoding INTEGER,
              datcollate TEXT, datctype TEXT, daticulocale TEXT, datlocprovider TEXT, datacl TEXT);
          CREATE TABLE pg_roles (oid INTEGER, rolname TEXT);
-         CREATE TABLE pg_policy (polname TEXT, polpermissive TEXT, polroles TEXT, polqual TEXT,
+         CREATE TABLE pg_policy (polname TEXT, polpermissive BOOL, polroles TEXT, polqual TEXT,
              polwithcheck TEXT, polcmd TEXT, polrelid INTEGER);
          CREATE TABLE pg_statistic_ext (oid INTEGER, stxrelid INTEGER, stxnamespace INTEGER,
              stxname TEXT, stxkind TEXT, stxstattarget INTEGER);
-         CREATE TABLE pg_publication (oid INTEGER, pubname TEXT, puballtables TEXT);
+         CREATE TABLE pg_publication (oid INTEGER, pubname TEXT, puballtables BOOL);
          CREATE TABLE pg_publication_namespace (pnpubid INTEGER, pnnspid INTEGER);
          CREATE TABLE pg_publication_rel (prpubid INTEGER, prrelid INTEGER, prqual TEXT, prattrs TEXT);
          CREATE TABLE pg_inherits (inhrelid INTEGER, inhparent INTEGER, inhseqno INTEGER,
-             inhdetachpending TEXT);
+             inhdetachpending BOOL);
          CREATE TABLE pg_trigger (tgrelid INTEGER, tgname TEXT);
+         CREATE TABLE pg_sequence (seqrelid INTEGER, seqstart INTEGER, seqincrement INTEGER,
+             seqmin INTEGER, seqmax INTEGER, seqcache INTEGER, seqcycle BOOL);
+         CREATE TABLE pg_depend (classid INTEGER, objid INTEGER, objsubid INTEGER,
+             refclassid INTEGER, refobjid INTEGER, refobjsubid INTEGER, deptype TEXT);
          CREATE TABLE pg_rewrite (ev_class INTEGER, rulename TEXT);
          CREATE TABLE pg_description (objoid INTEGER, classoid INTEGER, objsubid INTEGER,
              description TEXT);
@@ -184,9 +249,12 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
              (13000, 'information_schema', 10, NULL);
          INSERT INTO pg_am VALUES (2, 'heap'), (403, 'btree');
          INSERT INTO pg_roles VALUES (10, 'snaps');
-         INSERT INTO pg_type VALUES (21, 'int2', 11, 0, 2, 'b'), (23, 'int4', 11, 0, 4, 'b'),
-             (700, 'float4', 11, 0, 4, 'b'), (1042, 'bpchar', 11, 100, -1, 'b'),
-             (25, 'text', 11, 100, -1, 'b');",
+         INSERT INTO pg_type VALUES
+             (21, 'int2', 11, 0, 2, 'b', 1005, ',', 0, 0, 'f', -1, 0),
+             (23, 'int4', 11, 0, 4, 'b', 1007, ',', 0, 0, 'f', -1, 0),
+             (700, 'float4', 11, 0, 4, 'b', 1021, ',', 0, 0, 'f', -1, 0),
+             (1042, 'bpchar', 11, 100, -1, 'b', 1014, ',', 0, 0, 'f', -1, 0),
+             (25, 'text', 11, 100, -1, 'b', 1009, ',', 0, 0, 'f', -1, 0);",
     )?;
     conn.execute(
         "INSERT INTO pg_database VALUES (1, ?1, 10, 6, 'C', 'C', NULL, 'c', NULL)",
@@ -274,7 +342,7 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
             constraintdefs.insert(index, format!("PRIMARY KEY ({cols})"));
         }
     }
-    define_functions(&conn, formats, indexdefs, constraintdefs)?;
+    define_functions(&conn, database, formats, indexdefs, constraintdefs)?;
     Ok(conn)
 }
 
@@ -282,6 +350,7 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
 /// database.
 fn define_functions(
     conn: &Connection,
+    database: &str,
     formats: HashMap<(i64, i64), String>,
     indexdefs: HashMap<i64, String>,
     constraintdefs: HashMap<i64, String>,
@@ -306,10 +375,39 @@ fn define_functions(
         Ok(constraintdefs.get(&ctx.get::<i64>(0)?).cloned())
     })?;
     conn.create_scalar_function("pg_get_userbyid", 1, flags, |_| Ok("snaps"))?;
-    conn.create_scalar_function("pg_table_is_visible", 1, flags, |_| Ok(true))?;
+    // Types by name: the few the catalogue has, else NULL (as for a type
+    // PostgreSQL does not know).
+    conn.create_scalar_function("to_regtype", 1, flags, |ctx| {
+        let name: Option<String> = ctx.get(0)?;
+        Ok(match name.as_deref() {
+            Some("int2" | "smallint") => Some(21),
+            Some("int4" | "integer") => Some(23),
+            Some("float4" | "real") => Some(700),
+            Some("bpchar" | "character") => Some(1042),
+            Some("text") => Some(25),
+            _ => None::<i64>,
+        })
+    })?;
+    for f in [
+        "pg_table_is_visible",
+        "pg_type_is_visible",
+        "pg_collation_is_visible",
+        "pg_function_is_visible",
+    ] {
+        conn.create_scalar_function(f, 1, flags, |_| Ok(true))?;
+    }
     conn.create_scalar_function("pg_encoding_to_char", 1, flags, |_| Ok("UTF8"))?;
     conn.create_scalar_function("pg_relation_is_publishable", 1, flags, |_| Ok(false))?;
     conn.create_scalar_function("current_schema", 0, flags, |_| Ok("public"))?;
+    let name = database.to_string();
+    conn.create_scalar_function("current_database", 0, flags, move |_| Ok(name.clone()))?;
+    conn.create_scalar_function("version", 0, flags, |_| {
+        Ok(format!(
+            "PostgreSQL 15.0 (SNAPS {} site endpoint over SQLite {})",
+            env!("CARGO_PKG_VERSION"),
+            rusqlite::version()
+        ))
+    })?;
     for n in 2..=3 {
         conn.create_scalar_function("pg_get_expr", n, flags, |_| Ok(None::<String>))?;
     }
@@ -317,6 +415,8 @@ fn define_functions(
         ctx.get::<Option<String>>(0)
     })?;
     conn.create_scalar_function("obj_description", 2, flags, |_| Ok(None::<String>))?;
+    // SNAPS' relations have no sequences: keys come from the site's range.
+    conn.create_scalar_function("pg_get_serial_sequence", 2, flags, |_| Ok(None::<String>))?;
     conn.create_scalar_function("col_description", 2, flags, |_| Ok(None::<String>))?;
     Ok(())
 }
@@ -326,10 +426,18 @@ fn run(conn: &Connection, sql: &str) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
     let mut batch = rusqlite::Batch::new(conn, sql);
     while let Some(mut stmt) = batch.next()? {
-        let columns: Vec<ResultColumn> = (0..stmt.column_count())
-            .map(|i| ResultColumn {
-                name: stmt.column_name(i).unwrap_or("?column?").to_string(),
-                kind: ColumnKind::Text,
+        // The catalogue's flags are declared BOOL and hold `t`/`f`: typed
+        // bool, so a driver reads `f` as false (a text `f` is a true string
+        // to Python).
+        let columns: Vec<ResultColumn> = stmt
+            .columns()
+            .map(|c| ResultColumn {
+                name: c.name().to_string(),
+                kind: if c.decl_type() == Some("BOOL") {
+                    ColumnKind::Bool
+                } else {
+                    ColumnKind::Text
+                },
             })
             .collect();
         let width = columns.len();

@@ -707,6 +707,7 @@ fn fields(columns: &[ResultColumn], formats: &Format) -> PgWireResult<Vec<FieldI
                 ColumnKind::Int => (Type::INT8, 8),
                 ColumnKind::Float => (Type::FLOAT8, 8),
                 ColumnKind::Text => (Type::TEXT, -1),
+                ColumnKind::Bool => (Type::BOOL, 1),
             };
             Ok(FieldInfo::new(column.name.clone(), None, None, ty, format).with_type_size(size))
         })
@@ -825,6 +826,7 @@ fn binary_value(value: &Value, column: &ResultColumn) -> PgWireResult<Vec<u8>> {
                     ColumnKind::Int => "int8",
                     ColumnKind::Float => "float8",
                     ColumnKind::Text => "text",
+                    ColumnKind::Bool => "bool",
                 }
             ),
         )
@@ -854,6 +856,12 @@ fn binary_value(value: &Value, column: &ResultColumn) -> PgWireResult<Vec<u8>> {
             f.to_be_bytes().to_vec()
         }
         ColumnKind::Text => text_value(value).into_bytes(),
+        ColumnKind::Bool => match value {
+            Value::Text(t) if t == "t" => vec![1],
+            Value::Text(t) if t == "f" => vec![0],
+            Value::Int(i) => vec![u8::from(*i != 0)],
+            _ => return Err(mismatch()),
+        },
     })
 }
 

@@ -15,6 +15,9 @@ pub enum ColumnKind {
     Float,
     /// Text (`text`).
     Text,
+    /// A truth value (`bool`), held as the text `t` or `f` (the PostgreSQL
+    /// catalogue's flags).
+    Bool,
 }
 
 /// A result column.
