@@ -556,8 +556,16 @@ pub struct SiteBenchReport {
     pub patients: usize,
     /// The covered query.
     pub query: String,
-    /// Baseline (SQLite directly), then through the SQL endpoint.
+    /// Baseline (SQLite directly), then through the SQL endpoint, then
+    /// PostgreSQL with the same tuples.
     pub rates: Vec<Rate>,
+    /// The one-tuple query by key: the fixed cost of a statement, in the
+    /// same three places.
+    pub point_query: String,
+    /// Its rates, baseline first.
+    pub point: Vec<Rate>,
+    /// Why PostgreSQL was not measured, when it was not.
+    pub postgres_missing: Option<String>,
     /// First lookups: bytes on the wire against the raw size of the tuples
     /// they brought.
     pub lookups: Bytes,
@@ -573,6 +581,13 @@ impl fmt::Display for SiteBenchReport {
         writeln!(f, "covered query: {}", self.query)?;
         writeln!(f)?;
         write_rates(f, &self.rates)?;
+        writeln!(f)?;
+        writeln!(f, "one tuple by key: {}", self.point_query)?;
+        writeln!(f)?;
+        write_rates(f, &self.point)?;
+        if let Some(why) = &self.postgres_missing {
+            writeln!(f, "PostgreSQL baseline not measured: {why}")?;
+        }
         let b = &self.lookups;
         let t = b.tuples.max(1) as f64;
         writeln!(f)?;
@@ -586,6 +601,64 @@ impl fmt::Display for SiteBenchReport {
             b.wire as f64 / b.raw.max(1) as f64
         )
     }
+}
+
+/// Times `query` straight on a SQLite connection, reading every value of
+/// every row: the rate and the rows read.
+fn rate_direct(
+    conn: &rusqlite::Connection,
+    query: &str,
+    times: usize,
+    what: &str,
+) -> Result<(Rate, usize)> {
+    let started = Instant::now();
+    let mut rows = 0;
+    for _ in 0..times {
+        let mut stmt = conn.prepare_cached(query)?;
+        let width = stmt.column_count();
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            for i in 0..width {
+                std::hint::black_box(r.get_ref(i)?);
+            }
+            rows += 1;
+        }
+    }
+    Ok((
+        Rate {
+            what: what.into(),
+            count: times,
+            elapsed: started.elapsed(),
+        },
+        rows,
+    ))
+}
+
+/// Times `query` through a PostgreSQL-protocol client (simple protocol):
+/// the rate and the rows returned.
+async fn rate_simple(
+    client: &tokio_postgres::Client,
+    query: &str,
+    times: usize,
+    what: &str,
+) -> Result<(Rate, usize)> {
+    let started = Instant::now();
+    let mut rows = 0;
+    for _ in 0..times {
+        for m in client.simple_query(query).await? {
+            if let tokio_postgres::SimpleQueryMessage::Row(_) = m {
+                rows += 1;
+            }
+        }
+    }
+    Ok((
+        Rate {
+            what: what.into(),
+            count: times,
+            elapsed: started.elapsed(),
+        },
+        rows,
+    ))
 }
 
 /// Runs `snaps bench site`.
@@ -661,45 +734,135 @@ pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
     client.simple_query(&query).await?;
     let fetches = stat("global_fetches")?;
     let direct = rusqlite::Connection::open(&stg.database)?;
-    let started = Instant::now();
-    let mut rows_direct = 0;
-    for _ in 0..opts.queries {
-        let mut stmt = direct.prepare_cached(&query)?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {
-            rows_direct += 1;
-        }
-    }
-    let baseline = Rate {
-        what: "baseline: the query on the site's SQLite file directly".into(),
-        count: opts.queries,
-        elapsed: started.elapsed(),
-    };
-    let started = Instant::now();
-    let mut rows_snaps = 0;
-    for _ in 0..opts.queries {
-        for m in client.simple_query(&query).await? {
-            if let tokio_postgres::SimpleQueryMessage::Row(_) = m {
-                rows_snaps += 1;
-            }
-        }
-    }
-    let through = Rate {
-        what: "the query through the SQL endpoint (covered)".into(),
-        count: opts.queries,
-        elapsed: started.elapsed(),
-    };
+    let (baseline, rows_direct) = rate_direct(
+        &direct,
+        &query,
+        opts.queries,
+        "baseline: the query on the site's SQLite file directly",
+    )?;
+    let (through, rows_snaps) = rate_simple(
+        &client,
+        &query,
+        opts.queries,
+        "the query through the SQL endpoint (covered)",
+    )
+    .await?;
     if rows_snaps != rows_direct {
         bail!("the endpoint returned {rows_snaps} rows, SQLite {rows_direct}");
     }
-    if stat("global_fetches")? != fetches {
-        bail!("the covered query fetched from the global controller");
+    // One tuple by its key (the site's own patient): what a statement
+    // costs whatever it reads.
+    let pno = data["STG"]["patient"]
+        .first()
+        .and_then(|r| r.first())
+        .context("STG has no patients")?
+        .clone();
+    let point_query =
+        format!("SELECT pno, surname, first_names, dob FROM patient WHERE pno = {pno}");
+    let (point_direct, _) = rate_direct(
+        &direct,
+        &point_query,
+        opts.queries,
+        "baseline: the query on the site's SQLite file directly",
+    )?;
+    let (point_through, point_rows) = rate_simple(
+        &client,
+        &point_query,
+        opts.queries,
+        "the query through the SQL endpoint (covered)",
+    )
+    .await?;
+    if point_rows != opts.queries {
+        bail!(
+            "the one-tuple query returned {point_rows} rows in {} runs",
+            opts.queries
+        );
     }
+    if stat("global_fetches")? != fetches {
+        bail!("the covered queries fetched from the global controller");
+    }
+    let mut rates = vec![baseline, through];
+    let mut point = vec![point_direct, point_through];
+
+    // PostgreSQL with the same tuples (the site's patients and copies),
+    // indexed on the key and the surname, over the same kind of loopback
+    // connection (simple protocol, no TLS).
+    let postgres_missing = match crate::pg_server::PgServer::start() {
+        Err(e) => Some(format!("{e:#}")),
+        Ok(pg) => {
+            let (pc, pconn) =
+                tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls).await?;
+            let task = tokio::spawn(pconn);
+            pc.batch_execute(
+                "CREATE TABLE patient (pno integer PRIMARY KEY, surname varchar(22), \
+                 first_names varchar(24), dob integer); CREATE INDEX ON patient (surname)",
+            )
+            .await?;
+            let tuples: Vec<String> = {
+                let mut stmt =
+                    direct.prepare("SELECT pno, surname, first_names, dob FROM patient")?;
+                let quote = |v: Option<String>| {
+                    v.map_or("NULL".to_string(), |t| {
+                        format!("'{}'", t.replace('\'', "''"))
+                    })
+                };
+                stmt.query_map([], |r| {
+                    Ok(format!(
+                        "({}, {}, {}, {})",
+                        r.get::<_, i64>(0)?,
+                        quote(r.get(1)?),
+                        quote(r.get(2)?),
+                        r.get::<_, Option<i64>>(3)?
+                            .map_or("NULL".into(), |d| d.to_string())
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?
+            };
+            for chunk in tuples.chunks(500) {
+                pc.batch_execute(&format!("INSERT INTO patient VALUES {}", chunk.join(", ")))
+                    .await?;
+            }
+            pc.batch_execute("ANALYZE patient").await?;
+            // `postgres (PostgreSQL) 15.18 (Debian ...)` → `PostgreSQL 15.18`.
+            let version = pg.version();
+            let name = version
+                .split_whitespace()
+                .skip_while(|w| *w != "(PostgreSQL)")
+                .nth(1)
+                .map_or("PostgreSQL".to_string(), |v| format!("PostgreSQL {v}"));
+            let (r, rows) = rate_simple(
+                &pc,
+                &query,
+                opts.queries,
+                &format!("{name}: the same query, the same tuples"),
+            )
+            .await?;
+            if rows != rows_direct {
+                bail!("PostgreSQL returned {rows} rows, SQLite {rows_direct}");
+            }
+            rates.push(r);
+            let (r, _) = rate_simple(
+                &pc,
+                &point_query,
+                opts.queries,
+                &format!("{name}: the same query, the same tuples"),
+            )
+            .await?;
+            point.push(r);
+            drop(pc);
+            task.abort();
+            pg.stop()?;
+            None
+        }
+    };
     net.stop().await?;
     Ok(SiteBenchReport {
         patients: opts.patients,
         query,
-        rates: vec![baseline, through],
+        rates,
+        point_query,
+        point,
+        postgres_missing,
         lookups,
     })
 }

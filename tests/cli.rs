@@ -396,6 +396,13 @@ fn bench_site_runs_and_reports_ratios() {
         out.contains("first lookup of another site's patient (by pno): 10 tuples"),
         "{out}"
     );
+    // The fixed cost of a statement, beside PostgreSQL's own (CI has it).
+    assert!(out.contains("one tuple by key: SELECT"), "{out}");
+    assert!(
+        out.contains(": the same query, the same tuples")
+            || out.contains("PostgreSQL baseline not measured: "),
+        "{out}"
+    );
 }
 
 #[test]

@@ -742,6 +742,25 @@ fn format_at(
 /// stored is what the client sees; binary format must match the column's
 /// declared type byte for byte, so values are converted where that is exact
 /// and refused otherwise.
+/// `i` in decimal, written into the end of `buf`.
+fn int_text(i: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = i.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if i < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    &buf[at..]
+}
+
 fn data_row(
     columns: &[ResultColumn],
     formats: &[FieldFormat],
@@ -760,18 +779,34 @@ fn data_row(
             data.put_i32(-1);
             continue;
         }
-        let bytes = match format {
-            FieldFormat::Text => text_value(value).into_bytes(),
-            FieldFormat::Binary => binary_value(value, column)?,
-        };
-        let length = i32::try_from(bytes.len()).map_err(|_| {
+        let too_long = || {
             error(
                 "54000",
                 format!("value of column {} is too long", column.name),
             )
-        })?;
-        data.put_i32(length);
-        data.put_slice(&bytes);
+        };
+        // Text and integers in text format go straight into the row, without
+        // a string of their own: most values of most rows are these.
+        match (format, value) {
+            (FieldFormat::Text, Value::Text(t)) => {
+                data.put_i32(i32::try_from(t.len()).map_err(|_| too_long())?);
+                data.put_slice(t.as_bytes());
+            }
+            (FieldFormat::Text, Value::Int(i)) => {
+                let mut digits = [0u8; 20];
+                let text = int_text(*i, &mut digits);
+                data.put_i32(text.len() as i32);
+                data.put_slice(text);
+            }
+            _ => {
+                let bytes = match format {
+                    FieldFormat::Text => text_value(value).into_bytes(),
+                    FieldFormat::Binary => binary_value(value, column)?,
+                };
+                data.put_i32(i32::try_from(bytes.len()).map_err(|_| too_long())?);
+                data.put_slice(&bytes);
+            }
+        }
     }
     // `fields` already checked the column count fits.
     let count = i16::try_from(columns.len()).unwrap_or(i16::MAX);
@@ -1281,6 +1316,14 @@ mod tests {
             literal(1, None, text, Some(b"\xff")).unwrap_err().sqlstate,
             "22021"
         );
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for i in [0, 7, -7, 10, 19880101, i64::MAX, i64::MIN] {
+            let mut buf = [0u8; 20];
+            assert_eq!(int_text(i, &mut buf), i.to_string().as_bytes());
+        }
     }
 
     #[test]
