@@ -256,15 +256,25 @@ impl Site {
             }
             return Ok(did);
         }
-        let done = self.distribute(&mut conn, epoch, &mut did);
-        let bytes = self.wire_bytes().saturating_sub(wire) as i64;
+        let mut counted = wire;
+        let done = self.distribute(&mut conn, epoch, &mut did, &mut counted);
+        let bytes = self.wire_bytes().saturating_sub(counted) as i64;
         Site::bump(&conn, &[("refresh_distribute_bytes", bytes)])?;
         done.map(|()| did)
     }
 
     /// Distribute (or catch up): apply, re-run, drop what nothing selects,
-    /// acknowledge — each step only if not done before.
-    fn distribute(&self, conn: &mut Connection, epoch: u64, did: &mut SiteEpoch) -> Result<()> {
+    /// acknowledge — each step only if not done before. The bytes the
+    /// distribution cost are counted before the acknowledgement (from
+    /// `counted`, which moves on), so whoever sees the epoch closed sees
+    /// them too.
+    fn distribute(
+        &self,
+        conn: &mut Connection,
+        epoch: u64,
+        did: &mut SiteEpoch,
+        counted: &mut u64,
+    ) -> Result<()> {
         if meta_epoch(conn, APPLIED)? < epoch {
             self.apply(conn, did)?;
         }
@@ -279,6 +289,15 @@ impl Site {
             *self.definitions.write() = crate::site::read_definitions(conn)?;
             self.drop_unmatched(conn, did)?;
             self.release(conn, did)?;
+            let now = self.wire_bytes();
+            Site::bump(
+                conn,
+                &[(
+                    "refresh_distribute_bytes",
+                    now.saturating_sub(*counted) as i64,
+                )],
+            )?;
+            *counted = now;
             self.remote(|c| async move { c.acknowledge(applied).await })?;
             set_meta(conn, ACKED, applied)?;
             Site::bump(conn, &[("refresh_epochs", 1)])?;
