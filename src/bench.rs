@@ -578,6 +578,10 @@ impl fmt::Display for SiteBenchReport {
             "site STG of the radiology network, {} patients per site",
             self.patients
         )?;
+        writeln!(
+            f,
+            "timed over TLS on loopback, one connection, simple protocol; SQLite reads every value"
+        )?;
         writeln!(f, "covered query: {}", self.query)?;
         writeln!(f)?;
         write_rates(f, &self.rates)?;
@@ -728,6 +732,46 @@ pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
         json: 0,
     };
 
+    // The timed queries go over TLS, to a second endpoint of STG that
+    // requires it (the first served the lookups above in plain text, so
+    // their bytes are the protocol's own).
+    let certs = dir.path().join("certs");
+    crate::localnet::issue_certificates(&certs, &network)?;
+    let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tls_port = tls_listener.local_addr()?.port();
+    let (stop_tls, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tls_endpoint = tokio::spawn(snaps_local::endpoint::serve(
+        std::sync::Arc::new(snaps_local::site::SiteEngine(stg.site.clone())),
+        snaps_local::endpoint::Login::Trust,
+        Some(snaps_local::endpoint::SqlTls::from_dir(
+            &certs.join("STG-sql"),
+            true,
+        )?),
+        tls_listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let tls_client_config =
+        snaps_proto::tls::Credentials::in_dir(certs.join("STG-sql")).sql_client_config()?;
+    let connect_tls = |conninfo: String| {
+        let config = (*tls_client_config).clone();
+        async move {
+            let (client, conn) = tokio_postgres::connect(
+                &conninfo,
+                tokio_postgres_rustls::MakeRustlsConnect::new(config),
+            )
+            .await?;
+            tokio::spawn(conn);
+            anyhow::Ok(client)
+        }
+    };
+    let client = connect_tls(format!(
+        "host=127.0.0.1 port={tls_port} user=bench sslmode=require"
+    ))
+    .await
+    .context("connect to STG's endpoint over TLS")?;
+
     // A covered query: Smiths born after 1950, asked once to fetch, then
     // timed through the endpoint and straight on the same SQLite file.
     let query = "SELECT pno, surname, first_names, dob FROM patient WHERE surname = 'Smith' AND dob > 19500101".to_string();
@@ -786,75 +830,78 @@ pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
 
     // PostgreSQL with the same tuples (the site's patients and copies),
     // indexed on the key and the surname, over the same kind of loopback
-    // connection (simple protocol, no TLS).
-    let postgres_missing = match crate::pg_server::PgServer::start() {
-        Err(e) => Some(format!("{e:#}")),
-        Ok(pg) => {
-            let (pc, pconn) =
-                tokio_postgres::connect(&pg.conninfo("postgres"), tokio_postgres::NoTls).await?;
-            let task = tokio::spawn(pconn);
-            pc.batch_execute(
-                "CREATE TABLE patient (pno integer PRIMARY KEY, surname varchar(22), \
+    // connection (simple protocol, TLS with the same certificate).
+    let sql_cert = snaps_proto::tls::Credentials::in_dir(certs.join("STG-sql"));
+    let postgres_missing =
+        match crate::pg_server::PgServer::start_tls(&sql_cert.cert, &sql_cert.key) {
+            Err(e) => Some(format!("{e:#}")),
+            Ok(pg) => {
+                let pc = connect_tls(format!("{} sslmode=require", pg.conninfo("postgres")))
+                    .await
+                    .context("connect to PostgreSQL over TLS")?;
+                pc.batch_execute(
+                    "CREATE TABLE patient (pno integer PRIMARY KEY, surname varchar(22), \
                  first_names varchar(24), dob integer); CREATE INDEX ON patient (surname)",
-            )
-            .await?;
-            let tuples: Vec<String> = {
-                let mut stmt =
-                    direct.prepare("SELECT pno, surname, first_names, dob FROM patient")?;
-                let quote = |v: Option<String>| {
-                    v.map_or("NULL".to_string(), |t| {
-                        format!("'{}'", t.replace('\'', "''"))
-                    })
+                )
+                .await?;
+                let tuples: Vec<String> = {
+                    let mut stmt =
+                        direct.prepare("SELECT pno, surname, first_names, dob FROM patient")?;
+                    let quote = |v: Option<String>| {
+                        v.map_or("NULL".to_string(), |t| {
+                            format!("'{}'", t.replace('\'', "''"))
+                        })
+                    };
+                    stmt.query_map([], |r| {
+                        Ok(format!(
+                            "({}, {}, {}, {})",
+                            r.get::<_, i64>(0)?,
+                            quote(r.get(1)?),
+                            quote(r.get(2)?),
+                            r.get::<_, Option<i64>>(3)?
+                                .map_or("NULL".into(), |d| d.to_string())
+                        ))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?
                 };
-                stmt.query_map([], |r| {
-                    Ok(format!(
-                        "({}, {}, {}, {})",
-                        r.get::<_, i64>(0)?,
-                        quote(r.get(1)?),
-                        quote(r.get(2)?),
-                        r.get::<_, Option<i64>>(3)?
-                            .map_or("NULL".into(), |d| d.to_string())
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?
-            };
-            for chunk in tuples.chunks(500) {
-                pc.batch_execute(&format!("INSERT INTO patient VALUES {}", chunk.join(", ")))
-                    .await?;
+                for chunk in tuples.chunks(500) {
+                    pc.batch_execute(&format!("INSERT INTO patient VALUES {}", chunk.join(", ")))
+                        .await?;
+                }
+                pc.batch_execute("ANALYZE patient").await?;
+                // `postgres (PostgreSQL) 15.18 (Debian ...)` → `PostgreSQL 15.18`.
+                let version = pg.version();
+                let name = version
+                    .split_whitespace()
+                    .skip_while(|w| *w != "(PostgreSQL)")
+                    .nth(1)
+                    .map_or("PostgreSQL".to_string(), |v| format!("PostgreSQL {v}"));
+                let (r, rows) = rate_simple(
+                    &pc,
+                    &query,
+                    opts.queries,
+                    &format!("{name}: the same query, the same tuples"),
+                )
+                .await?;
+                if rows != rows_direct {
+                    bail!("PostgreSQL returned {rows} rows, SQLite {rows_direct}");
+                }
+                rates.push(r);
+                let (r, _) = rate_simple(
+                    &pc,
+                    &point_query,
+                    opts.queries,
+                    &format!("{name}: the same query, the same tuples"),
+                )
+                .await?;
+                point.push(r);
+                drop(pc);
+                pg.stop()?;
+                None
             }
-            pc.batch_execute("ANALYZE patient").await?;
-            // `postgres (PostgreSQL) 15.18 (Debian ...)` → `PostgreSQL 15.18`.
-            let version = pg.version();
-            let name = version
-                .split_whitespace()
-                .skip_while(|w| *w != "(PostgreSQL)")
-                .nth(1)
-                .map_or("PostgreSQL".to_string(), |v| format!("PostgreSQL {v}"));
-            let (r, rows) = rate_simple(
-                &pc,
-                &query,
-                opts.queries,
-                &format!("{name}: the same query, the same tuples"),
-            )
-            .await?;
-            if rows != rows_direct {
-                bail!("PostgreSQL returned {rows} rows, SQLite {rows_direct}");
-            }
-            rates.push(r);
-            let (r, _) = rate_simple(
-                &pc,
-                &point_query,
-                opts.queries,
-                &format!("{name}: the same query, the same tuples"),
-            )
-            .await?;
-            point.push(r);
-            drop(pc);
-            task.abort();
-            pg.stop()?;
-            None
-        }
-    };
+        };
+    let _ = stop_tls.send(());
+    tls_endpoint.abort();
     net.stop().await?;
     Ok(SiteBenchReport {
         patients: opts.patients,

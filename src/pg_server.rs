@@ -90,6 +90,16 @@ impl PgServer {
     /// Creates a cluster (trust authentication, user `postgres`) and starts
     /// it on a free port.
     pub fn start() -> Result<PgServer> {
+        PgServer::start_with(None)
+    }
+
+    /// As [`PgServer::start`], also offering TLS with the certificate and
+    /// key in `tls` (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Result<PgServer> {
+        PgServer::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> Result<PgServer> {
         let bin = find_binaries()?;
         let dir = tempfile::Builder::new().prefix("snaps-pg-").tempdir()?;
         let run_as = if is_root() {
@@ -127,10 +137,31 @@ impl PgServer {
                 "--no-sync".as_ref(),
             ],
         )?;
-        let options = format!(
+        let mut options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
             server.dir.path().display()
         );
+        if let Some((cert, key)) = tls {
+            // The server reads them as its own user, the key private to it.
+            let (c, k) = (
+                server.dir.path().join("server.crt"),
+                server.dir.path().join("server.key"),
+            );
+            std::fs::copy(cert, &c).with_context(|| format!("copy {}", cert.display()))?;
+            std::fs::copy(key, &k).with_context(|| format!("copy {}", key.display()))?;
+            std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if server.run_as.is_some() {
+                let (uid, gid) = user_ids("postgres").context("no user postgres")?;
+                for f in [&c, &k] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid))?;
+                }
+            }
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                c.display(),
+                k.display()
+            ));
+        }
         let log = server.dir.path().join("log");
         server.run(
             "pg_ctl",

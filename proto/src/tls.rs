@@ -182,6 +182,19 @@ impl Credentials {
         Ok(Arc::new(config))
     }
 
+    /// A SQL client of a site's endpoint (or of any server with a
+    /// certificate from the CA): trusts only the CA, presents nothing
+    /// (the login is SCRAM's).
+    pub fn sql_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let provider = Arc::new(ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
     /// A site's SQL endpoint: presents this certificate and asks for none
     /// (SQL clients log in with SCRAM); ALPN `postgresql`, which clients
     /// opening TLS directly (PostgreSQL 17's `sslnegotiation=direct`) send.
