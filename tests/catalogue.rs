@@ -1,5 +1,6 @@
 //! The PostgreSQL catalogue a site answers for tools: the queries psql 15
-//! sends for `\dt`, `\d`, `\d patient`, `\dn` and `\l` (captured with
+//! sends for `\dt`, `\dt+`, `\d`, `\d patient`, `\d+ patient`, `\df`,
+//! `\dn` and `\l` (captured with
 //! `psql -E` against PostgreSQL 15, in `fixtures/psql15/`), and the
 //! `information_schema` drivers read, answered from the site's own schema —
 //! never SNAPS' status column or bookkeeping.
@@ -65,6 +66,25 @@ async fn psqls_catalogue_queries_describe_the_sites_own_schema() {
     for n in [2, 5, 6, 7, 8, 9] {
         run(&mut stg, &at(n)).await;
     }
+
+    // \d+ patient: the same, with storage and the rest.
+    let plus = |n: usize| query(&format!("d_plus_{n}")).replace("{oid}", &oid);
+    let (found_plus, _) = run(&mut stg, &query("d_plus_1")).await;
+    assert_eq!(found_plus, found);
+    for n in 2..=9 {
+        run(&mut stg, &plus(n)).await;
+    }
+    let (detail, _) = run(&mut stg, &plus(3)).await;
+    let surname = detail
+        .iter()
+        .find(|r| r[0].as_deref() == Some("surname"))
+        .expect("surname");
+    assert_eq!(surname[7].as_deref(), Some("x"), "text is stored extended");
+    // \dt+ lists the same tables; \df lists no functions.
+    let (tables_plus, _) = run(&mut stg, &query("dt_plus_1")).await;
+    assert_eq!(tables_plus.len(), tables.len());
+    let (functions, _) = run(&mut stg, &query("df_1")).await;
+    assert!(functions.is_empty(), "{functions:?}");
 
     // \dn and \l.
     let (schemas, _) = run(&mut stg, &query("dn_1")).await;

@@ -1,5 +1,5 @@
-//! A PostgreSQL catalogue for tools: the queries psql's `\dt`, `\d`,
-//! `\d NAME`, `\dn` and `\l` send, drivers' `information_schema.tables`
+//! A PostgreSQL catalogue for tools: the queries psql's `\dt`, `\dt+`,
+//! `\d`, `\d NAME`, `\d+ NAME`, `\df`, `\di`, `\dn` and `\l` send, drivers' `information_schema.tables`
 //! and `.columns`, SQLAlchemy's table names and columns, `version()`,
 //! `current_schema()` and the `SHOW` settings drivers read are answered from the site's own schema — its
 //! application relations, their columns, types and keys, never SNAPS'
@@ -85,7 +85,7 @@ pub(crate) fn answer(catalog: &Catalog, database: &str, text: &str) -> Result<Ve
             }
             Err(Error::Invalid(format!(
                 "this PostgreSQL catalogue query is not supported by SNAPS' catalogue \
-                 (psql's \\d, \\dt, \\dn, \\l, information_schema.tables/columns and \
+                 (psql's \\d, \\d+, \\dt, \\dt+, \\df, \\dn, \\l, information_schema.tables/columns and \
                  SQLAlchemy's table names and columns are): {e}"
             )))
         }
@@ -146,7 +146,14 @@ fn to_sqlite(text: &str) -> String {
     static ESCAPE: OnceLock<Regex> = OnceLock::new();
     static INFO: OnceLock<Regex> = OnceLock::new();
     static ANY: OnceLock<Regex> = OnceLock::new();
-    let s = re(&ANY, r"(?i)=\s*ANY\s*\(\s*ARRAY\[([^\]]*)\]\s*\)").replace_all(text, " IN ($1)");
+    static TOAST: OnceLock<Regex> = OnceLock::new();
+    // psql's `\d+` appends a TOAST table's options, which SQLite has not.
+    let text = re(
+        &TOAST,
+        r"(?i)\|\|\s*array\(select [^()]*unnest\([^()]*\)[^()]*\)",
+    )
+    .replace_all(text, "");
+    let s = re(&ANY, r"(?i)=\s*ANY\s*\(\s*ARRAY\[([^\]]*)\]\s*\)").replace_all(&text, " IN ($1)");
     let s = re(&OPERATOR, r"OPERATOR\(pg_catalog\.~\)").replace_all(&s, " REGEXP ");
     let s = re(&NOT_MATCH, r"!~").replace_all(&s, " NOT REGEXP ");
     let s = re(&MATCH, r"\s~\s").replace_all(&s, " REGEXP ");
@@ -205,14 +212,17 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
              relowner INTEGER, relam INTEGER, relchecks INTEGER, relhasindex BOOL, relhasrules BOOL,
              relhastriggers BOOL, relrowsecurity BOOL, relforcerowsecurity BOOL,
              relispartition BOOL, reltablespace INTEGER, reloftype INTEGER, relpersistence TEXT,
-             relreplident TEXT, reltoastrelid INTEGER, relpartbound TEXT, reltuples REAL, relacl TEXT);
+             relreplident TEXT, reltoastrelid INTEGER, relpartbound TEXT, reltuples REAL, relacl TEXT,
+             reloptions TEXT);
          CREATE TABLE pg_am (oid INTEGER, amname TEXT);
          CREATE TABLE pg_type (oid INTEGER, typname TEXT, typnamespace INTEGER, typcollation INTEGER,
              typlen INTEGER, typtype TEXT, typarray INTEGER, typdelim TEXT, typelem INTEGER,
              typbasetype INTEGER, typnotnull BOOL, typtypmod INTEGER, typrelid INTEGER);
          CREATE TABLE pg_attribute (attrelid INTEGER, attname TEXT, atttypid INTEGER,
              atttypmod INTEGER, attnum INTEGER, attnotnull BOOL, atthasdef BOOL,
-             attisdropped BOOL, attcollation INTEGER, attidentity TEXT, attgenerated TEXT);
+             attisdropped BOOL, attcollation INTEGER, attidentity TEXT, attgenerated TEXT,
+             attstorage TEXT, attcompression TEXT, attstattarget INTEGER);
+         CREATE TABLE pg_proc (oid INTEGER, proname TEXT, pronamespace INTEGER, prokind TEXT);
          CREATE TABLE pg_attrdef (oid INTEGER, adrelid INTEGER, adnum INTEGER, adbin TEXT);
          CREATE TABLE pg_collation (oid INTEGER, collname TEXT, collnamespace INTEGER);
          CREATE TABLE pg_index (indexrelid INTEGER, indrelid INTEGER, indisprimary BOOL,
@@ -271,7 +281,7 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
         let keyed = !r.key.is_empty();
         conn.execute(
             "INSERT INTO pg_class VALUES (?1, ?2, ?3, 'r', 10, 2, 0, ?4, 'f', 'f', 'f', 'f', 'f', 0, 0,
-                 'p', 'd', 0, NULL, -1, NULL)",
+                 'p', 'd', 0, NULL, -1, NULL, NULL)",
             params![rel, r.name, PUBLIC, if keyed { "t" } else { "f" }],
         )?;
         conn.execute(
@@ -289,14 +299,15 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
                 },
             );
             conn.execute(
-                "INSERT INTO pg_attribute VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'f', 'f', 0, '', '')",
+                "INSERT INTO pg_attribute VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'f', 'f', 0, '', '', ?7, '', -1)",
                 params![
                     rel,
                     a.name,
                     ty,
                     typmod,
                     i as i64 + 1,
-                    if not_null { "t" } else { "f" }
+                    if not_null { "t" } else { "f" },
+                    if matches!(a.ty, ValueType::Char(_)) { "x" } else { "p" }
                 ],
             )?;
             let length = match a.ty {
@@ -320,7 +331,7 @@ fn build(catalog: &Catalog, database: &str) -> Result<Connection> {
             let ix = format!("{}_pkey", r.name);
             conn.execute(
                 "INSERT INTO pg_class VALUES (?1, ?2, ?3, 'i', 10, 403, 0, 'f', 'f', 'f', 'f', 'f', 'f',
-                     0, 0, 'p', 'n', 0, NULL, -1, NULL)",
+                     0, 0, 'p', 'n', 0, NULL, -1, NULL, NULL)",
                 params![index, ix, PUBLIC],
             )?;
             conn.execute(
@@ -415,6 +426,18 @@ fn define_functions(
         ctx.get::<Option<String>>(0)
     })?;
     conn.create_scalar_function("obj_description", 2, flags, |_| Ok(None::<String>))?;
+    // Sizes and function signatures SNAPS does not keep: unknown (NULL).
+    for (f, n) in [
+        ("pg_table_size", 1),
+        ("pg_relation_size", 1),
+        ("pg_total_relation_size", 1),
+        ("pg_indexes_size", 1),
+        ("pg_size_pretty", 1),
+        ("pg_get_function_result", 1),
+        ("pg_get_function_arguments", 1),
+    ] {
+        conn.create_scalar_function(f, n, flags, |_| Ok(None::<String>))?;
+    }
     // SNAPS' relations have no sequences: keys come from the site's range.
     conn.create_scalar_function("pg_get_serial_sequence", 2, flags, |_| Ok(None::<String>))?;
     conn.create_scalar_function("col_description", 2, flags, |_| Ok(None::<String>))?;
