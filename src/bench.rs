@@ -247,8 +247,7 @@ fn as_sent(req: &v1::FetchRequest, global: &Catalog) -> v1::FetchRequest {
 
 /// Runs the benchmark.
 pub async fn bench_global(opts: &GlobalBenchOptions) -> Result<GlobalBenchReport> {
-    let network = NetworkConfig::load(&opts.network)
-        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let network = crate::fixtures::load_network(&opts.network)?;
     let global = network.global_catalog()?;
     for code in ["CPH", "STG", "GRC"] {
         network.site(code).with_context(
@@ -667,8 +666,7 @@ async fn rate_simple(
 
 /// Runs `snaps bench site`.
 pub async fn bench_site(opts: &SiteBenchOptions) -> Result<SiteBenchReport> {
-    let mut network = NetworkConfig::load(&opts.network)
-        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let mut network = crate::fixtures::load_network(&opts.network)?;
     // The lookups measure one tuple's fetch: without the include trees,
     // which would bring the patient's visits along.
     network.includes.clear();

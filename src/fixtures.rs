@@ -48,6 +48,25 @@ const RADIOLOGY: &[(&str, &str)] = &[
     ),
 ];
 
+/// The folder commands default to (`--network`).
+pub const DEFAULT_NETWORK: &str = "fixtures/radiology";
+
+/// Loads the network in `folder`. The default folder, missing (a binary
+/// run outside the checkout), is the built-in radiology network, written
+/// once to the system's temporary folder.
+pub fn load_network(folder: &Path) -> Result<snaps_schema::NetworkConfig> {
+    let folder = if folder == Path::new(DEFAULT_NETWORK) && !folder.exists() {
+        let dir =
+            std::env::temp_dir().join(format!("snaps-radiology-{}", env!("CARGO_PKG_VERSION")));
+        write_radiology(&dir)?;
+        dir
+    } else {
+        folder.to_path_buf()
+    };
+    snaps_schema::NetworkConfig::load(&folder)
+        .with_context(|| format!("load network {}", folder.display()))
+}
+
 /// Writes the radiology network into `dir` unless it holds a network.toml
 /// already (an administrator's edits there are kept).
 pub fn write_radiology(dir: &Path) -> Result<()> {

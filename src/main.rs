@@ -730,7 +730,7 @@ fn load_site(config: &NetworkConfig, code: &str) -> Result<Site> {
 }
 
 fn load_network(path: &Path) -> Result<NetworkConfig> {
-    NetworkConfig::load(path).with_context(|| format!("load network {}", path.display()))
+    snaps::fixtures::load_network(path)
 }
 
 fn explain(network: &Path, code: &str, json: bool, text: &str) -> Result<()> {

@@ -656,8 +656,7 @@ pub struct NetworkReport {
 /// The network of `opts.sites` sites: the folder's, in order, and copies
 /// of them under new codes and key ranges beyond.
 fn network_of(opts: &NetworkBenchOptions) -> Result<NetworkConfig> {
-    let mut network = NetworkConfig::load(&opts.network)
-        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let mut network = crate::fixtures::load_network(&opts.network)?;
     if !(2..=20).contains(&opts.sites) {
         bail!("--sites must be between 2 and 20, not {}", opts.sites);
     }
@@ -1669,7 +1668,7 @@ pub async fn bench_network(opts: &NetworkBenchOptions) -> Result<NetworkReport> 
                 held: 0.1,
                 seed: opts.seed,
             };
-            let three = NetworkConfig::load(&opts.network)?;
+            let three = crate::fixtures::load_network(&opts.network)?;
             let row = crate::refresh_bench::one_size(&three, &ropts, patients).await?;
             refresh.push(RefreshPoint {
                 patients: row.patients,

@@ -353,8 +353,7 @@ pub(crate) async fn one_size(
 
 /// Runs `snaps bench refresh`.
 pub async fn bench_refresh(opts: &RefreshBenchOptions) -> Result<RefreshBenchReport> {
-    let network = NetworkConfig::load(&opts.network)
-        .with_context(|| format!("load network {}", opts.network.display()))?;
+    let network = crate::fixtures::load_network(&opts.network)?;
     let valid = (f64::MIN_POSITIVE..=1.0).contains(&opts.changed)
         && (f64::MIN_POSITIVE..=0.3).contains(&opts.held);
     if !valid {

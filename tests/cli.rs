@@ -891,3 +891,29 @@ fn an_interrupted_bench_network_stops_its_postgresql_and_removes_its_files() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+#[test]
+fn commands_outside_the_checkout_use_the_built_in_radiology_network() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .arg("check")
+        .current_dir(dir.path())
+        .output()
+        .expect("run snaps");
+    assert!(o.status.success(), "{}", stderr(&o));
+    for code in ["CPH", "STG", "GRC"] {
+        assert!(
+            stdout(&o).contains(&format!("{code}: ok")),
+            "{}",
+            stdout(&o)
+        );
+    }
+    // A folder given that does not exist is an error naming it.
+    let o = Command::new(env!("CARGO_BIN_EXE_snaps"))
+        .args(["check", "--network", "no/such/network"])
+        .current_dir(dir.path())
+        .output()
+        .expect("run snaps");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no/such/network"), "{}", stderr(&o));
+}
