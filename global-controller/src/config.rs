@@ -249,8 +249,16 @@ pub struct GlobalConfig {
 }
 
 impl GlobalConfig {
-    /// Reads and checks `global.toml`.
+    /// Reads and checks `global.toml`; every refusal names the file.
     pub fn load(path: &Path) -> Result<GlobalConfig> {
+        let named = path.display().to_string();
+        GlobalConfig::load_unnamed(path).map_err(|e| match e {
+            Error::Config(m) if !m.contains(&named) => Error::Config(format!("{named}: {m}")),
+            e => e,
+        })
+    }
+
+    fn load_unnamed(path: &Path) -> Result<GlobalConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let file: File =

@@ -110,8 +110,11 @@ impl SiteServeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let f: File = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let network = NetworkConfig::load(&dir.join(&f.network))?;
-        network.site(&f.site)?;
+        let network = NetworkConfig::load(&dir.join(&f.network))
+            .map_err(|e| bad(format!("network = {:?}: {e}", f.network.display())))?;
+        network
+            .site(&f.site)
+            .map_err(|e| bad(format!("site = {:?}: {e}", f.site)))?;
         let auth = match (&f.tls, insecure) {
             (Some(tls), _) => {
                 if f.token.is_some() || f.token_file.is_some() {
@@ -147,7 +150,7 @@ impl SiteServeConfig {
             (Some(users), _) => {
                 let path = dir.join(users);
                 // Read now so a broken file stops the start, not every login.
-                crate::users::Users::load(&path)?;
+                crate::users::Users::load(&path).map_err(|e| bad(format!("users_file: {e}")))?;
                 Login::Scram(path)
             }
             (None, true) => Login::Trust,
