@@ -1013,3 +1013,68 @@ async fn scram_logins_carry_the_user_code_and_refuse_wrong_passwords_alike() {
             .is_err()
     );
 }
+
+/// Garbage on one connection — before or after the startup, cut-off and
+/// oversized frames, random bytes — never takes the endpoint down: the
+/// connection gets an error or is closed, and a well-behaved client is
+/// served right after. Seeded, so CI runs the same cases every time.
+#[test]
+fn garbage_on_one_connection_leaves_the_endpoint_serving_others() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(start());
+    let addr = server.addr;
+    let frames = prop_oneof![
+        // Random bytes, nothing else.
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|b| (false, b)),
+        // A message kind and a declared length that lies, after a startup.
+        (
+            any::<u8>(),
+            any::<i32>(),
+            prop::collection::vec(any::<u8>(), 0..32)
+        )
+            .prop_map(|(kind, len, body)| {
+                let mut m = vec![kind];
+                m.extend_from_slice(&len.to_be_bytes());
+                m.extend(body);
+                (true, m)
+            }),
+        // A query cut short.
+        (1usize..12).prop_map(|n| {
+            let mut q = raw::query("SELECT id FROM patient");
+            q.truncate(n);
+            (true, q)
+        }),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 48,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&frames, |(after_startup, bytes)| {
+            rt.block_on(async {
+                let mut stream = if after_startup {
+                    raw::startup(addr, "mallory").await
+                } else {
+                    TcpStream::connect(addr).await.unwrap()
+                };
+                let _ = stream.write_all(&bytes).await;
+                // Whatever comes back (an error, or nothing), the
+                // connection is dropped without waiting for it.
+                let mut sink = [0u8; 256];
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(50), stream.read(&mut sink)).await;
+                drop(stream);
+                let (client, _) = connect(addr, "alice").await;
+                let rows = client.simple_query("SELECT 1").await.expect("served");
+                assert!(rows.iter().any(|m| matches!(m, SimpleQueryMessage::Row(_))));
+            });
+            Ok(())
+        })
+        .unwrap();
+    drop(server);
+}
