@@ -72,6 +72,28 @@ fn start(dir: &std::path::Path, port: u16) -> (Demo, Vec<String>) {
     }
 }
 
+/// Runs `script` with python3 when it can import `modules`: its output
+/// (the script must succeed), or `None` when the modules are missing.
+fn python(script: &str, modules: &str) -> Option<String> {
+    let has = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        return None;
+    }
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python ({modules}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn stop(mut demo: Demo) {
     let child = demo.0.take().expect("running");
     let status = Command::new("kill")
@@ -229,26 +251,9 @@ with psycopg.connect("host=127.0.0.1 port={port} user=radiology password=snaps-d
 "#,
         port = port + 2
     );
-    match Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .output()
-    {
-        Ok(o) if o.status.success() => {
-            let out = Command::new("python3")
-                .args(["-c", &script])
-                .output()
-                .expect("python3");
-            assert!(
-                out.status.success(),
-                "psycopg: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                format!("{surname}\nTrue\n")
-            );
-        }
-        _ => eprintln!("psycopg not run: pip install 'psycopg[binary]' to check it"),
+    match python(&script, "psycopg") {
+        Some(out) => assert_eq!(out, format!("{surname}\nTrue\n")),
+        None => eprintln!("psycopg not run: pip install 'psycopg[binary]' to check it"),
     }
     // SQLAlchemy's reflection reads the catalogue, when Python has it (CI
     // installs it).
@@ -264,26 +269,9 @@ print("snaps_status" in columns)
 "#,
         port = port + 2
     );
-    match Command::new("python3")
-        .args(["-c", "import sqlalchemy, psycopg"])
-        .output()
-    {
-        Ok(o) if o.status.success() => {
-            let out = Command::new("python3")
-                .args(["-c", &script])
-                .output()
-                .expect("python3");
-            assert!(
-                out.status.success(),
-                "sqlalchemy: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout),
-                "True\nFalse True 22\nFalse\n"
-            );
-        }
-        _ => eprintln!("SQLAlchemy not run: pip install sqlalchemy to check it"),
+    match python(&script, "sqlalchemy, psycopg") {
+        Some(out) => assert_eq!(out, "True\nFalse True 22\nFalse\n"),
+        None => eprintln!("SQLAlchemy not run: pip install sqlalchemy to check it"),
     }
     stop(child);
 

@@ -507,12 +507,7 @@ impl Service {
                 }
                 named.push(u64::from(g.kept));
             } else {
-                let body = v1::Group {
-                    tables: g.tables.clone(),
-                    joins: g.joins.clone(),
-                    kept: 0,
-                };
-                keep.push((u64::from(g.kept), body.encode_to_vec()));
+                keep.push((u64::from(g.kept), kept_body(g).encode_to_vec()));
             }
         }
         if keep.is_empty() && named.is_empty() {
@@ -586,6 +581,24 @@ fn refs(tuples: &[v1::TupleRef]) -> Result<Vec<TupleRef>, Status> {
     tuples
         .iter()
         .map(|t| TupleRef::decode(t).map_err(Status::from))
+        .collect()
+}
+
+/// A group as the controller keeps its body: without its name.
+fn kept_body(g: &v1::Group) -> v1::Group {
+    v1::Group {
+        tables: g.tables.clone(),
+        joins: g.joins.clone(),
+        kept: 0,
+    }
+}
+
+/// The global relations a checked query's groups read, sorted, once each.
+fn relations_read(groups: &[crate::query::Group]) -> BTreeSet<String> {
+    groups
+        .iter()
+        .flat_map(|g| g.tables.iter())
+        .flat_map(|t| t.shape.parts.iter().map(|p| p.relation.clone()))
         .collect()
 }
 
@@ -758,14 +771,7 @@ impl GlobalSnapshot for Service {
         }
         let query = FetchQuery::decode(&request, &self.config.catalog)?;
         let user = request.user.clone();
-        let mut relations: Vec<String> = query
-            .groups
-            .iter()
-            .flat_map(|g| g.tables.iter())
-            .flat_map(|t| t.shape.parts.iter().map(|p| p.relation.clone()))
-            .collect();
-        relations.sort();
-        relations.dedup();
+        let relations: Vec<String> = relations_read(&query.groups).into_iter().collect();
         self.check_access(&site, &user, &relations, Right::Read, "fetch-denied")
             .await?;
         let (reply_tables, tuples) = self
@@ -1158,11 +1164,7 @@ impl GlobalSnapshot for Service {
                     "refetch body {i} has no name or no tables"
                 )));
             }
-            let body = v1::Group {
-                tables: g.tables.clone(),
-                joins: g.joins.clone(),
-                kept: 0,
-            };
+            let body = kept_body(g);
             // Checked now, so a body kept is one a fetch would accept.
             FetchQuery::decode(
                 &v1::FetchRequest {
@@ -1202,11 +1204,7 @@ impl GlobalSnapshot for Service {
                 ..Default::default()
             };
             let mut q = FetchQuery::decode(&one, &self.config.catalog)?;
-            let rels: BTreeSet<String> = q.groups[0]
-                .tables
-                .iter()
-                .flat_map(|t| t.shape.parts.iter().map(|p| p.relation.clone()))
-                .collect();
+            let rels = relations_read(&q.groups);
             let refused = self
                 .acl()
                 .denied(rels.iter().map(String::as_str), &site.code, "", Right::Read)

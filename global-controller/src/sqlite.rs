@@ -913,7 +913,7 @@ impl GlobalStore for SqliteStore {
         removed: &[u64],
         whole: bool,
     ) -> Result<(Vec<u64>, u64)> {
-        SqliteStore::change_standing(self, site, added, removed, whole)
+        self.change_standing_bodies(site, added, removed, whole)
     }
 
     fn standing_groups(&self, site: &SiteId) -> Result<Vec<(u64, Vec<u8>)>> {

@@ -47,7 +47,7 @@ use tokio::sync::Notify;
 use crate::mapping_admin::{self, MappingRows, differences};
 use crate::remote::export_batches;
 use crate::site::{Fetched, Retrieval, Site, projections, today};
-use crate::store::{STATUS_COLUMN, read_tuples};
+use crate::store::{CHANGED_BITS, STATUS_COLUMN, read_tuples};
 use crate::store::{drop_relation_triggers, relation_triggers};
 use crate::value::to_sqlite;
 use crate::{Error, Result};
@@ -830,9 +830,8 @@ impl Site {
         for rm in self.mapping().relations() {
             let any: bool = conn.query_row(
                 &format!(
-                    "SELECT EXISTS (SELECT 1 FROM {} WHERE ({STATUS_COLUMN} & {}) <> 0)",
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE ({STATUS_COLUMN} & {CHANGED_BITS}) <> 0)",
                     sql_ident(&rm.local.name),
-                    NEW | MODIFIED
                 ),
                 [],
                 |r| r.get(0),
@@ -930,14 +929,7 @@ impl Site {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (i, r) in &replies {
             let p = &planned[*i];
-            let retrieval = Retrieval {
-                select: &p.select,
-                lang: p.lang,
-                text: &p.text,
-                into: Some(SnapshotNo(p.no as u32)),
-                user: "",
-            };
-            self.store_reply(&tx, &p.plan, &p.current, &retrieval, r, 0, 0)?;
+            self.store_reply(&tx, &p.plan, &p.current, &p.retrieval(), r, 0, 0)?;
         }
         let now: BTreeSet<u32> = added.difference(&unknown).copied().collect();
         crate::kept::set_standing(&tx, &now, true, whole)?;
@@ -1003,16 +995,7 @@ impl Site {
                 (start + RERUN_BATCH).min(planned.len())
             };
             let batch = &planned[start..end];
-            let retrievals: Vec<Retrieval<'_>> = batch
-                .iter()
-                .map(|p| Retrieval {
-                    select: &p.select,
-                    lang: p.lang,
-                    text: &p.text,
-                    into: Some(SnapshotNo(p.no as u32)),
-                    user: "",
-                })
-                .collect();
+            let retrievals: Vec<Retrieval<'_>> = batch.iter().map(Planned::retrieval).collect();
             let items: Vec<_> = batch
                 .iter()
                 .zip(&retrievals)
@@ -1060,6 +1043,20 @@ struct Planned {
     select: Select,
     plan: snaps_mapping::rewrite::Plan,
     current: crate::site::Projections,
+}
+
+impl Planned {
+    /// The retrieval its new tuples are stored for: more of its own
+    /// snapshot, the site's own work.
+    fn retrieval(&self) -> Retrieval<'_> {
+        Retrieval {
+            select: &self.select,
+            lang: self.lang,
+            text: &self.text,
+            into: Some(SnapshotNo(self.no as u32)),
+            user: "",
+        }
+    }
 }
 
 impl Site {

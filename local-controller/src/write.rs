@@ -33,7 +33,7 @@ use std::sync::Mutex;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, params};
 use snaps_mapping::Language;
-use snaps_mapping::ir::{Delete, Expr, Insert, Range, Statement, Update};
+use snaps_mapping::ir::{Delete, Expr, Insert, Range, Select, Statement, Target, Update};
 use snaps_mapping::mapping::{Conversion, RelationMapping};
 use snaps_proto::v1;
 use snaps_schema::{Catalog, LocalRights, LocalStatus, TupleType, Value, ValueType, sql_ident};
@@ -358,21 +358,18 @@ impl SiteSession {
         others: &[Range],
         qual: Option<&Expr>,
     ) -> Result<Option<String>> {
-        let mut text = format!("SELECT {}.* FROM {target}", sql_ident(&target.var));
-        for o in others {
-            text.push_str(&format!(", {o}"));
-        }
-        if let Some(q) = qual {
-            text.push_str(&format!(" WHERE {q}"));
-        }
-        let select = match snaps_mapping::sql::parse(&text)?.into_iter().next() {
-            Some(Statement::Select(s)) => s,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "the rows this statement writes could not be read as a query: {text}"
-                )));
-            }
+        let select = Select {
+            distinct: false,
+            targets: vec![Target::All(Some(target.var.clone()))],
+            ranges: std::iter::once(target).chain(others).cloned().collect(),
+            qual: qual.cloned(),
+            group_by: Vec::new(),
+            having: None,
+            order_by: Vec::new(),
+            limit: None,
+            offset: None,
         };
+        let text = select.to_string();
         Ok(
             match self.prepare_retrieval(&select, Language::Sql, &text)? {
                 Retrieved::LocalOnly(_) => Some(LOCAL_ONLY_WRITE.to_string()),

@@ -122,7 +122,7 @@ impl SqliteStore {
     /// Makes `added` standing for `site` (all of its standing names, with
     /// `whole`) and `removed` not; returns the added names that have no
     /// body (not made standing) and how many are standing now.
-    pub(super) fn change_standing(
+    pub(super) fn change_standing_bodies(
         &self,
         site: &SiteId,
         added: &[u64],
