@@ -231,7 +231,7 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
                             .map(|t| Some((t, 1))),
                     );
                     for term in terms {
-                        let c = compile_group(g, &temps, term);
+                        let c = compile_group(g, &temps, term, snaps_global::db::Dialect::Sqlite);
                         conn.prepare(&c.sql).unwrap_or_else(|e| {
                             panic!(
                                 "{}: compiled fetch does not run: {e}\n{}",

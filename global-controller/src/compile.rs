@@ -11,6 +11,7 @@
 use snaps_mapping::ir::{ColumnRef, Expr};
 use snaps_schema::{Value, sql_ident};
 
+use crate::db::Dialect;
 use crate::query::{Group, SemiJoin, Split, Table, alias};
 
 /// Columns of the global store that are not attributes of the global schema.
@@ -47,11 +48,13 @@ pub struct Compiled {
 /// tables (with the projection's columns) instead of the global snapshot.
 /// With `changed` = `(t, e)`, only combinations whose table `t` has a part
 /// tuple the change log records as new or changed after epoch `e`: one
-/// term of a delta rule (Δvisit ⋈ patient ∪ visit ⋈ Δpatient).
+/// term of a delta rule (Δvisit ⋈ patient ∪ visit ⋈ Δpatient). The SQL is
+/// in `dialect`, with SQLite's meaning of every operation.
 pub fn compile_group(
     g: &Group,
     temps: &[(usize, &SemiJoin)],
     changed: Option<(usize, u64)>,
+    dialect: Dialect,
 ) -> Compiled {
     let temp_of = |t: usize| temps.iter().find(|(x, _)| *x == t).map(|(_, s)| *s);
     let column = |c: &ColumnRef| -> String {
@@ -93,7 +96,7 @@ pub fn compile_group(
     let mut wheres: Vec<String> = Vec::new();
     for (ti, t) in g.tables.iter().enumerate() {
         let item = match temp_of(ti) {
-            Some(_) => format!("temp.{} AS t{ti}", temp_table(ti)),
+            Some(_) => format!("{} AS t{ti}", dialect.temp(&temp_table(ti))),
             None => reassembled(ti, t),
         };
         let selection: Vec<String> = if temp_of(ti).is_some() {
@@ -101,14 +104,14 @@ pub fn compile_group(
         } else {
             t.selection
                 .iter()
-                .map(|e| sql(e, &mut params, &column))
+                .map(|e| sql(e, &mut params, &column, dialect))
                 .collect()
         };
         if t.outer && temp_of(ti).is_some() {
             // Temporary tuples of a null-supplying table stand for new tuples
             // whose partner on the preserved side may be the site's own:
             // they reach their other partners whatever they match here.
-            from.push_str(&format!(" LEFT JOIN {item} ON 1"));
+            from.push_str(&format!(" LEFT JOIN {item} ON TRUE"));
         } else if t.outer {
             let mut on: Vec<String> = g
                 .joins
@@ -117,8 +120,8 @@ pub fn compile_group(
                 .map(|j| {
                     format!(
                         "{} = {}",
-                        sql(&j.left, &mut params, &column),
-                        sql(&j.right, &mut params, &column)
+                        sql(&j.left, &mut params, &column, dialect),
+                        sql(&j.right, &mut params, &column, dialect)
                     )
                 })
                 .collect();
@@ -133,8 +136,8 @@ pub fn compile_group(
         }
     }
     for j in g.joins.iter().filter(|j| j.outer_table.is_none()) {
-        let l = sql(&j.left, &mut params, &column);
-        let r = sql(&j.right, &mut params, &column);
+        let l = sql(&j.left, &mut params, &column, dialect);
+        let r = sql(&j.right, &mut params, &column, dialect);
         wheres.push(format!("{l} = {r}"));
     }
     if let Some((ti, epoch)) = changed {
@@ -216,8 +219,13 @@ fn reassembled(ti: usize, t: &Table) -> String {
 
 /// An expression as SQL: every constant a parameter, every operation in
 /// parentheses.
-pub fn sql(e: &Expr, params: &mut Vec<Value>, column: &dyn Fn(&ColumnRef) -> String) -> String {
-    let mut s = |e: &Expr| sql(e, params, column);
+pub fn sql(
+    e: &Expr,
+    params: &mut Vec<Value>,
+    column: &dyn Fn(&ColumnRef) -> String,
+    dialect: Dialect,
+) -> String {
+    let mut s = |e: &Expr| sql(e, params, column, dialect);
     let not = |negated: bool| if negated { "NOT " } else { "" };
     match e {
         Expr::Column(c) => column(c),
@@ -229,7 +237,10 @@ pub fn sql(e: &Expr, params: &mut Vec<Value>, column: &dyn Fn(&ColumnRef) -> Str
         }
         Expr::Binary { op, left, right } => {
             let (l, r) = (s(left), s(right));
-            format!("({l} {} {r})", op.symbol())
+            match op.symbol() {
+                sym @ ("/" | "%") => dialect.divide(&l, sym, &r),
+                sym => format!("({l} {sym} {r})"),
+            }
         }
         Expr::Not(x) => format!("(NOT {})", s(x)),
         Expr::Neg(x) => format!("(- {})", s(x)),
@@ -258,11 +269,11 @@ pub fn sql(e: &Expr, params: &mut Vec<Value>, column: &dyn Fn(&ColumnRef) -> Str
             negated,
         } => {
             let (x, p) = (s(expr), s(pattern));
-            format!("({x} {}LIKE {p})", not(*negated))
+            dialect.like(&x, &p, *negated)
         }
         Expr::Function { name, args, .. } => {
             let args: Vec<String> = args.iter().map(&mut s).collect();
-            format!("{name}({})", args.join(", "))
+            dialect.function(name, &args)
         }
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:7400"          # where sites connect
-//! store = "global.db"                # SQLite file, created on first start
+//! store = "global.db"                # SQLite file, created on first start,
+//!                                    # or a PostgreSQL server's database:
+//!                                    # "postgresql://snaps@db:5432/snaps"
 //! network = "../fixtures/radiology"  # global schema, sites, key ranges, modes
 //!
 //! [relations]                        # optional: overrides network.toml's modes
@@ -71,7 +73,7 @@ pub struct Credential {
 #[serde(deny_unknown_fields)]
 struct File {
     listen: SocketAddr,
-    store: PathBuf,
+    store: String,
     network: PathBuf,
     #[serde(default)]
     relations: BTreeMap<String, RelationMode>,
@@ -215,13 +217,50 @@ impl Credential {
     }
 }
 
+/// Where the global store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// An SQLite file (created on first start).
+    Sqlite(PathBuf),
+    /// A database on a PostgreSQL server, by URL
+    /// (`postgresql://user[:password]@host[:port]/database`).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `store = …` of `global.toml`: a `postgresql://` (or `postgres://`)
+    /// URL, otherwise a file path relative to `dir`.
+    pub fn parse(text: &str, dir: &Path) -> StoreLocation {
+        if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+            StoreLocation::Postgres(text.to_string())
+        } else {
+            StoreLocation::Sqlite(dir.join(text))
+        }
+    }
+}
+
+impl From<PathBuf> for StoreLocation {
+    fn from(p: PathBuf) -> StoreLocation {
+        StoreLocation::Sqlite(p)
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sqlite(p) => write!(f, "{}", p.display()),
+            StoreLocation::Postgres(url) => f.write_str(&crate::db::postgres::redact(url)),
+        }
+    }
+}
+
 /// The controller's configuration, checked and resolved.
 #[derive(Debug, Clone)]
 pub struct GlobalConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// The store file.
-    pub store: PathBuf,
+    /// The store.
+    pub store: StoreLocation,
     /// The network.
     pub network: NetworkConfig,
     /// The global schema.
@@ -272,7 +311,7 @@ impl GlobalConfig {
         }
         let mut config = GlobalConfig::new(
             file.listen,
-            dir.join(&file.store),
+            StoreLocation::parse(&file.store, &dir),
             network,
             file.relations,
             file.indexes,
@@ -351,7 +390,7 @@ impl GlobalConfig {
     /// checks as [`GlobalConfig::load`].
     pub fn new(
         listen: SocketAddr,
-        store: PathBuf,
+        store: impl Into<StoreLocation>,
         network: NetworkConfig,
         mode_overrides: BTreeMap<String, RelationMode>,
         indexes: BTreeMap<String, Vec<Vec<String>>>,
@@ -398,7 +437,7 @@ impl GlobalConfig {
         }
         Ok(GlobalConfig {
             listen,
-            store,
+            store: store.into(),
             network,
             catalog,
             modes,
@@ -563,7 +602,7 @@ mod tests {
              [credentials]\nCPH = { token = \"cph-token-0123456789abcdef\" }\nGRC = { token_file = \"grc.token\" }\n",
         );
         let c = GlobalConfig::load(&p).unwrap();
-        assert_eq!(c.store, dir.path().join("g.db"));
+        assert_eq!(c.store, StoreLocation::Sqlite(dir.path().join("g.db")));
         assert_eq!(c.mode("doctor"), RelationMode::ReadOnly);
         assert_eq!(c.mode("patient"), RelationMode::ReadWrite);
         assert_eq!(

@@ -20,6 +20,13 @@ pub enum Error {
     /// The store failed.
     #[error("global store: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The PostgreSQL store failed.
+    #[error("global store (PostgreSQL): {}", pg_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The store cannot be reached (or keeps refusing for conflicts): the
+    /// call may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The schema crate refused something (a value that does not fit).
     #[error(transparent)]
     Schema(#[from] snaps_schema::Error),
@@ -29,6 +36,18 @@ pub enum Error {
     /// Reading a file or a socket failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A PostgreSQL error with the server's message and detail, where
+/// tokio-postgres' own text says only "db error".
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(d) => format!("{} ({}; SQLSTATE {})", db.message(), d, db.code().code()),
+            None => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
+    }
 }
 
 impl From<snaps_proto::WireError> for Error {
@@ -47,7 +66,8 @@ impl From<Error> for tonic::Status {
             Error::Schema(e) => tonic::Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
-            e @ (Error::Storage(_) | Error::Io(_) | Error::Config(_) | Error::Internal(_)) => {
+            Error::Unavailable(m) => tonic::Status::unavailable(m),
+            e @ (Error::Storage(_) | Error::Postgres(_) | Error::Io(_) | Error::Config(_) | Error::Internal(_)) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

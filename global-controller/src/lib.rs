@@ -7,8 +7,8 @@
 //! * [`acl`] — access rules and the audit trail;
 //! * [`query`] — requests decoded and checked against the global catalog;
 //! * [`compile`] — checked fetches as parameterised SQL;
-//! * [`store`] — the store trait and its results; [`sqlite`] — the embedded
-//!   SQLite store;
+//! * [`store`] — the store trait and its results; [`sql_store`] — the store
+//!   on SQL, over [`db`]: an embedded SQLite file or a PostgreSQL server;
 //! * [`epochs`] — the refresh coordinator: epochs, their phases, the
 //!   daily schedule;
 //! * [`service`] — the gRPC service; [`GlobalController`] runs it;
@@ -17,11 +17,12 @@
 pub mod acl;
 pub mod compile;
 pub mod config;
+pub mod db;
 pub mod epochs;
 pub mod error;
 pub mod query;
 pub mod service;
-pub mod sqlite;
+pub mod sql_store;
 pub mod store;
 pub mod transport;
 
@@ -36,7 +37,8 @@ use tonic::codec::CompressionEncoding;
 pub use config::GlobalConfig;
 pub use error::{Error, Result};
 pub use service::{MAX_MESSAGE_BYTES, Service};
-pub use sqlite::SqliteStore;
+pub use config::StoreLocation;
+pub use sql_store::{PgStore, SqliteStore};
 pub use store::GlobalStore;
 
 /// How often counted bytes and last-seen times are written to the store.
@@ -53,10 +55,13 @@ impl GlobalController {
     /// Opens the store named in the configuration (creating it on first
     /// start).
     pub fn open(config: GlobalConfig) -> Result<GlobalController> {
-        let store = SqliteStore::open(&config.store, &config)?;
+        let store: Arc<dyn GlobalStore> = match &config.store {
+            StoreLocation::Sqlite(path) => Arc::new(SqliteStore::open(path, &config)?),
+            StoreLocation::Postgres(url) => Arc::new(PgStore::connect(url, &config)?),
+        };
         Ok(GlobalController {
             config: Arc::new(config),
-            store: Arc::new(store),
+            store,
             halt: None,
         })
     }

@@ -14,15 +14,13 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use snaps_schema::summary::{SummaryKind, SummarySpec, fingerprint, normalise};
 use snaps_schema::{Catalog, KeyRange, sql_ident};
 
-use super::from_sql;
+use crate::db::Tx;
 use crate::error::{Error, Result};
 use crate::store::{SiteId, SummaryDelta, SummaryRequest};
 
-/// The summary tables.
 pub(super) const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS snaps_summary_site (
     site INTEGER PRIMARY KEY, version INTEGER NOT NULL, specs TEXT NOT NULL);
@@ -42,20 +40,19 @@ pub(super) struct Sent {
 /// snapshot in `conn` and returns what the site must be told, given the
 /// version it holds. One transaction: the record and the reply agree.
 pub(super) fn update(
-    conn: &mut Connection,
+    tx: &mut dyn Tx,
     catalog: &Catalog,
     site: &SiteId,
     req: &SummaryRequest,
 ) -> Result<Sent> {
     let me = i64::from(site.number.0);
-    let tx = conn.transaction()?;
-    let stored: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT version, specs FROM snaps_summary_site WHERE site = ?1",
-            [me],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+    let stored: Option<(i64, String)> = match tx.one(
+        "SELECT version, specs FROM snaps_summary_site WHERE site = ?1",
+        &[me.into()],
+    )? {
+        Some(r) => Some((r.int(0)?, r.text(1)?)),
+        None => None,
+    };
     let specs_json = serde_json::to_string(
         &req.specs
             .iter()
@@ -74,37 +71,36 @@ pub(super) fn update(
     let whole =
         req.version == 0 || req.version != stored_version as u64 || stored_specs != specs_json;
     if whole {
-        tx.execute("DELETE FROM snaps_summary_item WHERE site = ?1", [me])?;
+        tx.execute("DELETE FROM snaps_summary_item WHERE site = ?1", &[me.into()])?;
     }
     let mut deltas = Vec::new();
     for (spec, range) in &req.specs {
         let name = spec.name();
-        let now = items(&tx, catalog, me, spec, *range)?;
+        let now = items(tx, catalog, me, spec, *range)?;
         let before: BTreeSet<u64> = if whole {
             BTreeSet::new()
         } else {
-            let mut stmt = tx.prepare_cached(
+            tx.query(
                 "SELECT item FROM snaps_summary_item WHERE site = ?1 AND summary = ?2",
-            )?;
-            stmt.query_map(params![me, name], |r| r.get::<_, i64>(0))?
-                .map(|i| i.map(|i| i as u64))
-                .collect::<rusqlite::Result<_>>()?
+                &[me.into(), (&name).into()],
+            )?
+            .iter()
+            .map(|r| Ok(r.int(0)? as u64))
+            .collect::<Result<_>>()?
         };
         let added: Vec<u64> = now.difference(&before).copied().collect();
         let removed: Vec<u64> = before.difference(&now).copied().collect();
-        {
-            let mut add = tx.prepare_cached(
+        for i in &added {
+            tx.execute(
                 "INSERT INTO snaps_summary_item (site, summary, item) VALUES (?1, ?2, ?3)",
+                &[me.into(), (&name).into(), (*i).into()],
             )?;
-            for i in &added {
-                add.execute(params![me, name, *i as i64])?;
-            }
-            let mut del = tx.prepare_cached(
+        }
+        for i in &removed {
+            tx.execute(
                 "DELETE FROM snaps_summary_item WHERE site = ?1 AND summary = ?2 AND item = ?3",
+                &[me.into(), (&name).into(), (*i).into()],
             )?;
-            for i in &removed {
-                del.execute(params![me, name, *i as i64])?;
-            }
         }
         if whole || !added.is_empty() || !removed.is_empty() {
             deltas.push(SummaryDelta {
@@ -127,9 +123,8 @@ pub(super) fn update(
     tx.execute(
         "INSERT INTO snaps_summary_site (site, version, specs) VALUES (?1, ?2, ?3)
          ON CONFLICT (site) DO UPDATE SET version = excluded.version, specs = excluded.specs",
-        params![me, version as i64, specs_json],
+        &[me.into(), version.into(), specs_json.into()],
     )?;
-    tx.commit()?;
     Ok(Sent {
         version,
         whole,
@@ -139,7 +134,7 @@ pub(super) fn update(
 
 /// The items of one summary for site `me` in the global snapshot now.
 fn items(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     catalog: &Catalog,
     me: i64,
     spec: &SummarySpec,
@@ -163,10 +158,8 @@ fn items(
                 c = cols[0],
                 r = sql_ident(&spec.relation)
             );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query(params![me, range.first, range.last])?;
-            while let Some(r) = rows.next()? {
-                if let Ok(v) = r.get::<_, i64>(0) {
+            for r in tx.query(&sql, &[me.into(), range.first.into(), range.last.into()])? {
+                if let Ok(v) = r.int(0) {
                     out.insert((v - range.first) as u64);
                 }
             }
@@ -186,13 +179,11 @@ fn items(
                 cols.join(", "),
                 sql_ident(&spec.relation)
             );
-            let mut stmt = conn.prepare_cached(&sql)?;
-            let mut rows = stmt.query([me])?;
-            'row: while let Some(r) = rows.next()? {
+            'row: for r in tx.query(&sql, &[me.into()])? {
                 let mut values = Vec::with_capacity(types.len());
                 for (i, ty) in types.iter().enumerate() {
                     // A NULL equals nothing: such a tuple answers no lookup.
-                    let Some(v) = normalise(*ty, &from_sql(r.get_ref(i)?)) else {
+                    let Some(v) = normalise(*ty, &r.value(i)?) else {
                         continue 'row;
                     };
                     values.push(v);
