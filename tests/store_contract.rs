@@ -1,14 +1,14 @@
 //! The contract of [`GlobalStore`]: what every implementation of the global
-//! store must do, written once and run against each of them, so a second
-//! store (PostgreSQL) is held to exactly what the SQLite store does for the
-//! controller.
+//! store must do for the controller, written once and run against each of
+//! them, so a second store (PostgreSQL) is held to the behaviour the
+//! controller relies on from the SQLite one.
 //!
 //! Each scenario is a function of `(&dyn GlobalStore, &GlobalConfig)` over a
 //! fresh, empty store of the radiology network (`fixtures/radiology`: CPH is
 //! site 1, STG 2, GRC 3; `patient` and `doctor` are read-write, the others
-//! read-only). [`contract!`] makes one `#[test]` per scenario and store;
+//! read-only). `contract!` makes one `#[test]` per scenario and store;
 //! another store is one more line in it and one more opener beside
-//! [`sqlite`].
+//! `sqlite`.
 //!
 //! Requests are built as the controller builds them: wire messages decoded
 //! by the public decoders (`LoadBatch::decode`, `FetchQuery::decode`) and
@@ -83,6 +83,7 @@ contract!(
     epochs_move_through_their_phases,
     a_commit_applies_the_pushes_once,
     changes_reach_holders_and_owners,
+    deletes_withdrawals_and_clashes_commit,
     // Access rules and the audit trail.
     access_rules_are_set_replaced_and_removed,
     the_audit_trail_is_filtered_oldest_first,
@@ -100,7 +101,7 @@ contract!(
 // Building requests
 // ---------------------------------------------------------------------------
 
-/// CPH's, STG's and GRC's first patient numbers (their key ranges).
+/// Patient numbers from CPH's, STG's and GRC's key ranges.
 const CPH_P1: i64 = 1_000_001;
 const CPH_P2: i64 = 1_000_002;
 const CPH_P3: i64 = 1_000_003;
@@ -1155,6 +1156,133 @@ fn changes_reach_holders_and_owners(store: &dyn GlobalStore, config: &GlobalConf
         &SummaryRequest::default(),
     );
     assert!(bad.is_err(), "{bad:?}");
+}
+
+/// A changed part with its tuples in id order (the order is no part of the
+/// contract).
+fn by_tuple_id(mut part: ChangedPart) -> ChangedPart {
+    let mut rows: Vec<(u64, u64, Vec<Value>)> = part
+        .tuple_ids
+        .iter()
+        .zip(&part.origins)
+        .zip(&part.rows)
+        .map(|((&id, &origin), row)| (id, origin, row.clone()))
+        .collect();
+    rows.sort_by_key(|r| r.0);
+    part.tuple_ids = rows.iter().map(|r| r.0).collect();
+    part.origins = rows.iter().map(|r| r.1).collect();
+    part.rows = rows.into_iter().map(|r| r.2).collect();
+    part
+}
+
+fn deletes_withdrawals_and_clashes_commit(store: &dyn GlobalStore, config: &GlobalConfig) {
+    load_patients(
+        store,
+        config,
+        "CPH",
+        &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")],
+    );
+    load_patients(store, config, "STG", &[(1, STG_P1, "Brown")]);
+    let id = ids(&fetch(store, config, "STG", &all_patients()));
+    let s1 = ids(&fetch(store, config, "GRC", &all_patients()))[&STG_P1];
+    store.open_epoch(&[SiteNo(1), SiteNo(2)]).expect("open");
+    // CPH stops exporting first names; STG deletes its patient and
+    // registers, under a new origin, a patient number CPH owns.
+    let cph = v1::PushRequest {
+        epoch: 1,
+        withdrawn: vec![v1::Withdrawn {
+            relation: "patient".into(),
+            columns: strings(&["first_names"]),
+        }],
+        ..v1::PushRequest::default()
+    };
+    stage(store, config, "CPH", 1, &cph.encode_to_vec());
+    let stg = v1::PushRequest {
+        epoch: 1,
+        inserted: vec![wire_patients(&[(2, CPH_P1, "Clash")])],
+        deleted: vec![v1::OwnDeletes {
+            relations: strings(&["patient"]),
+            origins: vec![1],
+        }],
+        ..v1::PushRequest::default()
+    };
+    stage(store, config, "STG", 1, &stg.encode_to_vec());
+    let mut summary = store.commit_epoch(1).expect("commit");
+    summary.pushed_by.sort();
+    assert_eq!(
+        summary,
+        CommitSummary {
+            pushed_by: strings(&["CPH", "STG"]),
+            tuples_pushed: 2,
+            deleted: 1,
+            conflicts: 1,
+            withdrawn: 2,
+            ..CommitSummary::default()
+        }
+    );
+    // The clash waits for an administrator like one of the initial load.
+    let listed = store.conflicts().expect("conflicts");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|c| (c.site.as_str(), c.origin, c.holder.as_str()))
+            .collect::<Vec<_>>(),
+        [("STG", 2, "CPH")]
+    );
+    // The deleted tuple is gone from the snapshot ...
+    let owner = store
+        .key_owners("patient", &strings(&["pno"]), &[vec![Value::Int(STG_P1)]])
+        .expect("key owners");
+    assert_eq!(owner, [None]);
+    assert_eq!(counts(store, "patient"), (2, 0));
+    // ... but GRC's copy stays (deletes do not propagate here) until GRC
+    // releases it, once.
+    assert_eq!(
+        store
+            .changes(&site(config, "GRC"), 0, &[], &SummaryRequest::default())
+            .expect("changes")
+            .removed,
+        []
+    );
+    let grc = site(config, "GRC");
+    assert_eq!(
+        store.release_copies(&grc, &[patient(s1)]).expect("release"),
+        1
+    );
+    assert_eq!(
+        store.release_copies(&grc, &[patient(s1)]).expect("release"),
+        0
+    );
+    // The withdrawn attribute is NULL, and the holder is told.
+    let names = ["pno", "first_names"];
+    let got = fetch(store, config, "GRC", &select("patient", &names, None, true));
+    assert_eq!(
+        got.iter()
+            .map(|g| (g.key, g.second.clone()))
+            .collect::<Vec<_>>(),
+        [(CPH_P1, Value::Null), (CPH_P2, Value::Null)]
+    );
+    let parts = [("patient".to_string(), strings(&names))];
+    let changes = store
+        .changes(&site(config, "STG"), 0, &parts, &SummaryRequest::default())
+        .expect("changes");
+    assert_eq!(
+        changes
+            .changed
+            .into_iter()
+            .map(by_tuple_id)
+            .collect::<Vec<_>>(),
+        [by_tuple_id(ChangedPart {
+            relation: "patient".into(),
+            columns: strings(&names),
+            tuple_ids: vec![id[&CPH_P1], id[&CPH_P2]],
+            origins: vec![0, 0],
+            rows: vec![
+                vec![Value::Int(CPH_P1), Value::Null],
+                vec![Value::Int(CPH_P2), Value::Null]
+            ],
+        })]
+    );
 }
 
 // ---------------------------------------------------------------------------
