@@ -220,6 +220,81 @@ impl PgServer {
         )
     }
 
+    /// A `postgresql://` URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates an empty database named `db`; returns its URL.
+    pub fn create_database(&self, db: &str) -> Result<String> {
+        let conninfo = self.conninfo("postgres");
+        let sql = format!("CREATE DATABASE \"{db}\"");
+        // On a thread of its own: the caller may be inside a runtime.
+        std::thread::scope(|s| {
+            s.spawn(|| -> Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                        .await
+                        .context("connect to the PostgreSQL server")?;
+                    tokio::spawn(conn);
+                    client
+                        .batch_execute(&sql)
+                        .await
+                        .with_context(|| format!("create database {db}"))
+                })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("creating database {db} panicked"))?
+        })?;
+        Ok(self.url(db))
+    }
+
+    /// One server for the whole of this process, started at the first call:
+    /// test binaries share it between their tests, each test in a database
+    /// of its own. A watcher process stops it and removes its folder once
+    /// this process has ended (a static is never dropped).
+    pub fn shared() -> Result<&'static PgServer> {
+        static SHARED: std::sync::OnceLock<std::result::Result<PgServer, String>> =
+            std::sync::OnceLock::new();
+        let server = SHARED.get_or_init(|| {
+            let server = PgServer::start().map_err(|e| format!("{e:#}"))?;
+            server.watch_owner().map_err(|e| format!("{e:#}"))?;
+            Ok(server)
+        });
+        server
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("the shared PostgreSQL server: {e}"))
+    }
+
+    fn watch_owner(&self) -> Result<()> {
+        let data = self.dir.path().join("data");
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = match &self.run_as {
+            Some(user) => format!(
+                "runuser -u {user} -- '{}' -D '{}' -m immediate stop",
+                pg_ctl.display(),
+                data.display()
+            ),
+            None => format!("'{}' -D '{}' -m immediate stop", pg_ctl.display(), data.display()),
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.path().display()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start the watcher of the shared PostgreSQL server")?;
+        Ok(())
+    }
+
     /// The server's version line, e.g. `PostgreSQL 15.8`.
     pub fn version(&self) -> String {
         let out = Command::new(self.bin.join("postgres"))

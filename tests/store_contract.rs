@@ -24,7 +24,7 @@ use snaps_global::store::{
     FetchedTable, LoadBatch, LoadOutcome, LockOutcome, Phase, Refusal, Right, SiteId, Subject,
     SummaryRequest, TupleRef, TupleSel,
 };
-use snaps_global::{Error, GlobalConfig, GlobalStore, SqliteStore};
+use snaps_global::{Error, GlobalConfig, GlobalStore, PgStore, SqliteStore};
 use snaps_mapping::ir::{BinOp, ColumnRef, Expr};
 use snaps_proto::{encode_expr, encode_rows, v1};
 use snaps_schema::{NetworkConfig, RelationMode, SiteNo, Value};
@@ -59,14 +59,32 @@ fn sqlite(config: &GlobalConfig) -> (Box<dyn GlobalStore>, tempfile::TempDir) {
     (Box::new(store), dir)
 }
 
+/// Opens a fresh, empty store of the radiology network on PostgreSQL: a
+/// database of its own on the server this test binary shares.
+fn postgres(config: &GlobalConfig) -> (Box<dyn GlobalStore>, ()) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let server = snaps::pg_server::PgServer::shared().expect("PostgreSQL server for the tests");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let url = server
+        .create_database(&format!("contract_{n}"))
+        .expect("test database");
+    let store = PgStore::connect(&url, config).expect("PostgreSQL store");
+    (Box::new(store), ())
+}
+
 /// One module per scenario, one test in it per store.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => { $( mod $name {
         #[test] fn sqlite() { let (config, _d) = super::config(); let (store, _s) = super::sqlite(&config); super::$name(store.as_ref(), &config); }
+        #[test] fn postgres() { let (config, _d) = super::config(); let (store, _s) = super::postgres(&config); super::$name(store.as_ref(), &config); }
     } )* };
 }
 
 contract!(
+    // Calls at once, as several controllers (or one with many sites) make
+    // them: on PostgreSQL they conflict and are run again.
+    a_lock_storm_never_grants_one_tuple_twice,
+    fetches_at_once_send_each_tuple_once,
     // Loading the initial export.
     load_is_idempotent_by_origin,
     a_taken_key_becomes_a_recorded_conflict,
@@ -1714,4 +1732,64 @@ fn resync_sets_sent_to_bits_exactly(store: &dyn GlobalStore, config: &GlobalConf
     let unknown = BTreeMap::from([("nurse".to_string(), BTreeSet::from([1]))]);
     assert!(store.resync(&stg, &unknown).is_err());
     assert_eq!(fetch(store, config, "STG", &all_patients()), []);
+}
+
+// ---------------------------------------------------------------------------
+// Calls at once
+// ---------------------------------------------------------------------------
+
+fn a_lock_storm_never_grants_one_tuple_twice(store: &dyn GlobalStore, config: &GlobalConfig) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    load_patients(store, config, "CPH", &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")]);
+    let id = ids(&fetch(store, config, "STG", &all_patients()));
+    fetch(store, config, "GRC", &all_patients());
+    let (p1, p2) = (patient(id[&CPH_P1]), patient(id[&CPH_P2]));
+    // Sites holding the pair now; more than one would be a double grant.
+    let holding = AtomicU32::new(0);
+    let granted = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        for (k, code) in ["CPH", "STG", "GRC"].into_iter().enumerate() {
+            let me = site(config, code);
+            // Opposite orders, so the requests also meet as deadlocks.
+            let pair = if k % 2 == 0 {
+                vec![p1.clone(), p2.clone()]
+            } else {
+                vec![p2.clone(), p1.clone()]
+            };
+            let (holding, granted) = (&holding, &granted);
+            s.spawn(move || {
+                for _ in 0..25 {
+                    match store.lock(&me, &pair).expect("lock request") {
+                        LockOutcome::Granted => {
+                            assert_eq!(holding.fetch_add(1, Ordering::SeqCst), 0, "{code} granted a held lock");
+                            granted.fetch_add(1, Ordering::SeqCst);
+                            holding.fetch_sub(1, Ordering::SeqCst);
+                            assert_eq!(store.unlock(&me, &pair).expect("unlock"), 2);
+                        }
+                        LockOutcome::Refused { reason, .. } => assert_eq!(reason, Refusal::Locked),
+                    }
+                }
+            });
+        }
+    });
+    assert!(granted.load(Ordering::SeqCst) >= 3, "some requests were granted");
+    assert_eq!(counts(store, "patient"), (2, 0), "no lock is left behind");
+}
+
+fn fetches_at_once_send_each_tuple_once(store: &dyn GlobalStore, config: &GlobalConfig) {
+    let tuples: Vec<(u64, i64, &str)> = (1..=40).map(|i| (i, CPH_P1 + i as i64, "Smith")).collect();
+    load_patients(store, config, "CPH", &tuples);
+    let sent = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let got = keys(&fetch(store, config, "STG", &all_patients()));
+                sent.lock().expect("lock").extend(got);
+            });
+        }
+    });
+    let mut sent = sent.into_inner().expect("lock");
+    sent.sort_unstable();
+    let expected: Vec<i64> = tuples.iter().map(|t| t.1).collect();
+    assert_eq!(sent, expected, "every tuple sent to STG exactly once");
 }

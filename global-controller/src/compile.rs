@@ -129,7 +129,12 @@ pub fn compile_group(
             from.push_str(&format!(" LEFT JOIN {item} ON {}", on.join(" AND ")));
         } else {
             if ti > 0 {
-                from.push_str(" JOIN ");
+                // The join's conditions are in WHERE. SQLite's own CROSS JOIN
+                // would fix its join order; PostgreSQL's JOIN needs an ON.
+                from.push_str(match dialect {
+                    Dialect::Sqlite => " JOIN ",
+                    Dialect::Postgres => " CROSS JOIN ",
+                });
             }
             from.push_str(&item);
             wheres.extend(selection);

@@ -144,9 +144,9 @@ impl<D: Db> SqlStore<D> {
         let sql = format!(
             "SELECT id, at, site, \"user\", action, relations, tuples, patients, detail
              FROM snaps_audit
-             WHERE (?1 IS NULL OR site = ?1)
-               AND (?2 IS NULL OR {}(patients, ',' || ?2 || ',') > 0)
-               AND (?3 IS NULL OR at >= ?3)
+             WHERE (CAST(?1 AS TEXT) IS NULL OR site = CAST(?1 AS TEXT))
+               AND (CAST(?2 AS TEXT) IS NULL OR {}(patients, ',' || CAST(?2 AS TEXT) || ',') > 0)
+               AND (CAST(?3 AS BIGINT) IS NULL OR at >= CAST(?3 AS BIGINT))
              ORDER BY id DESC LIMIT ?4",
             self.dialect().instr()
         );
