@@ -148,7 +148,7 @@ impl LocalNetwork {
     /// Starts the global controller with every option.
     pub async fn start_with(
         network: NetworkConfig,
-        store: PathBuf,
+        store: impl Into<snaps_global::StoreLocation>,
         options: Options,
     ) -> Result<LocalNetwork> {
         let Options {

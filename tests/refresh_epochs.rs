@@ -144,16 +144,15 @@ fn end_state(net: &Net) -> BTreeMap<String, Vec<String>> {
             ),
         );
     }
-    let conn = rusqlite::Connection::open(&net.store).unwrap();
     for r in net.network.global_catalog().unwrap().relations() {
         out.insert(
             format!("global.{}", r.name),
-            table(&conn, &format!("SELECT * FROM \"{}\"", r.name)),
+            common::global_table(net, &format!("SELECT * FROM \"{}\"", r.name)),
         );
     }
     out.insert(
         "global.gone".into(),
-        table(&conn, "SELECT * FROM snaps_gone"),
+        common::global_table(net, "SELECT * FROM snaps_gone"),
     );
     out
 }
@@ -162,14 +161,11 @@ fn end_state(net: &Net) -> BTreeMap<String, Vec<String>> {
 /// acknowledged it.
 async fn settled(net: &Net, epoch: u64) {
     for _ in 0..1200 {
-        let global = rusqlite::Connection::open(&net.store).unwrap();
-        let closed: bool = global
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM snaps_epochs WHERE epoch = ?1 AND phase = 'closed')",
-                [epoch as i64],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let closed = !common::global_query(
+            net,
+            &format!("SELECT 1 FROM snaps_epochs WHERE epoch = {epoch} AND phase = 'closed'"),
+        )
+        .is_empty();
         let acked = SITES.iter().all(|code| {
             let c = rusqlite::Connection::open(net.dir.path().join(code).join("local.db")).unwrap();
             let v: Option<String> = c
@@ -191,8 +187,17 @@ async fn settled(net: &Net, epoch: u64) {
 
 const PATIENTS: usize = 20;
 
-async fn uninterrupted() -> BTreeMap<String, Vec<String>> {
-    let net = setup(PATIENTS).await;
+/// The network of these tests, its global store on PostgreSQL or not.
+async fn network(on_postgres: bool, configure: impl FnOnce(&mut snaps::localnet::Options)) -> Net {
+    if on_postgres {
+        common::setup_on_postgres(PATIENTS, configure).await
+    } else {
+        setup_with(PATIENTS, configure).await
+    }
+}
+
+async fn uninterrupted(on_postgres: bool) -> BTreeMap<String, Vec<String>> {
+    let net = network(on_postgres, |_| {}).await;
     day(&net).await;
     let summary = net.refresh().await;
     settled(&net, summary.epoch).await;
@@ -220,7 +225,16 @@ fn start_refresh(net: &Net) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_global_controller_killed_at_any_phase_finishes_the_epoch_as_if_it_had_not_been() {
-    let expected = uninterrupted().await;
+    controller_killed_at_any_phase(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_on_postgres_killed_at_any_phase_finishes_the_epoch_as_if_it_had_not_been() {
+    controller_killed_at_any_phase(true).await;
+}
+
+async fn controller_killed_at_any_phase(on_postgres: bool) {
+    let expected = uninterrupted(on_postgres).await;
     for at in [
         HaltPoint::Opened,
         HaltPoint::Collecting,
@@ -232,7 +246,7 @@ async fn a_global_controller_killed_at_any_phase_finishes_the_epoch_as_if_it_had
             at,
             reached: reached.clone(),
         };
-        let mut net = setup_with(PATIENTS, |o| o.halt = Some(halt)).await;
+        let mut net = network(on_postgres, |o| o.halt = Some(halt)).await;
         day(&net).await;
         let refresh = start_refresh(&net);
         tokio::time::timeout(Duration::from_secs(30), reached.notified())
@@ -251,7 +265,7 @@ async fn a_global_controller_killed_at_any_phase_finishes_the_epoch_as_if_it_had
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_stopped_at_any_step_finishes_the_epoch_as_if_it_had_not_been() {
-    let expected = uninterrupted().await;
+    let expected = uninterrupted(false).await;
     for at in [
         SitePoint::Evicted,
         SitePoint::Pushed,
@@ -423,7 +437,6 @@ fn union_of_exports(net: &Net) -> BTreeMap<String, Vec<String>> {
 }
 
 fn global_rows(net: &Net) -> BTreeMap<String, Vec<String>> {
-    let conn = rusqlite::Connection::open(&net.store).unwrap();
     let mut out = BTreeMap::new();
     for r in net.network.global_catalog().unwrap().relations() {
         let cols: Vec<String> = r
@@ -431,21 +444,13 @@ fn global_rows(net: &Net) -> BTreeMap<String, Vec<String>> {
             .iter()
             .map(|a| format!("\"{}\"", a.name))
             .collect();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {}, snaps_owner FROM \"{}\"",
-                cols.join(", "),
-                r.name
-            ))
-            .unwrap();
-        let mut rows: Vec<String> = stmt
-            .query_map([], |row| {
-                (0..=cols.len())
-                    .map(|i| Ok(to_value(row.get(i)?)))
-                    .collect::<rusqlite::Result<Vec<_>>>()
+        let sql = format!("SELECT {}, snaps_owner FROM \"{}\"", cols.join(", "), r.name);
+        let mut rows: Vec<String> = common::global_query(net, &sql)
+            .iter()
+            .map(|row| {
+                let values: Vec<Value> = (0..=cols.len()).map(|i| row.value(i).unwrap()).collect();
+                format!("{values:?}")
             })
-            .unwrap()
-            .map(|r| format!("{:?}", r.unwrap()))
             .collect();
         rows.sort();
         out.insert(r.name.clone(), rows);
@@ -567,24 +572,38 @@ proptest! {
     /// give, and the global snapshot is the union of the sites' exports.
     #[test]
     fn a_differential_refresh_equals_a_recomputation(day in steps()) {
-        runtime().block_on(async {
-            let all: Vec<String> = common::network()
-                .global_catalog()
-                .unwrap()
-                .relations()
-                .map(|r| r.name.clone())
-                .collect();
-            let net = setup_with(12, |o| o.refresh.propagate_deletes = all.into_iter().collect()).await;
-            random_day(&net, &day).await;
-            let summary = net.refresh().await;
-            settled(&net, summary.epoch).await;
-            prop_assert_eq!(global_rows(&net), union_of_exports(&net));
-            for code in SITES {
-                let live = shared_rows(&net.dir.path().join(code).join("local.db"), &net, code);
-                let again = recomputed(&net, code).await;
-                prop_assert_eq!(&live, &again, "site {}", code);
-            }
-            Ok(())
-        })?;
+        runtime().block_on(refresh_equals_recomputation(&day, false))?;
     }
+
+    /// The same oracle with the global store on PostgreSQL.
+    #[test]
+    fn a_differential_refresh_on_postgres_equals_a_recomputation(day in steps()) {
+        runtime().block_on(refresh_equals_recomputation(&day, true))?;
+    }
+}
+
+async fn refresh_equals_recomputation(day: &[Step], on_postgres: bool) -> Result<(), TestCaseError> {
+    let all: Vec<String> = common::network()
+        .global_catalog()
+        .unwrap()
+        .relations()
+        .map(|r| r.name.clone())
+        .collect();
+    let propagate =
+        |o: &mut snaps::localnet::Options| o.refresh.propagate_deletes = all.into_iter().collect();
+    let net = if on_postgres {
+        common::setup_on_postgres(12, propagate).await
+    } else {
+        setup_with(12, propagate).await
+    };
+    random_day(&net, day).await;
+    let summary = net.refresh().await;
+    settled(&net, summary.epoch).await;
+    prop_assert_eq!(global_rows(&net), union_of_exports(&net));
+    for code in SITES {
+        let live = shared_rows(&net.dir.path().join(code).join("local.db"), &net, code);
+        let again = recomputed(&net, code).await;
+        prop_assert_eq!(&live, &again, "site {}", code);
+    }
+    Ok(())
 }

@@ -27,7 +27,10 @@ pub fn network() -> NetworkConfig {
 
 pub struct Net {
     pub dir: tempfile::TempDir,
+    /// The SQLite store's file (absent when the store is on PostgreSQL).
     pub store: PathBuf,
+    /// Where the global store is.
+    pub location: snaps_global::StoreLocation,
     pub global: Option<LocalNetwork>,
     /// Site code → SQL endpoint address.
     pub sites: BTreeMap<String, std::net::SocketAddr>,
@@ -117,7 +120,23 @@ pub async fn setup(patients: usize) -> Net {
 
 /// The network with the controller's options changed by `configure`.
 pub async fn setup_with(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
-    setup_full(patients, configure, |_| {}, false).await
+    setup_full(patients, configure, |_| {}, false, false).await
+}
+
+/// As [`setup_with`], the global store in a database of its own on the
+/// PostgreSQL server this test binary shares.
+pub async fn setup_on_postgres(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
+    setup_full(patients, configure, |_| {}, false, true).await
+}
+
+/// A fresh database on the shared PostgreSQL server; its URL.
+pub fn postgres_database() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    snaps::pg_server::PgServer::shared()
+        .expect("the PostgreSQL server for the tests")
+        .create_database(&format!("net_{n}"))
+        .expect("a test database")
 }
 
 /// The network with the sites reaching the controller through a recording
@@ -128,7 +147,7 @@ pub async fn setup_relayed(
     patients: usize,
     prepare: impl FnOnce(&mut BTreeMap<String, Rows>),
 ) -> Net {
-    setup_full(patients, |_| {}, prepare, true).await
+    setup_full(patients, |_| {}, prepare, true, false).await
 }
 
 async fn setup_full(
@@ -136,16 +155,22 @@ async fn setup_full(
     configure: impl FnOnce(&mut Options),
     prepare: impl FnOnce(&mut BTreeMap<String, Rows>),
     relayed: bool,
+    on_postgres: bool,
 ) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
+    let location = if on_postgres {
+        snaps_global::StoreLocation::Postgres(postgres_database())
+    } else {
+        snaps_global::StoreLocation::Sqlite(store.clone())
+    };
     let mut options = Options::new(&network);
     options.refresh.collect_timeout = Duration::from_secs(30);
     options.refresh.distribute_timeout = Duration::from_secs(30);
     configure(&mut options);
     let refresh = options.refresh.clone();
-    let global = LocalNetwork::start_with(network.clone(), store.clone(), options)
+    let global = LocalNetwork::start_with(network.clone(), location.clone(), options)
         .await
         .unwrap();
     let mut data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
@@ -200,6 +225,7 @@ async fn setup_full(
     let net = Net {
         dir,
         store,
+        location,
         global: Some(global),
         sites,
         data,
@@ -247,7 +273,7 @@ impl Net {
         for attempt in 0.. {
             match LocalNetwork::start_with(
                 self.network.clone(),
-                self.store.clone(),
+                self.location.clone(),
                 options.clone(),
             )
             .await
@@ -413,4 +439,32 @@ pub async fn refused(c: &Client, text: &str) -> (String, String) {
         .as_db_error()
         .unwrap_or_else(|| panic!("{text}: not a database error: {e}"));
     (db.code().code().to_string(), db.message().to_string())
+}
+
+/// Runs `sql` on the network's global store (SQLite or PostgreSQL alike);
+/// its rows.
+pub fn global_query(net: &Net, sql: &str) -> Vec<snaps_global::db::Row> {
+    use snaps_global::db::Db;
+    fn run(db: &impl Db, sql: &str) -> Vec<snaps_global::db::Row> {
+        db.transaction(&mut |tx| tx.query(sql, &[]))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+    match &net.location {
+        snaps_global::StoreLocation::Sqlite(p) => {
+            run(&snaps_global::db::sqlite::SqliteDb::open(p).unwrap(), sql)
+        }
+        snaps_global::StoreLocation::Postgres(url) => {
+            run(&snaps_global::db::postgres::PgDb::connect(url).unwrap(), sql)
+        }
+    }
+}
+
+/// The rows of `sql` on the global store, each as text, sorted.
+pub fn global_table(net: &Net, sql: &str) -> Vec<String> {
+    let mut rows: Vec<String> = global_query(net, sql)
+        .into_iter()
+        .map(|r| format!("{:?}", r.0))
+        .collect();
+    rows.sort();
+    rows
 }
