@@ -142,11 +142,15 @@ fn global_store(
 
 #[test]
 fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
+    use snaps_global::GlobalStore;
     use snaps_global::compile::{compile_group, temp_table};
     use snaps_global::query::FetchQuery;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let mut compiled = 0;
+    let mut fetched = 0;
+    let mut on_postgres: std::collections::HashMap<String, snaps_global::PgStore> =
+        Default::default();
     for path in golden_cases() {
         let text = std::fs::read_to_string(&path).expect("read case");
         let Some((network, site, query)) = case(&text) else {
@@ -202,6 +206,48 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
                     path.display()
                 )
             });
+            // Run whole, and as the nightly delta, on both stores: the
+            // PostgreSQL dialect of every compiled fetch is run for real.
+            let number = config
+                .sites
+                .iter()
+                .find(|s| s.code.as_str() == site)
+                .expect("site of the case")
+                .number;
+            let asker = snaps_global::store::SiteId {
+                code: site.clone(),
+                number,
+            };
+            let pg = on_postgres.entry(config.name.clone()).or_insert_with(|| {
+                let url = snaps::pg_server::PgServer::shared()
+                    .expect("the PostgreSQL server for the tests")
+                    .create_database(&format!("golden_{}", config.name))
+                    .expect("a database");
+                snaps_global::PgStore::connect(&url, &global).expect("PostgreSQL store")
+            });
+            let sqlite = snaps_global::SqliteStore::open(
+                &dir.path().join(format!("{}.db", config.name)),
+                &global,
+            )
+            .expect("SQLite store");
+            for changed_after in [None, Some(0)] {
+                let q = FetchQuery {
+                    changed_after,
+                    ..checked.clone()
+                };
+                for (name, store) in [
+                    ("SQLite", &sqlite as &dyn GlobalStore),
+                    ("PostgreSQL", pg as &dyn GlobalStore),
+                ] {
+                    store.fetch(&asker, &q).unwrap_or_else(|e| {
+                        panic!(
+                            "{}: the {name} store cannot run the fetch: {e}",
+                            path.display()
+                        )
+                    });
+                }
+                fetched += 1;
+            }
             for (gi, g) in checked.groups.iter().enumerate() {
                 let sjs: Vec<_> = checked.semijoins.iter().filter(|s| s.group == gi).collect();
                 for sj in &sjs {
@@ -249,4 +295,5 @@ fn the_global_controller_accepts_and_compiles_every_golden_mapped_query() {
         compiled >= 60,
         "only {compiled} compiled fetches from the golden cases"
     );
+    assert!(fetched >= 40, "only {fetched} fetches run on both stores");
 }

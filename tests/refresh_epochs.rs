@@ -444,7 +444,11 @@ fn global_rows(net: &Net) -> BTreeMap<String, Vec<String>> {
             .iter()
             .map(|a| format!("\"{}\"", a.name))
             .collect();
-        let sql = format!("SELECT {}, snaps_owner FROM \"{}\"", cols.join(", "), r.name);
+        let sql = format!(
+            "SELECT {}, snaps_owner FROM \"{}\"",
+            cols.join(", "),
+            r.name
+        );
         let mut rows: Vec<String> = common::global_query(net, &sql)
             .iter()
             .map(|row| {
@@ -582,7 +586,10 @@ proptest! {
     }
 }
 
-async fn refresh_equals_recomputation(day: &[Step], on_postgres: bool) -> Result<(), TestCaseError> {
+async fn refresh_equals_recomputation(
+    day: &[Step],
+    on_postgres: bool,
+) -> Result<(), TestCaseError> {
     let all: Vec<String> = common::network()
         .global_catalog()
         .unwrap()

@@ -1740,7 +1740,12 @@ fn resync_sets_sent_to_bits_exactly(store: &dyn GlobalStore, config: &GlobalConf
 
 fn a_lock_storm_never_grants_one_tuple_twice(store: &dyn GlobalStore, config: &GlobalConfig) {
     use std::sync::atomic::{AtomicU32, Ordering};
-    load_patients(store, config, "CPH", &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")]);
+    load_patients(
+        store,
+        config,
+        "CPH",
+        &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")],
+    );
     let id = ids(&fetch(store, config, "STG", &all_patients()));
     fetch(store, config, "GRC", &all_patients());
     let (p1, p2) = (patient(id[&CPH_P1]), patient(id[&CPH_P2]));
@@ -1761,7 +1766,11 @@ fn a_lock_storm_never_grants_one_tuple_twice(store: &dyn GlobalStore, config: &G
                 for _ in 0..25 {
                     match store.lock(&me, &pair).expect("lock request") {
                         LockOutcome::Granted => {
-                            assert_eq!(holding.fetch_add(1, Ordering::SeqCst), 0, "{code} granted a held lock");
+                            assert_eq!(
+                                holding.fetch_add(1, Ordering::SeqCst),
+                                0,
+                                "{code} granted a held lock"
+                            );
                             granted.fetch_add(1, Ordering::SeqCst);
                             holding.fetch_sub(1, Ordering::SeqCst);
                             assert_eq!(store.unlock(&me, &pair).expect("unlock"), 2);
@@ -1772,7 +1781,10 @@ fn a_lock_storm_never_grants_one_tuple_twice(store: &dyn GlobalStore, config: &G
             });
         }
     });
-    assert!(granted.load(Ordering::SeqCst) >= 3, "some requests were granted");
+    assert!(
+        granted.load(Ordering::SeqCst) >= 3,
+        "some requests were granted"
+    );
     assert_eq!(counts(store, "patient"), (2, 0), "no lock is left behind");
 }
 

@@ -268,7 +268,11 @@ impl Dialect {
             return format!("{name}({all})");
         }
         let text = |i: usize| format!("({})::text", args.get(i).map_or("NULL", String::as_str));
-        let rest = args.iter().skip(1).map(|a| format!(", {a}")).collect::<String>();
+        let rest = args
+            .iter()
+            .skip(1)
+            .map(|a| format!(", {a}"))
+            .collect::<String>();
         match name {
             "lower" => format!("translate({}, {UPPER}, {LOWER})", text(0)),
             "upper" => format!("translate({}, {LOWER}, {UPPER})", text(0)),

@@ -67,7 +67,11 @@ impl From<Error> for tonic::Status {
             Error::NotFound(m) => tonic::Status::not_found(m),
             Error::FailedPrecondition(m) => tonic::Status::failed_precondition(m),
             Error::Unavailable(m) => tonic::Status::unavailable(m),
-            e @ (Error::Storage(_) | Error::Postgres(_) | Error::Io(_) | Error::Config(_) | Error::Internal(_)) => {
+            e @ (Error::Storage(_)
+            | Error::Postgres(_)
+            | Error::Io(_)
+            | Error::Config(_)
+            | Error::Internal(_)) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

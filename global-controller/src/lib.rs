@@ -35,9 +35,9 @@ use tokio::net::TcpListener;
 use tonic::codec::CompressionEncoding;
 
 pub use config::GlobalConfig;
+pub use config::StoreLocation;
 pub use error::{Error, Result};
 pub use service::{MAX_MESSAGE_BYTES, Service};
-pub use config::StoreLocation;
 pub use sql_store::{PgStore, SqliteStore};
 pub use store::GlobalStore;
 

@@ -521,7 +521,12 @@ fn read_status(tx: &mut dyn Tx, catalog: &Catalog, site: &SiteId, t: &TupleRef) 
 
 impl<D: Db> SqlStore<D> {
     /// Fills the temporary table of a semi-join projection.
-    fn fill_temp(&self, tx: &mut dyn Tx, g: &crate::query::Group, sj: &crate::query::SemiJoin) -> Result<()> {
+    fn fill_temp(
+        &self,
+        tx: &mut dyn Tx,
+        g: &crate::query::Group,
+        sj: &crate::query::SemiJoin,
+    ) -> Result<()> {
         let d = self.dialect();
         let name = temp_table(sj.table);
         let shape = &g.tables[sj.table].shape;
@@ -546,8 +551,16 @@ impl<D: Db> SqlStore<D> {
         tx.batch(&format!(
             "DROP TABLE IF EXISTS {}; CREATE TEMP TABLE {name} ({}){}",
             d.temp(&name),
-            if cols.is_empty() { "c0".into() } else { cols.join(", ") },
-            if d == Dialect::Postgres { " ON COMMIT DROP" } else { "" }
+            if cols.is_empty() {
+                "c0".into()
+            } else {
+                cols.join(", ")
+            },
+            if d == Dialect::Postgres {
+                " ON COMMIT DROP"
+            } else {
+                ""
+            }
         ))?;
         let names: Vec<String> = (0..sj.columns.len()).map(|n| format!("c{n}")).collect();
         let ins = format!(
@@ -563,7 +576,12 @@ impl<D: Db> SqlStore<D> {
         Ok(())
     }
 
-    fn fetch_in(&self, tx: &mut dyn Tx, site: &SiteId, q: &FetchQuery) -> Result<Vec<FetchedTable>> {
+    fn fetch_in(
+        &self,
+        tx: &mut dyn Tx,
+        site: &SiteId,
+        q: &FetchQuery,
+    ) -> Result<Vec<FetchedTable>> {
         let me = i64::from(site.number.0);
         let d = self.dialect();
         let mut out = Vec::new();

@@ -453,9 +453,10 @@ pub fn global_query(net: &Net, sql: &str) -> Vec<snaps_global::db::Row> {
         snaps_global::StoreLocation::Sqlite(p) => {
             run(&snaps_global::db::sqlite::SqliteDb::open(p).unwrap(), sql)
         }
-        snaps_global::StoreLocation::Postgres(url) => {
-            run(&snaps_global::db::postgres::PgDb::connect(url).unwrap(), sql)
-        }
+        snaps_global::StoreLocation::Postgres(url) => run(
+            &snaps_global::db::postgres::PgDb::connect(url).unwrap(),
+            sql,
+        ),
     }
 }
 

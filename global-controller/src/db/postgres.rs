@@ -67,7 +67,10 @@ impl PgDb {
     /// checking that it answers.
     pub fn connect(url: &str) -> Result<PgDb> {
         let config: tokio_postgres::Config = url.parse().map_err(|e| {
-            Error::Config(format!("store = {:?} is not a PostgreSQL URL: {e}", redact(url)))
+            Error::Config(format!(
+                "store = {:?} is not a PostgreSQL URL: {e}",
+                redact(url)
+            ))
         })?;
         let server = describe(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -116,7 +119,10 @@ impl PgDb {
     }
 
     fn block<F: Future>(&self, f: F) -> F::Output {
-        let rt = self.rt.as_ref().expect("the runtime lives as long as the store");
+        let rt = self
+            .rt
+            .as_ref()
+            .expect("the runtime lives as long as the store");
         let _in = rt.enter();
         futures::executor::block_on(f)
     }
@@ -150,7 +156,8 @@ impl Db for PgDb {
                     attempt += 1;
                     // Spread the retries so the conflicting transactions do
                     // not meet again at once.
-                    let jitter = u64::from(std::process::id() ^ attempt).wrapping_mul(2654435761) % 7;
+                    let jitter =
+                        u64::from(std::process::id() ^ attempt).wrapping_mul(2654435761) % 7;
                     std::thread::sleep(Duration::from_millis(u64::from(attempt) * 3 + jitter));
                     tracing::debug!(attempt, error = %e, "store transaction run again after a conflict");
                 }
@@ -307,9 +314,21 @@ impl ToSql for Cell {
                 _ => Err(mismatch()),
             },
             Cell::Text(s) => match *ty {
-                Type::INT8 => s.trim().parse::<i64>().map_err(|_| mismatch())?.to_sql(ty, out),
-                Type::INT4 => s.trim().parse::<i32>().map_err(|_| mismatch())?.to_sql(ty, out),
-                Type::FLOAT8 => s.trim().parse::<f64>().map_err(|_| mismatch())?.to_sql(ty, out),
+                Type::INT8 => s
+                    .trim()
+                    .parse::<i64>()
+                    .map_err(|_| mismatch())?
+                    .to_sql(ty, out),
+                Type::INT4 => s
+                    .trim()
+                    .parse::<i32>()
+                    .map_err(|_| mismatch())?
+                    .to_sql(ty, out),
+                Type::FLOAT8 => s
+                    .trim()
+                    .parse::<f64>()
+                    .map_err(|_| mismatch())?
+                    .to_sql(ty, out),
                 Type::BYTEA => s.as_bytes().to_sql(ty, out),
                 _ => s.as_str().to_sql(&Type::TEXT, out),
             },
@@ -328,7 +347,10 @@ impl ToSql for Cell {
 }
 
 impl<'a> FromSql<'a> for Cell {
-    fn from_sql(ty: &Type, raw: &'a [u8]) -> std::result::Result<Cell, Box<dyn StdError + Sync + Send>> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Cell, Box<dyn StdError + Sync + Send>> {
         Ok(match *ty {
             Type::INT8 => Cell::Int(i64::from_sql(ty, raw)?),
             Type::INT4 => Cell::Int(i64::from(i32::from_sql(ty, raw)?)),

@@ -65,11 +65,9 @@ impl Tx for SqliteTx<'_> {
         let mut rows = stmt.query(params_from_iter(params))?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            out.push(Row(
-                (0..n)
-                    .map(|i| r.get_ref(i).map(cell))
-                    .collect::<rusqlite::Result<_>>()?,
-            ));
+            out.push(Row((0..n)
+                .map(|i| r.get_ref(i).map(cell))
+                .collect::<rusqlite::Result<_>>()?));
         }
         Ok(out)
     }

@@ -76,7 +76,10 @@ impl<D: Db> SqlStore<D> {
         };
         let phase = Phase::from_name(&row.text(1)?)?;
         let pushed = if phase == Phase::Collect {
-            numbers(tx, "SELECT site FROM snaps_pushes WHERE epoch = ?1 ORDER BY site")?
+            numbers(
+                tx,
+                "SELECT site FROM snaps_pushes WHERE epoch = ?1 ORDER BY site",
+            )?
         } else {
             numbers(
                 tx,
@@ -583,7 +586,10 @@ impl<D: Db> SqlStore<D> {
             for rel in self.catalog.relations() {
                 let mine = held.get(&rel.name).unwrap_or(&none);
                 let rows = tx.query(
-                    &format!("SELECT tuple_id, snaps_sent_to FROM {}", sql_ident(&rel.name)),
+                    &format!(
+                        "SELECT tuple_id, snaps_sent_to FROM {}",
+                        sql_ident(&rel.name)
+                    ),
                     &[],
                 )?;
                 for r in rows {

@@ -71,7 +71,10 @@ pub(super) fn update(
     let whole =
         req.version == 0 || req.version != stored_version as u64 || stored_specs != specs_json;
     if whole {
-        tx.execute("DELETE FROM snaps_summary_item WHERE site = ?1", &[me.into()])?;
+        tx.execute(
+            "DELETE FROM snaps_summary_item WHERE site = ?1",
+            &[me.into()],
+        )?;
     }
     let mut deltas = Vec::new();
     for (spec, range) in &req.specs {
