@@ -126,6 +126,22 @@ enum GlobalCommand {
         #[arg(long)]
         insecure: bool,
     },
+    /// Move a network's global store from its SQLite file into an empty
+    /// PostgreSQL database, whole or not at all: every tuple with its
+    /// status and locks, the epochs and change log, the access rules, the
+    /// audit trail. Stop the controller first; afterwards set `store` in
+    /// global.toml to the URL and start it again.
+    Migrate {
+        /// The controller's configuration (its network gives the schema).
+        #[arg(long)]
+        config: PathBuf,
+        /// The SQLite store file (default: global.toml's store).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The PostgreSQL database, e.g. postgresql://snaps@db:5432/snaps.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -620,6 +636,44 @@ fn main() -> Result<()> {
             let controller =
                 snaps_global::GlobalController::open(config).context("open the global store")?;
             runtime()?.block_on(controller.run())?;
+            Ok(())
+        }
+        Command::Global {
+            command: GlobalCommand::Migrate { config, from, to },
+        } => {
+            let path = config;
+            let config = snaps_global::GlobalConfig::load(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            let from = match (from, &config.store) {
+                (Some(f), _) => f,
+                (None, snaps_global::StoreLocation::Sqlite(f)) => f.clone(),
+                (None, snaps_global::StoreLocation::Postgres(_)) => bail!(
+                    "{}: the store is on PostgreSQL already; give --from the SQLite file to move",
+                    path.display()
+                ),
+            };
+            if !(to.starts_with("postgresql://") || to.starts_with("postgres://")) {
+                bail!("--to {to:?} is not a postgresql:// URL");
+            }
+            let bar = indicatif::ProgressBar::new_spinner();
+            let moved =
+                snaps_global::sql_store::migrate::migrate(&from, &to, &config, &mut |t, n| {
+                    bar.set_message(format!("{t}: {n} rows"));
+                    bar.tick();
+                })
+                .with_context(|| format!("move {} to PostgreSQL", from.display()))?;
+            bar.finish_and_clear();
+            let rows: u64 = moved.iter().map(|m| m.rows).sum();
+            for m in &moved {
+                println!("{:<24} {:>10}", m.table, m.rows);
+            }
+            println!(
+                "moved {rows} rows in {} tables from {} to {}; set store to that URL in {} and start the controller",
+                moved.len(),
+                from.display(),
+                snaps_global::StoreLocation::Postgres(to.clone()),
+                path.display()
+            );
             Ok(())
         }
         Command::Bench {

@@ -917,3 +917,66 @@ fn commands_outside_the_checkout_use_the_built_in_radiology_network() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no/such/network"), "{}", stderr(&o));
 }
+
+#[test]
+fn global_migrate_moves_the_store_to_postgres_once_and_refuses_a_full_target() {
+    use snaps_global::GlobalStore;
+    use snaps_global::store::{AuditFilter, AuditRecord};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config_path, _) = global_config(dir.path(), "cph-token-0123456789abcdef");
+    let config = snaps_global::GlobalConfig::load(&config_path).expect("config");
+    {
+        let store = snaps_global::SqliteStore::open(&dir.path().join("global.db"), &config)
+            .expect("SQLite store");
+        let records: Vec<AuditRecord> = (0..5)
+            .map(|i| AuditRecord {
+                at: 1_700_000_000 + i,
+                site: "STG".into(),
+                user: "rad1".into(),
+                action: "fetch".into(),
+                relations: vec!["patient".into()],
+                tuples: 1,
+                patients: vec![format!("{}", 1_000_001 + i)],
+                detail: String::new(),
+                ..AuditRecord::default()
+            })
+            .collect();
+        store.append_audit(&records).expect("audit");
+    }
+    let url = snaps::pg_server::PgServer::shared()
+        .expect("PostgreSQL server")
+        .create_database("cli_migrate")
+        .expect("database");
+    let config_arg = config_path.to_str().expect("path");
+    let o = snaps(&["global", "migrate", "--config", config_arg, "--to", &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("snaps_audit"), "{out}");
+    assert!(out.contains("moved "), "{out}");
+    let moved = snaps_global::PgStore::connect(&url, &config).expect("PostgreSQL store");
+    let trail = moved.audit(&AuditFilter::default()).expect("audit");
+    assert_eq!(trail.len(), 5);
+    assert_eq!(trail[4].patients, vec!["1000005".to_string()]);
+    drop(moved);
+    // Moving again would mix two stores: refused, the target unchanged.
+    let o = snaps(&["global", "migrate", "--config", config_arg, "--to", &url]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already holds rows of"),
+        "{}",
+        stderr(&o)
+    );
+    let o = snaps(&[
+        "global",
+        "migrate",
+        "--config",
+        config_arg,
+        "--to",
+        "db.example",
+    ]);
+    assert!(
+        stderr(&o).contains("is not a postgresql:// URL"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -263,6 +263,55 @@ async fn controller_killed_at_any_phase(on_postgres: bool) {
     }
 }
 
+/// Every table of the global store, row for row.
+fn whole_store(net: &Net, tables: &[String]) -> BTreeMap<String, Vec<String>> {
+    tables
+        .iter()
+        .map(|t| {
+            (
+                t.clone(),
+                common::global_table(net, &format!("SELECT * FROM \"{t}\"")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_moved_to_postgres_mid_day_keeps_everything_and_finishes_the_epoch_as_if_unmoved() {
+    let expected = uninterrupted(false).await;
+    let mut net = setup(PATIENTS).await;
+    day(&net).await;
+    let tables: Vec<String> = common::global_query(
+        &net,
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    )
+    .iter()
+    .map(|r| r.text(0).unwrap())
+    .collect();
+    let before = whole_store(&net, &tables);
+    let moved = net.move_store_to_postgres().await;
+    let count = |t: &str| moved.iter().find(|m| m.table == t).map_or(0, |m| m.rows);
+    assert!(
+        count("snaps_audit") > 0 && count("patient") > 0,
+        "{moved:?}"
+    );
+    assert_eq!(moved.len(), tables.len());
+    // Every tuple with its status (locks, sent-to bits), every audit
+    // record, the change log: all there.
+    assert_eq!(whole_store(&net, &tables), before);
+    let locked = common::global_query(
+        &net,
+        "SELECT count(*) FROM patient WHERE snaps_lock_site IS NOT NULL",
+    );
+    assert!(
+        locked[0].int(0).unwrap() > 0,
+        "the day's locks moved with the store"
+    );
+    let summary = net.refresh().await;
+    settled(&net, summary.epoch).await;
+    assert_eq!(end_state(&net), expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_site_stopped_at_any_step_finishes_the_epoch_as_if_it_had_not_been() {
     let expected = uninterrupted(false).await;

@@ -36,6 +36,7 @@ use crate::store::*;
 
 mod audit;
 mod groups;
+pub mod migrate;
 mod refresh;
 mod summary;
 

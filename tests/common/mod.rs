@@ -257,10 +257,49 @@ impl Net {
     /// on the same address with the same store and credentials (halting
     /// its epochs at `halt`, if given).
     pub async fn restart_global(&mut self, halt: Option<snaps_global::epochs::Halt>) {
+        self.restart_global_after(halt, |_| {}).await;
+    }
+
+    /// Kills the global controller, moves its SQLite store into a fresh
+    /// PostgreSQL database (`snaps global migrate`) and starts it again
+    /// there; what was moved.
+    pub async fn move_store_to_postgres(&mut self) -> Vec<snaps_global::sql_store::migrate::Moved> {
+        let mut moved = Vec::new();
+        self.restart_global_after(None, |net| {
+            let url = postgres_database();
+            let config = snaps_global::GlobalConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                snaps_global::StoreLocation::Postgres(url.clone()),
+                net.network.clone(),
+                BTreeMap::new(),
+                BTreeMap::new(),
+                BTreeMap::new(),
+            )
+            .unwrap();
+            moved = snaps_global::sql_store::migrate::migrate(
+                &net.store,
+                &url,
+                &config,
+                &mut |_, _| {},
+            )
+            .expect("move the store");
+            net.location = snaps_global::StoreLocation::Postgres(url);
+        })
+        .await;
+        moved
+    }
+
+    /// As [`Net::restart_global`], doing `between` while it is down.
+    pub async fn restart_global_after(
+        &mut self,
+        halt: Option<snaps_global::epochs::Halt>,
+        between: impl FnOnce(&mut Net),
+    ) {
         let old = self.global.take().expect("a running controller");
         let addr: std::net::SocketAddr = old.addr.trim_start_matches("http://").parse().unwrap();
         let (tokens, admin) = (old.tokens.clone(), old.admin.clone());
         old.kill();
+        between(self);
         let options = Options {
             addr,
             tokens,

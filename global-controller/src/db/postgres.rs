@@ -124,7 +124,10 @@ impl PgDb {
             .as_ref()
             .expect("the runtime lives as long as the store");
         let _in = rt.enter();
-        futures::executor::block_on(f)
+        // Unconstrained: called on a thread running a tokio task (a test,
+        // say), the task's cooperative budget would run out and every
+        // poll here would yield at once, for ever.
+        futures::executor::block_on(tokio::task::unconstrained(f))
     }
 
     fn attempt<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
