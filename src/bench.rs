@@ -50,6 +50,12 @@ pub struct GlobalBenchOptions {
     /// Seed of the data generator.
     #[arg(long, default_value_t = 1988)]
     pub seed: u64,
+    /// Compare the global stores instead: the SQLite store beside the
+    /// PostgreSQL one at this URL (an empty database), or on a throwaway
+    /// server with `auto` — fetches and locks per second with one and two
+    /// controllers, and fetch latency.
+    #[arg(long, value_name = "URL|auto")]
+    pub store: Option<String>,
 }
 
 /// One measured rate.
@@ -223,7 +229,11 @@ fn reply_sizes(
     Ok((tuples, raw, json))
 }
 
-fn plan_request(network: &NetworkConfig, code: &str, sql: &str) -> Result<v1::FetchRequest> {
+pub(crate) fn plan_request(
+    network: &NetworkConfig,
+    code: &str,
+    sql: &str,
+) -> Result<v1::FetchRequest> {
     let site = network.site(code)?;
     let local = network.local_catalog(site)?;
     let mapping = crate::localnet::site_mapping(network, code)?;
@@ -239,7 +249,7 @@ fn plan_request(network: &NetworkConfig, code: &str, sql: &str) -> Result<v1::Fe
 
 /// A request as a site sends it: attributes by position
 /// ([`snaps_proto::compact_shapes`]).
-fn as_sent(req: &v1::FetchRequest, global: &Catalog) -> v1::FetchRequest {
+pub(crate) fn as_sent(req: &v1::FetchRequest, global: &Catalog) -> v1::FetchRequest {
     let mut req = req.clone();
     snaps_proto::compact_shapes(&mut req, global);
     req

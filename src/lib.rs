@@ -11,4 +11,5 @@ pub mod network_bench;
 pub mod network_report;
 pub mod pg_server;
 pub mod refresh_bench;
+pub mod store_bench;
 pub mod wire_proxy;

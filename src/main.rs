@@ -724,8 +724,17 @@ fn main() -> Result<()> {
             command: BenchCommand::Global(opts),
         } => {
             init_logging_bench();
-            let report = runtime()?.block_on(snaps::bench::bench_global(&opts))?;
-            print!("{report}");
+            match &opts.store {
+                Some(url) => {
+                    let report =
+                        runtime()?.block_on(snaps::store_bench::bench_stores(&opts, url))?;
+                    print!("{report}");
+                }
+                None => {
+                    let report = runtime()?.block_on(snaps::bench::bench_global(&opts))?;
+                    print!("{report}");
+                }
+            }
             Ok(())
         }
         Command::Explain {

@@ -90,16 +90,23 @@ impl PgServer {
     /// Creates a cluster (trust authentication, user `postgres`) and starts
     /// it on a free port.
     pub fn start() -> Result<PgServer> {
-        PgServer::start_with(None)
+        PgServer::start_with(None, false)
+    }
+
+    /// As [`PgServer::start`], with every commit synced to disk as a
+    /// production server's (fsync and synchronous commit on): for
+    /// comparisons with a store that syncs its commits.
+    pub fn start_durable() -> Result<PgServer> {
+        PgServer::start_with(None, true)
     }
 
     /// As [`PgServer::start`], also offering TLS with the certificate and
     /// key in `tls` (PEM files).
     pub fn start_tls(cert: &Path, key: &Path) -> Result<PgServer> {
-        PgServer::start_with(Some((cert, key)))
+        PgServer::start_with(Some((cert, key)), false)
     }
 
-    fn start_with(tls: Option<(&Path, &Path)>) -> Result<PgServer> {
+    fn start_with(tls: Option<(&Path, &Path)>, durable: bool) -> Result<PgServer> {
         let bin = find_binaries()?;
         let dir = tempfile::Builder::new().prefix("snaps-pg-").tempdir()?;
         let run_as = if is_root() {
@@ -138,8 +145,13 @@ impl PgServer {
             ],
         )?;
         let mut options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
-            server.dir.path().display()
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{}",
+            server.dir.path().display(),
+            if durable {
+                ""
+            } else {
+                " -c fsync=off -c synchronous_commit=off"
+            }
         );
         if let Some((cert, key)) = tls {
             // The server reads them as its own user, the key private to it.

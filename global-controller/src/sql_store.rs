@@ -20,7 +20,7 @@
 //! failed request rolls them back with everything else; a crash loses them
 //! with the connection, so nothing is left to clean on start.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
 use snaps_schema::{Catalog, GlobalRights, RelationMode, SentTo, SiteNo, Value, sql_ident};
@@ -44,6 +44,11 @@ mod summary;
 /// newer version is refused: its tables may mean what this build does not
 /// know. Version 1 is the SQLite store before standing join groups.
 pub const STORE_VERSION: i64 = 2;
+
+/// Tuples a statement of a load reads or writes at most: a multi-row
+/// statement per chunk spares the round trips to a PostgreSQL server, and
+/// keeps within SQLite's 32,766 parameters.
+const CHUNK: usize = 200;
 
 /// The global store over database `D`.
 pub struct SqlStore<D: Db> {
@@ -180,136 +185,196 @@ impl<D: Db> SqlStore<D> {
                 .collect::<Result<Vec<_>>>()?;
             keys.push(pos);
         }
-        let seen_sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE snaps_owner = ?1 AND snaps_origin = ?2)
-             OR EXISTS (SELECT 1 FROM snaps_conflicts WHERE site = ?1 AND relation = ?3 AND origin = ?2)",
-            sql_ident(main_rel)
-        );
+        let n = batch.origins.len();
         let mut out = LoadOutcome::default();
+        // Origins loaded (or refused) before: not loaded again.
+        let mut seen: HashSet<u64> = HashSet::new();
+        for chunk in batch.origins.chunks(CHUNK) {
+            let marks = marks(3, chunk.len());
+            let mut args: Vec<Cell> = vec![me.into(), main_rel.into()];
+            args.extend(chunk.iter().map(|o| Cell::from(*o)));
+            let sql = format!(
+                "SELECT snaps_origin FROM {} WHERE snaps_owner = ?1 AND snaps_origin IN ({marks})
+                 UNION SELECT origin FROM snaps_conflicts WHERE site = ?1 AND relation = ?2 AND origin IN ({marks})",
+                sql_ident(main_rel)
+            );
+            for r in tx.query(&sql, &args)? {
+                seen.insert(r.int(0)? as u64);
+            }
+        }
+        // Per part, the owner of every key the batch names that is taken.
+        let mut holders: Vec<HashMap<String, i64>> = vec![HashMap::new(); shape.parts.len()];
+        let key_of = |pi: usize, row: usize| -> String {
+            format!(
+                "{:?}",
+                keys[pi]
+                    .iter()
+                    .map(|&k| &batch.parts[pi][row][k])
+                    .collect::<Vec<_>>()
+            )
+        };
+        for (pi, p) in shape.parts.iter().enumerate() {
+            if keys[pi].is_empty() {
+                continue;
+            }
+            for row in 0..n {
+                if let Some(&k) = keys[pi]
+                    .iter()
+                    .find(|&&k| batch.parts[pi][row][k].is_null())
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "tuple {}: key attribute {}.{} is NULL",
+                        batch.origins[row], p.relation, p.columns[k]
+                    )));
+                }
+            }
+            let key_cols: Vec<String> =
+                keys[pi].iter().map(|&k| sql_ident(&p.columns[k])).collect();
+            let rows: Vec<usize> = (0..n)
+                .filter(|r| !seen.contains(&batch.origins[*r]))
+                .collect();
+            for chunk in rows.chunks(CHUNK) {
+                let mut args: Vec<Cell> = Vec::new();
+                let terms: Vec<String> = chunk
+                    .iter()
+                    .map(|&row| {
+                        let eqs: Vec<String> = keys[pi]
+                            .iter()
+                            .zip(&key_cols)
+                            .map(|(&k, c)| {
+                                args.push(Cell::from(&batch.parts[pi][row][k]));
+                                format!("{c} = ?{}", args.len())
+                            })
+                            .collect();
+                        format!("({})", eqs.join(" AND "))
+                    })
+                    .collect();
+                let sql = format!(
+                    "SELECT {}, snaps_owner FROM {} WHERE {}",
+                    key_cols.join(", "),
+                    sql_ident(&p.relation),
+                    terms.join(" OR ")
+                );
+                for r in tx.query(&sql, &args)? {
+                    let values = (0..key_cols.len())
+                        .map(|i| r.value(i))
+                        .collect::<Result<Vec<_>>>()?;
+                    holders[pi].insert(
+                        format!("{:?}", values.iter().collect::<Vec<_>>()),
+                        r.int(key_cols.len())?,
+                    );
+                }
+            }
+        }
+        // The tuples to insert, in order; a key taken (before, or by an
+        // earlier tuple of the batch) is a recorded conflict instead.
+        let mut fresh: Vec<usize> = Vec::new();
         for (row, &origin) in batch.origins.iter().enumerate() {
-            let seen = tx
-                .one(&seen_sql, &[me.into(), origin.into(), main_rel.into()])?
-                .map(|r| r.flag(0))
-                .transpose()?
-                .unwrap_or(false);
-            if seen {
+            if !seen.insert(origin) {
                 out.already_loaded += 1;
                 continue;
             }
-            let mut conflict = None;
-            for (pi, p) in shape.parts.iter().enumerate() {
-                if keys[pi].is_empty() {
-                    continue;
+            let taken = (0..shape.parts.len())
+                .filter(|&pi| !keys[pi].is_empty())
+                .find_map(|pi| holders[pi].get(&key_of(pi, row)).map(|h| (pi, *h)));
+            let Some((pi, h)) = taken else {
+                for pi in (0..shape.parts.len()).filter(|&pi| !keys[pi].is_empty()) {
+                    holders[pi].insert(key_of(pi, row), me);
                 }
-                let values: Vec<&Value> =
-                    keys[pi].iter().map(|&k| &batch.parts[pi][row][k]).collect();
-                if let Some(k) = keys[pi].iter().zip(&values).find(|(_, v)| v.is_null()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "tuple {origin}: key attribute {}.{} is NULL",
-                        p.relation, p.columns[*k.0]
-                    )));
-                }
-                let cond: Vec<String> = keys[pi]
+                fresh.push(row);
+                continue;
+            };
+            let p = &shape.parts[pi];
+            let c = ConflictRecord {
+                relation: p.relation.clone(),
+                origin,
+                key: keys[pi]
+                    .iter()
+                    .map(|&k| batch.parts[pi][row][k].clone())
+                    .collect(),
+                holder: self.code(h),
+            };
+            let tuple: BTreeMap<&str, BTreeMap<&str, &Value>> = shape
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(pi, p)| {
+                    let vals = p
+                        .columns
+                        .iter()
+                        .map(String::as_str)
+                        .zip(&batch.parts[pi][row])
+                        .collect();
+                    (p.relation.as_str(), vals)
+                })
+                .collect();
+            tx.execute(
+                "INSERT INTO snaps_conflicts (site, relation, origin, key, tuple, holder, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                &[
+                    me.into(),
+                    main_rel.into(),
+                    origin.into(),
+                    serde_json::to_string(&c.key).unwrap_or_default().into(),
+                    serde_json::to_string(&tuple).unwrap_or_default().into(),
+                    h.into(),
+                    now().into(),
+                ],
+            )?;
+            tracing::warn!(site = %site.code, relation = %c.relation, origin, holder = %c.holder, "key conflict recorded");
+            out.conflicts.push(c);
+        }
+        // Main parts first: the other parts of a split link to their ids.
+        let mut main_ids: HashMap<u64, i64> = HashMap::new();
+        let order = std::iter::once(main).chain((0..shape.parts.len()).filter(|p| *p != main));
+        for pi in order {
+            let p = &shape.parts[pi];
+            let rights = default_rights(self.mode(&p.relation)).code();
+            let cols: Vec<String> = p.columns.iter().map(|c| sql_ident(c)).collect();
+            let width = p.columns.len() + 4;
+            let link = matches!(shape.split, Split::Main(_)) && pi != main;
+            for chunk in fresh.chunks(CHUNK) {
+                let mut args: Vec<Cell> = Vec::with_capacity(chunk.len() * width);
+                let values: Vec<String> = chunk
                     .iter()
                     .enumerate()
-                    .map(|(i, &k)| format!("{} = ?{}", sql_ident(&p.columns[k]), i + 1))
-                    .collect();
-                let args: Vec<Cell> = values.iter().map(|v| Cell::from(*v)).collect();
-                let holder = tx
-                    .one(
-                        &format!(
-                            "SELECT snaps_owner FROM {} WHERE {} LIMIT 1",
-                            sql_ident(&p.relation),
-                            cond.join(" AND ")
-                        ),
-                        &args,
-                    )?
-                    .map(|r| r.int(0))
-                    .transpose()?;
-                if let Some(h) = holder {
-                    conflict = Some(ConflictRecord {
-                        relation: p.relation.clone(),
-                        origin,
-                        key: values.into_iter().cloned().collect(),
-                        holder: self.code(h),
-                    });
-                    break;
-                }
-            }
-            if let Some(c) = conflict {
-                let tuple: BTreeMap<&str, BTreeMap<&str, &Value>> = shape
-                    .parts
-                    .iter()
-                    .enumerate()
-                    .map(|(pi, p)| {
-                        let vals = p
-                            .columns
-                            .iter()
-                            .map(String::as_str)
-                            .zip(&batch.parts[pi][row])
-                            .collect();
-                        (p.relation.as_str(), vals)
+                    .map(|(i, &row)| {
+                        let origin = batch.origins[row];
+                        args.extend(batch.parts[pi][row].iter().map(Cell::from));
+                        args.push(if link {
+                            main_ids.get(&origin).copied().into()
+                        } else {
+                            Cell::Null
+                        });
+                        args.push(me.into());
+                        args.push(origin.into());
+                        args.push(rights.into());
+                        format!("({})", marks(i * width + 1, width))
                     })
                     .collect();
-                let holder = self
-                    .sites
-                    .iter()
-                    .find(|(_, code)| **code == c.holder)
-                    .map_or(0, |(n, _)| i64::from(*n));
-                tx.execute(
-                    "INSERT INTO snaps_conflicts (site, relation, origin, key, tuple, holder, recorded_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    &[
-                        me.into(),
-                        main_rel.into(),
-                        origin.into(),
-                        serde_json::to_string(&c.key).unwrap_or_default().into(),
-                        serde_json::to_string(&tuple).unwrap_or_default().into(),
-                        holder.into(),
-                        now().into(),
-                    ],
-                )?;
-                tracing::warn!(site = %site.code, relation = %c.relation, origin, holder = %c.holder, "key conflict recorded");
-                out.conflicts.push(c);
-                continue;
-            }
-            let mut main_id: Option<i64> = None;
-            let order = std::iter::once(main).chain((0..shape.parts.len()).filter(|p| *p != main));
-            for pi in order {
-                let p = &shape.parts[pi];
-                let rights = default_rights(self.mode(&p.relation)).code();
-                let cols: Vec<String> = p.columns.iter().map(|c| sql_ident(c)).collect();
-                let n = p.columns.len();
                 let sql = format!(
-                    "INSERT INTO {} ({}{}main_tuple_id, snaps_owner, snaps_origin, snaps_rights) VALUES ({})
-                     RETURNING tuple_id",
+                    "INSERT INTO {} ({}{}main_tuple_id, snaps_owner, snaps_origin, snaps_rights) VALUES {}
+                     RETURNING tuple_id, snaps_origin",
                     sql_ident(&p.relation),
                     cols.join(", "),
-                    if n > 0 { ", " } else { "" },
-                    marks(1, n + 4)
+                    if cols.is_empty() { "" } else { ", " },
+                    values.join(", ")
                 );
-                let link = match shape.split {
-                    Split::Main(_) if pi != main => main_id,
-                    _ => None,
-                };
-                let mut params: Vec<Cell> = batch.parts[pi][row].iter().map(Cell::from).collect();
-                params.push(link.into());
-                params.push(me.into());
-                params.push(origin.into());
-                params.push(rights.into());
-                let id = tx
-                    .one(&sql, &params)?
-                    .ok_or_else(|| Error::Internal("an insert returned no tuple id".into()))?
-                    .int(0)?;
-                if pi == main {
-                    main_id = Some(id);
+                let ids = tx.query(&sql, &args)?;
+                let mut logged: Vec<i64> = Vec::with_capacity(ids.len());
+                for r in ids {
+                    let (id, origin) = (r.int(0)?, r.int(1)? as u64);
+                    if pi == main {
+                        main_ids.insert(origin, id);
+                    }
+                    logged.push(id);
                 }
                 if let Some(epoch) = epoch {
-                    Self::log_change(tx, epoch, &p.relation, id, me, None)?;
+                    Self::log_changes(tx, epoch, &p.relation, &logged, me)?;
                 }
             }
-            out.loaded += 1;
         }
+        out.loaded = fresh.len() as u64;
         tx.execute(
             "UPDATE snaps_sites SET tuples_loaded = tuples_loaded + ?1 WHERE number = ?2",
             &[out.loaded.into(), me.into()],

@@ -66,12 +66,16 @@ impl PgDb {
     /// Connects to the server named by `url` (`postgresql://user@host:port/db`),
     /// checking that it answers.
     pub fn connect(url: &str) -> Result<PgDb> {
-        let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::Config(format!(
                 "store = {:?} is not a PostgreSQL URL: {e}",
                 redact(url)
             ))
         })?;
+        // A plan for the parameters given: a generic plan, made once for a
+        // statement when its tables were small, would scan them whole
+        // once they are large.
+        config.options("-c plan_cache_mode=force_custom_plan");
         let server = describe(&config);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

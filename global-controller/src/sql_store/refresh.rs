@@ -250,6 +250,37 @@ impl<D: Db> SqlStore<D> {
         Ok(())
     }
 
+    /// Logs new tuples of `relation` as changed by `changer` in `epoch`.
+    pub(super) fn log_changes(
+        tx: &mut dyn Tx,
+        epoch: u64,
+        relation: &str,
+        ids: &[i64],
+        changer: i64,
+    ) -> Result<()> {
+        for chunk in ids.chunks(super::CHUNK) {
+            let mut args: Vec<Cell> = vec![epoch.into(), relation.into(), changer.into()];
+            let values: Vec<String> = chunk
+                .iter()
+                .map(|id| {
+                    args.push((*id).into());
+                    format!("(?1, ?2, ?{}, ?3, 0, NULL)", args.len())
+                })
+                .collect();
+            tx.execute(
+                &format!(
+                    "INSERT INTO snaps_changes (epoch, relation, tuple_id, changer, removed, sent_to)
+                     VALUES {}
+                     ON CONFLICT (epoch, relation, tuple_id) DO UPDATE SET changer = excluded.changer,
+                         removed = excluded.removed, sent_to = excluded.sent_to",
+                    values.join(", ")
+                ),
+                &args,
+            )?;
+        }
+        Ok(())
+    }
+
     fn apply_push(
         &self,
         tx: &mut dyn Tx,
