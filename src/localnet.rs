@@ -384,6 +384,7 @@ pub async fn run_site(
 ) -> Result<RunningSite> {
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
+        fallbacks: Vec::new(),
         auth: global.site_auth(code)?,
         compress: true,
         fetch_timeout: std::time::Duration::from_secs(10),

@@ -1232,6 +1232,7 @@ async fn shaped_encounters(
     let proxy = Arc::new(WireProxy::start_with(target, Some(line)).await?);
     let link = snaps_local::site::GlobalLink {
         addr: format!("http://{}", proxy.addr),
+        fallbacks: Vec::new(),
         auth: net.site_auth(code)?,
         compress: true,
         fetch_timeout: Duration::from_secs(300),

@@ -157,6 +157,32 @@ fn the_undamaged_files_load() {
     snaps_local::users::Users::load(&users).expect("users.toml");
 }
 
+#[test]
+fn site_toml_may_name_several_controllers_the_first_preferred() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_network(dir.path());
+    std::fs::write(dir.path().join("stg.token"), "stg-token-0123456789abcdef").unwrap();
+    let site = dir.path().join("site.toml");
+    let several = SITE.replace(
+        "global = \"http://127.0.0.1:7400\"",
+        "global = [\"http://127.0.0.1:7400\", \"http://127.0.0.1:7401\"]",
+    );
+    std::fs::write(&site, &several).unwrap();
+    let c = snaps_local::serve::SiteServeConfig::load(&site, true).expect("site.toml");
+    assert_eq!(c.link.addr, "http://127.0.0.1:7400");
+    assert_eq!(c.link.fallbacks, vec!["http://127.0.0.1:7401".to_string()]);
+    let none = SITE.replace("global = \"http://127.0.0.1:7400\"", "global = []");
+    std::fs::write(&site, none).unwrap();
+    let err = snaps_local::serve::SiteServeConfig::load(&site, true)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("site.toml") && err.contains("names no global controller"),
+        "{err}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 

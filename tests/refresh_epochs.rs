@@ -526,6 +526,7 @@ async fn recomputed(net: &Net, code: &str) -> BTreeMap<String, Vec<String>> {
     let global = net.global.as_ref().unwrap();
     let link = snaps_local::site::GlobalLink {
         addr: global.addr.clone(),
+        fallbacks: Vec::new(),
         auth: global.site_auth(code).unwrap(),
         compress: true,
         fetch_timeout: Duration::from_secs(5),

@@ -402,6 +402,7 @@ async fn after_a_failed_connect_queries_answer_locally_at_once_until_the_retry_t
     global.stop().await.unwrap();
     let link = GlobalLink {
         addr: addr.clone(),
+        fallbacks: Vec::new(),
         auth: snaps_local::remote::Auth::Insecure(tokens["STG"].clone()),
         compress: true,
         fetch_timeout: Duration::from_secs(5),
@@ -647,4 +648,64 @@ async fn a_lookup_by_a_key_the_site_holds_needs_no_fetch() {
     )
     .await;
     assert_eq!(stat(&db, "global_fetches"), fetches + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_its_controller_gone_a_site_fetches_through_another_on_the_same_store() {
+    let mut net = common::setup_on_postgres(10, |_| {}).await;
+    let first = net.global.take().unwrap();
+    // A second controller on the same PostgreSQL store, same credentials.
+    let second = LocalNetwork::start_with(
+        net.network.clone(),
+        net.location.clone(),
+        snaps::localnet::Options {
+            tokens: first.tokens.clone(),
+            admin: first.admin.clone(),
+            ..snaps::localnet::Options::new(&net.network)
+        },
+    )
+    .await
+    .unwrap();
+    let link = GlobalLink {
+        addr: first.addr.clone(),
+        fallbacks: vec![second.addr.clone()],
+        auth: snaps_local::remote::Auth::Insecure(first.tokens["STG"].clone()),
+        compress: true,
+        fetch_timeout: Duration::from_secs(5),
+        retry_after: Duration::ZERO,
+    };
+    let db = net.dir.path().join("STG").join("local.db");
+    let site = Site::open(&db, &net.network.global_catalog().unwrap(), Some(link)).unwrap();
+    let ask = |site: Arc<Site>, pno: String| async move {
+        tokio::task::spawn_blocking(move || {
+            let mut session = SiteEngine(site).open_session("radiology").unwrap();
+            let out = session
+                .execute(&format!("SELECT surname FROM patient WHERE pno = {pno}"))
+                .unwrap();
+            let rows = match &out.outcomes[..] {
+                [snaps_local::engine::Outcome::Rows { rows, .. }] => rows.len(),
+                other => panic!("{other:?}"),
+            };
+            (rows, out.notices)
+        })
+        .await
+        .unwrap()
+    };
+    let cph = &net.data["CPH"]["patient"];
+    assert_eq!(ask(site.clone(), cph[0][0].to_string()).await, (1, vec![]));
+    first.kill();
+    // The query that meets the lost connection answers from local data
+    // and says so (whether the dead controller recorded a copy is unknown);
+    // the next connects to the second controller.
+    let lost = ask(site.clone(), cph[1][0].to_string()).await;
+    assert!(
+        lost == (0, vec![LOCAL_ONLY_NOTICE.to_string()]) || lost == (1, vec![]),
+        "{lost:?}"
+    );
+    // Another patient not held yet: it can only come from the second
+    // controller, which sees what the first one recorded.
+    assert_eq!(ask(site.clone(), cph[2][0].to_string()).await, (1, vec![]));
+    assert_eq!(ask(site.clone(), cph[0][0].to_string()).await, (1, vec![]));
+    assert!(stat(&db, "global_fetches") >= 2);
+    second.stop().await.unwrap();
 }

@@ -6,7 +6,9 @@
 //! network = "../fixtures/radiology"  # global schema, local schema, mapping
 //! database = "CPH/local.db"          # created on first start
 //! listen = "127.0.0.1:7701"          # SQL endpoint (PostgreSQL protocol)
-//! global = "https://127.0.0.1:7700"  # the global snapshot controller
+//! global = "https://127.0.0.1:7700"  # the global snapshot controller, or a
+//!                                    # list of the network's controllers
+//!                                    # (one store), tried in order
 //! tls = "certs/CPH"                  # ca.pem, cert.pem, key.pem: `snaps certs site CPH`
 //! # token = "..."                    # plain text (http://, --insecure) only;
 //! #                                  # or token_file = "cph.token"
@@ -38,6 +40,15 @@ use crate::remote::Auth;
 use crate::site::{GlobalLink, Site, SiteEngine};
 use crate::{Error, Result, SiteStore};
 
+/// `global = "URL"` or `global = ["URL", "URL", …]`: the network's
+/// controllers, the first preferred.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Controllers {
+    One(String),
+    Several(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -45,7 +56,7 @@ struct File {
     network: PathBuf,
     database: PathBuf,
     listen: SocketAddr,
-    global: String,
+    global: Controllers,
     #[serde(default)]
     tls: Option<PathBuf>,
     #[serde(default)]
@@ -183,13 +194,24 @@ impl SiteServeConfig {
                  safe (SCRAM), the data are not; see sql_tls in site.toml"
             );
         }
+        let (addr, fallbacks) = match f.global {
+            Controllers::One(a) => (a, Vec::new()),
+            Controllers::Several(mut list) => {
+                if list.is_empty() {
+                    return Err(bad("global = [] names no global controller".into()));
+                }
+                let first = list.remove(0);
+                (first, list)
+            }
+        };
         Ok(SiteServeConfig {
             site: f.site,
             network,
             database: dir.join(f.database),
             listen: f.listen,
             link: GlobalLink {
-                addr: f.global,
+                addr,
+                fallbacks,
                 auth,
                 compress: f.compress,
                 fetch_timeout: Duration::from_millis(f.fetch_timeout_ms),

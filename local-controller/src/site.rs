@@ -78,6 +78,9 @@ pub(crate) type Projections = BTreeMap<String, Vec<Vec<Value>>>;
 pub struct GlobalLink {
     /// `https://host:port` (`http://` in plain-text mode).
     pub addr: String,
+    /// Further controllers of the network (on the same store), tried in
+    /// order when `addr` cannot be reached.
+    pub fallbacks: Vec<String>,
     /// How the site proves who it is.
     pub auth: crate::remote::Auth,
     /// Whether the connection is compressed (off only to inspect the traffic of
@@ -332,14 +335,35 @@ impl Site {
                 link.retry_after.as_secs()
             )));
         }
-        let connected = async {
-            let c =
-                GlobalClient::connect_with(&link.addr, &link.auth, Some(&self.code), link.compress)
-                    .await?;
-            let hello = c.hello(&self.global_fingerprint).await?;
-            Ok::<_, Error>((c, hello))
+        // The first controller first, then the others in order: a site goes
+        // back to its own controller as soon as it answers again.
+        let mut connected = Err(Error::Unreachable(
+            "no global controller is configured".into(),
+        ));
+        for (i, addr) in std::iter::once(&link.addr)
+            .chain(&link.fallbacks)
+            .enumerate()
+        {
+            connected = async {
+                let c =
+                    GlobalClient::connect_with(addr, &link.auth, Some(&self.code), link.compress)
+                        .await?;
+                let hello = c.hello(&self.global_fingerprint).await?;
+                Ok::<_, Error>((c, hello))
+            }
+            .await;
+            match &connected {
+                Ok(_) if i > 0 => {
+                    tracing::warn!(controller = %addr, "connected to a fallback global controller");
+                    break;
+                }
+                Ok(_) => break,
+                Err(e) if i < link.fallbacks.len() => {
+                    tracing::warn!(controller = %addr, error = %e, "global controller unreachable; trying the next");
+                }
+                Err(_) => {}
+            }
         }
-        .await;
         *self
             .unreachable_since
             .lock()

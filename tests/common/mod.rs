@@ -201,6 +201,7 @@ async fn setup_full(
         drop(store);
         let link = GlobalLink {
             addr: site_addr.clone(),
+            fallbacks: Vec::new(),
             auth: global.site_auth(code).unwrap(),
             compress: relay.is_none(),
             fetch_timeout: Duration::from_secs(5),
@@ -337,6 +338,7 @@ impl Net {
         let global = self.global.as_ref().expect("a running controller");
         let link = GlobalLink {
             addr: global.addr.clone(),
+            fallbacks: Vec::new(),
             auth: global.site_auth(code).unwrap(),
             compress: true,
             fetch_timeout: Duration::from_secs(5),
