@@ -1805,3 +1805,59 @@ fn fetches_at_once_send_each_tuple_once(store: &dyn GlobalStore, config: &Global
     let expected: Vec<i64> = tuples.iter().map(|t| t.1).collect();
     assert_eq!(sent, expected, "every tuple sent to STG exactly once");
 }
+
+// ---------------------------------------------------------------------------
+// Opening a store
+// ---------------------------------------------------------------------------
+
+/// Marks the store's version as one a newer build would write.
+fn from_the_future(db: &impl snaps_global::db::Db) {
+    db.transaction(&mut |tx| {
+        tx.execute(
+            "UPDATE snaps_meta SET value = '99' WHERE key = 'store_version'",
+            &[],
+        )
+    })
+    .expect("set the version");
+}
+
+#[test]
+fn a_store_of_a_newer_version_is_refused_naming_both_versions() {
+    let (config, _d) = config();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("global.db");
+    drop(SqliteStore::open(&file, &config).expect("SQLite store"));
+    from_the_future(&snaps_global::db::sqlite::SqliteDb::open(&file).expect("file"));
+    let err = SqliteStore::open(&file, &config).err().expect("refused").to_string();
+    assert!(err.contains("store version 99") && err.contains("up to 2"), "{err}");
+
+    let url = snaps::pg_server::PgServer::shared()
+        .expect("PostgreSQL server")
+        .create_database("future")
+        .expect("database");
+    drop(PgStore::connect(&url, &config).expect("PostgreSQL store"));
+    from_the_future(&snaps_global::db::postgres::PgDb::connect(&url).expect("server"));
+    let err = PgStore::connect(&url, &config).err().expect("refused").to_string();
+    assert!(err.contains("store version 99") && err.contains("up to 2"), "{err}");
+}
+
+#[test]
+fn an_unreachable_postgres_store_is_a_clear_error() {
+    let (config, _d) = config();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("postgresql://snaps:secret@127.0.0.1:{port}/snaps");
+    let err = PgStore::connect(&url, &config).err().expect("refused").to_string();
+    assert!(
+        err.contains(&format!("the PostgreSQL store at snaps@127.0.0.1:{port}/snaps cannot be reached")),
+        "{err}"
+    );
+    assert!(!err.contains("secret"), "{err}");
+    let err = PgStore::connect("postgresql://snaps@127.0.0.1:notaport/x", &config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("is not a PostgreSQL URL"), "{err}");
+}
