@@ -35,6 +35,10 @@ pub struct StoreFigures {
     pub latency: (Duration, Duration),
 }
 
+/// One line of the comparison: what, and how to read it off a store's
+/// figures.
+type Figure = fn(&StoreFigures) -> f64;
+
 /// The comparison.
 #[derive(Debug, Clone)]
 pub struct StoreBenchReport {
@@ -62,32 +66,18 @@ impl fmt::Display for StoreBenchReport {
             self.stores.get(1).map_or("", |s| s.store.as_str()),
             "ratio"
         )?;
-        let rows: Vec<(String, Box<dyn Fn(&StoreFigures) -> f64>)> = vec![
-            (base.load.what.clone(), Box::new(|s| s.load.per_second())),
-            (
-                base.fetches[0].what.clone(),
-                Box::new(|s| s.fetches[0].per_second()),
-            ),
-            (
-                base.fetches[1].what.clone(),
-                Box::new(|s| s.fetches[1].per_second()),
-            ),
-            (
-                base.locks[0].what.clone(),
-                Box::new(|s| s.locks[0].per_second()),
-            ),
-            (
-                base.locks[1].what.clone(),
-                Box::new(|s| s.locks[1].per_second()),
-            ),
-            (
-                "point fetch latency, median (ms)".into(),
-                Box::new(|s| s.latency.0.as_secs_f64() * 1e3),
-            ),
-            (
-                "point fetch latency, 99th percentile (ms)".into(),
-                Box::new(|s| s.latency.1.as_secs_f64() * 1e3),
-            ),
+        let rows: Vec<(String, Figure)> = vec![
+            (base.load.what.clone(), |s| s.load.per_second()),
+            (base.fetches[0].what.clone(), |s| s.fetches[0].per_second()),
+            (base.fetches[1].what.clone(), |s| s.fetches[1].per_second()),
+            (base.locks[0].what.clone(), |s| s.locks[0].per_second()),
+            (base.locks[1].what.clone(), |s| s.locks[1].per_second()),
+            ("point fetch latency, median (ms)".into(), |s| {
+                s.latency.0.as_secs_f64() * 1e3
+            }),
+            ("point fetch latency, 99th percentile (ms)".into(), |s| {
+                s.latency.1.as_secs_f64() * 1e3
+            }),
         ];
         for (what, get) in rows {
             let a = get(base);

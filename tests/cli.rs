@@ -980,3 +980,37 @@ fn global_migrate_moves_the_store_to_postgres_once_and_refuses_a_full_target() {
         stderr(&o)
     );
 }
+
+#[test]
+fn bench_global_compares_the_stores_in_one_run() {
+    let o = snaps(&[
+        "bench",
+        "global",
+        "--store",
+        "auto",
+        "--patients",
+        "40",
+        "--fetches",
+        "16",
+        "--locks",
+        "16",
+        "--clients",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for line in [
+        "global stores side by side: 4 clients",
+        "point fetch, new tuple, 2 controllers",
+        "lock request, granted, 1 controller",
+        "PostgreSQL: a second controller gives",
+    ] {
+        assert!(out.contains(line), "{line} missing:\n{out}");
+    }
+    let o = snaps(&["bench", "global", "--store", "db.example"]);
+    assert!(
+        stderr(&o).contains("give a postgresql:// URL"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -174,8 +174,7 @@ fn site_toml_may_name_several_controllers_the_first_preferred() {
     let none = SITE.replace("global = \"http://127.0.0.1:7400\"", "global = []");
     std::fs::write(&site, none).unwrap();
     let err = snaps_local::serve::SiteServeConfig::load(&site, true)
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         err.contains("site.toml") && err.contains("names no global controller"),

@@ -1828,8 +1828,14 @@ fn a_store_of_a_newer_version_is_refused_naming_both_versions() {
     let file = dir.path().join("global.db");
     drop(SqliteStore::open(&file, &config).expect("SQLite store"));
     from_the_future(&snaps_global::db::sqlite::SqliteDb::open(&file).expect("file"));
-    let err = SqliteStore::open(&file, &config).err().expect("refused").to_string();
-    assert!(err.contains("store version 99") && err.contains("up to 2"), "{err}");
+    let err = SqliteStore::open(&file, &config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("store version 99") && err.contains("up to 2"),
+        "{err}"
+    );
 
     let url = snaps::pg_server::PgServer::shared()
         .expect("PostgreSQL server")
@@ -1837,8 +1843,14 @@ fn a_store_of_a_newer_version_is_refused_naming_both_versions() {
         .expect("database");
     drop(PgStore::connect(&url, &config).expect("PostgreSQL store"));
     from_the_future(&snaps_global::db::postgres::PgDb::connect(&url).expect("server"));
-    let err = PgStore::connect(&url, &config).err().expect("refused").to_string();
-    assert!(err.contains("store version 99") && err.contains("up to 2"), "{err}");
+    let err = PgStore::connect(&url, &config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("store version 99") && err.contains("up to 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1849,9 +1861,14 @@ fn an_unreachable_postgres_store_is_a_clear_error() {
         .expect("free port")
         .port();
     let url = format!("postgresql://snaps:secret@127.0.0.1:{port}/snaps");
-    let err = PgStore::connect(&url, &config).err().expect("refused").to_string();
+    let err = PgStore::connect(&url, &config)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
-        err.contains(&format!("the PostgreSQL store at snaps@127.0.0.1:{port}/snaps cannot be reached")),
+        err.contains(&format!(
+            "the PostgreSQL store at snaps@127.0.0.1:{port}/snaps cannot be reached"
+        )),
         "{err}"
     );
     assert!(!err.contains("secret"), "{err}");
