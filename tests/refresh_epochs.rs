@@ -263,6 +263,44 @@ async fn controller_killed_at_any_phase(on_postgres: bool) {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_dying_mid_epoch_leaves_it_to_the_other_on_the_store() {
+    let expected = uninterrupted(true).await;
+    for at in [HaltPoint::Collecting, HaltPoint::Committed] {
+        let reached = Arc::new(Notify::new());
+        let halt = Halt {
+            at,
+            reached: reached.clone(),
+        };
+        let mut net = common::setup_two_controllers(PATIENTS, |o| {
+            o.halt = Some(halt);
+            o.refresh.lease = Duration::from_secs(2);
+        })
+        .await;
+        day(&net).await;
+        let refresh = start_refresh(&net);
+        tokio::time::timeout(Duration::from_secs(30), reached.notified())
+            .await
+            .unwrap_or_else(|_| panic!("{at:?} was not reached"));
+        // The first controller dies holding the epoch; its lease runs out,
+        // the second takes the epoch over from the recorded phase, and the
+        // sites, their controller gone, reach it instead.
+        net.global.take().unwrap().kill();
+        refresh.abort();
+        settled(&net, 1).await;
+        let got = end_state(&net);
+        for (k, v) in &expected {
+            assert_eq!(
+                got.get(k),
+                Some(v),
+                "after the first controller died at {at:?}: {k}"
+            );
+        }
+        let epochs = common::global_query(&net, "SELECT count(*) FROM snaps_epochs");
+        assert_eq!(epochs[0].int(0).unwrap(), 1, "one epoch, finished once");
+    }
+}
+
 /// Every table of the global store, row for row.
 fn whole_store(net: &Net, tables: &[String]) -> BTreeMap<String, Vec<String>> {
     tables

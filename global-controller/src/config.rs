@@ -30,6 +30,9 @@
 //! collect_timeout_secs = 300         # how long an epoch waits for pushes
 //! distribute_timeout_secs = 600      # ... and for acknowledgements
 //! propagate_deletes = ["visit_rep"]  # owners' deletes remove others' copies
+//! lease_secs = 15                    # with several controllers on one store:
+//!                                    # how long a dead one's epoch waits
+//!                                    # before another takes it over
 //!
 //! [access]                           # what no rule of `snaps acl` names:
 //! default = "write"                  # none, read (fetch) or write (and lock)
@@ -156,6 +159,7 @@ struct RefreshFile {
     at: Option<String>,
     collect_timeout_secs: Option<u64>,
     distribute_timeout_secs: Option<u64>,
+    lease_secs: Option<u64>,
     #[serde(default)]
     propagate_deletes: Vec<String>,
 }
@@ -172,6 +176,13 @@ pub struct RefreshConfig {
     /// Global relations whose owners' deletes remove the copies other sites
     /// hold (by default a copy stays until its holder lets it go).
     pub propagate_deletes: BTreeSet<String>,
+    /// How long the lease of the controller running an epoch lasts
+    /// unrenewed: after that another controller on the store takes the
+    /// epoch over.
+    pub lease: Duration,
+    /// How often a controller looks at the store for epochs another
+    /// controller runs (to tell its own sites) and for a lease gone stale.
+    pub watch: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -181,6 +192,8 @@ impl Default for RefreshConfig {
             collect_timeout: Duration::from_secs(300),
             distribute_timeout: Duration::from_secs(600),
             propagate_deletes: BTreeSet::new(),
+            lease: Duration::from_secs(15),
+            watch: Duration::from_secs(1),
         }
     }
 }
@@ -337,6 +350,16 @@ impl GlobalConfig {
                 .distribute_timeout_secs
                 .map_or(defaults.distribute_timeout, Duration::from_secs),
             propagate_deletes: file.refresh.propagate_deletes.into_iter().collect(),
+            lease: match file.refresh.lease_secs {
+                Some(0) => {
+                    return Err(Error::Config(
+                        "refresh.lease_secs = 0: the lease must last at least a second".into(),
+                    ));
+                }
+                Some(s) => Duration::from_secs(s),
+                None => defaults.lease,
+            },
+            watch: defaults.watch,
         };
         config.set_refresh(refresh)?;
         config.tls = file.tls.as_ref().map(|t| t.resolve(&dir)).transpose()?;

@@ -11,6 +11,15 @@
 //! After the commit it waits likewise for acknowledgements; a site that
 //! comes back later catches up from the change log (it asks for what
 //! changed after the last epoch it applied).
+//!
+//! Several controllers may share one (PostgreSQL) store. One of them runs
+//! an epoch, holding the store's lease and renewing it while it waits; the
+//! others watch the store (`RefreshConfig::watch`), tell their own
+//! subscribers of each phase it records, and record which sites are
+//! subscribed to them, so the epoch's participants are the sites
+//! subscribed to any controller. If the runner dies, its lease runs out
+//! (`RefreshConfig::lease`) and a watching controller takes the epoch over
+//! from the phase the store recorded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -108,6 +117,25 @@ pub struct Coordinator {
     /// Set when the controller shuts down: Subscribe streams end, so the
     /// graceful shutdown does not wait for them.
     closing: watch::Sender<bool>,
+    /// This controller's name in the store's lease and subscriptions.
+    me: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A controller's name among those of a store: its host and port, so a
+/// restarted controller is the one that held the lease before.
+fn controller_name(config: &GlobalConfig) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", config.listen.port())
 }
 
 fn wire_phase(p: Phase) -> v1::EpochPhase {
@@ -134,7 +162,6 @@ impl Coordinator {
             });
         Ok(Arc::new(Coordinator {
             store,
-            config,
             notice: watch::channel(notice).0,
             progress: watch::channel(v1::RefreshProgress::default()).0,
             connected: Mutex::new(BTreeMap::new()),
@@ -143,6 +170,8 @@ impl Coordinator {
             counted: Mutex::new((0, 0, 0)),
             halt,
             closing: watch::channel(false).0,
+            me: controller_name(&config),
+            config,
         }))
     }
 
@@ -280,6 +309,7 @@ impl Coordinator {
         let mut announced_partial = false;
         loop {
             let woken = self.changed.notified();
+            self.renew().await?;
             let state = self.state().await?;
             let (finished, n, of) = done(&state);
             self.report_progress(&state, n, of);
@@ -297,20 +327,70 @@ impl Coordinator {
         }
     }
 
+    /// Takes or renews the lease of the refresh; an error names the
+    /// controller holding it.
+    async fn renew(&self) -> Result<()> {
+        let me = self.me.clone();
+        let ttl = self.config.refresh.lease.as_millis() as i64;
+        match self
+            .blocking(move |s| s.take_lease(&me, now_ms(), ttl))
+            .await?
+        {
+            None => Ok(()),
+            Some(other) => Err(Error::FailedPrecondition(format!(
+                "the global controller at {other} is running the refresh; it is done when its epoch closes"
+            ))),
+        }
+    }
+
+    /// The sites subscribed to this controller or, lately, to another one
+    /// on the store.
+    async fn participants(&self) -> Result<Vec<SiteNo>> {
+        let since = now_ms() - 3 * self.config.refresh.watch.as_millis() as i64;
+        let mut sites = self.connected_sites();
+        sites.extend(
+            self.blocking(move |s| s.subscribed(since))
+                .await?
+                .into_iter()
+                .map(|s| s.0),
+        );
+        Ok(sites.into_iter().map(SiteNo).collect())
+    }
+
     /// Runs one epoch to its end (resuming one that is under way), and
     /// reports what it did.
     pub async fn run_epoch(self: &Arc<Self>) -> Result<EpochReport> {
+        self.run(true)
+            .await?
+            .ok_or_else(|| Error::Internal("no epoch was run".into()))
+    }
+
+    /// Runs the epoch under way, if any, or (with `open`) a new one.
+    async fn run(self: &Arc<Self>, open: bool) -> Result<Option<EpochReport>> {
         let _one = self.running.lock().await;
+        let latest = self.blocking(|s| s.epoch()).await?;
+        if !open && latest.as_ref().is_none_or(|s| s.phase == Phase::Closed) {
+            return Ok(None);
+        }
+        self.renew().await?;
+        let report = self.run_held(latest).await;
+        let me = self.me.clone();
+        if let Err(e) = self.blocking(move |s| s.release_lease(&me)).await {
+            tracing::warn!(error = %e, "giving up the refresh lease failed (it runs out by itself)");
+        }
+        report.map(Some)
+    }
+
+    async fn run_held(self: &Arc<Self>, latest: Option<EpochState>) -> Result<EpochReport> {
         let started = Instant::now();
         *self.counted.lock().unwrap_or_else(|p| p.into_inner()) = (0, 0, 0);
-        let mut state = match self.blocking(|s| s.epoch()).await? {
+        let mut state = match latest {
             Some(s) if s.phase != Phase::Closed => {
                 tracing::info!(epoch = s.epoch, phase = s.phase.name(), "resuming epoch");
                 s
             }
             _ => {
-                let participants: Vec<SiteNo> =
-                    self.connected_sites().into_iter().map(SiteNo).collect();
+                let participants = self.participants().await?;
                 let s = self
                     .blocking(move |st| st.open_epoch(&participants))
                     .await?;
@@ -334,6 +414,7 @@ impl Coordinator {
                 HaltPoint::Collecting,
             )
             .await?;
+            self.renew().await?;
             let commit = self.blocking(move |s| s.commit_epoch(epoch)).await?;
             tracing::info!(epoch, ?commit, "committed");
             state = self.state().await?;
@@ -355,6 +436,7 @@ impl Coordinator {
                 HaltPoint::Distributing,
             )
             .await?;
+            self.renew().await?;
             self.blocking(move |s| s.close_epoch(epoch)).await?;
             state = self.state().await?;
             self.announce(&state);
@@ -403,10 +485,8 @@ impl Coordinator {
     /// Runs the refresh every day at the configured time (UTC), and first
     /// finishes an epoch a crash interrupted.
     pub async fn schedule(self: Arc<Self>) {
-        if matches!(self.store.epoch(), Ok(Some(s)) if s.phase != Phase::Closed)
-            && let Err(e) = self.run_epoch().await
-        {
-            tracing::error!(error = %e, "resuming the interrupted epoch failed");
+        if let Err(e) = self.run(false).await {
+            tracing::info!(error = %e, "not resuming the epoch under way");
         }
         let Some((h, m)) = self.config.refresh.at else {
             return;
@@ -416,9 +496,73 @@ impl Coordinator {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             tokio::time::sleep(until_next((h, m), now)).await;
+            // Another controller on the store may have run tonight's.
+            let now = now_ms() / 1000;
+            if matches!(self.store.epoch(), Ok(Some(s)) if s.opened_at > now - 3600) {
+                tracing::info!("tonight's refresh ran already");
+                continue;
+            }
             match self.run_epoch().await {
                 Ok(r) => tracing::info!(epoch = r.epoch, ?r.commit, "nightly refresh done"),
                 Err(e) => tracing::error!(error = %e, "nightly refresh failed"),
+            }
+        }
+    }
+}
+
+impl Coordinator {
+    /// Watches the store for as long as the controller serves: records the
+    /// sites subscribed here, tells them of the phases of an epoch another
+    /// controller runs, and takes an epoch over whose runner's lease ran
+    /// out.
+    pub async fn watch(self: Arc<Self>) {
+        let mut every = tokio::time::interval(self.config.refresh.watch);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let (me, sites) = (
+                self.me.clone(),
+                self.connected_sites()
+                    .into_iter()
+                    .map(SiteNo)
+                    .collect::<Vec<_>>(),
+            );
+            if let Err(e) = self
+                .blocking(move |s| s.record_subscribed(&me, &sites, now_ms()))
+                .await
+            {
+                tracing::warn!(error = %e, "recording the subscribed sites failed");
+                continue;
+            }
+            // While this controller runs an epoch, it announces it itself.
+            let Ok(idle) = self.running.try_lock() else {
+                continue;
+            };
+            drop(idle);
+            let state = match self.blocking(|s| s.epoch()).await {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the epoch failed");
+                    continue;
+                }
+            };
+            let shown = *self.notice.borrow();
+            if shown.epoch != state.epoch || shown.phase != wire_phase(state.phase) as i32 {
+                self.announce(&state);
+            }
+            if state.phase != Phase::Closed {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match me.run(false).await {
+                        Ok(Some(r)) => tracing::warn!(
+                            epoch = r.epoch,
+                            "took over and finished an epoch another controller left"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => tracing::debug!(error = %e, "not taking the epoch over"),
+                    }
+                });
             }
         }
     }

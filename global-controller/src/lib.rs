@@ -87,6 +87,7 @@ impl GlobalController {
         let coordinator =
             epochs::Coordinator::new(self.store.clone(), self.config.clone(), self.halt.clone())?;
         let schedule = tokio::spawn(coordinator.clone().schedule());
+        let watch = tokio::spawn(coordinator.clone().watch());
         let service = Service::new(self.config.clone(), self.store.clone(), coordinator.clone())?;
         let shutdown = async move {
             shutdown.await;
@@ -148,6 +149,7 @@ impl GlobalController {
         };
         ticker.abort();
         schedule.abort();
+        watch.abort();
         let f = flush.clone();
         tokio::task::spawn_blocking(move || f())
             .await

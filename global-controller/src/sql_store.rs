@@ -1089,6 +1089,22 @@ impl<D: Db> GlobalStore for SqlStore<D> {
         self.standing_bodies(site)
     }
 
+    fn take_lease(&self, controller: &str, now_ms: i64, ttl_ms: i64) -> Result<Option<String>> {
+        self.lease(controller, now_ms, ttl_ms)
+    }
+
+    fn release_lease(&self, controller: &str) -> Result<()> {
+        self.unlease(controller)
+    }
+
+    fn record_subscribed(&self, controller: &str, sites: &[SiteNo], now_ms: i64) -> Result<()> {
+        self.subscribed_now(controller, sites, now_ms)
+    }
+
+    fn subscribed(&self, since_ms: i64) -> Result<Vec<SiteNo>> {
+        self.subscribed_since(since_ms)
+    }
+
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
         self.audit_records(filter)
     }

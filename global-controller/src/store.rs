@@ -434,6 +434,23 @@ pub trait GlobalStore: Send + Sync {
     /// The bodies standing for `site`, by name: what the nightly delta
     /// evaluates for it.
     fn standing_groups(&self, site: &SiteId) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// Takes or renews the lease of the refresh coordinator for
+    /// `controller` until `now_ms + ttl_ms` (Unix milliseconds). Returns the
+    /// other controller holding an unexpired lease, if one does (then
+    /// nothing changes).
+    fn take_lease(&self, controller: &str, now_ms: i64, ttl_ms: i64) -> Result<Option<String>>;
+
+    /// Gives up the lease if `controller` holds it.
+    fn release_lease(&self, controller: &str) -> Result<()>;
+
+    /// Records that `sites` keep a Subscribe stream open to `controller`
+    /// at `now_ms`, and none other does.
+    fn record_subscribed(&self, controller: &str, sites: &[SiteNo], now_ms: i64) -> Result<()>;
+
+    /// The sites some controller recorded as subscribed at or after
+    /// `since_ms`.
+    fn subscribed(&self, since_ms: i64) -> Result<Vec<SiteNo>>;
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

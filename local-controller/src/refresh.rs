@@ -209,11 +209,17 @@ impl Site {
                 return Err(e);
             }
         };
+        // Cleared however following ends, an aborted task included.
+        struct Subscribed<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Subscribed<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         self.subscribed
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _subscribed = Subscribed(&self.subscribed);
         let followed = self.follow_notices(&mut notices).await;
-        self.subscribed
-            .store(false, std::sync::atomic::Ordering::Relaxed);
         if followed.is_err() {
             self.forget_client().await;
         }

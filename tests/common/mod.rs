@@ -44,6 +44,9 @@ pub struct Net {
     pub refresh: snaps_global::config::RefreshConfig,
     /// The recording relay the sites reach the controller through, if any.
     pub relay: Option<Relay>,
+    /// A second controller on the same (PostgreSQL) store, which the sites
+    /// fall back to.
+    pub second: Option<LocalNetwork>,
 }
 
 /// A TCP relay between the sites and the global controller that keeps
@@ -157,6 +160,23 @@ async fn setup_full(
     relayed: bool,
     on_postgres: bool,
 ) -> Net {
+    setup_stores(patients, configure, prepare, relayed, on_postgres, false).await
+}
+
+/// As [`setup_on_postgres`], with a second controller on the store that the
+/// sites fall back to when the first cannot be reached.
+pub async fn setup_two_controllers(patients: usize, configure: impl FnOnce(&mut Options)) -> Net {
+    setup_stores(patients, configure, |_| {}, false, true, true).await
+}
+
+async fn setup_stores(
+    patients: usize,
+    configure: impl FnOnce(&mut Options),
+    prepare: impl FnOnce(&mut BTreeMap<String, Rows>),
+    relayed: bool,
+    on_postgres: bool,
+    two: bool,
+) -> Net {
     let network = network();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("global.db");
@@ -170,9 +190,24 @@ async fn setup_full(
     options.refresh.distribute_timeout = Duration::from_secs(30);
     configure(&mut options);
     let refresh = options.refresh.clone();
+    let second_options = Options {
+        tokens: options.tokens.clone(),
+        admin: options.admin.clone(),
+        refresh: options.refresh.clone(),
+        ..Options::new(&network)
+    };
     let global = LocalNetwork::start_with(network.clone(), location.clone(), options)
         .await
         .unwrap();
+    let second = if two {
+        Some(
+            LocalNetwork::start_with(network.clone(), location.clone(), second_options)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
     let mut data: BTreeMap<String, Rows> = datagen::generate(&network, &Scale::new(patients), 42)
         .unwrap()
         .into_iter()
@@ -201,7 +236,7 @@ async fn setup_full(
         drop(store);
         let link = GlobalLink {
             addr: site_addr.clone(),
-            fallbacks: Vec::new(),
+            fallbacks: second.iter().map(|g| g.addr.clone()).collect(),
             auth: global.site_auth(code).unwrap(),
             compress: relay.is_none(),
             fetch_timeout: Duration::from_secs(5),
@@ -235,6 +270,7 @@ async fn setup_full(
         handles,
         refresh,
         relay,
+        second,
     };
     net.wait_subscribed(3).await;
     net

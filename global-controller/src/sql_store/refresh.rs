@@ -14,7 +14,12 @@
 //!   epoch whose push from it was committed;
 //! * `snaps_gone` — tuples their owner deleted while other sites held
 //!   copies: no longer in the relation (never sent again), kept until the
-//!   last holder releases its copy.
+//!   last holder releases its copy;
+//! * `snaps_lease` — which controller runs the refresh epochs, until when
+//!   (several controllers may share a PostgreSQL store);
+//! * `snaps_subscribed` — per site and controller, when the site was last
+//!   seen keeping its Subscribe stream open there: an epoch's participants
+//!   are the sites subscribed to any controller.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -45,6 +50,11 @@ CREATE TABLE IF NOT EXISTS snaps_site_epochs (
 CREATE TABLE IF NOT EXISTS snaps_gone (
     relation TEXT NOT NULL, tuple_id INTEGER NOT NULL, sent_to BLOB NOT NULL,
     PRIMARY KEY (relation, tuple_id));
+CREATE TABLE IF NOT EXISTS snaps_lease (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snaps_subscribed (
+    site INTEGER NOT NULL, controller TEXT NOT NULL, seen_at INTEGER NOT NULL,
+    PRIMARY KEY (site, controller));
 ";
 
 fn sites_json(sites: &[SiteNo]) -> String {
@@ -712,6 +722,69 @@ impl<D: Db> SqlStore<D> {
                     tuple: r.text(7)?,
                 })
             })
+            .collect()
+        })
+    }
+
+    pub(super) fn lease(&self, controller: &str, now: i64, ttl: i64) -> Result<Option<String>> {
+        self.tx(|tx| {
+            if let Some(r) = tx.one(
+                "SELECT holder, expires_at FROM snaps_lease WHERE name = 'refresh'",
+                &[],
+            )? {
+                let holder = r.text(0)?;
+                if holder != controller && r.int(1)? > now {
+                    return Ok(Some(holder));
+                }
+            }
+            tx.execute(
+                "INSERT INTO snaps_lease (name, holder, expires_at) VALUES ('refresh', ?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                &[controller.into(), (now + ttl).into()],
+            )?;
+            Ok(None)
+        })
+    }
+
+    pub(super) fn unlease(&self, controller: &str) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute(
+                "DELETE FROM snaps_lease WHERE name = 'refresh' AND holder = ?1",
+                &[controller.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn subscribed_now(
+        &self,
+        controller: &str,
+        sites: &[SiteNo],
+        now: i64,
+    ) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute(
+                "DELETE FROM snaps_subscribed WHERE controller = ?1",
+                &[controller.into()],
+            )?;
+            for s in sites {
+                tx.execute(
+                    "INSERT INTO snaps_subscribed (site, controller, seen_at) VALUES (?1, ?2, ?3)",
+                    &[s.0.into(), controller.into(), now.into()],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    pub(super) fn subscribed_since(&self, since: i64) -> Result<Vec<SiteNo>> {
+        self.tx(|tx| {
+            tx.query(
+                "SELECT DISTINCT site FROM snaps_subscribed WHERE seen_at >= ?1 ORDER BY site",
+                &[since.into()],
+            )?
+            .iter()
+            .map(|r| Ok(SiteNo(r.int(0)? as u32)))
             .collect()
         })
     }
