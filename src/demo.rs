@@ -64,6 +64,30 @@ pub struct DemoOptions {
     /// Seed of the data generator.
     #[arg(long, default_value_t = 1988)]
     pub seed: u64,
+    /// The global store: a `postgresql://` URL of a database (empty on the
+    /// first run). Default: an SQLite file in DIR/global/.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// Global controllers on the store (more than one needs --processes
+    /// and a PostgreSQL store).
+    #[arg(long, default_value_t = 1)]
+    pub globals: usize,
+    /// Run every controller and every site as a process of its own, from
+    /// configuration files written into the demo folder (DIR/global-K/
+    /// global.toml, DIR/<SITE>/site.toml), as a real deployment would.
+    #[arg(long)]
+    pub processes: bool,
+}
+
+/// The demo's users file of site `code`, made on the first run.
+pub(crate) fn demo_users(dir: &std::path::Path, code: &str) -> Result<PathBuf> {
+    let users_file = dir.join(code).join("users.toml");
+    if !users_file.exists() {
+        let mut users = snaps_local::users::Users::default();
+        users.add(DEMO_USER, &format!("{DEMO_USER}-{code}"), DEMO_PASSWORD)?;
+        users.save(&users_file)?;
+    }
+    Ok(users_file)
 }
 
 /// Runs the demo until `shutdown` completes.
@@ -73,6 +97,25 @@ pub async fn run_demo(
 ) -> Result<()> {
     if opts.dir.exists() && !opts.dir.is_dir() {
         bail!("{} exists and is not a folder", opts.dir.display());
+    }
+    if opts.globals == 0 {
+        bail!("--globals 0: the network needs a global controller");
+    }
+    if opts.globals > 1 && !opts.processes {
+        bail!(
+            "--globals {} runs each controller as a process: add --processes",
+            opts.globals
+        );
+    }
+    if let Some(url) = &opts.store
+        && !(url.starts_with("postgresql://") || url.starts_with("postgres://"))
+    {
+        bail!(
+            "--store {url:?} is not a postgresql:// URL (without --store the store is an SQLite file)"
+        );
+    }
+    if opts.globals > 1 && opts.store.is_none() {
+        bail!("several controllers share a PostgreSQL store: give --store postgresql://...");
     }
     let folder = match &opts.network {
         Some(folder) => folder.clone(),
@@ -135,13 +178,20 @@ pub async fn run_demo(
             .with_context(|| format!("create the demo's certificates in {}", certs.display()))?;
         println!("certificates: {}", certs.display());
     }
+    let store = match &opts.store {
+        Some(url) => snaps_global::StoreLocation::Postgres(url.clone()),
+        None => snaps_global::StoreLocation::Sqlite(opts.dir.join("global").join("global.db")),
+    };
+    if opts.processes {
+        return crate::demo_processes::run(opts, &folder, &network, &store, &certs, shutdown).await;
+    }
     let global_addr: SocketAddr = format!("127.0.0.1:{}", port(0)?).parse()?;
     let mut indexes = BTreeMap::new();
     indexes.insert("patient".to_string(), vec![vec!["surname".to_string()]]);
     indexes.insert("visit".to_string(), vec![vec!["pno".to_string()]]);
     let global = LocalNetwork::start_with(
         network.clone(),
-        opts.dir.join("global").join("global.db"),
+        store,
         crate::localnet::Options {
             indexes,
             addr: global_addr,
@@ -158,12 +208,7 @@ pub async fn run_demo(
         let mut rx = stopped.clone();
         // The demo's one user per site, made once (`snaps users add` adds
         // more); its password is printed below.
-        let users_file = opts.dir.join(code).join("users.toml");
-        if !users_file.exists() {
-            let mut users = snaps_local::users::Users::default();
-            users.add(DEMO_USER, &format!("{DEMO_USER}-{code}"), DEMO_PASSWORD)?;
-            users.save(&users_file)?;
-        }
+        let users_file = demo_users(&opts.dir, code)?;
         let site = run_site(
             &global,
             code,

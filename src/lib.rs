@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod demo;
+mod demo_processes;
 pub mod fixtures;
 pub mod h2_layers;
 pub mod localnet;

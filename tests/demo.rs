@@ -10,6 +10,11 @@ use std::time::Duration;
 
 /// A port P such that P..P+3 are free now.
 fn free_ports() -> u16 {
+    free_run(4)
+}
+
+/// A port P such that P..P+n-1 are free now.
+fn free_run(n: u16) -> u16 {
     for _ in 0..50 {
         let base = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -18,11 +23,11 @@ fn free_ports() -> u16 {
         if base > 65_000 {
             continue;
         }
-        if (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
-    panic!("no four free ports in a row");
+    panic!("no {n} free ports in a row");
 }
 
 /// The demo process; killed if a test fails before stopping it.
@@ -40,10 +45,16 @@ impl Drop for Demo {
 /// Starts the demo and waits for `ready`; returns the child and the lines
 /// it printed.
 fn start(dir: &std::path::Path, port: u16) -> (Demo, Vec<String>) {
+    start_with(dir, port, &[])
+}
+
+/// As [`start`], with more options.
+fn start_with(dir: &std::path::Path, port: u16, more: &[&str]) -> (Demo, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_snaps"))
         .args(["demo", "--dir"])
         .arg(dir)
         .args(["--scale", "small", "--port-base", &port.to_string()])
+        .args(more)
         // Outside the checkout: the network comes from the binary.
         .current_dir(dir.parent().expect("the demo folder has a parent"))
         .stdout(Stdio::piped())
@@ -291,4 +302,82 @@ print("snaps_status" in columns)
         .expect("STG lookup after restart");
     assert_eq!(rows.len(), 1);
     stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_as_processes_keeps_answering_when_a_controller_is_killed() {
+    let url = snaps::pg_server::PgServer::shared()
+        .expect("PostgreSQL server")
+        .create_database("demo_processes")
+        .expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_run(5);
+    let (child, lines) = start_with(
+        dir.path(),
+        port,
+        &["--processes", "--globals", "2", "--store", &url],
+    );
+    let pid_of = |name: &str| -> u32 {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{name}: pid ")))
+            .unwrap_or_else(|| panic!("no pid line for {name} in {lines:?}"));
+        line.split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse().ok())
+            .expect("pid")
+    };
+    for k in 1..=2u16 {
+        let line = format!(
+            "global-{k}: pid {} https://127.0.0.1:{}",
+            pid_of(&format!("global-{k}")),
+            port + k - 1
+        );
+        assert!(lines.contains(&line), "{line:?} not in {lines:?}");
+    }
+    // Every process is one, configured from files a user can read.
+    let cph_pid = pid_of("CPH");
+    assert!(std::path::Path::new(&format!("/proc/{cph_pid}")).exists());
+    assert!(dir.path().join("global-2/global.toml").exists());
+    let site_toml = std::fs::read_to_string(dir.path().join("STG/site.toml")).expect("site.toml");
+    assert!(
+        site_toml.contains(&format!("https://127.0.0.1:{}", port + 1)),
+        "{site_toml}"
+    );
+
+    let cph = connect(port + 2, "CPH").await;
+    let pnos: Vec<i64> = cph
+        .query("SELECT pno FROM patient ORDER BY pno LIMIT 3", &[])
+        .await
+        .expect("CPH patients")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let stg = connect(port + 3, "STG").await;
+    let lookup = |pno: i64| format!("SELECT surname FROM patient WHERE pno = {pno}");
+    let rows_of = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count()
+    };
+    assert_eq!(
+        rows_of(stg.simple_query(&lookup(pnos[0])).await.expect("lookup")),
+        1
+    );
+    // SIGKILL the first controller: STG reaches the second.
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid_of("global-1").to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let _ = stg.simple_query(&lookup(pnos[1])).await;
+    let found = rows_of(stg.simple_query(&lookup(pnos[2])).await.expect("lookup"));
+    assert_eq!(
+        found, 1,
+        "a CPH patient found through the second controller"
+    );
+    stop(child);
+    // The demo stopped its processes with it.
+    assert!(!std::path::Path::new(&format!("/proc/{cph_pid}")).exists());
 }
