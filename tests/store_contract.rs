@@ -1878,3 +1878,39 @@ fn an_unreachable_postgres_store_is_a_clear_error() {
         .to_string();
     assert!(err.contains("is not a PostgreSQL URL"), "{err}");
 }
+
+#[test]
+fn a_postgres_store_over_tls_trusts_only_its_ca() {
+    let (mut config, dir) = config();
+    let certs = dir.path().join("certs");
+    snaps::localnet::issue_certificates(&certs, &config.network).expect("certificates");
+    // The database server presents a certificate of the network's CA for
+    // 127.0.0.1 (any CA would do: store_ca names the one to trust).
+    let server = snaps::pg_server::PgServer::start_tls(
+        &certs.join("CPH-sql/cert.pem"),
+        &certs.join("CPH-sql/key.pem"),
+    )
+    .expect("PostgreSQL server with TLS");
+    let url = format!(
+        "{}?sslmode=require",
+        server.create_database("tls").expect("database")
+    );
+    let err = PgStore::connect(&url, &config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("sslmode=require needs store_ca"), "{err}");
+    config.store_ca = Some(certs.join("ca.pem"));
+    let store = PgStore::connect(&url, &config).expect("PostgreSQL store over TLS");
+    assert_eq!(store.status().expect("status").conflicts, 0);
+    drop(store);
+    // A CA that did not sign the server's certificate: refused.
+    let other = dir.path().join("other");
+    snaps_proto::tls::issue_network(&other, "elsewhere", &["127.0.0.1".into()]).expect("other CA");
+    config.store_ca = Some(other.join("ca.pem"));
+    let err = PgStore::connect(&url, &config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("cannot be reached"), "{err}");
+}

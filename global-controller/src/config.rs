@@ -5,6 +5,8 @@
 //! store = "global.db"                # SQLite file, created on first start,
 //!                                    # or a PostgreSQL server's database:
 //!                                    # "postgresql://snaps@db:5432/snaps"
+//! # store_ca = "db-ca.pem"           # PostgreSQL over TLS (with
+//!                                    # ?sslmode=require in the URL)
 //! network = "../fixtures/radiology"  # global schema, sites, key ranges, modes
 //!
 //! [relations]                        # optional: overrides network.toml's modes
@@ -77,6 +79,8 @@ pub struct Credential {
 struct File {
     listen: SocketAddr,
     store: String,
+    #[serde(default)]
+    store_ca: Option<PathBuf>,
     network: PathBuf,
     #[serde(default)]
     relations: BTreeMap<String, RelationMode>,
@@ -274,6 +278,9 @@ pub struct GlobalConfig {
     pub listen: SocketAddr,
     /// The store.
     pub store: StoreLocation,
+    /// The CA certificate (PEM) the PostgreSQL store's server certificate
+    /// must chain to: the store is reached over TLS.
+    pub store_ca: Option<PathBuf>,
     /// The network.
     pub network: NetworkConfig,
     /// The global schema.
@@ -362,6 +369,7 @@ impl GlobalConfig {
             watch: defaults.watch,
         };
         config.set_refresh(refresh)?;
+        config.store_ca = file.store_ca.as_ref().map(|p| dir.join(p));
         config.tls = file.tls.as_ref().map(|t| t.resolve(&dir)).transpose()?;
         config.revoked = file.tls.as_ref().and_then(|t| t.revoked(&dir));
         if let Some(d) = file.access.default {
@@ -461,6 +469,7 @@ impl GlobalConfig {
         Ok(GlobalConfig {
             listen,
             store: store.into(),
+            store_ca: None,
             network,
             catalog,
             modes,

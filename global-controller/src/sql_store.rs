@@ -107,7 +107,7 @@ impl PgStore {
     /// Opens (creating its tables on first start) the store of a network on
     /// a PostgreSQL server.
     pub fn connect(url: &str, config: &GlobalConfig) -> Result<PgStore> {
-        SqlStore::on(PgDb::connect(url)?, config)
+        SqlStore::on(PgDb::connect_with(url, config.store_ca.as_deref())?, config)
     }
 }
 

@@ -195,6 +195,18 @@ impl Credentials {
         Ok(Arc::new(config))
     }
 
+    /// A client of a server whose certificate chains to the CA in `ca`
+    /// (a PEM file, one or more certificates), presenting none: e.g. the
+    /// global controller of its PostgreSQL store.
+    pub fn trusting(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Credentials {
+            ca: ca.to_path_buf(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        }
+        .sql_client_config()
+    }
+
     /// A site's SQL endpoint: presents this certificate and asks for none
     /// (SQL clients log in with SCRAM); ALPN `postgresql`, which clients
     /// opening TLS directly (PostgreSQL 17's `sslnegotiation=direct`) send.

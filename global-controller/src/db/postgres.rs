@@ -66,6 +66,13 @@ impl PgDb {
     /// Connects to the server named by `url` (`postgresql://user@host:port/db`),
     /// checking that it answers.
     pub fn connect(url: &str) -> Result<PgDb> {
+        PgDb::connect_with(url, None)
+    }
+
+    /// As [`PgDb::connect`]; with `ca` (a PEM file), over TLS as the URL's
+    /// `sslmode` says (`require`: only over TLS), trusting only the
+    /// certificates `ca` holds and checking the server's name.
+    pub fn connect_with(url: &str, ca: Option<&std::path::Path>) -> Result<PgDb> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::Config(format!(
                 "store = {:?} is not a PostgreSQL URL: {e}",
@@ -82,13 +89,29 @@ impl PgDb {
             .thread_name("snaps-pg")
             .enable_all()
             .build()?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match ca {
+            Some(ca) => {
+                let tls = snaps_proto::tls::Credentials::trusting(ca).map_err(|e| {
+                    Error::Config(format!("store_ca = {:?}: {e}", ca.display().to_string()))
+                })?;
+                Manager::from_config(
+                    config,
+                    tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()),
+                    recycling,
+                )
+            }
+            None if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                return Err(Error::Config(format!(
+                    "store {}: sslmode=require needs store_ca in global.toml, the CA \
+                     certificate (PEM) that signed the database server's certificate",
+                    redact(url)
+                )));
+            }
+            None => Manager::from_config(config, NoTls, recycling),
+        };
         let pool = {
             let _in = rt.enter();
             Pool::builder(manager)
