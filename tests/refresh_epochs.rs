@@ -326,8 +326,12 @@ async fn a_store_moved_to_postgres_mid_day_keeps_everything_and_finishes_the_epo
     .iter()
     .map(|r| r.text(0).unwrap())
     .collect();
-    let before = whole_store(&net, &tables);
-    let moved = net.move_store_to_postgres().await;
+    // Read once the controller is down: a live one writes its counters and
+    // subscriptions every second or two.
+    let mut before = BTreeMap::new();
+    let moved = net
+        .move_store_to_postgres(|net| before = whole_store(net, &tables))
+        .await;
     let count = |t: &str| moved.iter().find(|m| m.table == t).map_or(0, |m| m.rows);
     assert!(
         count("snaps_audit") > 0 && count("patient") > 0,

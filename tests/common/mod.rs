@@ -297,12 +297,17 @@ impl Net {
         self.restart_global_after(halt, |_| {}).await;
     }
 
-    /// Kills the global controller, moves its SQLite store into a fresh
-    /// PostgreSQL database (`snaps global migrate`) and starts it again
+    /// Kills the global controller, lets `inspect` read its SQLite store
+    /// (nothing writes it then), moves the store into a fresh PostgreSQL
+    /// database (`snaps global migrate`) and starts the controller again
     /// there; what was moved.
-    pub async fn move_store_to_postgres(&mut self) -> Vec<snaps_global::sql_store::migrate::Moved> {
+    pub async fn move_store_to_postgres(
+        &mut self,
+        inspect: impl FnOnce(&Net),
+    ) -> Vec<snaps_global::sql_store::migrate::Moved> {
         let mut moved = Vec::new();
         self.restart_global_after(None, |net| {
+            inspect(net);
             let url = postgres_database();
             let config = snaps_global::GlobalConfig::new(
                 "127.0.0.1:0".parse().unwrap(),
