@@ -223,6 +223,42 @@ fn start_refresh(net: &Net) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// The sites the controller's status reports as subscribed.
+async fn subscribed_in_status(net: &Net) -> Vec<String> {
+    let client = net.global.as_ref().unwrap().client("CPH").await.unwrap();
+    let status = client.status().await.unwrap();
+    status
+        .sites
+        .into_iter()
+        .filter(|s| s.subscribed)
+        .map(|s| s.code)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_names_the_sites_an_epoch_would_wait_for() {
+    let mut net = setup(PATIENTS).await;
+    let mut all = subscribed_in_status(&net).await;
+    all.sort();
+    assert_eq!(all, ["CPH", "GRC", "STG"]);
+    // STG stops taking part: once its stream is gone (and the controller's
+    // record of it has aged out), an epoch would not wait for it.
+    net.participants.remove("STG").unwrap().abort();
+    for _ in 0..200 {
+        if !subscribed_in_status(&net).await.contains(&"STG".to_string()) {
+            let summary = net.refresh().await;
+            assert!(
+                !summary.sites.contains(&"STG".to_string()),
+                "{:?}",
+                summary.sites
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("STG still counted as subscribed 10 s after it left");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_global_controller_killed_at_any_phase_finishes_the_epoch_as_if_it_had_not_been() {
     controller_killed_at_any_phase(false).await;
@@ -256,10 +292,7 @@ async fn controller_killed_at_any_phase(on_postgres: bool) {
         net.restart_global(None).await;
         refresh.abort();
         settled(&net, 1).await;
-        let got = end_state(&net);
-        for (k, v) in &expected {
-            assert_eq!(got.get(k), Some(v), "after a crash at {at:?}: {k}");
-        }
+        assert_same_state(&end_state(&net), &expected, &format!("after a crash at {at:?}"));
     }
 }
 
@@ -288,17 +321,33 @@ async fn a_controller_dying_mid_epoch_leaves_it_to_the_other_on_the_store() {
         net.global.take().unwrap().kill();
         refresh.abort();
         settled(&net, 1).await;
-        let got = end_state(&net);
-        for (k, v) in &expected {
-            assert_eq!(
-                got.get(k),
-                Some(v),
-                "after the first controller died at {at:?}: {k}"
-            );
-        }
+        assert_same_state(
+            &end_state(&net),
+            &expected,
+            &format!("after the first controller died at {at:?}"),
+        );
         let epochs = common::global_query(&net, "SELECT count(*) FROM snaps_epochs");
         assert_eq!(epochs[0].int(0).unwrap(), 1, "one epoch, finished once");
     }
+}
+
+/// Panics naming the tables of `got` that differ from `expected`, with the
+/// rows only one of them holds.
+fn assert_same_state(
+    got: &BTreeMap<String, Vec<String>>,
+    expected: &BTreeMap<String, Vec<String>>,
+    when: &str,
+) {
+    let mut differences = Vec::new();
+    for (k, want) in expected {
+        let have = got.get(k).map(Vec::as_slice).unwrap_or_default();
+        if have != want.as_slice() {
+            let missing: Vec<_> = want.iter().filter(|r| !have.contains(r)).collect();
+            let extra: Vec<_> = have.iter().filter(|r| !want.contains(r)).collect();
+            differences.push(format!("{k}: missing {missing:?}, extra {extra:?}"));
+        }
+    }
+    assert!(differences.is_empty(), "{when}:\n{}", differences.join("\n"));
 }
 
 /// Every table of the global store, row for row.
@@ -326,11 +375,12 @@ async fn a_store_moved_to_postgres_mid_day_keeps_everything_and_finishes_the_epo
     .iter()
     .map(|r| r.text(0).unwrap())
     .collect();
-    // Read once the controller is down: a live one writes its counters and
-    // subscriptions every second or two.
-    let mut before = BTreeMap::new();
+    let (mut before, mut after) = (BTreeMap::new(), BTreeMap::new());
     let moved = net
-        .move_store_to_postgres(|net| before = whole_store(net, &tables))
+        .move_store_to_postgres(
+            |net| before = whole_store(net, &tables),
+            |net| after = whole_store(net, &tables),
+        )
         .await;
     let count = |t: &str| moved.iter().find(|m| m.table == t).map_or(0, |m| m.rows);
     assert!(
@@ -340,7 +390,7 @@ async fn a_store_moved_to_postgres_mid_day_keeps_everything_and_finishes_the_epo
     assert_eq!(moved.len(), tables.len());
     // Every tuple with its status (locks, sent-to bits), every audit
     // record, the change log: all there.
-    assert_eq!(whole_store(&net, &tables), before);
+    assert_eq!(after, before);
     let locked = common::global_query(
         &net,
         "SELECT count(*) FROM patient WHERE snaps_lock_site IS NOT NULL",
@@ -351,7 +401,7 @@ async fn a_store_moved_to_postgres_mid_day_keeps_everything_and_finishes_the_epo
     );
     let summary = net.refresh().await;
     settled(&net, summary.epoch).await;
-    assert_eq!(end_state(&net), expected);
+    assert_same_state(&end_state(&net), &expected, "after the move");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -377,10 +427,7 @@ async fn a_site_stopped_at_any_step_finishes_the_epoch_as_if_it_had_not_been() {
         net.restart_site("STG", None).await;
         settled(&net, 1).await;
         refresh.await.unwrap();
-        let got = end_state(&net);
-        for (k, v) in &expected {
-            assert_eq!(got.get(k), Some(v), "after STG stopped at {at:?}: {k}");
-        }
+        assert_same_state(&end_state(&net), &expected, &format!("after STG stopped at {at:?}"));
     }
 }
 

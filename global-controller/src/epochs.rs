@@ -344,8 +344,8 @@ impl Coordinator {
     }
 
     /// The sites subscribed to this controller or, lately, to another one
-    /// on the store.
-    async fn participants(&self) -> Result<Vec<SiteNo>> {
+    /// on the store: those an epoch opened now would wait for.
+    pub async fn participants(&self) -> Result<Vec<SiteNo>> {
         let since = now_ms() - 3 * self.config.refresh.watch.as_millis() as i64;
         let mut sites = self.connected_sites();
         sites.extend(

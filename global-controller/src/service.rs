@@ -963,6 +963,13 @@ impl GlobalSnapshot for Service {
                 store.status()
             })
             .await?;
+        let subscribed: BTreeSet<u32> = self
+            .coordinator
+            .participants()
+            .await?
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
         let reply = v1::StatusReply {
             network: self.config.network.name.clone(),
             relations: report
@@ -990,6 +997,7 @@ impl GlobalSnapshot for Service {
                     bytes_sent: s.bytes_sent,
                     locks_granted: s.locks_granted,
                     locks_refused: s.locks_refused,
+                    subscribed: subscribed.contains(&s.number),
                 })
                 .collect(),
             conflicts: report.conflicts,

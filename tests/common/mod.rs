@@ -297,13 +297,16 @@ impl Net {
         self.restart_global_after(halt, |_| {}).await;
     }
 
-    /// Kills the global controller, lets `inspect` read its SQLite store
-    /// (nothing writes it then), moves the store into a fresh PostgreSQL
-    /// database (`snaps global migrate`) and starts the controller again
-    /// there; what was moved.
+    /// Kills the global controller, moves its SQLite store into a fresh
+    /// PostgreSQL database (`snaps global migrate`) and starts the
+    /// controller again there; what was moved. `inspect` reads the store
+    /// just before the move and `inspect_moved` just after, both while
+    /// the controller is down: a live one writes counters and
+    /// subscriptions every second.
     pub async fn move_store_to_postgres(
         &mut self,
         inspect: impl FnOnce(&Net),
+        inspect_moved: impl FnOnce(&Net),
     ) -> Vec<snaps_global::sql_store::migrate::Moved> {
         let mut moved = Vec::new();
         self.restart_global_after(None, |net| {
@@ -326,6 +329,7 @@ impl Net {
             )
             .expect("move the store");
             net.location = snaps_global::StoreLocation::Postgres(url);
+            inspect_moved(net);
         })
         .await;
         moved
@@ -361,12 +365,36 @@ impl Net {
             {
                 Ok(g) => {
                     self.global = Some(g);
+                    self.wait_resubscribed().await;
                     return;
                 }
                 Err(_) if attempt < 50 => tokio::time::sleep(Duration::from_millis(100)).await,
                 Err(e) => panic!("restart the global controller: {e}"),
             }
         }
+    }
+
+    /// Waits until the controller counts every site taking part in the
+    /// refresh as subscribed: an epoch opened before a site reconnects
+    /// would go on without it.
+    async fn wait_resubscribed(&self) {
+        let Some(code) = self.participants.keys().next() else {
+            return;
+        };
+        let client = self.global.as_ref().unwrap().client(code).await.unwrap();
+        for _ in 0..500 {
+            let status = client.status().await.unwrap();
+            let subscribed = status
+                .sites
+                .iter()
+                .filter(|s| s.subscribed && self.participants.contains_key(&s.code))
+                .count();
+            if subscribed == self.participants.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the sites did not subscribe to the restarted controller");
     }
 
     /// Stops site `code`'s part in the refresh and opens the site afresh on
