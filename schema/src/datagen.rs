@@ -18,8 +18,12 @@
 //! visits (`vno`) from its own key range and its doctors from
 //! `key_ranges.doctor`, so keys are unique network-wide without coordination.
 //! Some people are patients at two or three sites: each site has its own record
-//! of them, under its own `pno`, with the same surname, first names, date of
-//! birth and sex, and visits at each.
+//! of them, under its own `pno`, and visits at each. The first site to hold a
+//! person records them as they are; a later site's registration may vary as
+//! real registrations do (a typing slip in a name, a dropped second given
+//! name, day and month transposed, a married name, a new address), drawn
+//! from a stream of its own so the rest of the data does not depend on it.
+//! [`SiteData::person_of`] keeps the truth: which person each record is.
 //!
 //! The data is set in the thesis' time: visits fall between 1 January 1984 and
 //! 30 June 1988. Dates are `i4` YYYYMMDD, times `i2` HHMM. Randomness comes
@@ -90,6 +94,10 @@ pub struct SiteData {
     /// Rows by local relation name; every relation of the site's catalog has
     /// an entry.
     pub rows: BTreeMap<String, Vec<Vec<Value>>>,
+    /// The ground truth of identity: the person (a number unique in the
+    /// network) each of the site's patient numbers is a record of. Two
+    /// sites' records of the same person have the same number.
+    pub person_of: BTreeMap<i64, u64>,
 }
 
 /// Generates the radiology network's data for every site. Fails with a clear
@@ -133,6 +141,11 @@ pub fn generate(
             let rows = models[i].rows(config, i, relation, &people.persons)?;
             data.rows.insert(relation.name.clone(), rows);
         }
+        data.person_of = models[i]
+            .patients
+            .iter()
+            .map(|p| (p.pno, p.person as u64))
+            .collect();
         out.insert(site.code.clone(), data);
     }
     Ok(out)
@@ -429,6 +442,89 @@ impl Person {
     }
 }
 
+/// What one site recorded of a person: as they are, or with the variations
+/// a second registration brings.
+struct Registration {
+    title: &'static str,
+    surname: String,
+    first_names: String,
+    /// `YYYYMMDD`.
+    dob: i64,
+    address: [String; 3],
+}
+
+impl Registration {
+    fn of(person: &Person) -> Registration {
+        Registration {
+            title: person.title,
+            surname: person.surname.to_string(),
+            first_names: person.first_names.clone(),
+            dob: yyyymmdd(person.dob),
+            address: person.address.clone(),
+        }
+    }
+
+    /// Varies a second registration as registrations vary: a slip in the
+    /// surname (6%), a married name (12% of adult women), a dropped or
+    /// mistyped given name (8%), day and month transposed (3%, where both
+    /// are months) or a birth date a day out (3%), a new address (20%).
+    fn vary(&mut self, person: &Person, rng: &mut Rng) {
+        if rng.chance(0.06) {
+            self.surname = typo(&self.surname, rng);
+        }
+        let adult_woman = !person.male && !matches!(person.title, "Miss" | "Mstr");
+        if adult_woman && rng.chance(0.12) {
+            let names = GROUPS[0].surnames;
+            let married = *rng.pick(names);
+            if married != person.surname {
+                self.surname = married.to_string();
+                self.title = "Mrs";
+            }
+        }
+        if rng.chance(0.08) {
+            self.first_names = match self.first_names.split_once(' ') {
+                Some((first, _)) if rng.chance(0.5) => first.to_string(),
+                _ => typo(&self.first_names, rng),
+            };
+        }
+        let (year, month, day) = (self.dob / 10_000, self.dob / 100 % 100, self.dob % 100);
+        if day <= 12 && day != month && rng.chance(0.03) {
+            self.dob = year * 10_000 + day * 100 + month;
+        } else if rng.chance(0.03) {
+            let shift = if rng.chance(0.5) { 1 } else { -1 };
+            self.dob = yyyymmdd(person.dob + shift);
+        }
+        if rng.chance(0.2) {
+            self.address = address(rng);
+        }
+    }
+}
+
+/// `name` with one slip of the keyboard: a letter swapped with the next, left
+/// out, doubled or replaced. Names of fewer than three letters are kept.
+fn typo(name: &str, rng: &mut Rng) -> String {
+    let mut chars: Vec<char> = name.chars().collect();
+    let letters: Vec<usize> = (1..chars.len())
+        .filter(|&i| chars[i].is_ascii_lowercase())
+        .collect();
+    if chars.len() < 3 || letters.is_empty() {
+        return name.to_string();
+    }
+    let i = *rng.pick(&letters);
+    match rng.below(4) {
+        0 if i + 1 < chars.len() && chars[i + 1].is_ascii_lowercase() => chars.swap(i, i + 1),
+        1 => {
+            chars.remove(i);
+        }
+        2 => chars.insert(i, chars[i]),
+        _ => {
+            let c = (b'a' + rng.below(26) as u8) as char;
+            chars[i] = if c == chars[i] { 'e' } else { c };
+        }
+    }
+    chars.into_iter().collect()
+}
+
 /// Everyone in the network, and who is a patient where.
 struct People {
     persons: Vec<Person>,
@@ -700,6 +796,8 @@ const CONCLUSIONS: &[&str] = &[
 /// A site's record of a person.
 struct Patient {
     person: usize,
+    /// The person as this site registered them.
+    registered: Registration,
     pno: i64,
     ad_no: String,
     gp: Option<i64>,
@@ -815,6 +913,7 @@ impl SiteModel {
                 ]);
                 Patient {
                     person,
+                    registered: Registration::of(&people.persons[person]),
                     pno: first_pno + i as i64,
                     ad_no: format!("{letter}{:06}", (i + 1) % 1_000_000),
                     gp: (!gps.is_empty()).then(|| *rng.pick(&gps)),
@@ -829,6 +928,14 @@ impl SiteModel {
                 }
             })
             .collect();
+        // A later site's registration of a shared person may differ from the
+        // first site's, drawn from a stream of its own.
+        let mut vary = rng.fork(0x5245_4749);
+        for p in &mut patients {
+            if people.sites_of[p.person].first() != Some(&index) {
+                p.registered.vary(&people.persons[p.person], &mut vary);
+            }
+        }
 
         // Draft the visits, then number them in date order as a department
         // would have.
@@ -1107,15 +1214,15 @@ fn patient_value(p: &Patient, person: &Person, attribute: &str) -> Option<Value>
     Some(match attribute {
         "pno" => Value::Int(p.pno),
         "ad_no" => Value::text(&p.ad_no),
-        "title" => Value::text(person.title),
-        "surname" => Value::text(person.surname),
-        "first_names" => Value::text(&person.first_names),
-        "dob" => Value::Int(yyyymmdd(person.dob)),
+        "title" => Value::text(p.registered.title),
+        "surname" => Value::text(&p.registered.surname),
+        "first_names" => Value::text(&p.registered.first_names),
+        "dob" => Value::Int(p.registered.dob),
         "sex" => Value::text(if person.male { "M" } else { "F" }),
         "race" => Value::text(person.race),
-        "add1" => Value::text(&person.address[0]),
-        "add2" => Value::text(&person.address[1]),
-        "add3" => Value::text(&person.address[2]),
+        "add1" => Value::text(&p.registered.address[0]),
+        "add2" => Value::text(&p.registered.address[1]),
+        "add3" => Value::text(&p.registered.address[2]),
         "post_mortem" => yes_no(person.post_mortem),
         "dod" => int_or_null(person.dod.map(yyyymmdd)),
         "vip" => yes_no(person.vip),

@@ -18,6 +18,7 @@ pub mod calendar;
 mod catalog;
 pub mod datagen;
 mod error;
+pub mod identity;
 mod ids;
 pub mod include;
 mod network;

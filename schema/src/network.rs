@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{IdentityConfig, IdentitySpec};
 use crate::include::{IncludeConfig, IncludeEdge, include_edges};
 use crate::summary::{SummaryConfig, SummarySpec};
 use crate::{Catalog, Error, Result, SiteCode, SiteNo};
@@ -111,6 +112,11 @@ pub struct NetworkConfig {
     /// ([`crate::include`]); none declared: a fetch brings what it asks.
     #[serde(default)]
     pub includes: IncludeConfig,
+    /// Which global relation holds people and which of its attributes
+    /// identify them ([`crate::identity`]); none declared: `snaps_match`
+    /// is refused.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
     /// The folder the paths above are relative to.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -191,7 +197,19 @@ impl NetworkConfig {
         }
         self.summaries.specs(&global)?;
         include_edges(&self.includes, &global)?;
+        if let Some(identity) = &self.identity {
+            identity.spec(&global)?;
+        }
         Ok(())
+    }
+
+    /// The identity section in effect, checked when the file was loaded;
+    /// `None` when the network declares none.
+    pub fn identity_spec(&self) -> Result<Option<IdentitySpec>> {
+        self.identity
+            .as_ref()
+            .map(|i| i.spec(&self.global_catalog()?))
+            .transpose()
     }
 
     /// The include trees' edges, checked when the file was loaded.
