@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod epochs;
 pub mod error;
+pub mod matching;
 pub mod query;
 pub mod service;
 pub mod sql_store;

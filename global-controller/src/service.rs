@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use prost::Message;
 use snaps_proto::v1::global_snapshot_server::GlobalSnapshot;
 use snaps_proto::{encode_rows, v1};
+use snaps_schema::identity::IdentitySpec;
 use snaps_schema::include::IncludeEdge;
 use snaps_schema::summary::{SummaryKind, SummarySpec, encode_sorted};
-use snaps_schema::{RelationMode, SiteNo};
+use snaps_schema::{RelationMode, SiteNo, Value};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -18,8 +19,10 @@ use crate::acl::{Acl, AuditFilter, AuditRecord, Right, Subject};
 use crate::config::GlobalConfig;
 use crate::epochs::Coordinator;
 use crate::error::Error;
+use crate::matching::Grade;
 use crate::query::FetchQuery;
 use crate::store::{
+    IdentityRecord,
     Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId,
     SummaryDelta, SummaryRequest, TupleRef,
 };
@@ -99,6 +102,8 @@ pub struct Service {
     summaries: Arc<Vec<SummarySpec>>,
     /// The include trees the network declares (`network.toml`).
     includes: Arc<Vec<IncludeEdge>>,
+    /// Who may be the same person (`[identity]` of `network.toml`).
+    identity: Option<Arc<IdentitySpec>>,
 }
 
 fn summary_to_wire(d: &SummaryDelta) -> v1::Summary {
@@ -137,9 +142,15 @@ impl Service {
             .network
             .include_edges()
             .map_err(|e| crate::Error::Config(e.to_string()))?;
+        let identity = config
+            .network
+            .identity_spec()
+            .map_err(|e| crate::Error::Config(e.to_string()))?
+            .map(Arc::new);
         Ok(Service {
             summaries: Arc::new(summaries),
             includes: Arc::new(includes),
+            identity,
             config,
             store,
             coordinator,
@@ -948,6 +959,102 @@ impl GlobalSnapshot for Service {
             .await?;
         let reply = v1::ReleaseReply { released };
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
+    async fn r#match(
+        &self,
+        req: Request<v1::MatchRequest>,
+    ) -> Result<Response<v1::MatchReply>, Status> {
+        let site = self.site(&req)?;
+        let r = req.get_ref();
+        let spec = self.identity.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "network {} declares no [identity] in network.toml: snaps_match needs to \
+                 know which relation holds people and which attributes identify them",
+                self.config.network.name
+            ))
+        })?;
+        let rel = self.config.catalog.relation(&spec.relation).ok_or_else(|| {
+            Status::internal(format!("identity relation {} is not global", spec.relation))
+        })?;
+        let wire = r
+            .key
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("a match names the patient's key"))?;
+        let key = rel
+            .attribute(&spec.key)
+            .ok_or_else(|| Status::internal(format!("{} has no key {}", rel.name, spec.key)))?
+            .ty
+            .check(snaps_proto::decode_value(wire), &format!("{}.{}", rel.name, spec.key))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if key.is_null() {
+            return Err(Status::invalid_argument(format!(
+                "a match names the patient's {} (not NULL)",
+                spec.key
+            )));
+        }
+        let user = r.user.clone();
+        let relations = vec![spec.relation.clone()];
+        self.check_access(&site, &user, &relations, Right::Read, "match-denied")
+            .await?;
+        let mut record = AuditRecord::new(&site.code, &user, "match");
+        record.relations = relations;
+        let (k, s) = (key.clone(), spec.clone());
+        let found = self
+            .blocking(move |store| store.identity_candidates(&s, &k))
+            .await?;
+        let Some((subject, records)) = found else {
+            return Err(Status::not_found(format!(
+                "no {} with {} = {key} in the global snapshot (a patient registered since the \
+                 last refresh reaches it with the next)",
+                spec.relation, spec.key
+            )));
+        };
+        let mut candidates: Vec<(f64, Grade, IdentityRecord)> = records
+            .into_iter()
+            .filter_map(|c| {
+                let v = crate::matching::compare(&subject.person, &c.person);
+                v.grade.map(|g| (v.score, g, c))
+            })
+            .collect();
+        candidates.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| a.2.owner.cmp(&b.2.owner))
+                .then_with(|| a.2.key.to_string().cmp(&b.2.key.to_string()))
+        });
+        let code = |n: SiteNo| {
+            self.config
+                .network
+                .sites
+                .iter()
+                .find(|s| s.number == n)
+                .map_or_else(|| format!("site {n}"), |s| s.code.to_string())
+        };
+        let reply = v1::MatchReply {
+            owner: code(subject.owner),
+            key_attribute: spec.key.clone(),
+            candidates: candidates
+                .iter()
+                .map(|(score, grade, c)| v1::MatchCandidate {
+                    site: code(c.owner),
+                    key: Some(snaps_proto::encode_value(&c.key)),
+                    grade: grade.as_str().to_string(),
+                    score: *score,
+                })
+                .collect(),
+        };
+        // Nothing leaves unrecorded: the patient asked about and every
+        // record named in the answer.
+        record.tuples = candidates.len() as u64;
+        record.patients = std::iter::once(&subject.key)
+            .chain(candidates.iter().map(|(.., c)| &c.key))
+            .map(Value::to_string)
+            .collect();
+        record.detail = format!("{} {} at {}", spec.key, subject.key, reply.owner);
+        self.blocking(move |store| store.append_audit(&[record]))
+            .await?;
+        self.count(&site, r.encoded_len(), reply.encoded_len());
         Ok(respond(reply))
     }
 

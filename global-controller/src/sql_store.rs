@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 
+use snaps_schema::identity::IdentitySpec;
 use snaps_schema::{Catalog, GlobalRights, RelationMode, SentTo, SiteNo, Value, sql_ident};
 
 use crate::compile::{STATUS_COLUMNS, compile_group, temp_table};
@@ -36,6 +37,7 @@ use crate::store::*;
 
 mod audit;
 mod groups;
+mod identity;
 pub mod migrate;
 mod refresh;
 mod summary;
@@ -1103,6 +1105,14 @@ impl<D: Db> GlobalStore for SqlStore<D> {
 
     fn subscribed(&self, since_ms: i64) -> Result<Vec<SiteNo>> {
         self.subscribed_since(since_ms)
+    }
+
+    fn identity_candidates(
+        &self,
+        spec: &IdentitySpec,
+        key: &Value,
+    ) -> Result<Option<(IdentityRecord, Vec<IdentityRecord>)>> {
+        self.tx(|tx| identity::candidates(tx, spec, key))
     }
 
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {

@@ -6,6 +6,7 @@ pub use crate::acl::{AuditFilter, AuditRecord, Right, Subject};
 use std::collections::{BTreeMap, BTreeSet};
 
 use snaps_proto::{decode_rows, v1};
+use snaps_schema::identity::IdentitySpec;
 use snaps_schema::summary::SummarySpec;
 use snaps_schema::{Catalog, KeyRange, RelationMode, SiteNo, Value};
 
@@ -451,6 +452,27 @@ pub trait GlobalStore: Send + Sync {
     /// The sites some controller recorded as subscribed at or after
     /// `since_ms`.
     fn subscribed(&self, since_ms: i64) -> Result<Vec<SiteNo>>;
+
+    /// The record of `spec.relation` keyed `key`, and the records of other
+    /// sites than its owner's that share a blocking key with it
+    /// ([`crate::matching::blocking_keys`]); `None` when no tuple has the
+    /// key.
+    fn identity_candidates(
+        &self,
+        spec: &IdentitySpec,
+        key: &Value,
+    ) -> Result<Option<(IdentityRecord, Vec<IdentityRecord>)>>;
+}
+
+/// One record of the relation of people, for matching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityRecord {
+    /// The site that owns it.
+    pub owner: SiteNo,
+    /// Its key.
+    pub key: Value,
+    /// Its identifying details.
+    pub person: crate::matching::Person,
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

@@ -31,6 +31,7 @@
 
 mod catalogue;
 mod covered;
+mod identity;
 pub mod endpoint;
 pub mod engine;
 mod include;

@@ -548,6 +548,17 @@ impl GlobalClient {
             .conflicts)
     }
 
+    /// The records at other sites that may be the same person as the
+    /// patient keyed `key` in the network's relation of people, graded
+    /// (asked by `user`, for the access rules and the audit trail).
+    pub async fn match_patient(&self, key: &Value, user: &str) -> Result<v1::MatchReply> {
+        let req = v1::MatchRequest {
+            key: Some(snaps_proto::encode_value(key)),
+            user: user.to_string(),
+        };
+        Ok(self.raw().r#match(req).await?.into_inner())
+    }
+
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
         Ok(self

@@ -1622,6 +1622,28 @@ fn command_tag(sql: &str, changes: u64) -> String {
 impl SiteSession {
     /// Runs SQL text on the site's database exactly as SQLite would, one
     /// statement after another; the status column never reaches the client.
+    /// Runs a statement that calls `snaps_match`: each call asked of the
+    /// global controller, its answer read as a table.
+    fn run_matches(&self, text: &str, calls: &[crate::identity::Call]) -> Result<Vec<Outcome>> {
+        let run = || -> Result<Vec<Outcome>> {
+            let sql = crate::identity::prepare(&self.conn, text, calls)?;
+            for (n, c) in calls.iter().enumerate() {
+                let user = self.user_code.clone();
+                let reply = self
+                    .site
+                    .remote(|client| async move {
+                        client.match_patient(&Value::Int(c.key), &user).await
+                    })
+                    .map_err(crate::identity::refused)?;
+                crate::identity::fill(&self.conn, n, &reply)?;
+            }
+            self.run_local(&sql)
+        };
+        let out = run();
+        crate::identity::clean(&self.conn, calls);
+        out
+    }
+
     pub(crate) fn run_local(&self, text: &str) -> Result<Vec<Outcome>> {
         let mut out = Vec::new();
         let mut batch = Batch::new(&self.conn, text);
@@ -2053,6 +2075,12 @@ impl SiteSession {
                 crate::catalogue::answer(&self.site.catalog, self.site.code.as_str(), text)?;
             return Ok(answer);
         }
+        let matches = crate::identity::calls(text)?;
+        if !matches.is_empty() {
+            self.reads.clear();
+            answer.outcomes = self.run_matches(text, &matches)?;
+            return Ok(answer);
+        }
         let (lang, parsed) = if looks_like_quel(text) {
             (Language::Quel, self.quel.parse(text).map_err(Error::from))
         } else {
@@ -2198,6 +2226,14 @@ impl Session for SiteSession {
                 _ => Vec::new(),
             });
         }
+        let matches = crate::identity::calls(text).map_err(engine_error)?;
+        if !matches.is_empty() {
+            // The tables the calls stand for, empty, tell the columns.
+            let sql = crate::identity::prepare(&self.conn, text, &matches);
+            let described = sql.and_then(|sql| Ok(self.describe_local(&sql)?));
+            crate::identity::clean(&self.conn, &matches);
+            return described.map_err(engine_error);
+        }
         let sql = if looks_like_quel(text) {
             let mut quel = self.quel.clone();
             let stmts = quel.parse(text).map_err(|e| engine_error(e.into()))?;
@@ -2208,10 +2244,14 @@ impl Session for SiteSession {
         } else {
             text.to_string()
         };
-        let mut stmt = self
-            .conn
-            .prepare(&sql)
-            .map_err(|e| engine_error(e.into()))?;
+        self.describe_local(&sql).map_err(engine_error)
+    }
+}
+
+impl SiteSession {
+    /// The result columns of SQL that SQLite runs as it is.
+    fn describe_local(&self, sql: &str) -> Result<Vec<ResultColumn>> {
+        let mut stmt = self.conn.prepare(sql)?;
         let decls: Vec<(usize, String, Option<ColumnKind>)> = stmt
             .columns()
             .enumerate()

@@ -1,0 +1,256 @@
+//! `snaps_match(<pno>)` at the site: the records at other sites that may be
+//! the same person, graded by the global controller over the global
+//! snapshot (`snaps_global::matching`).
+//!
+//! The function may stand wherever a table may in a query the site runs on
+//! SQLite (`SELECT site, pno, grade, score FROM snaps_match(10000022) WHERE
+//! grade = 'certain'`): the controller's answer is put into a temporary
+//! table of the session's connection, the call replaced by that table, the
+//! statement run, and the table dropped. The argument is the patient's
+//! number in the global snapshot (at the radiology sites, the same as the
+//! site's own `pno`).
+
+use rusqlite::Connection;
+use snaps_proto::v1;
+use snaps_schema::{Value, sql_ident};
+
+use crate::{Error, Result};
+
+/// One `snaps_match(...)` call in a statement text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Call {
+    /// Byte range of the call, `snaps_match` to the closing parenthesis.
+    pub(crate) span: std::ops::Range<usize>,
+    /// The patient number asked about.
+    pub(crate) key: i64,
+}
+
+const NAME: &str = "snaps_match";
+
+/// The calls of `snaps_match` in `text`, outside string literals, quoted
+/// identifiers and comments. A call whose argument is not one integer is an
+/// error naming the form it takes.
+pub(crate) fn calls(text: &str) -> Result<Vec<Call>> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() {
+                    if b[i] == q {
+                        // A doubled quote stays inside.
+                        if b.get(i + 1) == Some(&q) {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            c if is_ident(c) => {
+                let start = i;
+                while i < b.len() && is_ident(b[i]) {
+                    i += 1;
+                }
+                if text[start..i].eq_ignore_ascii_case(NAME) {
+                    let rest = &text[i..];
+                    let open = rest.len() - rest.trim_start().len();
+                    if rest[open..].starts_with('(') {
+                        let (key, len) = argument(&rest[open + 1..])?;
+                        let end = i + open + 1 + len;
+                        out.push(Call {
+                            span: start..end,
+                            key,
+                        });
+                        i = end;
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(out)
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+/// The integer argument after `snaps_match(` and the length up to and
+/// including the closing parenthesis.
+fn argument(after: &str) -> Result<(i64, usize)> {
+    let usage = || {
+        Error::Invalid(
+            "snaps_match takes one patient number, as in \
+             SELECT site, pno, grade, score FROM snaps_match(10000022)"
+                .into(),
+        )
+    };
+    let close = after.find(')').ok_or_else(usage)?;
+    let inner = after[..close].trim();
+    let key = inner.parse::<i64>().map_err(|_| usage())?;
+    Ok((key, close + 1))
+}
+
+/// The temporary table holding the answer of call `n` of a statement.
+fn table(n: usize) -> String {
+    format!("snaps_match_{n}")
+}
+
+/// Creates the (empty) tables the calls stand for and returns `text` with
+/// every call replaced by its table.
+pub(crate) fn prepare(conn: &Connection, text: &str, calls: &[Call]) -> Result<String> {
+    let mut rewritten = String::with_capacity(text.len());
+    let mut at = 0;
+    for (n, c) in calls.iter().enumerate() {
+        let t = table(n);
+        conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS temp.{t};
+             CREATE TEMP TABLE {t} (site TEXT, pno INTEGER, grade TEXT, score REAL);"
+        ))?;
+        rewritten.push_str(&text[at..c.span.start]);
+        rewritten.push_str(&format!("temp.{t}"));
+        at = c.span.end;
+    }
+    rewritten.push_str(&text[at..]);
+    Ok(rewritten)
+}
+
+/// Fills call `n`'s table with the controller's answer; the key column is
+/// named as the network names it.
+pub(crate) fn fill(conn: &Connection, n: usize, reply: &v1::MatchReply) -> Result<()> {
+    let t = table(n);
+    if !reply.key_attribute.is_empty() && reply.key_attribute != "pno" {
+        conn.execute_batch(&format!(
+            "ALTER TABLE temp.{t} RENAME COLUMN pno TO {}",
+            sql_ident(&reply.key_attribute)
+        ))?;
+    }
+    let mut insert = conn.prepare(&format!("INSERT INTO temp.{t} VALUES (?1, ?2, ?3, ?4)"))?;
+    for c in &reply.candidates {
+        let key = c
+            .key
+            .as_ref()
+            .map_or(Value::Null, snaps_proto::decode_value);
+        insert.execute(rusqlite::params![
+            c.site,
+            crate::value::to_sqlite(&key),
+            c.grade,
+            c.score
+        ])?;
+    }
+    Ok(())
+}
+
+/// Drops the tables of `calls`.
+pub(crate) fn clean(conn: &Connection, calls: &[Call]) {
+    for n in 0..calls.len() {
+        if let Err(e) = conn.execute_batch(&format!("DROP TABLE IF EXISTS temp.{}", table(n))) {
+            tracing::warn!(error = %e, "a snaps_match table was not dropped");
+        }
+    }
+}
+
+/// The site's error for a refused match: the controller's reason, with the
+/// SQLSTATE a client can act on.
+pub(crate) fn refused(e: Error) -> Error {
+    match e {
+        Error::Remote(s) if s.code() == tonic::Code::NotFound => {
+            Error::Invalid(s.message().to_string())
+        }
+        Error::Remote(s) if s.code() == tonic::Code::FailedPrecondition => {
+            Error::Unsupported(s.message().to_string())
+        }
+        Error::Remote(s) if s.code() == tonic::Code::InvalidArgument => {
+            Error::Invalid(s.message().to_string())
+        }
+        Error::Unreachable(why) => Error::Unreachable(format!(
+            "snaps_match compares records at the global snapshot controller, which is \
+             unreachable ({why}); try again when it is back"
+        )),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_found_outside_literals_and_comments() {
+        let text = "SELECT * FROM snaps_match(10000022) m, SNAPS_MATCH ( 7 ) \
+                    WHERE 'snaps_match(1)' <> \"snaps_match\" -- snaps_match(2)\n";
+        let found = calls(text).unwrap();
+        assert_eq!(found.iter().map(|c| c.key).collect::<Vec<_>>(), [10000022, 7]);
+        assert_eq!(&text[found[0].span.clone()], "snaps_match(10000022)");
+        assert_eq!(&text[found[1].span.clone()], "SNAPS_MATCH ( 7 )");
+        assert!(calls("SELECT my_snaps_match(1), snaps_matches FROM t").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_call_without_one_number_names_the_form() {
+        for bad in [
+            "SELECT * FROM snaps_match()",
+            "SELECT * FROM snaps_match('x')",
+            "SELECT * FROM snaps_match(1, 2)",
+            "SELECT * FROM snaps_match(1",
+        ] {
+            let e = calls(bad).unwrap_err().to_string();
+            assert!(e.contains("snaps_match takes one patient number"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn calls_become_tables_the_statement_reads() {
+        let conn = Connection::open_in_memory().unwrap();
+        let text = "SELECT site, pno FROM snaps_match(5) WHERE grade = 'certain'";
+        let found = calls(text).unwrap();
+        let sql = prepare(&conn, text, &found).unwrap();
+        assert_eq!(sql, "SELECT site, pno FROM temp.snaps_match_0 WHERE grade = 'certain'");
+        let reply = v1::MatchReply {
+            owner: "CPH".into(),
+            key_attribute: "pno".into(),
+            candidates: vec![
+                v1::MatchCandidate {
+                    site: "STG".into(),
+                    key: Some(snaps_proto::encode_value(&Value::Int(10000022))),
+                    grade: "certain".into(),
+                    score: 11.5,
+                },
+                v1::MatchCandidate {
+                    site: "GRC".into(),
+                    key: Some(snaps_proto::encode_value(&Value::Int(20000001))),
+                    grade: "possible".into(),
+                    score: 4.5,
+                },
+            ],
+        };
+        fill(&conn, 0, &reply).unwrap();
+        let got: Vec<(String, i64)> = conn
+            .prepare(&sql)
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(got, [("STG".to_string(), 10000022)]);
+        clean(&conn, &found);
+        assert!(conn.prepare(&sql).is_err(), "the table is gone");
+    }
+}
