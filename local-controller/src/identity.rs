@@ -180,12 +180,17 @@ pub(crate) fn refused(e: Error) -> Error {
         Error::Remote(s) if s.code() == tonic::Code::InvalidArgument => {
             Error::Invalid(s.message().to_string())
         }
-        Error::Unreachable(why) => Error::Unreachable(format!(
-            "snaps_match compares records at the global snapshot controller, which is \
-             unreachable ({why}); try again when it is back"
-        )),
+        Error::Remote(ref s) if !crate::site::is_request_error(&e) => unreachable(s.message()),
+        Error::Unreachable(why) => unreachable(&why),
         other => other,
     }
+}
+
+fn unreachable(why: &str) -> Error {
+    Error::Unreachable(format!(
+        "snaps_match compares records at the global snapshot controller, which is \
+         unreachable ({why}); try again when it is back"
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,183 @@
+//! `snaps_match(<pno>)` through a site's SQL endpoint: the same person's
+//! records at other sites, graded, over the global snapshot; and its
+//! refusals (a bad argument, an unknown patient, the access rules, the
+//! controller down), each a clear error that changes nothing.
+
+mod common;
+
+use common::{Client, Net, connect, refused, run, setup};
+use snaps_proto::v1;
+use snaps_schema::Value;
+
+/// `(site, pno, grade)` of every match of `pno` asked at `c`, best first.
+async fn matches(c: &Client, pno: i64) -> Vec<(String, i64, String, f64)> {
+    c.client
+        .query(
+            &format!("SELECT site, pno, grade, score FROM snaps_match({pno}) ORDER BY score DESC, site"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("snaps_match({pno}): {e:?}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+/// A CPH patient, female, with everything the match compares.
+fn cph_woman(net: &Net) -> Vec<Value> {
+    net.data["CPH"]["patient"]
+        .iter()
+        .find(|r| r[6] == Value::text("F") && r[2] == Value::text("Mrs"))
+        .expect("a married woman at CPH")
+        .clone()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        v => panic!("not text: {v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_patient_registered_again_elsewhere_is_found_and_graded() {
+    let net = setup(30).await;
+    let p = cph_woman(&net);
+    let (pno, surname, first, dob) = (common::int(&p[0]), text(&p[3]), text(&p[4]), common::int(&p[5]));
+    let first_given = first.split(' ').next().unwrap().to_string();
+    let (y, m, d) = (dob / 10_000, dob / 100 % 100, dob % 100);
+    // STG registers her again as it happens at a front desk: the same
+    // details (a certain match); GRC under a married name, only her first
+    // given name, and her birth date a day out (probable at best).
+    let stg_pno = 10_000_900;
+    let grc_pno = 20_000_900;
+    let mut stg = connect(net.sites["STG"]).await;
+    let mut grc = connect(net.sites["GRC"]).await;
+    let sq = |s: &str| s.replace('\'', "''");
+    run(
+        &mut stg,
+        &format!(
+            "INSERT INTO patient (pno, title, surname, first_names, dob, sex) \
+             VALUES ({stg_pno}, 'Mrs', '{}', '{}', {dob}, 'F')",
+            sq(&surname),
+            sq(&first)
+        ),
+    )
+    .await;
+    let near = if d < 28 { y * 10_000 + m * 100 + d + 1 } else { y * 10_000 + m * 100 + d - 1 };
+    run(
+        &mut grc,
+        &format!(
+            "INSERT INTO patient (pno, title, surname, first_names, dob, sex) \
+             VALUES ({grc_pno}, 'Mrs', 'Papadopoulos', '{}', {near}, 'F')",
+            sq(&first_given)
+        ),
+    )
+    .await;
+    let summary = net.refresh().await;
+    assert!(summary.inserted >= 2, "{summary:?}");
+
+    let cph = connect(net.sites["CPH"]).await;
+    let found = matches(&cph, pno).await;
+    let at = |site: &str, key: i64| found.iter().find(|m| m.0 == site && m.1 == key);
+    let stg_match = at("STG", stg_pno).unwrap_or_else(|| panic!("STG's record: {found:?}"));
+    assert_eq!(stg_match.2, "certain", "{found:?}");
+    let grc_match = at("GRC", grc_pno).unwrap_or_else(|| panic!("GRC's record: {found:?}"));
+    assert!(
+        ["probable", "possible"].contains(&grc_match.2.as_str()),
+        "{found:?}"
+    );
+    assert!(stg_match.3 > grc_match.3, "{found:?}");
+    assert!(
+        found.iter().all(|m| m.0 != "CPH"),
+        "no record of her own site: {found:?}"
+    );
+    // Asked the other way round, at STG, about its own record.
+    let back = matches(&stg, stg_pno).await;
+    assert!(back.iter().any(|m| m.0 == "CPH" && m.1 == pno && m.2 == "certain"), "{back:?}");
+
+    // It is a table like any other: filtered, counted.
+    let (rows, _) = run(
+        &mut grc,
+        &format!("SELECT count(*) FROM snaps_match({pno}) WHERE grade = 'certain' AND site = 'STG'"),
+    )
+    .await;
+    assert_eq!(rows, [[Some("1".to_string())]]);
+
+    // Every match is in the audit trail with the patient and what it named.
+    let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
+    let trail = admin
+        .audit(v1::AuditRequest {
+            site: "CPH".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let record = trail
+        .iter()
+        .find(|e| e.action == "match")
+        .expect("the match is audited");
+    assert_eq!(record.patients.first(), Some(&pno.to_string()));
+    assert!(record.patients.contains(&stg_pno.to_string()), "{record:?}");
+    assert_eq!(record.relations, ["patient"]);
+    // Nothing was copied to the asking site.
+    let copies = rusqlite::Connection::open(common::db(&net, "CPH"))
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM patient WHERE pno IN (?1, ?2)",
+            [stg_pno, grc_pno],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap();
+    assert_eq!(copies, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_matches_say_why_and_change_nothing() {
+    let mut net = setup(10).await;
+    let pno = common::patients(&net, "CPH")[0];
+    let cph = connect(net.sites["CPH"]).await;
+
+    let (code, message) = refused(&cph, "SELECT * FROM snaps_match('Smith')").await;
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("snaps_match takes one patient number"), "{message}");
+
+    let (code, message) = refused(&cph, "SELECT * FROM snaps_match(999)").await;
+    assert_eq!(code, "22023", "{message}");
+    assert!(
+        message.contains("no patient with pno = 999 in the global snapshot"),
+        "{message}"
+    );
+
+    // The access rules apply: a user who may not read patients may not
+    // match them, and the refusal is audited.
+    let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
+    admin
+        .grant(v1::AclRule {
+            relation: "patient".into(),
+            site: "CPH".into(),
+            user: "clerk".into(),
+            right: v1::Right::None as i32,
+        })
+        .await
+        .unwrap();
+    let clerk = common::connect_as(net.sites["CPH"], "clerk").await;
+    let (code, message) = refused(&clerk, &format!("SELECT * FROM snaps_match({pno})")).await;
+    assert_eq!(code, "42501", "{message}");
+    assert!(message.contains("user clerk at site CPH may not read patient"), "{message}");
+    let trail = admin.audit(v1::AuditRequest::default()).await.unwrap();
+    assert!(trail.iter().any(|e| e.action == "match-denied" && e.user == "clerk"));
+    // The refused statements left no table behind.
+    let (rows, _) = run(
+        &mut connect(net.sites["CPH"]).await,
+        "SELECT count(*) FROM sqlite_temp_master WHERE name LIKE 'snaps_match%'",
+    )
+    .await;
+    assert_eq!(rows, [[Some("0".to_string())]]);
+
+    // With the controller down, the site says so.
+    net.global.take().unwrap().kill();
+    let (code, message) = refused(&cph, &format!("SELECT * FROM snaps_match({pno})")).await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains("unreachable"), "{message}");
+}
