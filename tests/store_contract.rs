@@ -97,6 +97,8 @@ contract!(
     locks_are_granted_all_or_nothing,
     read_only_relations_refuse_non_owners,
     key_owners_names_owners,
+    // Identity matching.
+    identity_candidates_share_a_blocking_key,
     // Refresh epochs.
     epochs_move_through_their_phases,
     a_commit_applies_the_pushes_once,
@@ -801,6 +803,81 @@ fn read_only_relations_refuse_non_owners(store: &dyn GlobalStore, config: &Globa
     assert_eq!(
         store.lock(&site(config, "CPH"), &[own]).expect("lock"),
         LockOutcome::Granted
+    );
+}
+
+fn identity_candidates_share_a_blocking_key(store: &dyn GlobalStore, config: &GlobalConfig) {
+    let people = ["pno", "surname", "first_names", "dob", "sex"];
+    let person = |pno: i64, surname: &str, first: &str, dob: i64| {
+        vec![
+            Value::Int(pno),
+            Value::Text(surname.into()),
+            Value::Text(first.into()),
+            Value::Int(dob),
+            Value::Text("F".into()),
+        ]
+    };
+    let load = |code: &str, rows: Vec<(u64, Vec<Value>)>| {
+        let batch = decode(config, &wire_batch("patient", &people, rows));
+        store.load(&site(config, code), &batch).expect("load");
+    };
+    load(
+        "CPH",
+        vec![
+            (1, person(CPH_P1, "Harris", "Lynette Mary", 19_441_108)),
+            // The same site's records are never candidates.
+            (2, person(CPH_P2, "Harris", "Lynette Mary", 19_441_108)),
+        ],
+    );
+    load(
+        "STG",
+        vec![
+            // Same birth date, other names.
+            (1, person(STG_P1, "Walker", "Ruth", 19_441_108)),
+            // Day and month transposed.
+            (2, person(10_000_002, "Jones", "Ann", 19_440_811)),
+            // A day out.
+            (3, person(10_000_003, "Jones", "Ann", 19_441_109)),
+            // Same surname.
+            (4, person(10_000_004, "Harris", "Ann", 19_700_101)),
+            // The first given name, alone or with another.
+            (5, person(10_000_005, "Brown", "Lynette", 19_700_101)),
+            (6, person(10_000_006, "Brown", "Lynette Ann", 19_700_101)),
+            // Nothing shared: not a candidate.
+            (7, person(10_000_007, "Brown", "Lyn", 19_700_101)),
+            (8, person(10_000_008, "Harrison", "Ann", 19_441_117 + 100)),
+        ],
+    );
+    let spec = config
+        .network
+        .identity_spec()
+        .expect("identity section")
+        .expect("the radiology network declares one");
+    let (subject, found) = store
+        .identity_candidates(&spec, &Value::Int(CPH_P1))
+        .expect("candidates")
+        .expect("the patient is in the global snapshot");
+    assert_eq!(subject.owner, SiteNo(1));
+    assert_eq!(subject.person.surname.as_deref(), Some("Harris"));
+    assert_eq!(subject.person.dob, Some(19_441_108));
+    let mut keys: Vec<i64> = found
+        .iter()
+        .map(|c| match c.key {
+            Value::Int(i) => i,
+            ref v => panic!("{v:?}"),
+        })
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [STG_P1, 10_000_002, 10_000_003, 10_000_004, 10_000_005, 10_000_006]
+    );
+    assert!(found.iter().all(|c| c.owner == SiteNo(2)));
+    assert_eq!(
+        store
+            .identity_candidates(&spec, &Value::Int(GRC_P1))
+            .expect("candidates"),
+        None
     );
 }
 
