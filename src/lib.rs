@@ -8,6 +8,7 @@ mod demo_processes;
 pub mod fixtures;
 pub mod h2_layers;
 pub mod localnet;
+pub mod match_bench;
 pub mod network_bench;
 pub mod network_report;
 pub mod pg_server;

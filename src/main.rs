@@ -525,6 +525,10 @@ enum BenchCommand {
     /// <out>/benchmarks.md and its plots. Needs the PostgreSQL server
     /// binaries (apt-get install postgresql).
     Network(snaps::network_bench::NetworkBenchOptions),
+    /// snaps_match on the generator's network, whose second registrations
+    /// vary as real ones do: precision and recall per grade against the
+    /// known truth, beside exact matching of names and birth date.
+    Match(snaps::match_bench::MatchBenchOptions),
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -710,6 +714,14 @@ fn main() -> Result<()> {
                 "report: {}, plots: network-bytes.svg, network-response.svg, network-refresh.svg",
                 opts.out.join("benchmarks.md").display()
             );
+            Ok(())
+        }
+        Command::Bench {
+            command: BenchCommand::Match(opts),
+        } => {
+            init_logging_bench();
+            let report = runtime()?.block_on(snaps::match_bench::bench_match(&opts))?;
+            print!("{report}");
             Ok(())
         }
         Command::Bench {

@@ -406,6 +406,28 @@ fn bench_site_runs_and_reports_ratios() {
 }
 
 #[test]
+fn bench_match_scores_the_grades_against_the_truth() {
+    let o = snaps(&["bench", "match", "--patients", "300"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("900 records matched"), "{out}");
+    // Precision and recall of every grade and of the baseline, as numbers
+    // between 0 and 1.
+    for what in ["| `certain` |", "| `probable` or better |", "(baseline) |"] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(what))
+            .unwrap_or_else(|| panic!("no row {what}: {out}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for c in &cells[4..6] {
+            let v: f64 = c.parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!((0.0..=1.0).contains(&v), "{row}");
+        }
+    }
+    assert!(out.contains("`certain` has precision"), "{out}");
+}
+
+#[test]
 fn bench_refresh_runs_and_reports_ratios() {
     let o = snaps(&[
         "bench",

@@ -18,8 +18,10 @@
 //!
 //! A missing value on either side weighs nothing. `certain` from 10.5 (all
 //! of names and birth date agree, or one of them nearly), `probable` from 7
-//! (a married name, or two near agreements), `possible` from 4.5 (namesakes
-//! born on other days land here: worth a look, never a link by itself).
+//! (a married name, or two near agreements), `possible` from 5.5 (a married
+//! name with a slip in the birth date: worth a look, never a link by
+//! itself). Namesakes born on other days (4.5) are not listed: a lookup by
+//! name shows them.
 //!
 //! Candidates come from blocking keys the store can look up by equality:
 //! the birth date and its near variants, the surname, and the first given
@@ -77,7 +79,7 @@ impl fmt::Display for Grade {
 /// The lowest sums of the grades.
 const CERTAIN: f64 = 10.5;
 const PROBABLE: f64 = 7.0;
-const POSSIBLE: f64 = 4.5;
+const POSSIBLE: f64 = 5.5;
 
 /// The highest sum two records can reach.
 pub const MAX_SCORE: f64 = 12.5;
@@ -282,8 +284,10 @@ mod tests {
             ("Smith | Susan Rachel | 19351223 | F | 5 Colombo St", "Walker | Susan Rachel | 19351223 | F | 8 Opawa Rd", Some(Grade::Probable)),
             // a married name and a dropped given name
             ("Smith | Susan Rachel | 19351223 | F | ", "Walker | Susan | 19351223 | F | ", Some(Grade::Probable)),
-            // namesakes born on other days: worth a look, no more
-            ("Smith | John | 19500101 | M | ", "Smith | John | 19720815 | M | ", Some(Grade::Possible)),
+            // namesakes born on other days: a lookup by name shows them
+            ("Smith | John | 19500101 | M | ", "Smith | John | 19720815 | M | ", None),
+            // a married name and a birth date a day out: worth a look
+            ("Smith | Susan | 19351223 | F | ", "Walker | Susan | 19351224 | F | ", Some(Grade::Possible)),
             // a man's surname seldom changes: at most worth a look
             ("Smith | John | 19500101 | M | ", "Jones | John | 19500101 | M | ", Some(Grade::Possible)),
             // two men with only a surname and a birth year in common

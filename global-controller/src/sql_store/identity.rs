@@ -53,15 +53,14 @@ pub(super) fn candidates(
         any.push(format!("{} = {}", sql_ident(&spec.surname), arg(s.as_str().into(), &mut args)));
     }
     if let Some(f) = &keys.first_name {
-        // The first given name alone, or followed by more names.
+        // The first given name alone, or followed by more names: a range
+        // from "Mary " up to "Mary!" (the character after the space), which
+        // an index on the attribute serves.
         let first = sql_ident(&spec.first_names);
         let alone = arg(f.as_str().into(), &mut args);
-        let prefix = format!("{f} ");
-        let width = prefix.chars().count();
-        let followed = arg(prefix.as_str().into(), &mut args);
-        any.push(format!(
-            "{first} = {alone} OR substr({first}, 1, {width}) = {followed}"
-        ));
+        let from = arg(format!("{f} ").as_str().into(), &mut args);
+        let to = arg(format!("{f}!").as_str().into(), &mut args);
+        any.push(format!("{first} = {alone} OR ({first} >= {from} AND {first} < {to})"));
     }
     if any.is_empty() {
         return Ok(Some((subject, Vec::new())));
