@@ -122,10 +122,10 @@ pub fn compare(a: &Person, b: &Person) -> Verdict {
         score += if norm(x) == norm(y) { 0.5 } else { -2.0 };
     }
     let line = |p: &Person| p.address.first().cloned().flatten();
-    if let (Some(x), Some(y)) = (line(a), line(b)) {
-        if closeness(&x, &y) != Closeness::Other {
-            score += 1.0;
-        }
+    if let (Some(x), Some(y)) = (line(a), line(b))
+        && closeness(&x, &y) != Closeness::Other
+    {
+        score += 1.0;
     }
     let grade = if score >= CERTAIN {
         Some(Grade::Certain)

@@ -2230,7 +2230,7 @@ impl Session for SiteSession {
         if !matches.is_empty() {
             // The tables the calls stand for, empty, tell the columns.
             let sql = crate::identity::prepare(&self.conn, text, &matches);
-            let described = sql.and_then(|sql| Ok(self.describe_local(&sql)?));
+            let described = sql.and_then(|sql| self.describe_local(&sql));
             crate::identity::clean(&self.conn, &matches);
             return described.map_err(engine_error);
         }

@@ -155,7 +155,8 @@ mod tests {
 
     #[test]
     fn wrong_sections_are_refused_naming_what_is_wrong() {
-        let cases: Vec<(Box<dyn Fn(&mut IdentityConfig)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut IdentityConfig)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|c| c.relation = "people".into()), "people is not a global relation"),
             (Box::new(|c| c.relation = "pair".into()), "key of one attribute"),
             (Box::new(|c| c.surname = "name".into()), "has no attribute name"),
