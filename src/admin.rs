@@ -403,20 +403,50 @@ pub struct AuditOptions {
     #[arg(long)]
     pub limit: Option<u32>,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fhir")]
     pub json: bool,
+    /// Print a FHIR R4 Bundle of AuditEvent resources, which hospital
+    /// security tools read.
+    #[arg(long)]
+    pub fhir: bool,
+    /// Check the trail's hash chain instead of listing it: every record
+    /// chained so far must follow from the one before; names the first
+    /// that does not (and fails).
+    #[arg(long, conflicts_with_all = ["json", "fhir", "site", "patient", "since", "limit"])]
+    pub verify: bool,
 }
 
-/// `snaps audit`: the trail, oldest first, as a table or JSON.
+/// `snaps audit`: the trail, oldest first, as a table, JSON or FHIR; or,
+/// with `--verify`, whether its hash chain holds.
 pub async fn audit(opts: &AdminOptions, a: &AuditOptions) -> Result<String> {
     let since = a.since.as_deref().map(parse_since).transpose()?;
     let client = opts.connect().await?;
+    if a.verify {
+        let v = client
+            .audit_verify()
+            .await
+            .context("verify the audit trail (is the credential the administrator's?)")?;
+        if v.broken {
+            bail!(
+                "the audit trail's hash chain breaks at record {} (link {}): {}; {} records before it are intact",
+                v.broken_id,
+                v.broken_seq,
+                v.reason,
+                v.chained
+            );
+        }
+        return Ok(format!(
+            "the audit trail's hash chain holds: {} records chained, {} not chained yet",
+            v.chained, v.unchained
+        ));
+    }
     let entries = client
         .audit(v1::AuditRequest {
             site: a.site.clone().unwrap_or_default(),
             patient: a.patient.clone().unwrap_or_default(),
             since: since.unwrap_or(0),
             limit: a.limit.unwrap_or(0),
+            verify: false,
         })
         .await
         .context("read the audit trail (is the credential the administrator's?)")?;
@@ -439,6 +469,17 @@ pub async fn audit(opts: &AdminOptions, a: &AuditOptions) -> Result<String> {
             })
             .collect();
         return Ok(serde_json::Value::Array(rows).to_string());
+    }
+    if a.fhir {
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": entries.iter().map(|e| serde_json::json!({
+                "fullUrl": format!("urn:snaps:audit:{}", e.id),
+                "resource": fhir_audit_event(e),
+            })).collect::<Vec<_>>(),
+        });
+        return Ok(bundle.to_string());
     }
     let mut out = format!(
         "{:>6} {:<19} {:<12} {:<10} {:<12} {:<24} {:>6} patients / detail\n",
@@ -468,9 +509,108 @@ pub async fn audit(opts: &AdminOptions, a: &AuditOptions) -> Result<String> {
     Ok(out)
 }
 
+/// One audit record as a FHIR R4 AuditEvent: the DICOM event type of what
+/// was done (a fetch is an export of patient data to a site, a match a
+/// query, a lock or push a change of patient records, a rule change a
+/// security event), the outcome (a refusal is a minor failure), the user
+/// code at its site as the agent, and each patient as an entity.
+pub fn fhir_audit_event(e: &v1::AuditEntry) -> serde_json::Value {
+    let (code, display, action) = match e.action.as_str() {
+        a if a.starts_with("fetch") => ("110106", "Export", "R"),
+        a if a.starts_with("match") => ("110112", "Query", "E"),
+        a if a.starts_with("lock") => ("110110", "Patient Record", "U"),
+        "push" => ("110107", "Import", "U"),
+        _ => ("110113", "Security Alert", "E"),
+    };
+    let refused = e.action.ends_with("-denied") || e.action.ends_with("-refused");
+    let who = if e.user.is_empty() {
+        e.site.clone()
+    } else {
+        format!("{}@{}", e.user, e.site)
+    };
+    let time = utc_text(e.at).replace(' ', "T") + "Z";
+    let mut entities: Vec<serde_json::Value> = e
+        .patients
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "what": { "identifier": { "value": p } },
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "1",
+                    "display": "Person"
+                },
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "1",
+                    "display": "Patient"
+                }
+            })
+        })
+        .collect();
+    entities.extend(e.relations.iter().map(|r| {
+        serde_json::json!({
+            "what": { "display": r },
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "2",
+                "display": "System Object"
+            }
+        })
+    }));
+    let mut event = serde_json::json!({
+        "resourceType": "AuditEvent",
+        "id": e.id.to_string(),
+        "type": {
+            "system": "http://dicom.nema.org/resources/ontology/DCM",
+            "code": code,
+            "display": display
+        },
+        "subtype": [{ "system": "urn:snaps:audit-action", "code": e.action }],
+        "action": action,
+        "recorded": time,
+        "outcome": if refused { "4" } else { "0" },
+        "agent": [{
+            "who": { "display": who },
+            "name": e.user,
+            "requestor": true
+        }],
+        "source": { "observer": { "display": "SNAPS global snapshot controller" } },
+        "entity": entities
+    });
+    if !e.detail.is_empty() {
+        event["outcomeDesc"] = serde_json::Value::String(e.detail.clone());
+    }
+    event
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_records_read_as_fhir_audit_events() {
+        let e = v1::AuditEntry {
+            id: 7,
+            at: 86_400,
+            site: "STG".into(),
+            user: "clerk".into(),
+            action: "fetch-denied".into(),
+            relations: vec!["patient".into()],
+            tuples: 0,
+            patients: vec!["1000146".into()],
+            detail: "access denied".into(),
+        };
+        let ev = fhir_audit_event(&e);
+        assert_eq!(ev["resourceType"], "AuditEvent");
+        assert_eq!(ev["type"]["code"], "110106");
+        assert_eq!(ev["recorded"], "1970-01-02T00:00:00Z");
+        assert_eq!(ev["outcome"], "4", "a refusal is a minor failure");
+        assert_eq!(ev["agent"][0]["who"]["display"], "clerk@STG");
+        assert_eq!(ev["entity"][0]["what"]["identifier"]["value"], "1000146");
+        assert_eq!(ev["entity"][1]["what"]["display"], "patient");
+        assert_eq!(ev["outcomeDesc"], "access denied");
+    }
 
     #[test]
     fn times_read_and_print_in_utc() {

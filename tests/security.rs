@@ -373,6 +373,80 @@ async fn access_rules_refuse_by_relation_site_and_user_and_every_read_and_lock_i
     assert!(err.contains("--since \"yesterday\""), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_trail_is_hash_chained_verified_and_read_as_fhir() {
+    let net = setup(10).await;
+    let global = net.global.as_ref().unwrap();
+    let p1 = patients(&net, "CPH")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    one(&mut stg, &format!("SELECT surname FROM patient WHERE pno = {p1}")).await;
+    let token = net.dir.path().join("admin.token");
+    std::fs::write(&token, &global.admin).unwrap();
+    let (addr, token) = (global.addr.clone(), token.to_str().unwrap().to_string());
+    let cli = move |args: &'static str| {
+        let (addr, token) = (addr.clone(), token.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_snaps"))
+                .args(args.split_whitespace())
+                .args(["--global", &addr, "--insecure", "--token-file", &token])
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        })
+    };
+    let (ok, out, err) = cli("audit --verify").await.unwrap();
+    assert!(ok, "{err}");
+    assert!(out.contains("the audit trail's hash chain holds"), "{out}");
+    assert!(out.contains(", 0 not chained yet"), "{out}");
+
+    // FHIR AuditEvents: the fetch is an export naming the patient.
+    let (ok, out, err) = cli("audit --fhir").await.unwrap();
+    assert!(ok, "{err}");
+    let bundle: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let events: Vec<&serde_json::Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .collect();
+    assert!(events.iter().all(|e| e["resourceType"] == "AuditEvent"));
+    let fetch = events
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "fetch" && e["agent"][0]["who"]["display"] == "radiology@STG")
+        .unwrap_or_else(|| panic!("no fetch by STG: {out}"));
+    assert_eq!(fetch["type"]["code"], "110106");
+    assert_eq!(fetch["outcome"], "0");
+    assert_eq!(fetch["entity"][0]["what"]["identifier"]["value"], p1.to_string());
+
+    // A record changed behind the controller's back is found, by number.
+    let store = rusqlite::Connection::open(&net.store).unwrap();
+    store.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    let id: i64 = store
+        .query_row(
+            "SELECT min(id) FROM snaps_audit WHERE action = 'fetch' AND site = 'STG'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    store
+        .execute_batch(&format!(
+            "DROP TRIGGER snaps_audit_no_update;
+             UPDATE snaps_audit SET patients = '' WHERE id = {id};"
+        ))
+        .unwrap();
+    let (ok, _, err) = cli("audit --verify").await.unwrap();
+    assert!(!ok, "a broken chain fails the command");
+    assert!(
+        err.contains(&format!("breaks at record {id} ")) && err.contains("is not what was chained"),
+        "{err}"
+    );
+}
+
 /// A writer that keeps what the global controller logs.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

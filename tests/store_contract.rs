@@ -20,7 +20,7 @@ use std::path::Path;
 use prost::Message;
 use snaps_global::query::FetchQuery;
 use snaps_global::store::{
-    Activity, AuditFilter, AuditRecord, ChangedPart, CommitSummary, ConflictRecord, EpochState,
+    Activity, AuditFilter, AuditRecord, AuditVerification, ChangedPart, CommitSummary, ConflictRecord, EpochState,
     FetchedTable, LoadBatch, LoadOutcome, LockOutcome, Phase, Refusal, Right, SiteId, Subject,
     SummaryRequest, TupleRef, TupleSel,
 };
@@ -107,6 +107,7 @@ contract!(
     // Access rules and the audit trail.
     access_rules_are_set_replaced_and_removed,
     the_audit_trail_is_filtered_oldest_first,
+    the_audit_trail_is_hash_chained_in_order,
     // Counters.
     activity_adds_up_in_status,
     status_counts_tuples_locks_owners_and_conflicts,
@@ -1456,6 +1457,107 @@ fn access_rules_are_set_replaced_and_removed(store: &dyn GlobalStore, _config: &
             ("revoke", "CLERK")
         ]
     );
+}
+
+/// `n` fetch records at CPH, one patient each.
+fn fetches(n: i64) -> Vec<AuditRecord> {
+    (0..n)
+        .map(|i| AuditRecord {
+            at: 2_000 + i,
+            site: "CPH".into(),
+            user: "RAD1".into(),
+            action: "fetch".into(),
+            relations: strings(&["patient"]),
+            tuples: 1,
+            patients: vec![(1_000_001 + i).to_string()],
+            ..AuditRecord::default()
+        })
+        .collect()
+}
+
+fn the_audit_trail_is_hash_chained_in_order(store: &dyn GlobalStore, _config: &GlobalConfig) {
+    let verdict = |chained, unchained| AuditVerification {
+        chained,
+        unchained,
+        broken: None,
+    };
+    store.append_audit(&fetches(5)).expect("append");
+    assert_eq!(store.verify_audit().expect("verify"), verdict(0, 5));
+    assert_eq!(store.seal_audit(3).expect("seal"), 3);
+    assert_eq!(store.verify_audit().expect("verify"), verdict(3, 2));
+    assert_eq!(store.seal_audit(500).expect("seal"), 2);
+    assert_eq!(store.seal_audit(500).expect("seal"), 0, "nothing twice");
+    store.append_audit(&fetches(1)).expect("append");
+    assert_eq!(store.seal_audit(500).expect("seal"), 1);
+    assert_eq!(store.verify_audit().expect("verify"), verdict(6, 0));
+}
+
+/// The second fetch record of the trail is changed, then the fourth
+/// removed, behind the store's back (`tamper` runs SQL on its database
+/// with the append-only triggers out of the way); each time the walk of
+/// the chain names the first record that no longer follows.
+fn a_changed_or_removed_record_breaks_the_chain(
+    store: &dyn GlobalStore,
+    tamper: &dyn Fn(&str),
+) {
+    store.append_audit(&fetches(6)).expect("append");
+    while store.seal_audit(2).expect("seal") > 0 {}
+    let ids: Vec<u64> = store
+        .audit(&AuditFilter::default())
+        .expect("audit")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    tamper(&format!("DELETE FROM snaps_audit WHERE id = {}", ids[3]));
+    let found = store.verify_audit().expect("verify");
+    let broken = found.broken.expect("a removed record is found");
+    assert_eq!((broken.seq, broken.id), (4, ids[3]), "{broken:?}");
+    assert!(broken.reason.contains("was removed"), "{broken:?}");
+    assert_eq!(found.chained, 3);
+    tamper(&format!(
+        "UPDATE snaps_audit SET patients = ',1000999,' WHERE id = {}",
+        ids[1]
+    ));
+    let broken = store.verify_audit().expect("verify").broken.expect("a change is found");
+    assert_eq!((broken.seq, broken.id), (2, ids[1]), "{broken:?}");
+    assert!(broken.reason.contains("is not what was chained"), "{broken:?}");
+}
+
+#[test]
+fn a_changed_or_removed_record_breaks_the_chain_on_sqlite() {
+    let (config, _d) = config();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("global.db");
+    let store = SqliteStore::open(&path, &config).expect("SQLite store");
+    a_changed_or_removed_record_breaks_the_chain(&store, &|sql| {
+        let conn = rusqlite::Connection::open(&path).expect("the store file");
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS snaps_audit_no_update;
+             DROP TRIGGER IF EXISTS snaps_audit_no_delete; {sql};"
+        ))
+        .expect("tamper");
+    });
+}
+
+#[test]
+fn a_changed_or_removed_record_breaks_the_chain_on_postgres() {
+    use snaps_global::db::Db;
+    let (config, _d) = config();
+    let url = snaps::pg_server::PgServer::shared()
+        .expect("PostgreSQL server for the tests")
+        .create_database("contract_tamper")
+        .expect("test database");
+    let store = PgStore::connect(&url, &config).expect("PostgreSQL store");
+    let db = snaps_global::db::postgres::PgDb::connect(&url).expect("a connection");
+    a_changed_or_removed_record_breaks_the_chain(&store, &|sql| {
+        db.transaction(&mut |tx| {
+            tx.batch(&format!(
+                "ALTER TABLE snaps_audit DISABLE TRIGGER USER; {sql};
+                 ALTER TABLE snaps_audit ENABLE TRIGGER USER;"
+            ))
+        })
+        .expect("tamper");
+    });
 }
 
 fn the_audit_trail_is_filtered_oldest_first(store: &dyn GlobalStore, _config: &GlobalConfig) {

@@ -192,6 +192,31 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// The chain's hash through this record: SHA-256 of the previous
+    /// record's hash (hex; empty before the first) and of every field of
+    /// this one with its place in the chain, each field length-prefixed so
+    /// no two records read alike. Hex.
+    pub fn chained_hash(&self, seq: u64, previous: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        field(previous.as_bytes());
+        field(&seq.to_le_bytes());
+        field(&self.id.to_le_bytes());
+        field(&self.at.to_le_bytes());
+        field(self.site.as_bytes());
+        field(self.user.as_bytes());
+        field(self.action.as_bytes());
+        field(self.relations.join(",").as_bytes());
+        field(&self.tuples.to_le_bytes());
+        field(self.patients.join(",").as_bytes());
+        field(self.detail.as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// A record of `action` by `user` at `site`, now.
     pub fn new(site: &str, user: &str, action: &str) -> AuditRecord {
         AuditRecord {

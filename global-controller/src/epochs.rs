@@ -534,6 +534,14 @@ impl Coordinator {
                 tracing::warn!(error = %e, "recording the subscribed sites failed");
                 continue;
             }
+            // The audit records appended since the last tick join the
+            // hash chain (a long trail from an older store, a batch a tick).
+            if let Err(e) = self
+                .blocking(|s| s.seal_audit(crate::service::SEAL_BATCH))
+                .await
+            {
+                tracing::warn!(error = %e, "chaining the audit trail failed");
+            }
             // While this controller runs an epoch, it announces it itself.
             let Ok(idle) = self.running.try_lock() else {
                 continue;

@@ -408,6 +408,13 @@ pub trait GlobalStore: Send + Sync {
     /// Reads the audit trail, oldest first.
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>>;
 
+    /// Adds up to `limit` records not chained yet to the trail's hash
+    /// chain, oldest first; how many.
+    fn seal_audit(&self, limit: usize) -> Result<u64>;
+
+    /// Walks the trail's hash chain from its first link.
+    fn verify_audit(&self) -> Result<AuditVerification>;
+
     /// Keeps the encoded bodies of join groups under the names `site` gave
     /// them (replacing a body kept under the same name).
     fn remember_groups(&self, site: &SiteId, groups: &[(u64, Vec<u8>)]) -> Result<()>;
@@ -462,6 +469,29 @@ pub trait GlobalStore: Send + Sync {
         spec: &IdentitySpec,
         key: &Value,
     ) -> Result<Option<(IdentityRecord, Vec<IdentityRecord>)>>;
+}
+
+/// What a walk of the audit trail's hash chain found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditVerification {
+    /// Records whose link follows from the one before, up to the first
+    /// break.
+    pub chained: u64,
+    /// Records not chained yet (appended since the last seal).
+    pub unchained: u64,
+    /// The first break.
+    pub broken: Option<BrokenRecord>,
+}
+
+/// Where the audit trail's hash chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenRecord {
+    /// The link's place in the chain (from 1).
+    pub seq: u64,
+    /// The record's number.
+    pub id: u64,
+    /// What is wrong.
+    pub reason: String,
 }
 
 /// One record of the relation of people, for matching.

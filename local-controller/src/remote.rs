@@ -537,6 +537,22 @@ impl GlobalClient {
             .entries)
     }
 
+    /// Chains every audit record appended so far and walks the trail's
+    /// hash chain (administrator).
+    pub async fn audit_verify(&self) -> Result<v1::AuditVerification> {
+        let req = v1::AuditRequest {
+            verify: true,
+            ..Default::default()
+        };
+        self.client
+            .clone()
+            .audit(req)
+            .await?
+            .into_inner()
+            .verification
+            .ok_or_else(|| Error::Invalid("the global controller did not verify the audit trail".into()))
+    }
+
     /// The key conflicts awaiting an administrator.
     pub async fn conflicts(&self) -> Result<Vec<v1::ConflictEntry>> {
         Ok(self
