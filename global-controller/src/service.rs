@@ -238,29 +238,31 @@ impl Service {
             })
             .collect();
         let s = site.clone();
-        let mut record = AuditRecord::new(&site.code, user, action);
-        record.relations = relations;
+        let mut base = AuditRecord::new(&site.code, user, action);
+        base.relations = relations;
         let tables = self
             .blocking(move |store| {
-                let tables = store.fetch(&s, &query)?;
-                let mut patients = std::collections::BTreeSet::new();
-                for t in &tables {
-                    record.tuples += t.len() as u64;
-                    let columns = &patient_columns[t.group][t.table];
-                    for (part, column) in t.parts.iter().zip(columns) {
-                        let Some(c) = column else { continue };
-                        for row in &part.rows {
-                            if let Some(v) = row.get(*c).filter(|v| !v.is_null()) {
-                                patients.insert(v.to_string());
+                // Nothing leaves unrecorded: the record is appended in the
+                // fetch's own transaction, so an audit that cannot be
+                // written fails the fetch.
+                store.fetch_audited(&s, &query, &mut |tables| {
+                    let mut record = base.clone();
+                    let mut patients = std::collections::BTreeSet::new();
+                    for t in tables {
+                        record.tuples += t.len() as u64;
+                        let columns = &patient_columns[t.group][t.table];
+                        for (part, column) in t.parts.iter().zip(columns) {
+                            let Some(c) = column else { continue };
+                            for row in &part.rows {
+                                if let Some(v) = row.get(*c).filter(|v| !v.is_null()) {
+                                    patients.insert(v.to_string());
+                                }
                             }
                         }
                     }
-                }
-                record.patients = patients.into_iter().collect();
-                // Nothing leaves unrecorded: an audit that cannot be written
-                // fails the fetch.
-                store.append_audit(&[record])?;
-                Ok(tables)
+                    record.patients = patients.into_iter().collect();
+                    record
+                })
             })
             .await?;
         let mut out = Vec::new();
@@ -821,13 +823,14 @@ impl GlobalSnapshot for Service {
             .join("; ");
         let outcome = self
             .blocking(move |store| {
-                let outcome = store.lock(&s, &tuples)?;
-                if let LockOutcome::Refused { tuple, holder, .. } = &outcome {
-                    record.action = "lock-refused".into();
-                    record.detail = format!("{tuple} (held by or belonging to site {holder})");
-                }
-                store.append_audit(&[record])?;
-                Ok(outcome)
+                store.lock_audited(&s, &tuples, &mut |outcome| {
+                    let mut r = record.clone();
+                    if let LockOutcome::Refused { tuple, holder, .. } = outcome {
+                        r.action = "lock-refused".into();
+                        r.detail = format!("{tuple} (held by or belonging to site {holder})");
+                    }
+                    r
+                })
             })
             .await?;
         let granted = outcome == LockOutcome::Granted;

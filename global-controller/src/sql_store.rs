@@ -589,6 +589,52 @@ fn read_status(tx: &mut dyn Tx, catalog: &Catalog, site: &SiteId, t: &TupleRef) 
 }
 
 impl<D: Db> SqlStore<D> {
+    /// A lock request in `tx`: every tuple checked before any is locked.
+    fn lock_in(&self, tx: &mut dyn Tx, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome> {
+        if tuples.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a lock request names no tuples".into(),
+            ));
+        }
+        let me = i64::from(site.number.0);
+        let mut to_lock = Vec::new();
+        for t in tuples {
+            let s = read_status(tx, &self.catalog, site, t)?;
+            if self.mode(&t.relation) == RelationMode::ReadOnly {
+                if s.owner != me {
+                    return Ok(LockOutcome::Refused {
+                        tuple: t.clone(),
+                        reason: Refusal::ReadOnly,
+                        holder: self.code(s.owner),
+                    });
+                }
+                // The owner changes its own tuples of a read-only
+                // relation without a lock: nothing to record.
+                continue;
+            }
+            match (s.rights, s.lock_site) {
+                (GlobalRights::Locked, Some(holder)) if holder != me => {
+                    return Ok(LockOutcome::Refused {
+                        tuple: t.clone(),
+                        reason: Refusal::Locked,
+                        holder: self.code(holder),
+                    });
+                }
+                _ => to_lock.push((t.relation.clone(), s.tuple_id)),
+            }
+        }
+        for (relation, id) in &to_lock {
+            tx.execute(
+                &format!(
+                    "UPDATE {} SET snaps_rights = ?1, snaps_lock_site = ?2 WHERE tuple_id = ?3",
+                    sql_ident(relation)
+                ),
+                &[GlobalRights::Locked.code().into(), me.into(), (*id).into()],
+            )?;
+        }
+        Ok(LockOutcome::Granted)
+    }
+
     /// Fills the temporary table of a semi-join projection.
     fn fill_temp(
         &self,
@@ -840,49 +886,32 @@ impl<D: Db> GlobalStore for SqlStore<D> {
     }
 
     fn lock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome> {
-        if tuples.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a lock request names no tuples".into(),
-            ));
-        }
-        let me = i64::from(site.number.0);
+        self.tx(|tx| self.lock_in(tx, site, tuples))
+    }
+
+    fn lock_audited(
+        &self,
+        site: &SiteId,
+        tuples: &[TupleRef],
+        audit: &mut dyn FnMut(&LockOutcome) -> AuditRecord,
+    ) -> Result<LockOutcome> {
         self.tx(|tx| {
-            let mut to_lock = Vec::new();
-            for t in tuples {
-                let s = read_status(tx, &self.catalog, site, t)?;
-                if self.mode(&t.relation) == RelationMode::ReadOnly {
-                    if s.owner != me {
-                        return Ok(LockOutcome::Refused {
-                            tuple: t.clone(),
-                            reason: Refusal::ReadOnly,
-                            holder: self.code(s.owner),
-                        });
-                    }
-                    // The owner changes its own tuples of a read-only
-                    // relation without a lock: nothing to record.
-                    continue;
-                }
-                match (s.rights, s.lock_site) {
-                    (GlobalRights::Locked, Some(holder)) if holder != me => {
-                        return Ok(LockOutcome::Refused {
-                            tuple: t.clone(),
-                            reason: Refusal::Locked,
-                            holder: self.code(holder),
-                        });
-                    }
-                    _ => to_lock.push((t.relation.clone(), s.tuple_id)),
-                }
-            }
-            for (relation, id) in &to_lock {
-                tx.execute(
-                    &format!(
-                        "UPDATE {} SET snaps_rights = ?1, snaps_lock_site = ?2 WHERE tuple_id = ?3",
-                        sql_ident(relation)
-                    ),
-                    &[GlobalRights::Locked.code().into(), me.into(), (*id).into()],
-                )?;
-            }
-            Ok(LockOutcome::Granted)
+            let outcome = self.lock_in(tx, site, tuples)?;
+            audit::insert(tx, &audit(&outcome))?;
+            Ok(outcome)
+        })
+    }
+
+    fn fetch_audited(
+        &self,
+        site: &SiteId,
+        q: &FetchQuery,
+        audit: &mut dyn FnMut(&[FetchedTable]) -> AuditRecord,
+    ) -> Result<Vec<FetchedTable>> {
+        self.tx(|tx| {
+            let tables = self.fetch_in(tx, site, q)?;
+            audit::insert(tx, &audit(&tables))?;
+            Ok(tables)
         })
     }
 

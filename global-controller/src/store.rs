@@ -326,6 +326,25 @@ pub trait GlobalStore: Send + Sync {
     /// Grants the primary-copy locks on all the tuples or on none.
     fn lock(&self, site: &SiteId, tuples: &[TupleRef]) -> Result<LockOutcome>;
 
+    /// [`GlobalStore::lock`], with the audit record `audit` makes of the
+    /// outcome appended in the same transaction (one commit).
+    fn lock_audited(
+        &self,
+        site: &SiteId,
+        tuples: &[TupleRef],
+        audit: &mut dyn FnMut(&LockOutcome) -> AuditRecord,
+    ) -> Result<LockOutcome>;
+
+    /// [`GlobalStore::fetch`], with the audit record `audit` makes of what
+    /// it returns appended in the same transaction: nothing leaves
+    /// unrecorded, and a fetch costs one commit.
+    fn fetch_audited(
+        &self,
+        site: &SiteId,
+        query: &FetchQuery,
+        audit: &mut dyn FnMut(&[FetchedTable]) -> AuditRecord,
+    ) -> Result<Vec<FetchedTable>>;
+
     /// The owner (site code) of a tuple of `relation` with each of `keys`
     /// (values of `attributes`, the relation's key), `None` where no tuple
     /// has the key.
