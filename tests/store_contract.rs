@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use prost::Message;
 use snaps_global::query::FetchQuery;
@@ -2094,4 +2095,255 @@ fn a_postgres_store_over_tls_trusts_only_its_ca() {
         .expect("refused")
         .to_string();
     assert!(err.contains("cannot be reached"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// I/O errors at every Nth write
+// ---------------------------------------------------------------------------
+
+/// When the next writes of a [`Faulty`] database fail: from the `n`-th one
+/// counted after arming.
+#[derive(Default)]
+struct Fault {
+    armed: std::sync::atomic::AtomicBool,
+    left: std::sync::atomic::AtomicU64,
+    hit: std::sync::atomic::AtomicBool,
+}
+
+/// A database whose `n`-th write fails as a disk error would (SQLite's
+/// `SQLITE_IOERR_WRITE`), and every write after it in that transaction;
+/// reads are untouched. The store sees what it would see of a failing disk.
+struct Faulty<D: snaps_global::db::Db> {
+    inner: D,
+    fault: Arc<Fault>,
+}
+
+struct FaultyTx<'a> {
+    inner: &'a mut dyn snaps_global::db::Tx,
+    fault: &'a Fault,
+}
+
+impl FaultyTx<'_> {
+    fn write(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.fault.armed.load(SeqCst) {
+            return Ok(());
+        }
+        if self.fault.hit.load(SeqCst) || self.fault.left.fetch_sub(1, SeqCst) <= 1 {
+            self.fault.hit.store(true, SeqCst);
+            return Err(Error::Storage(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_WRITE),
+                Some("disk I/O error (injected)".into()),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a statement run for rows writes (`INSERT ... RETURNING`).
+fn writes(sql: &str) -> bool {
+    let head = sql.trim_start().to_ascii_uppercase();
+    ["INSERT", "UPDATE", "DELETE", "WITH", "CREATE", "DROP", "ALTER"]
+        .iter()
+        .any(|w| head.starts_with(w))
+}
+
+impl snaps_global::db::Tx for FaultyTx<'_> {
+    fn dialect(&self) -> snaps_global::db::Dialect {
+        self.inner.dialect()
+    }
+    fn query(
+        &mut self,
+        sql: &str,
+        params: &[snaps_global::db::Cell],
+    ) -> Result<Vec<snaps_global::db::Row>, Error> {
+        if writes(sql) {
+            self.write()?;
+        }
+        self.inner.query(sql, params)
+    }
+    fn execute(&mut self, sql: &str, params: &[snaps_global::db::Cell]) -> Result<u64, Error> {
+        self.write()?;
+        self.inner.execute(sql, params)
+    }
+    fn batch(&mut self, sql: &str) -> Result<(), Error> {
+        self.write()?;
+        self.inner.batch(sql)
+    }
+}
+
+impl<D: snaps_global::db::Db> snaps_global::db::Db for Faulty<D> {
+    fn dialect(&self) -> snaps_global::db::Dialect {
+        self.inner.dialect()
+    }
+    fn transaction<T>(
+        &self,
+        f: &mut dyn FnMut(&mut dyn snaps_global::db::Tx) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let fault = &self.fault;
+        self.inner.transaction(&mut |tx| {
+            let mut faulty = FaultyTx { inner: tx, fault };
+            f(&mut faulty)
+        })
+    }
+}
+
+/// Every table of the SQLite store file, row for row, without the columns
+/// that hold the time of day.
+fn dump(path: &Path) -> BTreeMap<String, Vec<String>> {
+    const TIMES: [&str; 9] = [
+        "at", "set_at", "recorded_at", "seen_at", "opened_at", "committed_at", "closed_at",
+        "pushed_at", "expires_at",
+    ];
+    let conn = rusqlite::Connection::open(path).expect("the store file");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("tables");
+    tables
+        .into_iter()
+        .map(|t| {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).expect("select");
+            let keep: Vec<usize> = (0..stmt.column_count())
+                .filter(|&i| !TIMES.contains(&stmt.column_name(i).unwrap_or("")))
+                .collect();
+            let mut rows: Vec<String> = stmt
+                .query_map([], |r| {
+                    Ok(keep
+                        .iter()
+                        .map(|&i| format!("{:?}", r.get_ref(i).map(|v| v.to_owned())))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .and_then(|rows| rows.collect())
+                .expect("rows");
+            rows.sort();
+            (t, rows)
+        })
+        .collect()
+}
+
+/// Runs `op` on a store built afresh by `setup` for every N = 1, 2, …,
+/// with the store's N-th write of `op` failing, until `op` completes
+/// without reaching it. After each failure the store reads exactly as
+/// before `op`, and `op` run again without the fault completes and leaves
+/// the store as a run that never failed does. Returns the writes `op`
+/// makes.
+fn at_every_write(
+    setup: &dyn Fn(&dyn GlobalStore, &GlobalConfig),
+    op: &dyn Fn(&dyn GlobalStore, &GlobalConfig) -> Result<(), Error>,
+) -> u64 {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (config, _d) = config();
+    let fresh = || {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("global.db");
+        let fault = Arc::new(Fault::default());
+        let db = Faulty {
+            inner: snaps_global::db::sqlite::SqliteDb::open(&path).expect("file"),
+            fault: fault.clone(),
+        };
+        let store = snaps_global::sql_store::SqlStore::on(db, &config).expect("store");
+        setup(&store, &config);
+        (dir, path, store, fault)
+    };
+    let (_keep, reference_path, reference, _) = fresh();
+    let untouched = dump(&reference_path);
+    op(&reference, &config).expect("the operation without faults");
+    let expected = dump(&reference_path);
+    assert_ne!(expected, untouched, "the operation changes the store");
+    for n in 1.. {
+        let (_keep, path, store, fault) = fresh();
+        let before = dump(&path);
+        fault.left.store(n, SeqCst);
+        fault.armed.store(true, SeqCst);
+        let outcome = op(&store, &config);
+        fault.armed.store(false, SeqCst);
+        if !fault.hit.load(SeqCst) {
+            outcome.unwrap_or_else(|e| panic!("write {n} did not fail, yet: {e}"));
+            assert_eq!(dump(&path), expected, "no fault reached at write {n}");
+            return n - 1;
+        }
+        let e = outcome.expect_err("the operation hit a failing write and reported it");
+        assert!(e.to_string().contains("disk I/O error"), "write {n}: {e}");
+        assert_eq!(dump(&path), before, "write {n} failed: nothing of the operation is kept");
+        op(&store, &config).unwrap_or_else(|e| panic!("run again after write {n} failed: {e}"));
+        assert_eq!(dump(&path), expected, "run again after write {n} failed");
+    }
+    unreachable!()
+}
+
+#[test]
+fn an_io_error_at_any_write_of_a_load_keeps_nothing_and_the_load_runs_again() {
+    let writes = at_every_write(
+        &|store, config| {
+            load_patients(store, config, "CPH", &[(1, CPH_P1, "Smith")]);
+        },
+        &|store, config| {
+            let batch = decode(
+                config,
+                &wire_patients(&[(1, STG_P1, "Brown"), (2, 10_000_002, "Jones"), (3, CPH_P1, "Taken")]),
+            );
+            store.load(&site(config, "STG"), &batch).map(|_| ())
+        },
+    );
+    assert!(writes >= 2, "{writes} writes");
+}
+
+#[test]
+fn an_io_error_at_any_write_of_a_lock_keeps_nothing_and_the_lock_runs_again() {
+    let setup = |store: &dyn GlobalStore, config: &GlobalConfig| {
+        load_patients(
+            store,
+            config,
+            "CPH",
+            &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones"), (3, CPH_P3, "Brown")],
+        );
+        fetch(store, config, "STG", &all_patients());
+    };
+    let writes = at_every_write(&setup, &|store, config| {
+        // Tuple ids follow the load: 1, 2, 3.
+        let tuples = [patient(1), patient(2), patient(3)];
+        let outcome = store.lock_audited(&site(config, "STG"), &tuples, &mut |_| {
+            AuditRecord::new("STG", "RAD1", "lock")
+        })?;
+        assert_eq!(outcome, LockOutcome::Granted);
+        Ok(())
+    });
+    assert!(writes >= 4, "three locks and the audit record: {writes} writes");
+}
+
+#[test]
+fn an_io_error_at_any_write_of_a_fetch_sends_nothing_and_the_fetch_runs_again() {
+    let writes = at_every_write(
+        &|store, config| {
+            load_patients(store, config, "CPH", &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")]);
+        },
+        &|store, config| {
+            let q = FetchQuery::decode(&all_patients(), &config.catalog).expect("a valid fetch");
+            let tables = store.fetch_audited(&site(config, "STG"), &q, &mut |_| {
+                AuditRecord::new("STG", "RAD1", "fetch")
+            })?;
+            assert_eq!(keys(&flatten(&tables)), [CPH_P1, CPH_P2]);
+            Ok(())
+        },
+    );
+    assert!(writes >= 2, "the sent-to bits and the audit record: {writes} writes");
+}
+
+#[test]
+fn an_io_error_at_any_write_of_an_audit_append_keeps_none_of_it() {
+    let writes = at_every_write(&|_, _| {}, &|store, _| store.append_audit(&fetches(4)));
+    assert_eq!(writes, 4);
+}
+
+#[test]
+fn an_io_error_at_any_write_of_an_epoch_commit_keeps_nothing_and_the_commit_runs_again() {
+    let writes = at_every_write(
+        &|store, config| {
+            pushes_of_epoch_one(store, config);
+        },
+        &|store, _| store.commit_epoch(1).map(|_| ()),
+    );
+    assert!(writes >= 5, "{writes} writes");
 }
