@@ -2108,6 +2108,8 @@ struct Fault {
     armed: std::sync::atomic::AtomicBool,
     left: std::sync::atomic::AtomicU64,
     hit: std::sync::atomic::AtomicBool,
+    /// SQL the next transaction runs first (a pragma of the connection).
+    first: std::sync::Mutex<Option<String>>,
 }
 
 /// A database whose `n`-th write fails as a disk error would (SQLite's
@@ -2181,6 +2183,9 @@ impl<D: snaps_global::db::Db> snaps_global::db::Db for Faulty<D> {
         f: &mut dyn FnMut(&mut dyn snaps_global::db::Tx) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let fault = &self.fault;
+        if let Some(sql) = fault.first.lock().expect("fault").take() {
+            self.inner.transaction(&mut |tx| tx.batch(&sql))?;
+        }
         self.inner.transaction(&mut |tx| {
             let mut faulty = FaultyTx { inner: tx, fault };
             f(&mut faulty)
@@ -2346,4 +2351,38 @@ fn an_io_error_at_any_write_of_an_epoch_commit_keeps_nothing_and_the_commit_runs
         &|store, _| store.commit_epoch(1).map(|_| ()),
     );
     assert!(writes >= 5, "{writes} writes");
+}
+
+#[test]
+fn a_full_disk_refuses_a_load_clearly_keeps_what_was_there_and_the_load_completes_later() {
+    let (config, _d) = config();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("global.db");
+    let fault = Arc::new(Fault::default());
+    let db = Faulty {
+        inner: snaps_global::db::sqlite::SqliteDb::open(&path).expect("file"),
+        fault: fault.clone(),
+    };
+    let store = snaps_global::sql_store::SqlStore::on(db, &config).expect("store");
+    load_patients(&store, &config, "CPH", &[(1, CPH_P1, "Smith")]);
+    let before = dump(&path);
+    // The file may grow by two pages: a load of 2,000 patients needs more.
+    let pages: i64 = rusqlite::Connection::open(&path)
+        .and_then(|c| c.query_row("PRAGMA page_count", [], |r| r.get(0)))
+        .expect("page count");
+    *fault.first.lock().expect("fault") = Some(format!("PRAGMA max_page_count = {}", pages + 2));
+    let many: Vec<(u64, i64, String)> = (0..2000)
+        .map(|i| (i + 1, 10_000_001 + i as i64, format!("Patient-{i:04}-Surname")))
+        .collect();
+    let rows: Vec<(u64, i64, &str)> = many.iter().map(|(o, p, s)| (*o, *p, s.as_str())).collect();
+    let batch = decode(&config, &wire_patients(&rows));
+    let e = store
+        .load(&site(&config, "STG"), &batch)
+        .expect_err("the disk is full");
+    assert!(e.to_string().contains("full"), "{e}");
+    assert_eq!(dump(&path), before, "nothing lost, nothing half-written");
+    *fault.first.lock().expect("fault") = Some("PRAGMA max_page_count = 1073741823".into());
+    let loaded = store.load(&site(&config, "STG"), &batch).expect("room again");
+    assert_eq!(loaded.loaded, 2000);
+    assert_eq!(counts(&store, "patient").0, 2001);
 }
