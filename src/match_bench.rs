@@ -108,7 +108,10 @@ impl fmt::Display for MatchBenchReport {
             self.varied_pairs
         )?;
         writeln!(f)?;
-        writeln!(f, "| decided by | pairs called | right | precision | recall |")?;
+        writeln!(
+            f,
+            "| decided by | pairs called | right | precision | recall |"
+        )?;
         writeln!(f, "|---|---:|---:|---:|---:|")?;
         for q in self
             .grades
@@ -141,13 +144,21 @@ impl fmt::Display for MatchBenchReport {
             writeln!(
                 f,
                 "* {} — `certain` has precision ≥ 0.99: {:.4}",
-                if c.precision() >= 0.99 { "reached" } else { "not reached" },
+                if c.precision() >= 0.99 {
+                    "reached"
+                } else {
+                    "not reached"
+                },
                 c.precision()
             )?;
             writeln!(
                 f,
                 "* {} — `probable` or better recalls ≥ 0.95 of true pairs: {:.4}",
-                if p.recall() >= 0.95 { "reached" } else { "not reached" },
+                if p.recall() >= 0.95 {
+                    "reached"
+                } else {
+                    "not reached"
+                },
                 p.recall()
             )?;
         }
@@ -214,7 +225,9 @@ pub async fn bench_match(opts: &MatchBenchOptions) -> Result<MatchBenchReport> {
             .relation("patient")
             .context("the sites have no patient relation")?;
         for row in &d.rows["patient"] {
-            let Some(Value::Int(pno)) = row.first() else { continue };
+            let Some(Value::Int(pno)) = row.first() else {
+                continue;
+            };
             let record = (code.to_string(), *pno);
             registered.insert(record.clone(), details(row, rel));
             if let Some(person) = d.person_of.get(pno) {
@@ -275,8 +288,11 @@ pub async fn bench_match(opts: &MatchBenchOptions) -> Result<MatchBenchReport> {
     let grades = order
         .iter()
         .map(|g| {
-            let called: BTreeSet<&Pair> =
-                graded.iter().filter(|(_, x)| x == g).map(|(p, _)| p).collect();
+            let called: BTreeSet<&Pair> = graded
+                .iter()
+                .filter(|(_, x)| x == g)
+                .map(|(p, _)| p)
+                .collect();
             quality(format!("`{g}`"), &called)
         })
         .collect();

@@ -13,7 +13,9 @@ use snaps_schema::Value;
 async fn matches(c: &Client, pno: i64) -> Vec<(String, i64, String, f64)> {
     c.client
         .query(
-            &format!("SELECT site, pno, grade, score FROM snaps_match({pno}) ORDER BY score DESC, site"),
+            &format!(
+                "SELECT site, pno, grade, score FROM snaps_match({pno}) ORDER BY score DESC, site"
+            ),
             &[],
         )
         .await
@@ -43,7 +45,12 @@ fn text(v: &Value) -> String {
 async fn a_patient_registered_again_elsewhere_is_found_and_graded() {
     let net = setup(30).await;
     let p = cph_woman(&net);
-    let (pno, surname, first, dob) = (common::int(&p[0]), text(&p[3]), text(&p[4]), common::int(&p[5]));
+    let (pno, surname, first, dob) = (
+        common::int(&p[0]),
+        text(&p[3]),
+        text(&p[4]),
+        common::int(&p[5]),
+    );
     let first_given = first.split(' ').next().unwrap().to_string();
     let (y, m, d) = (dob / 10_000, dob / 100 % 100, dob % 100);
     // STG registers her again as it happens at a front desk: the same
@@ -64,7 +71,11 @@ async fn a_patient_registered_again_elsewhere_is_found_and_graded() {
         ),
     )
     .await;
-    let near = if d < 28 { y * 10_000 + m * 100 + d + 1 } else { y * 10_000 + m * 100 + d - 1 };
+    let near = if d < 28 {
+        y * 10_000 + m * 100 + d + 1
+    } else {
+        y * 10_000 + m * 100 + d - 1
+    };
     run(
         &mut grc,
         &format!(
@@ -94,12 +105,18 @@ async fn a_patient_registered_again_elsewhere_is_found_and_graded() {
     );
     // Asked the other way round, at STG, about its own record.
     let back = matches(&stg, stg_pno).await;
-    assert!(back.iter().any(|m| m.0 == "CPH" && m.1 == pno && m.2 == "certain"), "{back:?}");
+    assert!(
+        back.iter()
+            .any(|m| m.0 == "CPH" && m.1 == pno && m.2 == "certain"),
+        "{back:?}"
+    );
 
     // It is a table like any other: filtered, counted.
     let (rows, _) = run(
         &mut grc,
-        &format!("SELECT count(*) FROM snaps_match({pno}) WHERE grade = 'certain' AND site = 'STG'"),
+        &format!(
+            "SELECT count(*) FROM snaps_match({pno}) WHERE grade = 'certain' AND site = 'STG'"
+        ),
     )
     .await;
     assert_eq!(rows, [[Some("1".to_string())]]);
@@ -140,7 +157,10 @@ async fn refused_matches_say_why_and_change_nothing() {
 
     let (code, message) = refused(&cph, "SELECT * FROM snaps_match('Smith')").await;
     assert_eq!(code, "22023", "{message}");
-    assert!(message.contains("snaps_match takes one patient number"), "{message}");
+    assert!(
+        message.contains("snaps_match takes one patient number"),
+        "{message}"
+    );
 
     let (code, message) = refused(&cph, "SELECT * FROM snaps_match(999)").await;
     assert_eq!(code, "22023", "{message}");
@@ -164,9 +184,16 @@ async fn refused_matches_say_why_and_change_nothing() {
     let clerk = common::connect_as(net.sites["CPH"], "clerk").await;
     let (code, message) = refused(&clerk, &format!("SELECT * FROM snaps_match({pno})")).await;
     assert_eq!(code, "42501", "{message}");
-    assert!(message.contains("user clerk at site CPH may not read patient"), "{message}");
+    assert!(
+        message.contains("user clerk at site CPH may not read patient"),
+        "{message}"
+    );
     let trail = admin.audit(v1::AuditRequest::default()).await.unwrap();
-    assert!(trail.iter().any(|e| e.action == "match-denied" && e.user == "clerk"));
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "match-denied" && e.user == "clerk")
+    );
     // The refused statements left no table behind.
     let (rows, _) = run(
         &mut connect(net.sites["CPH"]).await,

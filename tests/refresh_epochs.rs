@@ -115,10 +115,33 @@ fn table(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
     rows
 }
 
+/// Every global tuple id by its place in its relation's order. Ids are
+/// unique and never reused, but PostgreSQL's sequences skip the ids a
+/// transaction took before it was run again after a conflict, so two runs
+/// that end alike may number their tuples apart; the order stays.
+fn id_ranks(net: &Net) -> BTreeMap<(String, i64), i64> {
+    let mut ranks = BTreeMap::new();
+    for r in net.network.global_catalog().unwrap().relations() {
+        let ids = common::global_query(
+            net,
+            &format!("SELECT tuple_id FROM \"{}\" ORDER BY tuple_id", r.name),
+        );
+        for (i, row) in ids.iter().enumerate() {
+            ranks.insert((r.name.clone(), row.int(0).unwrap()), i as i64 + 1);
+        }
+    }
+    ranks
+}
+
 /// Everything an epoch leaves behind: every site's shared relations (with
 /// their status), pins, pending deletes and snapshot bookkeeping; every
-/// global relation with its status columns.
+/// global relation with its status columns; global tuple ids by rank
+/// ([`id_ranks`]).
 fn end_state(net: &Net) -> BTreeMap<String, Vec<String>> {
+    let ranks = id_ranks(net);
+    // A tuple no longer in its relation (deleted, still held) keeps its id,
+    // negated.
+    let rank = |relation: &str, id: i64| *ranks.get(&(relation.to_string(), id)).unwrap_or(&-id);
     let mut out = BTreeMap::new();
     for code in SITES {
         let conn = rusqlite::Connection::open(net.dir.path().join(code).join("local.db")).unwrap();
@@ -130,12 +153,33 @@ fn end_state(net: &Net) -> BTreeMap<String, Vec<String>> {
                 table(&conn, &format!("SELECT *, rowid FROM \"{r}\"")),
             );
         }
-        for t in ["snaps_pinned", "snaps_deleted", "snaps_copy"] {
+        for t in ["snaps_pinned", "snaps_deleted"] {
             out.insert(
                 format!("{code}.{t}"),
                 table(&conn, &format!("SELECT * FROM {t}")),
             );
         }
+        let mut copies: Vec<String> = conn
+            .prepare(
+                "SELECT global_relation, tuple_id, relation, tuple_rowid, owner FROM snaps_copy",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                let g: String = r.get(0)?;
+                let id: i64 = r.get(1)?;
+                Ok(format!(
+                    "{g}|{}|{}|{}|{:?}",
+                    rank(&g, id),
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        copies.sort();
+        out.insert(format!("{code}.snaps_copy"), copies);
         out.insert(
             format!("{code}.snapshots"),
             table(
@@ -144,16 +188,36 @@ fn end_state(net: &Net) -> BTreeMap<String, Vec<String>> {
             ),
         );
     }
+    use snaps_global::db::Cell;
     for r in net.network.global_catalog().unwrap().relations() {
-        out.insert(
-            format!("global.{}", r.name),
-            common::global_table(net, &format!("SELECT * FROM \"{}\"", r.name)),
-        );
+        let mut rows: Vec<String> =
+            common::global_query(net, &format!("SELECT * FROM \"{}\"", r.name))
+                .into_iter()
+                .map(|mut row| {
+                    // tuple_id, then main_tuple_id after the attributes.
+                    let main = r.attributes.len() + 1;
+                    for i in [0, main] {
+                        if let Some(Cell::Int(id)) = row.0.get(i).cloned() {
+                            row.0[i] = Cell::Int(rank(&r.name, id));
+                        }
+                    }
+                    format!("{:?}", row.0)
+                })
+                .collect();
+        rows.sort();
+        out.insert(format!("global.{}", r.name), rows);
     }
-    out.insert(
-        "global.gone".into(),
-        common::global_table(net, "SELECT * FROM snaps_gone"),
-    );
+    let mut gone: Vec<String> =
+        common::global_query(net, "SELECT relation, tuple_id, sent_to FROM snaps_gone")
+            .into_iter()
+            .map(|row| {
+                let relation = row.text(0).unwrap();
+                let id = row.int(1).unwrap();
+                format!("{relation}|{id}|{:?}", row.0[2])
+            })
+            .collect();
+    gone.sort();
+    out.insert("global.gone".into(), gone);
     out
 }
 
@@ -245,7 +309,10 @@ async fn the_status_names_the_sites_an_epoch_would_wait_for() {
     // record of it has aged out), an epoch would not wait for it.
     net.participants.remove("STG").unwrap().abort();
     for _ in 0..200 {
-        if !subscribed_in_status(&net).await.contains(&"STG".to_string()) {
+        if !subscribed_in_status(&net)
+            .await
+            .contains(&"STG".to_string())
+        {
             let summary = net.refresh().await;
             assert!(
                 !summary.sites.contains(&"STG".to_string()),
@@ -292,7 +359,11 @@ async fn controller_killed_at_any_phase(on_postgres: bool) {
         net.restart_global(None).await;
         refresh.abort();
         settled(&net, 1).await;
-        assert_same_state(&end_state(&net), &expected, &format!("after a crash at {at:?}"));
+        assert_same_state(
+            &end_state(&net),
+            &expected,
+            &format!("after a crash at {at:?}"),
+        );
     }
 }
 
@@ -347,7 +418,11 @@ fn assert_same_state(
             differences.push(format!("{k}: missing {missing:?}, extra {extra:?}"));
         }
     }
-    assert!(differences.is_empty(), "{when}:\n{}", differences.join("\n"));
+    assert!(
+        differences.is_empty(),
+        "{when}:\n{}",
+        differences.join("\n")
+    );
 }
 
 /// Every table of the global store, row for row.
@@ -427,7 +502,11 @@ async fn a_site_stopped_at_any_step_finishes_the_epoch_as_if_it_had_not_been() {
         net.restart_site("STG", None).await;
         settled(&net, 1).await;
         refresh.await.unwrap();
-        assert_same_state(&end_state(&net), &expected, &format!("after STG stopped at {at:?}"));
+        assert_same_state(
+            &end_state(&net),
+            &expected,
+            &format!("after STG stopped at {at:?}"),
+        );
     }
 }
 

@@ -379,7 +379,11 @@ async fn the_audit_trail_is_hash_chained_verified_and_read_as_fhir() {
     let global = net.global.as_ref().unwrap();
     let p1 = patients(&net, "CPH")[0];
     let mut stg = connect(net.sites["STG"]).await;
-    one(&mut stg, &format!("SELECT surname FROM patient WHERE pno = {p1}")).await;
+    one(
+        &mut stg,
+        &format!("SELECT surname FROM patient WHERE pno = {p1}"),
+    )
+    .await;
     let token = net.dir.path().join("admin.token");
     std::fs::write(&token, &global.admin).unwrap();
     let (addr, token) = (global.addr.clone(), token.to_str().unwrap().to_string());
@@ -417,15 +421,22 @@ async fn the_audit_trail_is_hash_chained_verified_and_read_as_fhir() {
     assert!(events.iter().all(|e| e["resourceType"] == "AuditEvent"));
     let fetch = events
         .iter()
-        .find(|e| e["subtype"][0]["code"] == "fetch" && e["agent"][0]["who"]["display"] == "radiology@STG")
+        .find(|e| {
+            e["subtype"][0]["code"] == "fetch" && e["agent"][0]["who"]["display"] == "radiology@STG"
+        })
         .unwrap_or_else(|| panic!("no fetch by STG: {out}"));
     assert_eq!(fetch["type"]["code"], "110106");
     assert_eq!(fetch["outcome"], "0");
-    assert_eq!(fetch["entity"][0]["what"]["identifier"]["value"], p1.to_string());
+    assert_eq!(
+        fetch["entity"][0]["what"]["identifier"]["value"],
+        p1.to_string()
+    );
 
     // A record changed behind the controller's back is found, by number.
     let store = rusqlite::Connection::open(&net.store).unwrap();
-    store.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    store
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
     let id: i64 = store
         .query_row(
             "SELECT min(id) FROM snaps_audit WHERE action = 'fetch' AND site = 'STG'",

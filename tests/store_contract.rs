@@ -21,9 +21,9 @@ use std::sync::Arc;
 use prost::Message;
 use snaps_global::query::FetchQuery;
 use snaps_global::store::{
-    Activity, AuditFilter, AuditRecord, AuditVerification, ChangedPart, CommitSummary, ConflictRecord, EpochState,
-    FetchedTable, LoadBatch, LoadOutcome, LockOutcome, Phase, Refusal, Right, SiteId, Subject,
-    SummaryRequest, TupleRef, TupleSel,
+    Activity, AuditFilter, AuditRecord, AuditVerification, ChangedPart, CommitSummary,
+    ConflictRecord, EpochState, FetchedTable, LoadBatch, LoadOutcome, LockOutcome, Phase, Refusal,
+    Right, SiteId, Subject, SummaryRequest, TupleRef, TupleSel,
 };
 use snaps_global::{Error, GlobalConfig, GlobalStore, PgStore, SqliteStore};
 use snaps_mapping::ir::{BinOp, ColumnRef, Expr};
@@ -872,7 +872,9 @@ fn identity_candidates_share_a_blocking_key(store: &dyn GlobalStore, config: &Gl
     keys.sort_unstable();
     assert_eq!(
         keys,
-        [STG_P1, 10_000_002, 10_000_003, 10_000_004, 10_000_005, 10_000_006]
+        [
+            STG_P1, 10_000_002, 10_000_003, 10_000_004, 10_000_005, 10_000_006
+        ]
     );
     assert!(found.iter().all(|c| c.owner == SiteNo(2)));
     assert_eq!(
@@ -1497,10 +1499,7 @@ fn the_audit_trail_is_hash_chained_in_order(store: &dyn GlobalStore, _config: &G
 /// removed, behind the store's back (`tamper` runs SQL on its database
 /// with the append-only triggers out of the way); each time the walk of
 /// the chain names the first record that no longer follows.
-fn a_changed_or_removed_record_breaks_the_chain(
-    store: &dyn GlobalStore,
-    tamper: &dyn Fn(&str),
-) {
+fn a_changed_or_removed_record_breaks_the_chain(store: &dyn GlobalStore, tamper: &dyn Fn(&str)) {
     store.append_audit(&fetches(6)).expect("append");
     while store.seal_audit(2).expect("seal") > 0 {}
     let ids: Vec<u64> = store
@@ -1519,9 +1518,16 @@ fn a_changed_or_removed_record_breaks_the_chain(
         "UPDATE snaps_audit SET patients = ',1000999,' WHERE id = {}",
         ids[1]
     ));
-    let broken = store.verify_audit().expect("verify").broken.expect("a change is found");
+    let broken = store
+        .verify_audit()
+        .expect("verify")
+        .broken
+        .expect("a change is found");
     assert_eq!((broken.seq, broken.id), (2, ids[1]), "{broken:?}");
-    assert!(broken.reason.contains("is not what was chained"), "{broken:?}");
+    assert!(
+        broken.reason.contains("is not what was chained"),
+        "{broken:?}"
+    );
 }
 
 #[test]
@@ -2145,9 +2151,11 @@ impl FaultyTx<'_> {
 /// Whether a statement run for rows writes (`INSERT ... RETURNING`).
 fn writes(sql: &str) -> bool {
     let head = sql.trim_start().to_ascii_uppercase();
-    ["INSERT", "UPDATE", "DELETE", "WITH", "CREATE", "DROP", "ALTER"]
-        .iter()
-        .any(|w| head.starts_with(w))
+    [
+        "INSERT", "UPDATE", "DELETE", "WITH", "CREATE", "DROP", "ALTER",
+    ]
+    .iter()
+    .any(|w| head.starts_with(w))
 }
 
 impl snaps_global::db::Tx for FaultyTx<'_> {
@@ -2197,8 +2205,15 @@ impl<D: snaps_global::db::Db> snaps_global::db::Db for Faulty<D> {
 /// that hold the time of day.
 fn dump(path: &Path) -> BTreeMap<String, Vec<String>> {
     const TIMES: [&str; 9] = [
-        "at", "set_at", "recorded_at", "seen_at", "opened_at", "committed_at", "closed_at",
-        "pushed_at", "expires_at",
+        "at",
+        "set_at",
+        "recorded_at",
+        "seen_at",
+        "opened_at",
+        "committed_at",
+        "closed_at",
+        "pushed_at",
+        "expires_at",
     ];
     let conn = rusqlite::Connection::open(path).expect("the store file");
     let tables: Vec<String> = conn
@@ -2208,7 +2223,9 @@ fn dump(path: &Path) -> BTreeMap<String, Vec<String>> {
     tables
         .into_iter()
         .map(|t| {
-            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{t}\"")).expect("select");
+            let mut stmt = conn
+                .prepare(&format!("SELECT * FROM \"{t}\""))
+                .expect("select");
             let keep: Vec<usize> = (0..stmt.column_count())
                 .filter(|&i| !TIMES.contains(&stmt.column_name(i).unwrap_or("")))
                 .collect();
@@ -2271,7 +2288,11 @@ fn at_every_write(
         }
         let e = outcome.expect_err("the operation hit a failing write and reported it");
         assert!(e.to_string().contains("disk I/O error"), "write {n}: {e}");
-        assert_eq!(dump(&path), before, "write {n} failed: nothing of the operation is kept");
+        assert_eq!(
+            dump(&path),
+            before,
+            "write {n} failed: nothing of the operation is kept"
+        );
         op(&store, &config).unwrap_or_else(|e| panic!("run again after write {n} failed: {e}"));
         assert_eq!(dump(&path), expected, "run again after write {n} failed");
     }
@@ -2287,7 +2308,11 @@ fn an_io_error_at_any_write_of_a_load_keeps_nothing_and_the_load_runs_again() {
         &|store, config| {
             let batch = decode(
                 config,
-                &wire_patients(&[(1, STG_P1, "Brown"), (2, 10_000_002, "Jones"), (3, CPH_P1, "Taken")]),
+                &wire_patients(&[
+                    (1, STG_P1, "Brown"),
+                    (2, 10_000_002, "Jones"),
+                    (3, CPH_P1, "Taken"),
+                ]),
             );
             store.load(&site(config, "STG"), &batch).map(|_| ())
         },
@@ -2302,7 +2327,11 @@ fn an_io_error_at_any_write_of_a_lock_keeps_nothing_and_the_lock_runs_again() {
             store,
             config,
             "CPH",
-            &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones"), (3, CPH_P3, "Brown")],
+            &[
+                (1, CPH_P1, "Smith"),
+                (2, CPH_P2, "Jones"),
+                (3, CPH_P3, "Brown"),
+            ],
         );
         fetch(store, config, "STG", &all_patients());
     };
@@ -2315,14 +2344,22 @@ fn an_io_error_at_any_write_of_a_lock_keeps_nothing_and_the_lock_runs_again() {
         assert_eq!(outcome, LockOutcome::Granted);
         Ok(())
     });
-    assert!(writes >= 4, "three locks and the audit record: {writes} writes");
+    assert!(
+        writes >= 4,
+        "three locks and the audit record: {writes} writes"
+    );
 }
 
 #[test]
 fn an_io_error_at_any_write_of_a_fetch_sends_nothing_and_the_fetch_runs_again() {
     let writes = at_every_write(
         &|store, config| {
-            load_patients(store, config, "CPH", &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")]);
+            load_patients(
+                store,
+                config,
+                "CPH",
+                &[(1, CPH_P1, "Smith"), (2, CPH_P2, "Jones")],
+            );
         },
         &|store, config| {
             let q = FetchQuery::decode(&all_patients(), &config.catalog).expect("a valid fetch");
@@ -2333,7 +2370,10 @@ fn an_io_error_at_any_write_of_a_fetch_sends_nothing_and_the_fetch_runs_again() 
             Ok(())
         },
     );
-    assert!(writes >= 2, "the sent-to bits and the audit record: {writes} writes");
+    assert!(
+        writes >= 2,
+        "the sent-to bits and the audit record: {writes} writes"
+    );
 }
 
 #[test]
@@ -2372,7 +2412,13 @@ fn a_full_disk_refuses_a_load_clearly_keeps_what_was_there_and_the_load_complete
         .expect("page count");
     *fault.first.lock().expect("fault") = Some(format!("PRAGMA max_page_count = {}", pages + 2));
     let many: Vec<(u64, i64, String)> = (0..2000)
-        .map(|i| (i + 1, 10_000_001 + i as i64, format!("Patient-{i:04}-Surname")))
+        .map(|i| {
+            (
+                i + 1,
+                10_000_001 + i as i64,
+                format!("Patient-{i:04}-Surname"),
+            )
+        })
         .collect();
     let rows: Vec<(u64, i64, &str)> = many.iter().map(|(o, p, s)| (*o, *p, s.as_str())).collect();
     let batch = decode(&config, &wire_patients(&rows));
@@ -2382,7 +2428,9 @@ fn a_full_disk_refuses_a_load_clearly_keeps_what_was_there_and_the_load_complete
     assert!(e.to_string().contains("full"), "{e}");
     assert_eq!(dump(&path), before, "nothing lost, nothing half-written");
     *fault.first.lock().expect("fault") = Some("PRAGMA max_page_count = 1073741823".into());
-    let loaded = store.load(&site(&config, "STG"), &batch).expect("room again");
+    let loaded = store
+        .load(&site(&config, "STG"), &batch)
+        .expect("room again");
     assert_eq!(loaded.loaded, 2000);
     assert_eq!(counts(&store, "patient").0, 2001);
 }

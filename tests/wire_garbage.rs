@@ -75,8 +75,18 @@ fn fetches() -> Vec<Vec<u8>> {
 fn load() -> Vec<u8> {
     let columns = ["pno", "surname", "first_names", "dob"];
     let rows = vec![
-        vec![Value::Int(10_000_001), Value::text("Brown"), Value::text("Ann"), Value::Int(19500101)],
-        vec![Value::Int(10_000_002), Value::text("Jones"), Value::Null, Value::Int(19611231)],
+        vec![
+            Value::Int(10_000_001),
+            Value::text("Brown"),
+            Value::text("Ann"),
+            Value::Int(19500101),
+        ],
+        vec![
+            Value::Int(10_000_002),
+            Value::text("Jones"),
+            Value::Null,
+            Value::Int(19611231),
+        ],
     ];
     snaps_proto::v1::LoadBatch {
         shape: Some(snaps_proto::v1::Shape {
@@ -176,7 +186,9 @@ fn feed(store: &SqliteStore, config: &GlobalConfig, which: usize, bytes: &[u8]) 
     };
     match which {
         0 => {
-            let Ok(req) = snaps_proto::v1::FetchRequest::decode(bytes) else { return };
+            let Ok(req) = snaps_proto::v1::FetchRequest::decode(bytes) else {
+                return;
+            };
             check(
                 "fetch",
                 FetchQuery::decode(&req, &config.catalog)
@@ -184,18 +196,25 @@ fn feed(store: &SqliteStore, config: &GlobalConfig, which: usize, bytes: &[u8]) 
             );
         }
         1 => {
-            let Ok(b) = snaps_proto::v1::LoadBatch::decode(bytes) else { return };
+            let Ok(b) = snaps_proto::v1::LoadBatch::decode(bytes) else {
+                return;
+            };
             check(
                 "load",
-                LoadBatch::decode(&b, &config.catalog).and_then(|b| store.load(&stg, &b).map(|_| ())),
+                LoadBatch::decode(&b, &config.catalog)
+                    .and_then(|b| store.load(&stg, &b).map(|_| ())),
             );
         }
         2 => {
-            let Ok(p) = snaps_proto::v1::PushRequest::decode(bytes) else { return };
+            let Ok(p) = snaps_proto::v1::PushRequest::decode(bytes) else {
+                return;
+            };
             check("push", Push::decode(&p, &config.catalog).map(|_| ()));
         }
         _ => {
-            let Ok(t) = snaps_proto::v1::TupleRef::decode(bytes) else { return };
+            let Ok(t) = snaps_proto::v1::TupleRef::decode(bytes) else {
+                return;
+            };
             check(
                 "lock",
                 TupleRef::decode(&t).and_then(|t| store.lock(&stg, &[t]).map(|_| ())),
@@ -261,7 +280,10 @@ fn the_undamaged_messages_are_accepted() {
     }
     let b = snaps_proto::v1::LoadBatch::decode(load().as_slice()).expect("decodes");
     let loaded = store
-        .load(&stg, &LoadBatch::decode(&b, &config.catalog).expect("accepted"))
+        .load(
+            &stg,
+            &LoadBatch::decode(&b, &config.catalog).expect("accepted"),
+        )
         .expect("loads");
     assert_eq!(loaded.loaded, 2);
     let p = snaps_proto::v1::PushRequest::decode(push().as_slice()).expect("decodes");

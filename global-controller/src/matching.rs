@@ -267,37 +267,101 @@ mod tests {
     fn pairs_are_graded_as_a_registrar_would() {
         let cases = [
             // the same record
-            ("Harris | Lynette | 19441118 | F | 284 Ilam Rd", "Harris | Lynette | 19441118 | F | 284 Ilam Rd", Some(Grade::Certain)),
+            (
+                "Harris | Lynette | 19441118 | F | 284 Ilam Rd",
+                "Harris | Lynette | 19441118 | F | 284 Ilam Rd",
+                Some(Grade::Certain),
+            ),
             // moved house
-            ("Harris | Lynette | 19441118 | F | 284 Ilam Rd", "Harris | Lynette | 19441118 | F | 3 Innes Rd", Some(Grade::Certain)),
+            (
+                "Harris | Lynette | 19441118 | F | 284 Ilam Rd",
+                "Harris | Lynette | 19441118 | F | 3 Innes Rd",
+                Some(Grade::Certain),
+            ),
             // a slip in the surname, letters swapped
-            ("Thompson | Julie | 19371108 | F | 66 Papanui Rd", "Thopmson | Julie | 19371108 | F | 9 Ferry Rd", Some(Grade::Certain)),
+            (
+                "Thompson | Julie | 19371108 | F | 66 Papanui Rd",
+                "Thopmson | Julie | 19371108 | F | 9 Ferry Rd",
+                Some(Grade::Certain),
+            ),
             // a letter left out, apostrophe dropped
-            ("O'Brien | Jennifer Alison | 19660122 | F | ", "OBrien | Jennifer Alison | 19660122 | F | ", Some(Grade::Certain)),
+            (
+                "O'Brien | Jennifer Alison | 19660122 | F | ",
+                "OBrien | Jennifer Alison | 19660122 | F | ",
+                Some(Grade::Certain),
+            ),
             // a second given name dropped
-            ("King | Mark Michael | 19351021 | M | ", "King | Mark | 19351021 | M | ", Some(Grade::Certain)),
+            (
+                "King | Mark Michael | 19351021 | M | ",
+                "King | Mark | 19351021 | M | ",
+                Some(Grade::Certain),
+            ),
             // day and month transposed
-            ("Wilson | Robert | 19250103 | M | 151 Brougham St", "Wilson | Robert | 19250301 | M | 2 Pages Rd", Some(Grade::Probable)),
+            (
+                "Wilson | Robert | 19250103 | M | 151 Brougham St",
+                "Wilson | Robert | 19250301 | M | 2 Pages Rd",
+                Some(Grade::Probable),
+            ),
             // a birth date a day out, same address
-            ("Wilson | Robert | 19250103 | M | 151 Brougham St", "Wilson | Robert | 19250104 | M | 151 Brougham St", Some(Grade::Certain)),
+            (
+                "Wilson | Robert | 19250103 | M | 151 Brougham St",
+                "Wilson | Robert | 19250104 | M | 151 Brougham St",
+                Some(Grade::Certain),
+            ),
             // a married name
-            ("Smith | Susan Rachel | 19351223 | F | 5 Colombo St", "Walker | Susan Rachel | 19351223 | F | 8 Opawa Rd", Some(Grade::Probable)),
+            (
+                "Smith | Susan Rachel | 19351223 | F | 5 Colombo St",
+                "Walker | Susan Rachel | 19351223 | F | 8 Opawa Rd",
+                Some(Grade::Probable),
+            ),
             // a married name and a dropped given name
-            ("Smith | Susan Rachel | 19351223 | F | ", "Walker | Susan | 19351223 | F | ", Some(Grade::Probable)),
+            (
+                "Smith | Susan Rachel | 19351223 | F | ",
+                "Walker | Susan | 19351223 | F | ",
+                Some(Grade::Probable),
+            ),
             // namesakes born on other days: a lookup by name shows them
-            ("Smith | John | 19500101 | M | ", "Smith | John | 19720815 | M | ", None),
+            (
+                "Smith | John | 19500101 | M | ",
+                "Smith | John | 19720815 | M | ",
+                None,
+            ),
             // a married name and a birth date a day out: worth a look
-            ("Smith | Susan | 19351223 | F | ", "Walker | Susan | 19351224 | F | ", Some(Grade::Possible)),
+            (
+                "Smith | Susan | 19351223 | F | ",
+                "Walker | Susan | 19351224 | F | ",
+                Some(Grade::Possible),
+            ),
             // a man's surname seldom changes: at most worth a look
-            ("Smith | John | 19500101 | M | ", "Jones | John | 19500101 | M | ", Some(Grade::Possible)),
+            (
+                "Smith | John | 19500101 | M | ",
+                "Jones | John | 19500101 | M | ",
+                Some(Grade::Possible),
+            ),
             // two men with only a surname and a birth year in common
-            ("Smith | John | 19500101 | M | ", "Smith | Peter | 19501231 | M | ", None),
+            (
+                "Smith | John | 19500101 | M | ",
+                "Smith | Peter | 19501231 | M | ",
+                None,
+            ),
             // nothing in common but the birth date
-            ("Smith | John | 19500101 | M | ", "Patel | Ling | 19500101 | F | ", None),
+            (
+                "Smith | John | 19500101 | M | ",
+                "Patel | Ling | 19500101 | F | ",
+                None,
+            ),
             // same names and date, different sex
-            ("Lee | Jun | 19800202 | M | ", "Lee | Jun | 19800202 | F | ", Some(Grade::Probable)),
+            (
+                "Lee | Jun | 19800202 | M | ",
+                "Lee | Jun | 19800202 | F | ",
+                Some(Grade::Probable),
+            ),
             // no sex recorded at one site: weighs nothing
-            ("Ngata | Hemi | 19610704 | M | ", "Ngata | Hemi | 19610704 |  | ", Some(Grade::Certain)),
+            (
+                "Ngata | Hemi | 19610704 | M | ",
+                "Ngata | Hemi | 19610704 |  | ",
+                Some(Grade::Certain),
+            ),
         ];
         for (a, b, grade) in cases {
             let (pa, pb) = (person(a), person(b));

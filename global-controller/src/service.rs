@@ -22,9 +22,8 @@ use crate::error::Error;
 use crate::matching::Grade;
 use crate::query::FetchQuery;
 use crate::store::{
-    IdentityRecord,
-    Activity, FetchedTable, GlobalStore, LoadBatch, LockOutcome, Push, Refusal, SiteId,
-    SummaryDelta, SummaryRequest, TupleRef,
+    Activity, FetchedTable, GlobalStore, IdentityRecord, LoadBatch, LockOutcome, Push, Refusal,
+    SiteId, SummaryDelta, SummaryRequest, TupleRef,
 };
 use crate::transport::Certified;
 use snaps_proto::tls::Peer;
@@ -978,9 +977,13 @@ impl GlobalSnapshot for Service {
                 self.config.network.name
             ))
         })?;
-        let rel = self.config.catalog.relation(&spec.relation).ok_or_else(|| {
-            Status::internal(format!("identity relation {} is not global", spec.relation))
-        })?;
+        let rel = self
+            .config
+            .catalog
+            .relation(&spec.relation)
+            .ok_or_else(|| {
+                Status::internal(format!("identity relation {} is not global", spec.relation))
+            })?;
         let wire = r
             .key
             .as_ref()
@@ -989,7 +992,10 @@ impl GlobalSnapshot for Service {
             .attribute(&spec.key)
             .ok_or_else(|| Status::internal(format!("{} has no key {}", rel.name, spec.key)))?
             .ty
-            .check(snaps_proto::decode_value(wire), &format!("{}.{}", rel.name, spec.key))
+            .check(
+                snaps_proto::decode_value(wire),
+                &format!("{}.{}", rel.name, spec.key),
+            )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if key.is_null() {
             return Err(Status::invalid_argument(format!(

@@ -202,10 +202,17 @@ mod tests {
         let text = "SELECT * FROM snaps_match(10000022) m, SNAPS_MATCH ( 7 ) \
                     WHERE 'snaps_match(1)' <> \"snaps_match\" -- snaps_match(2)\n";
         let found = calls(text).unwrap();
-        assert_eq!(found.iter().map(|c| c.key).collect::<Vec<_>>(), [10000022, 7]);
+        assert_eq!(
+            found.iter().map(|c| c.key).collect::<Vec<_>>(),
+            [10000022, 7]
+        );
         assert_eq!(&text[found[0].span.clone()], "snaps_match(10000022)");
         assert_eq!(&text[found[1].span.clone()], "SNAPS_MATCH ( 7 )");
-        assert!(calls("SELECT my_snaps_match(1), snaps_matches FROM t").unwrap().is_empty());
+        assert!(
+            calls("SELECT my_snaps_match(1), snaps_matches FROM t")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -217,7 +224,10 @@ mod tests {
             "SELECT * FROM snaps_match(1",
         ] {
             let e = calls(bad).unwrap_err().to_string();
-            assert!(e.contains("snaps_match takes one patient number"), "{bad}: {e}");
+            assert!(
+                e.contains("snaps_match takes one patient number"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -227,7 +237,10 @@ mod tests {
         let text = "SELECT site, pno FROM snaps_match(5) WHERE grade = 'certain'";
         let found = calls(text).unwrap();
         let sql = prepare(&conn, text, &found).unwrap();
-        assert_eq!(sql, "SELECT site, pno FROM temp.snaps_match_0 WHERE grade = 'certain'");
+        assert_eq!(
+            sql,
+            "SELECT site, pno FROM temp.snaps_match_0 WHERE grade = 'certain'"
+        );
         let reply = v1::MatchReply {
             owner: "CPH".into(),
             key_attribute: "pno".into(),

@@ -31,9 +31,9 @@
 
 mod catalogue;
 mod covered;
-mod identity;
 pub mod endpoint;
 pub mod engine;
+mod identity;
 mod include;
 mod kept;
 pub mod mapping_admin;

@@ -550,7 +550,9 @@ impl GlobalClient {
             .await?
             .into_inner()
             .verification
-            .ok_or_else(|| Error::Invalid("the global controller did not verify the audit trail".into()))
+            .ok_or_else(|| {
+                Error::Invalid("the global controller did not verify the audit trail".into())
+            })
     }
 
     /// The key conflicts awaiting an administrator.

@@ -157,11 +157,26 @@ mod tests {
     fn wrong_sections_are_refused_naming_what_is_wrong() {
         type Change = Box<dyn Fn(&mut IdentityConfig)>;
         let cases: Vec<(Change, &str)> = vec![
-            (Box::new(|c| c.relation = "people".into()), "people is not a global relation"),
-            (Box::new(|c| c.relation = "pair".into()), "key of one attribute"),
-            (Box::new(|c| c.surname = "name".into()), "has no attribute name"),
-            (Box::new(|c| c.dob = "surname".into()), "surname must be an integer"),
-            (Box::new(|c| c.first_names = "dob".into()), "dob must be text"),
+            (
+                Box::new(|c| c.relation = "people".into()),
+                "people is not a global relation",
+            ),
+            (
+                Box::new(|c| c.relation = "pair".into()),
+                "key of one attribute",
+            ),
+            (
+                Box::new(|c| c.surname = "name".into()),
+                "has no attribute name",
+            ),
+            (
+                Box::new(|c| c.dob = "surname".into()),
+                "surname must be an integer",
+            ),
+            (
+                Box::new(|c| c.first_names = "dob".into()),
+                "dob must be text",
+            ),
         ];
         for (change, expected) in cases {
             let mut c = config();

@@ -742,17 +742,22 @@ fn some_people_are_patients_at_several_sites_registered_with_variations() {
     for site in &net.sites {
         let c = net.local_catalog(site).unwrap();
         let d = &data[&site.code];
-        assert_eq!(d.person_of.len(), d.rows["patient"].len(), "every record has its person");
+        assert_eq!(
+            d.person_of.len(),
+            d.rows["patient"].len(),
+            "every record has its person"
+        );
         for r in &d.rows["patient"] {
             let details = ["surname", "first_names", "dob", "sex", "add1"]
                 .iter()
                 .map(|a| col(&c, "patient", a, r).clone())
                 .collect();
             let pno = int(col(&c, "patient", "pno", r));
-            records
-                .entry(d.person_of[&pno])
-                .or_default()
-                .push((site.code.to_string(), pno, details));
+            records.entry(d.person_of[&pno]).or_default().push((
+                site.code.to_string(),
+                pno,
+                details,
+            ));
         }
         for r in &d.rows["visit"] {
             visited.insert((site.code.to_string(), int(col(&c, "visit", "pno", r))));
@@ -760,13 +765,19 @@ fn some_people_are_patients_at_several_sites_registered_with_variations() {
     }
     let shared: Vec<_> = records.values().filter(|r| r.len() > 1).collect();
     assert!(shared.len() >= 40, "only {} shared people", shared.len());
-    assert!(shared.iter().any(|r| r.len() == 3), "someone is at all three sites");
+    assert!(
+        shared.iter().any(|r| r.len() == 3),
+        "someone is at all three sites"
+    );
     let (mut same, mut varied, mut moved) = (0, 0, 0);
     for at in &shared {
         let sites: BTreeSet<&String> = at.iter().map(|(s, ..)| s).collect();
         assert_eq!(sites.len(), at.len(), "one record per site: {at:?}");
         for (site, pno, details) in at.iter() {
-            assert!(visited.contains(&(site.clone(), *pno)), "{site} {pno} has a visit");
+            assert!(
+                visited.contains(&(site.clone(), *pno)),
+                "{site} {pno} has a visit"
+            );
             assert_eq!(details[3], at[0].2[3], "the sex is recorded alike: {at:?}");
         }
         for (.., details) in &at[1..] {
@@ -780,7 +791,10 @@ fn some_people_are_patients_at_several_sites_registered_with_variations() {
     }
     // Most second registrations agree on the names and the birth date; some
     // do not, as at real sites; a few people have moved.
-    assert!(same > 3 * varied && varied >= 5, "{same} alike, {varied} varied");
+    assert!(
+        same > 3 * varied && varied >= 5,
+        "{same} alike, {varied} varied"
+    );
     assert!(moved >= 5, "{moved} moved");
 }
 

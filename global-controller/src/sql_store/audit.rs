@@ -88,7 +88,8 @@ pub(super) fn insert(tx: &mut dyn Tx, r: &AuditRecord) -> Result<()> {
 }
 
 /// The columns [`record`] reads, in its order.
-const COLUMNS: &str = "a.id, a.at, a.site, a.\"user\", a.action, a.relations, a.tuples, a.patients, a.detail";
+const COLUMNS: &str =
+    "a.id, a.at, a.site, a.\"user\", a.action, a.relations, a.tuples, a.patients, a.detail";
 
 /// A record from a row of [`COLUMNS`].
 fn record(r: &Row) -> Result<AuditRecord> {
@@ -130,7 +131,11 @@ pub(super) fn seal(tx: &mut dyn Tx, limit: usize) -> Result<u64> {
         hash = rec.chained_hash(seq, &hash);
         tx.execute(
             "INSERT INTO snaps_audit_chain (seq, audit_id, hash) VALUES (?1, ?2, ?3)",
-            &[(seq as i64).into(), (rec.id as i64).into(), hash.as_str().into()],
+            &[
+                (seq as i64).into(),
+                (rec.id as i64).into(),
+                hash.as_str().into(),
+            ],
         )?;
     }
     Ok(rows.len() as u64)

@@ -47,10 +47,18 @@ pub(super) fn candidates(
             .iter()
             .map(|d| arg((*d).into(), &mut args))
             .collect();
-        any.push(format!("{} IN ({})", sql_ident(&spec.dob), marks.join(", ")));
+        any.push(format!(
+            "{} IN ({})",
+            sql_ident(&spec.dob),
+            marks.join(", ")
+        ));
     }
     if let Some(s) = &keys.surname {
-        any.push(format!("{} = {}", sql_ident(&spec.surname), arg(s.as_str().into(), &mut args)));
+        any.push(format!(
+            "{} = {}",
+            sql_ident(&spec.surname),
+            arg(s.as_str().into(), &mut args)
+        ));
     }
     if let Some(f) = &keys.first_name {
         // The first given name alone, or followed by more names: a range
@@ -60,7 +68,9 @@ pub(super) fn candidates(
         let alone = arg(f.as_str().into(), &mut args);
         let from = arg(format!("{f} ").as_str().into(), &mut args);
         let to = arg(format!("{f}!").as_str().into(), &mut args);
-        any.push(format!("{first} = {alone} OR ({first} >= {from} AND {first} < {to})"));
+        any.push(format!(
+            "{first} = {alone} OR ({first} >= {from} AND {first} < {to})"
+        ));
     }
     if any.is_empty() {
         return Ok(Some((subject, Vec::new())));
