@@ -597,6 +597,34 @@ impl<D: Db> SqlStore<D> {
             ));
         }
         let me = i64::from(site.number.0);
+        // One tuple of a relation others may change: one conditional
+        // UPDATE grants it, sparing the read a round trip. Only a refusal
+        // (or a tuple that does not exist) reads on, to say why.
+        if let [t] = tuples
+            && self.mode(&t.relation) == RelationMode::ReadWrite
+            && self.catalog.relation(&t.relation).is_some()
+        {
+            let (cond, mut args): (&str, Vec<Cell>) = match t.id {
+                TupleSel::Id(i) => ("tuple_id = ?3", vec![i.into()]),
+                TupleSel::Origin(o) => (
+                    "snaps_origin = ?3 AND snaps_owner = ?4",
+                    vec![o.into(), site.number.0.into()],
+                ),
+            };
+            let locked = GlobalRights::Locked.code();
+            args.splice(0..0, [Cell::from(locked), Cell::from(me)]);
+            let granted = tx.execute(
+                &format!(
+                    "UPDATE {} SET snaps_rights = ?1, snaps_lock_site = ?2 WHERE {cond}
+                     AND (snaps_rights <> ?1 OR snaps_lock_site IS NULL OR snaps_lock_site = ?2)",
+                    sql_ident(&t.relation)
+                ),
+                &args,
+            )?;
+            if granted == 1 {
+                return Ok(LockOutcome::Granted);
+            }
+        }
         let mut to_lock = Vec::new();
         for t in tuples {
             let s = read_status(tx, &self.catalog, site, t)?;
