@@ -2201,6 +2201,27 @@ impl<D: snaps_global::db::Db> snaps_global::db::Db for Faulty<D> {
     }
 }
 
+/// A fresh SQLite store on a [`Faulty`] database: its folder, file, the
+/// store and the fault that arms it.
+fn faulty_store(
+    config: &GlobalConfig,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    snaps_global::sql_store::SqlStore<Faulty<snaps_global::db::sqlite::SqliteDb>>,
+    Arc<Fault>,
+) {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("global.db");
+    let fault = Arc::new(Fault::default());
+    let db = Faulty {
+        inner: snaps_global::db::sqlite::SqliteDb::open(&path).expect("file"),
+        fault: fault.clone(),
+    };
+    let store = snaps_global::sql_store::SqlStore::on(db, config).expect("store");
+    (dir, path, store, fault)
+}
+
 /// Every table of the SQLite store file, row for row, without the columns
 /// that hold the time of day.
 fn dump(path: &Path) -> BTreeMap<String, Vec<String>> {
@@ -2258,14 +2279,7 @@ fn at_every_write(
     use std::sync::atomic::Ordering::SeqCst;
     let (config, _d) = config();
     let fresh = || {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let path = dir.path().join("global.db");
-        let fault = Arc::new(Fault::default());
-        let db = Faulty {
-            inner: snaps_global::db::sqlite::SqliteDb::open(&path).expect("file"),
-            fault: fault.clone(),
-        };
-        let store = snaps_global::sql_store::SqlStore::on(db, &config).expect("store");
+        let (dir, path, store, fault) = faulty_store(&config);
         setup(&store, &config);
         (dir, path, store, fault)
     };
@@ -2396,14 +2410,7 @@ fn an_io_error_at_any_write_of_an_epoch_commit_keeps_nothing_and_the_commit_runs
 #[test]
 fn a_full_disk_refuses_a_load_clearly_keeps_what_was_there_and_the_load_completes_later() {
     let (config, _d) = config();
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let path = dir.path().join("global.db");
-    let fault = Arc::new(Fault::default());
-    let db = Faulty {
-        inner: snaps_global::db::sqlite::SqliteDb::open(&path).expect("file"),
-        fault: fault.clone(),
-    };
-    let store = snaps_global::sql_store::SqlStore::on(db, &config).expect("store");
+    let (_dir, path, store, fault) = faulty_store(&config);
     load_patients(&store, &config, "CPH", &[(1, CPH_P1, "Smith")]);
     let before = dump(&path);
     // The file may grow by two pages: a load of 2,000 patients needs more.

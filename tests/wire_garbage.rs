@@ -14,7 +14,6 @@ use snaps_global::query::FetchQuery;
 use snaps_global::store::{LoadBatch, Push, SiteId, TupleRef};
 use snaps_global::{Error, GlobalConfig, GlobalStore, SqliteStore};
 use snaps_mapping::Statement;
-use snaps_mapping::mapping::SiteMapping;
 use snaps_schema::{NetworkConfig, Value};
 
 fn network() -> NetworkConfig {
@@ -34,25 +33,13 @@ fn config(dir: &Path) -> GlobalConfig {
     .expect("global configuration")
 }
 
-fn mapping(net: &NetworkConfig, code: &str) -> (snaps_schema::Catalog, SiteMapping) {
-    let site = net.site(code).expect("site");
-    let local = net.local_catalog(site).expect("local schema");
-    let read = |p: &Path| std::fs::read_to_string(net.path(p)).expect("mapping file");
-    let quals = site.qualification.as_deref().map(read).unwrap_or_default();
-    let m = SiteMapping::from_text(
-        &read(&site.mapping),
-        &quals,
-        &local,
-        &net.global_catalog().expect("global schema"),
-    )
-    .expect("mapping");
-    (local, m)
-}
-
 /// Fetch requests a site sends for a few everyday queries, encoded.
 fn fetches() -> Vec<Vec<u8>> {
     let net = network();
-    let (local, m) = mapping(&net, "STG");
+    let local = net
+        .local_catalog(net.site("STG").expect("site"))
+        .expect("local schema");
+    let m = snaps::localnet::site_mapping(&net, "STG").expect("mapping");
     [
         "SELECT * FROM patient WHERE surname = 'Smith' AND dob > 19400101",
         "SELECT v.vno, v.date FROM patient p, visit v WHERE p.pno = v.pno AND p.pno = 1000146",
