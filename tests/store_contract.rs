@@ -22,8 +22,8 @@ use prost::Message;
 use snaps_global::query::FetchQuery;
 use snaps_global::store::{
     Activity, AuditFilter, AuditRecord, AuditVerification, ChangedPart, CommitSummary,
-    ConflictRecord, EpochState, FetchedTable, LoadBatch, LoadOutcome, LockOutcome, Phase, Refusal,
-    Right, SiteId, Subject, SummaryRequest, TupleRef, TupleSel,
+    ConflictRecord, EpochState, FetchedTable, IdentityLink, LinkChanges, LoadBatch, LoadOutcome,
+    LockOutcome, Phase, Refusal, Right, SiteId, Subject, SummaryRequest, TupleRef, TupleSel,
 };
 use snaps_global::{Error, GlobalConfig, GlobalStore, PgStore, SqliteStore};
 use snaps_mapping::ir::{BinOp, ColumnRef, Expr};
@@ -100,6 +100,7 @@ contract!(
     key_owners_names_owners,
     // Identity matching.
     identity_candidates_share_a_blocking_key,
+    links_are_kept_versioned_and_checked,
     // Refresh epochs.
     epochs_move_through_their_phases,
     a_commit_applies_the_pushes_once,
@@ -883,6 +884,96 @@ fn identity_candidates_share_a_blocking_key(store: &dyn GlobalStore, config: &Gl
             .expect("candidates"),
         None
     );
+}
+
+fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &GlobalConfig) {
+    load_patients(
+        store,
+        config,
+        "CPH",
+        &[(1, CPH_P1, "Harris"), (2, CPH_P2, "Harris")],
+    );
+    load_patients(store, config, "STG", &[(1, STG_P1, "Harris")]);
+    let spec = config
+        .network
+        .identity_spec()
+        .expect("identity section")
+        .expect("the radiology network declares one");
+    let (cph, stg) = (site(config, "CPH"), site(config, "STG"));
+    let none = LinkChanges {
+        whole: true,
+        ..LinkChanges::default()
+    };
+    assert_eq!(store.links_since(0).expect("links"), none);
+
+    let linked = IdentityLink {
+        key: CPH_P1,
+        owner: SiteNo(1),
+        other_key: STG_P1,
+        other_owner: SiteNo(2),
+        removed: false,
+    };
+    // Asked from either side, the link is kept with the lesser key first.
+    let made = store.link(&spec, STG_P1, (CPH_P1, &cph), (&stg, "ward"), false);
+    assert_eq!(made.expect("link"), (linked.clone(), true));
+    let again = store.link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), false);
+    assert_eq!(again.expect("link"), (linked.clone(), false));
+    let all = store.links_since(0).expect("links");
+    assert_eq!((all.version, all.whole), (1, true));
+    assert_eq!(all.links, [linked.clone()]);
+    assert_eq!(store.links_since(1).expect("links").links, []);
+
+    // The candidates of a linked record include the other and say so.
+    let (_, found) = store
+        .identity_candidates(&spec, &Value::Int(CPH_P1))
+        .expect("candidates")
+        .expect("the patient is in the global snapshot");
+    let linked_keys: Vec<&Value> = found.iter().filter(|c| c.linked).map(|c| &c.key).collect();
+    assert_eq!(linked_keys, [&Value::Int(STG_P1)]);
+
+    // Bad links change nothing.
+    let refused = |r: snaps_global::Result<(IdentityLink, bool)>| match r {
+        Err(e @ (Error::NotFound(_) | Error::InvalidArgument(_))) => e.to_string(),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let msg = refused(store.link(&spec, CPH_P1, (CPH_P1, &cph), (&cph, "ward"), false));
+    assert!(msg.contains("itself"), "{msg}");
+    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &cph), (&cph, "ward"), false));
+    assert!(
+        msg.contains(&format!("{STG_P1} is not a record of site CPH")),
+        "{msg}"
+    );
+    let msg = refused(store.link(
+        &spec,
+        CPH_P2,
+        (GRC_P1, &site(config, "GRC")),
+        (&cph, "ward"),
+        false,
+    ));
+    assert!(msg.contains(&GRC_P1.to_string()), "{msg}");
+    assert_eq!(store.links_since(1).expect("links").version, 1);
+
+    // An unlink is a change the sites that held the link receive.
+    let (gone, changed) = store
+        .link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), true)
+        .expect("unlink");
+    assert!(changed && gone.removed);
+    let since = store.links_since(1).expect("links");
+    assert_eq!((since.version, since.whole), (2, false));
+    assert_eq!(
+        since.links,
+        [IdentityLink {
+            removed: true,
+            ..linked.clone()
+        }]
+    );
+    assert_eq!(store.links_since(0).expect("links").links, []);
+    let (_, changed) = store
+        .link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), true)
+        .expect("unlink");
+    assert!(!changed);
+    // A version the store never had gets every standing link.
+    assert!(store.links_since(99).expect("links").whole);
 }
 
 fn key_owners_names_owners(store: &dyn GlobalStore, config: &GlobalConfig) {

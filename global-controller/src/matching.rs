@@ -57,12 +57,15 @@ pub enum Grade {
     Probable,
     /// As good as the same record.
     Certain,
+    /// A user confirmed it is the same person (a link), whatever the score.
+    Linked,
 }
 
 impl Grade {
     /// The name shown to users.
     pub fn as_str(self) -> &'static str {
         match self {
+            Grade::Linked => "linked",
             Grade::Certain => "certain",
             Grade::Probable => "probable",
             Grade::Possible => "possible",

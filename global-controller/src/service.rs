@@ -22,8 +22,8 @@ use crate::error::Error;
 use crate::matching::Grade;
 use crate::query::FetchQuery;
 use crate::store::{
-    Activity, FetchedTable, GlobalStore, IdentityRecord, LoadBatch, LockOutcome, Push, Refusal,
-    SiteId, SummaryDelta, SummaryRequest, TupleRef,
+    Activity, FetchedTable, GlobalStore, IdentityLink, IdentityRecord, LoadBatch, LockOutcome,
+    Push, Refusal, SiteId, SummaryDelta, SummaryRequest, TupleRef,
 };
 use crate::transport::Certified;
 use snaps_proto::tls::Peer;
@@ -299,6 +299,86 @@ impl Service {
             .map(|s| (s.clone(), s.range_of.as_ref().map(|r| me.key_range(r))))
             .collect();
         Ok(SummaryRequest { version, specs })
+    }
+
+    /// Whether `site` (as a site, whoever its users are) may be told of the
+    /// links between records of the relation of people: the access rules
+    /// let it read that relation.
+    fn links_readable(&self, site: &SiteId) -> bool {
+        self.identity.as_ref().is_some_and(|spec| {
+            self.acl()
+                .denied(
+                    std::iter::once(spec.relation.as_str()),
+                    &site.code,
+                    "",
+                    Right::Read,
+                )
+                .is_none()
+        })
+    }
+
+    /// A site's code by number.
+    fn site_code(&self, n: SiteNo) -> String {
+        self.config
+            .network
+            .sites
+            .iter()
+            .find(|s| s.number == n)
+            .map_or_else(|| format!("site {n}"), |s| s.code.to_string())
+    }
+
+    fn link_to_wire(&self, l: &IdentityLink) -> v1::IdentityLink {
+        v1::IdentityLink {
+            key: Some(snaps_proto::encode_value(&Value::Int(l.key))),
+            site: self.site_code(l.owner),
+            other_key: Some(snaps_proto::encode_value(&Value::Int(l.other_key))),
+            other_site: self.site_code(l.other_owner),
+            removed: l.removed,
+        }
+    }
+
+    /// The network's relation of people, or why there is none.
+    fn identity(&self, what: &str) -> Result<Arc<IdentitySpec>, Status> {
+        self.identity.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "network {} declares no [identity] in network.toml: {what} needs to \
+                 know which relation holds people and which attributes identify them",
+                self.config.network.name
+            ))
+        })
+    }
+
+    /// A patient number of `spec.relation` from the wire.
+    fn identity_key(
+        &self,
+        spec: &IdentitySpec,
+        wire: Option<&v1::Value>,
+        what: &str,
+    ) -> Result<Value, Status> {
+        let rel = self
+            .config
+            .catalog
+            .relation(&spec.relation)
+            .ok_or_else(|| {
+                Status::internal(format!("identity relation {} is not global", spec.relation))
+            })?;
+        let wire = wire.ok_or_else(|| Status::invalid_argument(format!("{what} is missing")))?;
+        let key = rel
+            .attribute(&spec.key)
+            .ok_or_else(|| Status::internal(format!("{} has no key {}", rel.name, spec.key)))?
+            .ty
+            .check(
+                snaps_proto::decode_value(wire),
+                &format!("{}.{}", rel.name, spec.key),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if key.is_null() {
+            return Err(Status::invalid_argument(format!(
+                "{what} names the patient's {} (not NULL)",
+                spec.key
+            )));
+        }
+        Ok(key)
     }
 
     /// The administrator's name, for the audit trail.
@@ -970,39 +1050,8 @@ impl GlobalSnapshot for Service {
     ) -> Result<Response<v1::MatchReply>, Status> {
         let site = self.site(&req)?;
         let r = req.get_ref();
-        let spec = self.identity.clone().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "network {} declares no [identity] in network.toml: snaps_match needs to \
-                 know which relation holds people and which attributes identify them",
-                self.config.network.name
-            ))
-        })?;
-        let rel = self
-            .config
-            .catalog
-            .relation(&spec.relation)
-            .ok_or_else(|| {
-                Status::internal(format!("identity relation {} is not global", spec.relation))
-            })?;
-        let wire = r
-            .key
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("a match names the patient's key"))?;
-        let key = rel
-            .attribute(&spec.key)
-            .ok_or_else(|| Status::internal(format!("{} has no key {}", rel.name, spec.key)))?
-            .ty
-            .check(
-                snaps_proto::decode_value(wire),
-                &format!("{}.{}", rel.name, spec.key),
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if key.is_null() {
-            return Err(Status::invalid_argument(format!(
-                "a match names the patient's {} (not NULL)",
-                spec.key
-            )));
-        }
+        let spec = self.identity("snaps_match")?;
+        let key = self.identity_key(&spec, r.key.as_ref(), "a match")?;
         let user = r.user.clone();
         let relations = vec![spec.relation.clone()];
         self.check_access(&site, &user, &relations, Right::Read, "match-denied")
@@ -1024,22 +1073,21 @@ impl GlobalSnapshot for Service {
             .into_iter()
             .filter_map(|c| {
                 let v = crate::matching::compare(&subject.person, &c.person);
-                v.grade.map(|g| (v.score, g, c))
+                match (c.linked, v.grade) {
+                    (true, _) => Some((v.score, Grade::Linked, c)),
+                    (false, g) => g.map(|g| (v.score, g, c)),
+                }
             })
             .collect();
+        // Confirmed links first, then best score.
         candidates.sort_by(|a, b| {
-            b.0.total_cmp(&a.0)
+            (b.1 == Grade::Linked)
+                .cmp(&(a.1 == Grade::Linked))
+                .then_with(|| b.0.total_cmp(&a.0))
                 .then_with(|| a.2.owner.cmp(&b.2.owner))
                 .then_with(|| a.2.key.to_string().cmp(&b.2.key.to_string()))
         });
-        let code = |n: SiteNo| {
-            self.config
-                .network
-                .sites
-                .iter()
-                .find(|s| s.number == n)
-                .map_or_else(|| format!("site {n}"), |s| s.code.to_string())
-        };
+        let code = |n: SiteNo| self.site_code(n);
         let reply = v1::MatchReply {
             owner: code(subject.owner),
             key_attribute: spec.key.clone(),
@@ -1063,6 +1111,68 @@ impl GlobalSnapshot for Service {
         record.detail = format!("{} {} at {}", spec.key, subject.key, reply.owner);
         self.blocking(move |store| store.append_audit(&[record]))
             .await?;
+        self.count(&site, r.encoded_len(), reply.encoded_len());
+        Ok(respond(reply))
+    }
+
+    async fn link(&self, req: Request<v1::LinkRequest>) -> Result<Response<v1::LinkReply>, Status> {
+        let site = self.site(&req)?;
+        let r = req.get_ref();
+        let verb = if r.unlink {
+            "snaps_unlink"
+        } else {
+            "snaps_link"
+        };
+        let spec = self.identity(verb)?;
+        let key = self.identity_key(&spec, r.key.as_ref(), "a link")?;
+        let other = self.identity_key(&spec, r.other_key.as_ref(), "a link's other record")?;
+        let (Value::Int(k), Value::Int(o)) = (&key, &other) else {
+            return Err(Status::internal(format!(
+                "{}.{} is not an integer",
+                spec.relation, spec.key
+            )));
+        };
+        let other_site = SiteId {
+            number: self
+                .config
+                .network
+                .site(&r.other_site)
+                .map_err(|e| Status::invalid_argument(format!("{verb}: {e}")))?
+                .number,
+            code: r.other_site.clone(),
+        };
+        let user = r.user.clone();
+        let relations = vec![spec.relation.clone()];
+        let action = if r.unlink { "unlink" } else { "link" };
+        self.check_access(
+            &site,
+            &user,
+            &relations,
+            Right::Read,
+            &format!("{action}-denied"),
+        )
+        .await?;
+        let (s, sp, u, unlink, k, o) = (site.clone(), spec.clone(), user.clone(), r.unlink, *k, *o);
+        let (link, changed) = self
+            .blocking(move |store| store.link(&sp, k, (o, &other_site), (&s, &u), unlink))
+            .await?;
+        let wire = self.link_to_wire(&link);
+        if changed {
+            let mut record = AuditRecord::new(&site.code, &user, action);
+            record.relations = relations;
+            record.tuples = 2;
+            record.patients = vec![link.key.to_string(), link.other_key.to_string()];
+            record.detail = format!(
+                "{} {} at {} and {} at {}",
+                spec.key, link.key, wire.site, link.other_key, wire.other_site
+            );
+            self.blocking(move |store| store.append_audit(&[record]))
+                .await?;
+        }
+        let reply = v1::LinkReply {
+            link: Some(wire),
+            changed,
+        };
         self.count(&site, r.encoded_len(), reply.encoded_len());
         Ok(respond(reply))
     }
@@ -1185,9 +1295,14 @@ impl GlobalSnapshot for Service {
             .collect();
         let since = req.get_ref().since;
         let summaries = self.summary_request(&site, req.get_ref().summary_version)?;
+        let links_since = req
+            .get_ref()
+            .links_version
+            .filter(|_| self.links_readable(&site));
         let s = site.clone();
-        let changes = self
+        let (changes, links) = self
             .blocking(move |store| {
+                let links = links_since.map(|v| store.links_since(v)).transpose()?;
                 let changes = store.changes(&s, since, &parts, &summaries)?;
                 if changes.summaries_whole || !changes.summaries.is_empty() {
                     // Which summaries reached which site is on the record
@@ -1223,7 +1338,7 @@ impl GlobalSnapshot for Service {
                     );
                     store.append_audit(&[record])?;
                 }
-                Ok(changes)
+                Ok((changes, links.unwrap_or_default()))
             })
             .await?;
         let resent: usize = changes.changed.iter().map(|c| c.tuple_ids.len()).sum();
@@ -1257,6 +1372,9 @@ impl GlobalSnapshot for Service {
             summary_version: changes.summary_version,
             summaries_whole: changes.summaries_whole,
             summaries: changes.summaries.iter().map(summary_to_wire).collect(),
+            links_version: links.version,
+            links_whole: links.whole,
+            links: links.links.iter().map(|l| self.link_to_wire(l)).collect(),
         };
         self.coordinator.count_resent(resent);
         self.count(&site, req.get_ref().encoded_len(), reply.encoded_len());

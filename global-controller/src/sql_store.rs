@@ -46,7 +46,7 @@ mod summary;
 /// newer version is refused: its tables may mean what this build does not
 /// know. Version 1 is the SQLite store before standing join groups; 2 has
 /// no hash chain over the audit trail (its records are chained on start).
-pub const STORE_VERSION: i64 = 3;
+pub const STORE_VERSION: i64 = 4;
 
 /// Tuples a statement of a load reads or writes at most: a multi-row
 /// statement per chunk spares the round trips to a PostgreSQL server, and
@@ -444,6 +444,7 @@ impl<D: Db> SqlStore<D> {
             tx.batch(&d.ddl(audit::TABLES))?;
             tx.batch(audit::append_only(d))?;
             tx.batch(&d.ddl(groups::TABLES))?;
+            tx.batch(&d.ddl(identity::TABLES))?;
             if version.is_none() && d == Dialect::Sqlite {
                 // A store from before versions were recorded.
                 groups::add_standing(tx)?;
@@ -1171,6 +1172,22 @@ impl<D: Db> GlobalStore for SqlStore<D> {
         key: &Value,
     ) -> Result<Option<(IdentityRecord, Vec<IdentityRecord>)>> {
         self.tx(|tx| identity::candidates(tx, spec, key))
+    }
+
+    fn link(
+        &self,
+        spec: &IdentitySpec,
+        key: i64,
+        other: (i64, &SiteId),
+        by: (&SiteId, &str),
+        unlink: bool,
+    ) -> Result<(IdentityLink, bool)> {
+        let at = now();
+        self.tx(|tx| identity::link(tx, spec, key, other, by, unlink, at))
+    }
+
+    fn links_since(&self, since: u64) -> Result<LinkChanges> {
+        self.tx(|tx| identity::since(tx, since))
     }
 
     fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {

@@ -488,6 +488,52 @@ pub trait GlobalStore: Send + Sync {
         spec: &IdentitySpec,
         key: &Value,
     ) -> Result<Option<(IdentityRecord, Vec<IdentityRecord>)>>;
+
+    /// Records that the records of `spec.relation` keyed `key` and `other`
+    /// (owned by the site `other` names) are the same person (or, with
+    /// `unlink`, that they are not linked any more), confirmed by `user` at
+    /// `site`. Returns the link as it stands and whether the call changed
+    /// it. Either record missing is [`crate::Error::NotFound`]; a record
+    /// with itself, or another site's, is [`crate::Error::InvalidArgument`].
+    fn link(
+        &self,
+        spec: &IdentitySpec,
+        key: i64,
+        other: (i64, &SiteId),
+        by: (&SiteId, &str),
+        unlink: bool,
+    ) -> Result<(IdentityLink, bool)>;
+
+    /// The links made or removed since version `since` (all standing ones,
+    /// `whole`, when the store no longer knows that version).
+    fn links_since(&self, since: u64) -> Result<LinkChanges>;
+}
+
+/// A confirmed link between two records of the relation of people
+/// (`[identity]` of network.toml): `key` is the lesser key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityLink {
+    /// One record's key.
+    pub key: i64,
+    /// The site that owns it.
+    pub owner: SiteNo,
+    /// The other record's key.
+    pub other_key: i64,
+    /// The site that owns the other record.
+    pub other_owner: SiteNo,
+    /// The link was removed.
+    pub removed: bool,
+}
+
+/// The links' changes for a site.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LinkChanges {
+    /// The version after these changes (0: no link was ever made).
+    pub version: u64,
+    /// Every standing link, not changes: the site drops what it held.
+    pub whole: bool,
+    /// The links (removed ones too, unless whole).
+    pub links: Vec<IdentityLink>,
 }
 
 /// What a walk of the audit trail's hash chain found.
@@ -522,6 +568,8 @@ pub struct IdentityRecord {
     pub key: Value,
     /// Its identifying details.
     pub person: crate::matching::Person,
+    /// A user linked it with the record asked about.
+    pub linked: bool,
 }
 
 /// A phase of a refresh epoch (DESIGN.md, "The nightly refresh").

@@ -469,6 +469,7 @@ impl GlobalClient {
             since,
             parts,
             summary_version,
+            links_version: None,
         };
         Ok(self.raw().changes(req).await?.into_inner())
     }

@@ -69,7 +69,7 @@ impl IdentitySpec {
 
 impl IdentityConfig {
     /// Checks the section against the global schema: the relation exists and
-    /// has a one-attribute key, every named attribute exists, the names and
+    /// has a one-attribute integer key, every named attribute exists, the names and
     /// address are text and the date of birth an integer.
     pub fn spec(&self, global: &Catalog) -> Result<IdentitySpec> {
         let fail = |m: String| Error::Catalog(format!("identity: {m}"));
@@ -98,6 +98,16 @@ impl IdentityConfig {
                 ))),
             }
         };
+        // Links between records keep the keys as integers.
+        if !rel
+            .attribute(key)
+            .is_some_and(|a| matches!(a.ty, ValueType::Int2 | ValueType::Int4))
+        {
+            return Err(fail(format!(
+                "{}.{key}, the key, must be an integer (a patient number)",
+                self.relation
+            )));
+        }
         typed(&self.surname, true)?;
         typed(&self.first_names, true)?;
         typed(&self.dob, false)?;
@@ -127,7 +137,9 @@ mod tests {
         Catalog::from_ddl(
             "CREATE TABLE patient (pno i4, surname c22, first_names c24, dob i4, sex c1, \
              add1 c20, PRIMARY KEY (pno));
-             CREATE TABLE pair (a i4, b i4, PRIMARY KEY (a, b));",
+             CREATE TABLE pair (a i4, b i4, PRIMARY KEY (a, b));
+             CREATE TABLE person (code c8, surname c22, first_names c24, dob i4, sex c1, \
+             add1 c20, PRIMARY KEY (code));",
         )
         .unwrap()
     }
@@ -164,6 +176,10 @@ mod tests {
             (
                 Box::new(|c| c.relation = "pair".into()),
                 "key of one attribute",
+            ),
+            (
+                Box::new(|c| c.relation = "person".into()),
+                "person.code, the key, must be an integer",
             ),
             (
                 Box::new(|c| c.surname = "name".into()),
