@@ -208,3 +208,125 @@ async fn refused_matches_say_why_and_change_nothing() {
     assert_eq!(code, "08006", "{message}");
     assert!(message.contains("unreachable"), "{message}");
 }
+
+/// The refusal the global controller answered `r` with.
+fn status<T: std::fmt::Debug>(r: Result<T, snaps_local::Error>) -> tonic::Status {
+    match r {
+        Err(snaps_local::Error::Remote(s)) => s,
+        other => panic!("expected a refusal from the global controller, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confirmed_link_is_graded_linked_checked_and_audited() {
+    let net = setup(10).await;
+    let global = net.global.as_ref().unwrap();
+    let stg = snaps_local::remote::GlobalClient::connect(
+        &global.addr,
+        &snaps_local::remote::Auth::Insecure(global.tokens["STG"].clone()),
+        Some("STG"),
+    )
+    .await
+    .unwrap();
+    let (cph_pno, stg_pno) = (
+        common::patients(&net, "CPH")[0],
+        common::patients(&net, "STG")[0],
+    );
+    let (cph_key, stg_key) = (Value::Int(cph_pno), Value::Int(stg_pno));
+
+    // A ward user at STG confirms the two records are one woman.
+    let made = stg
+        .link(&stg_key, ("CPH", &cph_key), "ward", false)
+        .await
+        .unwrap();
+    assert!(made.changed);
+    let link = made.link.expect("the link as it stands");
+    assert_eq!(
+        (link.site.as_str(), link.other_site.as_str()),
+        ("CPH", "STG")
+    );
+    assert!(!link.removed);
+    let again = stg
+        .link(&stg_key, ("CPH", &cph_key), "ward", false)
+        .await
+        .unwrap();
+    assert!(!again.changed, "linking twice changes nothing");
+
+    // Matched from CPH, her STG record comes first, graded linked.
+    let cph = connect(net.sites["CPH"]).await;
+    let found = matches(&cph, cph_pno).await;
+    assert_eq!(
+        found.first().map(|m| (m.0.as_str(), m.1, m.2.as_str())),
+        Some(("STG", stg_pno, "linked")),
+        "{found:?}"
+    );
+
+    // Bad links are refused with what was wrong.
+    let s = status(stg.link(&stg_key, ("STG", &stg_key), "ward", false).await);
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("not linked with itself"), "{s:?}");
+    let s = status(stg.link(&stg_key, ("GRC", &cph_key), "ward", false).await);
+    assert!(
+        s.message()
+            .contains(&format!("{cph_pno} is not a record of site GRC")),
+        "{s:?}"
+    );
+    let s = status(
+        stg.link(&Value::Int(999), ("CPH", &cph_key), "ward", false)
+            .await,
+    );
+    assert_eq!(s.code(), tonic::Code::NotFound, "{s:?}");
+    assert!(s.message().contains("999"), "{s:?}");
+    // A site may only link its own patients.
+    let s = status(stg.link(&cph_key, ("GRC", &stg_key), "ward", false).await);
+    assert!(
+        s.message()
+            .contains(&format!("{cph_pno} is not a record of site STG")),
+        "{s:?}"
+    );
+
+    // A user who may not read patients may not link them.
+    let admin = global.admin_client().await.unwrap();
+    admin
+        .grant(v1::AclRule {
+            relation: "patient".into(),
+            site: "STG".into(),
+            user: "clerk".into(),
+            right: v1::Right::None as i32,
+        })
+        .await
+        .unwrap();
+    let s = status(stg.link(&stg_key, ("CPH", &cph_key), "clerk", true).await);
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+
+    // The link, and the refusal, are in the audit trail with both patients.
+    let trail = admin
+        .audit(v1::AuditRequest {
+            site: "STG".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let linked = trail
+        .iter()
+        .find(|e| e.action == "link")
+        .expect("the link is audited");
+    assert_eq!(linked.user, "ward");
+    assert!(linked.patients.contains(&cph_pno.to_string()), "{linked:?}");
+    assert!(linked.patients.contains(&stg_pno.to_string()), "{linked:?}");
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "unlink-denied" && e.user == "clerk"),
+        "{trail:?}"
+    );
+
+    // Unlinked, the record is no longer graded linked.
+    let gone = stg
+        .link(&stg_key, ("CPH", &cph_key), "ward", true)
+        .await
+        .unwrap();
+    assert!(gone.changed && gone.link.expect("link").removed);
+    let found = matches(&cph, cph_pno).await;
+    assert!(found.iter().all(|m| m.2 != "linked"), "{found:?}");
+}

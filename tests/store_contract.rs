@@ -920,7 +920,7 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
     assert_eq!(again.expect("link"), (linked.clone(), false));
     let all = store.links_since(0).expect("links");
     assert_eq!((all.version, all.whole), (1, true));
-    assert_eq!(all.links, [linked.clone()]);
+    assert_eq!(all.links, std::slice::from_ref(&linked));
     assert_eq!(store.links_since(1).expect("links").links, []);
 
     // The candidates of a linked record include the other and say so.
@@ -938,18 +938,21 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
     };
     let msg = refused(store.link(&spec, CPH_P1, (CPH_P1, &cph), (&cph, "ward"), false));
     assert!(msg.contains("itself"), "{msg}");
-    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &cph), (&cph, "ward"), false));
+    let grc = site(config, "GRC");
+    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &grc), (&cph, "ward"), false));
     assert!(
-        msg.contains(&format!("{STG_P1} is not a record of site CPH")),
+        msg.contains(&format!("{STG_P1} is not a record of site GRC")),
         "{msg}"
     );
-    let msg = refused(store.link(
-        &spec,
-        CPH_P2,
-        (GRC_P1, &site(config, "GRC")),
-        (&cph, "ward"),
-        false,
-    ));
+    // A site links only its own patients.
+    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &stg), (&grc, "ward"), false));
+    assert!(
+        msg.contains(&format!("{CPH_P2} is not a record of site GRC")),
+        "{msg}"
+    );
+    let msg = refused(store.link(&spec, CPH_P1, (CPH_P2, &cph), (&cph, "ward"), false));
+    assert!(msg.contains("both records would be of site CPH"), "{msg}");
+    let msg = refused(store.link(&spec, CPH_P2, (GRC_P1, &grc), (&cph, "ward"), false));
     assert!(msg.contains(&GRC_P1.to_string()), "{msg}");
     assert_eq!(store.links_since(1).expect("links").version, 1);
 

@@ -578,6 +578,26 @@ impl GlobalClient {
         Ok(self.raw().r#match(req).await?.into_inner())
     }
 
+    /// Records that the patient keyed `key` (of this site) and the record
+    /// keyed `other_key` of `other_site` are the same person, or with
+    /// `unlink` that they are not (confirmed by `user`).
+    pub async fn link(
+        &self,
+        key: &Value,
+        (other_site, other_key): (&str, &Value),
+        user: &str,
+        unlink: bool,
+    ) -> Result<v1::LinkReply> {
+        let req = v1::LinkRequest {
+            key: Some(snaps_proto::encode_value(key)),
+            other_site: other_site.to_string(),
+            other_key: Some(snaps_proto::encode_value(other_key)),
+            user: user.to_string(),
+            unlink,
+        };
+        Ok(self.raw().link(req).await?.into_inner())
+    }
+
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
         Ok(self

@@ -197,15 +197,29 @@ pub(super) fn link(
             spec.key
         )));
     }
+    if other_site.number == site.number {
+        return Err(Error::InvalidArgument(format!(
+            "both records would be of site {}: a link joins a patient's records at two sites",
+            site.code
+        )));
+    }
     let (a, b) = (key.min(other), key.max(other));
     let a_owner = owner_of(tx, spec, a)?;
     let b_owner = owner_of(tx, spec, b)?;
-    // A link is confirmed of records a user has seen, site and number.
-    if (if other == a { a_owner } else { b_owner }) != other_site.number {
-        return Err(Error::InvalidArgument(format!(
-            "{} {other} is not a record of site {}: nothing was changed",
-            spec.key, other_site.code
-        )));
+    let (key_owner, other_owner) = if key == a {
+        (a_owner, b_owner)
+    } else {
+        (b_owner, a_owner)
+    };
+    // A site links its own patient, with a record a user has seen, site
+    // and number.
+    for (pno, owner, named) in [(key, key_owner, site), (other, other_owner, other_site)] {
+        if owner != named.number {
+            return Err(Error::InvalidArgument(format!(
+                "{} {pno} is not a record of site {}: nothing was changed",
+                spec.key, named.code
+            )));
+        }
     }
     let held = tx
         .one(
