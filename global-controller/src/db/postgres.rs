@@ -185,10 +185,16 @@ impl Db for PgDb {
                 Err(e) if is_conflict(&e) && attempt < RETRIES => {
                     attempt += 1;
                     // Spread the retries so the conflicting transactions do
-                    // not meet again at once.
-                    let jitter =
-                        u64::from(std::process::id() ^ attempt).wrapping_mul(2654435761) % 7;
-                    std::thread::sleep(Duration::from_millis(u64::from(attempt) * 3 + jitter));
+                    // not meet again at once: a random wait under a bound
+                    // that doubles (to 128 ms). The randomness is per call:
+                    // threads of one controller are the usual rivals, so a
+                    // per-process jitter would keep them in step.
+                    let bound = 2u64 << attempt.min(6);
+                    let random = std::hash::BuildHasher::hash_one(
+                        &std::collections::hash_map::RandomState::new(),
+                        attempt,
+                    );
+                    std::thread::sleep(Duration::from_millis(bound / 2 + random % bound));
                     tracing::debug!(attempt, error = %e, "store transaction run again after a conflict");
                 }
                 Err(e) if is_conflict(&e) => {
