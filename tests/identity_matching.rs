@@ -1,7 +1,9 @@
 //! `snaps_match(<pno>)` through a site's SQL endpoint: the same person's
 //! records at other sites, graded, over the global snapshot; and its
 //! refusals (a bad argument, an unknown patient, the access rules, the
-//! controller down), each a clear error that changes nothing.
+//! controller down), each a clear error that changes nothing. And the
+//! links a site's users confirm over the Link RPC, which `snaps_match`
+//! grades `linked`.
 
 mod common;
 

@@ -45,7 +45,8 @@ mod summary;
 /// The version of the store's own tables this build writes. A store of a
 /// newer version is refused: its tables may mean what this build does not
 /// know. Version 1 is the SQLite store before standing join groups; 2 has
-/// no hash chain over the audit trail (its records are chained on start).
+/// no hash chain over the audit trail (its records are chained on start);
+/// 3 has no identity links (`snaps_link` is created on start).
 pub const STORE_VERSION: i64 = 4;
 
 /// Tuples a statement of a load reads or writes at most: a multi-row
