@@ -27,6 +27,17 @@ async fn matches(c: &Client, pno: i64) -> Vec<(String, i64, String, f64)> {
         .collect()
 }
 
+/// The audit trail's records of `site`.
+async fn site_trail(admin: &snaps_local::remote::GlobalClient, site: &str) -> Vec<v1::AuditEntry> {
+    admin
+        .audit(v1::AuditRequest {
+            site: site.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 /// A CPH patient, female, with everything the match compares.
 fn cph_woman(net: &Net) -> Vec<Value> {
     net.data["CPH"]["patient"]
@@ -125,13 +136,7 @@ async fn a_patient_registered_again_elsewhere_is_found_and_graded() {
 
     // Every match is in the audit trail with the patient and what it named.
     let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
-    let trail = admin
-        .audit(v1::AuditRequest {
-            site: "CPH".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let trail = site_trail(&admin, "CPH").await;
     let record = trail
         .iter()
         .find(|e| e.action == "match")
@@ -302,13 +307,7 @@ async fn a_confirmed_link_is_graded_linked_checked_and_audited() {
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
 
     // The link, and the refusal, are in the audit trail with both patients.
-    let trail = admin
-        .audit(v1::AuditRequest {
-            site: "STG".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let trail = site_trail(&admin, "STG").await;
     let linked = trail
         .iter()
         .find(|e| e.action == "link")
