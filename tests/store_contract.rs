@@ -900,6 +900,24 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
         .expect("identity section")
         .expect("the radiology network declares one");
     let (cph, stg) = (site(config, "CPH"), site(config, "STG"));
+    // Each change is audited in its transaction; a call changing nothing
+    // is not.
+    let link = |key, other, by, unlink| {
+        store.link(&spec, key, other, by, unlink, &mut |l: &IdentityLink| {
+            let mut r = AuditRecord::new(&by.0.code, by.1, if unlink { "unlink" } else { "link" });
+            r.patients = vec![l.key.to_string(), l.other_key.to_string()];
+            r
+        })
+    };
+    let trail = || -> Vec<(String, Vec<String>)> {
+        store
+            .audit(&AuditFilter::default())
+            .expect("audit")
+            .into_iter()
+            .filter(|r| r.action.ends_with("link"))
+            .map(|r| (r.action, r.patients))
+            .collect()
+    };
     let none = LinkChanges {
         whole: true,
         ..LinkChanges::default()
@@ -914,9 +932,9 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
         removed: false,
     };
     // Asked from either side, the link is kept with the lesser key first.
-    let made = store.link(&spec, STG_P1, (CPH_P1, &cph), (&stg, "ward"), false);
+    let made = link(STG_P1, (CPH_P1, &cph), (&stg, "ward"), false);
     assert_eq!(made.expect("link"), (linked.clone(), true));
-    let again = store.link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), false);
+    let again = link(CPH_P1, (STG_P1, &stg), (&cph, "ward"), false);
     assert_eq!(again.expect("link"), (linked.clone(), false));
     let all = store.links_since(0).expect("links");
     assert_eq!((all.version, all.whole), (1, true));
@@ -936,30 +954,28 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
         Err(e @ (Error::NotFound(_) | Error::InvalidArgument(_))) => e.to_string(),
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let msg = refused(store.link(&spec, CPH_P1, (CPH_P1, &cph), (&cph, "ward"), false));
+    let msg = refused(link(CPH_P1, (CPH_P1, &cph), (&cph, "ward"), false));
     assert!(msg.contains("itself"), "{msg}");
     let grc = site(config, "GRC");
-    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &grc), (&cph, "ward"), false));
+    let msg = refused(link(CPH_P2, (STG_P1, &grc), (&cph, "ward"), false));
     assert!(
         msg.contains(&format!("{STG_P1} is not a record of site GRC")),
         "{msg}"
     );
     // A site links only its own patients.
-    let msg = refused(store.link(&spec, CPH_P2, (STG_P1, &stg), (&grc, "ward"), false));
+    let msg = refused(link(CPH_P2, (STG_P1, &stg), (&grc, "ward"), false));
     assert!(
         msg.contains(&format!("{CPH_P2} is not a record of site GRC")),
         "{msg}"
     );
-    let msg = refused(store.link(&spec, CPH_P1, (CPH_P2, &cph), (&cph, "ward"), false));
+    let msg = refused(link(CPH_P1, (CPH_P2, &cph), (&cph, "ward"), false));
     assert!(msg.contains("both records would be of site CPH"), "{msg}");
-    let msg = refused(store.link(&spec, CPH_P2, (GRC_P1, &grc), (&cph, "ward"), false));
+    let msg = refused(link(CPH_P2, (GRC_P1, &grc), (&cph, "ward"), false));
     assert!(msg.contains(&GRC_P1.to_string()), "{msg}");
     assert_eq!(store.links_since(1).expect("links").version, 1);
 
     // An unlink is a change the sites that held the link receive.
-    let (gone, changed) = store
-        .link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), true)
-        .expect("unlink");
+    let (gone, changed) = link(CPH_P1, (STG_P1, &stg), (&cph, "ward"), true).expect("unlink");
     assert!(changed && gone.removed);
     let since = store.links_since(1).expect("links");
     assert_eq!((since.version, since.whole), (2, false));
@@ -971,10 +987,17 @@ fn links_are_kept_versioned_and_checked(store: &dyn GlobalStore, config: &Global
         }]
     );
     assert_eq!(store.links_since(0).expect("links").links, []);
-    let (_, changed) = store
-        .link(&spec, CPH_P1, (STG_P1, &stg), (&cph, "ward"), true)
-        .expect("unlink");
+    let (_, changed) = link(CPH_P1, (STG_P1, &stg), (&cph, "ward"), true).expect("unlink");
     assert!(!changed);
+    let pair = vec![CPH_P1.to_string(), STG_P1.to_string()];
+    assert_eq!(
+        trail(),
+        [
+            ("link".to_string(), pair.clone()),
+            ("unlink".to_string(), pair)
+        ],
+        "one record per change, none for a refusal or a repeat"
+    );
     // A version the store never had gets every standing link.
     assert!(store.links_since(99).expect("links").whole);
 }

@@ -745,6 +745,10 @@ impl GlobalSnapshot for Service {
             first: r.first,
             last: r.last,
         };
+        let identity = self
+            .identity
+            .as_deref()
+            .filter(|_| self.links_readable(&site));
         let reply = v1::HelloReply {
             network: self.config.network.name.clone(),
             site_code: site.code.clone(),
@@ -795,6 +799,8 @@ impl GlobalSnapshot for Service {
                     })
                     .collect()
             },
+            identity_relation: identity.map(|s| s.relation.clone()).unwrap_or_default(),
+            identity_key: identity.map(|s| s.key.clone()).unwrap_or_default(),
         };
         self.count(&site, req_len, reply.encoded_len());
         Ok(respond(reply))
@@ -1153,22 +1159,39 @@ impl GlobalSnapshot for Service {
         )
         .await?;
         let (s, sp, u, unlink, k, o) = (site.clone(), spec.clone(), user.clone(), r.unlink, *k, *o);
-        let (link, changed) = self
-            .blocking(move |store| store.link(&sp, k, (o, &other_site), (&s, &u), unlink))
-            .await?;
-        let wire = self.link_to_wire(&link);
-        if changed {
-            let mut record = AuditRecord::new(&site.code, &user, action);
-            record.relations = relations;
+        let codes = (site.code.clone(), other_site.code.clone());
+        let audit = move |link: &IdentityLink| {
+            let mut record = AuditRecord::new(&codes.0, &u, action);
+            record.relations = vec![sp.relation.clone()];
             record.tuples = 2;
             record.patients = vec![link.key.to_string(), link.other_key.to_string()];
+            // The key asked from is this site's record.
+            let (mine, theirs) = if link.key == k {
+                (link.key, link.other_key)
+            } else {
+                (link.other_key, link.key)
+            };
             record.detail = format!(
-                "{} {} at {} and {} at {}",
-                spec.key, link.key, wire.site, link.other_key, wire.other_site
+                "{} {mine} at {} and {theirs} at {}",
+                sp.key, codes.0, codes.1
             );
-            self.blocking(move |store| store.append_audit(&[record]))
-                .await?;
-        }
+            record
+        };
+        let (spec2, user2) = (spec.clone(), user.clone());
+        let (link, changed) = self
+            .blocking(move |store| {
+                let mut audit = audit;
+                store.link(
+                    &spec2,
+                    k,
+                    (o, &other_site),
+                    (&s, &user2),
+                    unlink,
+                    &mut audit,
+                )
+            })
+            .await?;
+        let wire = self.link_to_wire(&link);
         let reply = v1::LinkReply {
             link: Some(wire),
             changed,
@@ -1300,9 +1323,32 @@ impl GlobalSnapshot for Service {
             .links_version
             .filter(|_| self.links_readable(&site));
         let s = site.clone();
+        let relation = self.identity.as_ref().map(|i| i.relation.clone());
         let (changes, links) = self
             .blocking(move |store| {
                 let links = links_since.map(|v| store.links_since(v)).transpose()?;
+                if let Some(l) = links.as_ref().filter(|l| !l.links.is_empty()) {
+                    // Which patients a site was told are one person is on
+                    // the record, as the summaries are.
+                    let mut record = AuditRecord::new(&s.code, "", "links");
+                    record.relations = relation.iter().cloned().collect();
+                    record.tuples = l.links.len() as u64;
+                    record.patients = l
+                        .links
+                        .iter()
+                        .flat_map(|k| [k.key.to_string(), k.other_key.to_string()])
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    record.detail = format!(
+                        "version {}{}: {} link(s), {} removed",
+                        l.version,
+                        if l.whole { " (whole)" } else { "" },
+                        l.links.len(),
+                        l.links.iter().filter(|k| k.removed).count()
+                    );
+                    store.append_audit(&[record])?;
+                }
                 let changes = store.changes(&s, since, &parts, &summaries)?;
                 if changes.summaries_whole || !changes.summaries.is_empty() {
                     // Which summaries reached which site is on the record

@@ -1182,9 +1182,16 @@ impl<D: Db> GlobalStore for SqlStore<D> {
         other: (i64, &SiteId),
         by: (&SiteId, &str),
         unlink: bool,
+        audit: &mut dyn FnMut(&IdentityLink) -> AuditRecord,
     ) -> Result<(IdentityLink, bool)> {
         let at = now();
-        self.tx(|tx| identity::link(tx, spec, key, other, by, unlink, at))
+        self.tx(|tx| {
+            let (link, changed) = identity::link(tx, spec, key, other, by, unlink, at)?;
+            if changed {
+                audit::insert(tx, &audit(&link))?;
+            }
+            Ok((link, changed))
+        })
     }
 
     fn links_since(&self, since: u64) -> Result<LinkChanges> {

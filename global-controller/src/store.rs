@@ -493,8 +493,10 @@ pub trait GlobalStore: Send + Sync {
     /// (owned by the site `other` names) are the same person (or, with
     /// `unlink`, that they are not linked any more), confirmed by `user` at
     /// `site`. Returns the link as it stands and whether the call changed
-    /// it. Either record missing is [`crate::Error::NotFound`]; a record
-    /// with itself, or another site's, is [`crate::Error::InvalidArgument`].
+    /// it; a change is on the audit trail (`audit`'s record of it) in the
+    /// same transaction. Either record missing is
+    /// [`crate::Error::NotFound`]; a record with itself, or another
+    /// site's, is [`crate::Error::InvalidArgument`].
     fn link(
         &self,
         spec: &IdentitySpec,
@@ -502,6 +504,7 @@ pub trait GlobalStore: Send + Sync {
         other: (i64, &SiteId),
         by: (&SiteId, &str),
         unlink: bool,
+        audit: &mut dyn FnMut(&IdentityLink) -> AuditRecord,
     ) -> Result<(IdentityLink, bool)>;
 
     /// The links made or removed since version `since` (all standing ones,

@@ -36,6 +36,7 @@ pub mod engine;
 mod identity;
 mod include;
 mod kept;
+mod links;
 pub mod mapping_admin;
 pub mod refresh;
 pub mod remote;

@@ -683,12 +683,24 @@ impl Site {
             .flat_map(|rm| shape_of_relation(rm).parts)
             .collect();
         let summaries = crate::summary::version(conn)?;
-        let reply = self.remote(|c| async move { c.changes(since, parts, summaries).await })?;
+        let links = match self.identity() {
+            Some(_) => Some(crate::links::version(conn)?),
+            None => None,
+        };
+        let reply =
+            self.remote(|c| async move { c.changes(since, parts, summaries, links).await })?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (added, removed) = crate::summary::apply(&tx, &reply)?;
         if added + removed > 0 {
             tracing::info!(site = %self.code(), added, removed, version = reply.summary_version,
                 "summaries applied");
+        }
+        if links.is_some() {
+            let n = crate::links::apply(&tx, &reply)?;
+            if n > 0 {
+                tracing::info!(site = %self.code(), links = n, version = reply.links_version,
+                    "identity links applied");
+            }
         }
         // Writes are allowed again from here (in this transaction too).
         tx.execute("DELETE FROM snaps_meta WHERE key = ?1", [REFRESHING])?;

@@ -458,18 +458,21 @@ impl GlobalClient {
         Ok(self.raw().push(req).await?.into_inner().tuples)
     }
 
-    /// What changed for this site after epoch `since`, in its parts.
+    /// What changed for this site after epoch `since`, in its parts, with
+    /// the summaries and (when `links_version` is given) the identity
+    /// links changed since the versions the site holds.
     pub async fn changes(
         &self,
         since: u64,
         parts: Vec<v1::Part>,
         summary_version: u64,
+        links_version: Option<u64>,
     ) -> Result<v1::ChangesReply> {
         let req = v1::ChangesRequest {
             since,
             parts,
             summary_version,
-            links_version: None,
+            links_version,
         };
         Ok(self.raw().changes(req).await?.into_inner())
     }

@@ -132,6 +132,9 @@ pub struct Site {
     /// The network's include trees as the controller last said (kept in
     /// `snaps_meta` for the fetches before the next connect).
     includes: RwLock<Arc<Vec<IncludeEdge>>>,
+    /// The network's relation of people, when the site may read it (kept
+    /// in `snaps_meta` like the include trees).
+    identity: RwLock<Option<Arc<crate::links::Identity>>>,
     /// The names given to fetched join groups' bodies.
     pub(crate) kept: crate::kept::KeptNames,
 }
@@ -199,9 +202,11 @@ impl Site {
             None => Vec::new(),
         };
         let kept = crate::kept::KeptNames::read(&writer)?;
+        let identity = crate::links::Identity::read(&writer)?.map(Arc::new);
         let active = Active::new(mapping, global);
         Ok(Arc::new(Site {
             kept,
+            identity: RwLock::new(identity),
             includes: RwLock::new(Arc::new(includes)),
             path: path.to_path_buf(),
             code,
@@ -431,9 +436,20 @@ impl Site {
             "INSERT OR REPLACE INTO snaps_meta (key, value) VALUES (?1, ?2)",
             params![INCLUDES, to_json(&includes)?],
         )?;
+        let identity = crate::links::Identity::from_hello(hello);
+        crate::links::Identity::store(&tx, identity.as_ref())?;
         tx.commit()?;
         *self.includes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(includes);
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = identity.map(Arc::new);
         Ok(())
+    }
+
+    /// The network's relation of people, if the site may read it.
+    pub(crate) fn identity(&self) -> Option<Arc<crate::links::Identity>> {
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) async fn forget_client(&self) {
@@ -986,9 +1002,9 @@ impl Site {
         }
     }
 
-    /// Until the next refresh, fetches ask for held tuples too: the
-    /// controller's sent-to bits may name tuples this site does not have.
-    /// Whether fetches ask for held tuples too (a reply may have been lost).
+    /// Whether fetches ask for held tuples too, until the next refresh: a
+    /// reply may have been lost, so the controller's sent-to bits may name
+    /// tuples this site does not have.
     pub fn uncertain(&self) -> bool {
         self.uncertain.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -45,7 +45,7 @@ use crate::value::{from_sqlite, to_sqlite};
 use crate::{Error, Result};
 
 /// The version of the site database layout, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The hidden status column on every mapped relation: the appendix-A byte.
 pub const STATUS_COLUMN: &str = "snaps_status";
@@ -206,6 +206,19 @@ CREATE TABLE snaps_summary_item (
 ) WITHOUT ROWID;
 ";
 
+/// Layout 5: the links between records of the network's relation of
+/// people that users confirmed (`snaps_link`), as of the last epoch
+/// applied or the site's own last link: each pair in both directions, so a
+/// lookup of either key finds the other. Keys are the global snapshot's.
+const LINK_TABLES: &str = "
+CREATE TABLE snaps_link (
+    key        INTEGER NOT NULL,
+    other      INTEGER NOT NULL,
+    other_site TEXT NOT NULL,
+    PRIMARY KEY (key, other)
+) WITHOUT ROWID;
+";
+
 /// A site's database, open.
 #[derive(Debug)]
 pub struct SiteStore {
@@ -342,13 +355,16 @@ impl SiteStore {
             return Err(not_site("it has no snaps_site table"));
         }
         let mut version: i32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version == 3 {
-            // Layout 3 lacks only the summary tables: added in place.
-            let tx = conn.unchecked_transaction()?;
-            tx.execute_batch(SUMMARY_TABLES)?;
-            tx.pragma_update(None, "user_version", 4)?;
-            tx.commit()?;
-            version = 4;
+        // Layouts 3 and 4 lack only tables: added in place, one step at a
+        // time.
+        for (from, tables) in [(3, SUMMARY_TABLES), (4, LINK_TABLES)] {
+            if version == from {
+                let tx = conn.unchecked_transaction()?;
+                tx.execute_batch(tables)?;
+                tx.pragma_update(None, "user_version", from + 1)?;
+                tx.commit()?;
+                version = from + 1;
+            }
         }
         if version != SCHEMA_VERSION {
             return Err(Error::Invalid(format!(
@@ -547,6 +563,7 @@ impl Definition<'_> {
         }
         tx.execute_batch(BOOKKEEPING)?;
         tx.execute_batch(SUMMARY_TABLES)?;
+        tx.execute_batch(LINK_TABLES)?;
         for rm in self.mapping.relations() {
             tx.execute_batch(&relation_triggers(rm))?;
         }
@@ -1700,5 +1717,32 @@ mod tests {
                 SCHEMA_VERSION + 1
             )
         );
+    }
+
+    #[test]
+    fn an_older_layout_gains_the_tables_it_lacks_in_place() {
+        let dir = TempDir::new().unwrap();
+        let old = dir.path().join("layout3.db");
+        fixture("GRC").create(&old).unwrap();
+        let conn = Connection::open(&old).unwrap();
+        conn.execute_batch(
+            "DROP TABLE snaps_link; DROP TABLE snaps_summary_item; DROP TABLE snaps_summary;
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = SiteStore::open(&old).unwrap();
+        let version: i32 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        for table in ["snaps_summary", "snaps_summary_item", "snaps_link"] {
+            let n: i64 = store
+                .conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 0, "{table} is there and empty");
+        }
     }
 }
