@@ -331,3 +331,89 @@ async fn a_confirmed_link_is_graded_linked_checked_and_audited() {
     let found = matches(&cph, cph_pno).await;
     assert!(found.iter().all(|m| m.2 != "linked"), "{found:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lookup_of_a_linked_patient_brings_the_other_records_before_the_controller_goes_down() {
+    let mut net = setup(10).await;
+    let global = net.global.as_ref().unwrap();
+    let stg_client = snaps_local::remote::GlobalClient::connect(
+        &global.addr,
+        &snaps_local::remote::Auth::Insecure(global.tokens["STG"].clone()),
+        Some("STG"),
+    )
+    .await
+    .unwrap();
+    let mut cph = connect(net.sites["CPH"]).await;
+    // The CPH patient with the most visits, and his visits as CPH has them.
+    let (rows, _) = run(
+        &mut cph,
+        "SELECT pno, count(*) FROM visit GROUP BY pno ORDER BY count(*) DESC, pno LIMIT 1",
+    )
+    .await;
+    let cph_pno: i64 = rows[0][0].as_deref().unwrap().parse().unwrap();
+    let visits = rows[0][1].clone();
+    assert_ne!(visits.as_deref(), Some("0"));
+    let stg_pno = common::patients(&net, "STG")[0];
+    let made = stg_client
+        .link(
+            &Value::Int(stg_pno),
+            ("CPH", &Value::Int(cph_pno)),
+            "ward",
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(made.changed);
+
+    // The refresh tells every site that may read patients.
+    net.refresh().await;
+    let links = |code: &str| -> Vec<(i64, i64, String)> {
+        let conn = rusqlite::Connection::open(common::db(&net, code)).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT key, other, other_site FROM snaps_link ORDER BY key")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let both = {
+        let mut v = vec![
+            (stg_pno, cph_pno, "CPH".to_string()),
+            (cph_pno, stg_pno, "STG".to_string()),
+        ];
+        v.sort();
+        v
+    };
+    assert_eq!(links("GRC"), both);
+    assert_eq!(links("STG"), both);
+
+    // STG looks up its own patient: the CPH record and its visits come
+    // along, so with the controller gone they are still answered in full.
+    let mut stg = connect(net.sites["STG"]).await;
+    let (rows, notices) = run(
+        &mut stg,
+        &format!("SELECT pno FROM patient WHERE pno = {stg_pno}"),
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+    assert!(notices.is_empty(), "{notices:?}");
+    net.global.take().unwrap().kill();
+    let (rows, notices) = run(
+        &mut stg,
+        &format!("SELECT count(*) FROM visit WHERE pno = {cph_pno}"),
+    )
+    .await;
+    assert_eq!(rows, [[visits]]);
+    assert!(
+        notices.is_empty(),
+        "covered, not a local-only answer: {notices:?}"
+    );
+    let (rows, notices) = run(
+        &mut stg,
+        &format!("SELECT pno FROM patient WHERE pno = {cph_pno}"),
+    )
+    .await;
+    assert_eq!(rows, [[Some(cph_pno.to_string())]]);
+    assert!(notices.is_empty(), "{notices:?}");
+}

@@ -1735,8 +1735,49 @@ impl SiteSession {
         lang: Language,
         text: &str,
     ) -> Result<Retrieved> {
+        let planned = plan(select, &self.site.catalog, &self.site.mapping())?;
+        let linked = match self.site.identity() {
+            Some(identity) => identity.linked_in(&self.conn, &planned, &self.site.global)?,
+            None => Vec::new(),
+        };
+        let retrieved = self.retrieve(planned, select, lang, text)?;
+        if !linked.is_empty() && !matches!(retrieved, Retrieved::LocalOnly(_)) {
+            self.bring_linked(&linked);
+        }
+        Ok(retrieved)
+    }
+
+    /// Brings the records linked with the patients a query looked up (they
+    /// are the same person's): each looked up as the site's own query
+    /// would, its include tree along. One step: their own links are not
+    /// followed. A failure costs the query nothing and is logged.
+    fn bring_linked(&mut self, keys: &[i64]) {
+        let Some(identity) = self.site.identity() else {
+            return;
+        };
+        for &key in keys {
+            let Some((select, text)) = identity.lookup(&self.site.mapping(), key) else {
+                return;
+            };
+            let brought = plan(&select, &self.site.catalog, &self.site.mapping())
+                .map_err(Error::from)
+                .and_then(|p| self.retrieve(p, &select, Language::Sql, &text));
+            if let Err(e) = brought {
+                tracing::warn!(site = %self.site.code, key, error = %e,
+                    "a linked record was not brought");
+            }
+        }
+    }
+
+    /// Steps 2–5 for a planned query.
+    fn retrieve(
+        &mut self,
+        mut plan: Plan,
+        select: &Select,
+        lang: Language,
+        text: &str,
+    ) -> Result<Retrieved> {
         let site = &self.site;
-        let mut plan = plan(select, &site.catalog, &site.mapping())?;
         if plan.query.is_none() {
             return Ok(Retrieved::Covered(Vec::new()));
         }
