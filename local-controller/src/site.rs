@@ -1728,7 +1728,8 @@ impl SiteSession {
         projections(&self.conn, plan)
     }
 
-    /// Makes sure the site holds what `select` needs (steps 2–5).
+    /// Makes sure the site holds what `select` needs (steps 2–5), and the
+    /// records confirmed linked with the patients it looks up by key.
     pub(crate) fn prepare_retrieval(
         &mut self,
         select: &Select,
