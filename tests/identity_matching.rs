@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Client, Net, connect, refused, run, setup};
+use common::{Client, Net, connect, one, refused, run, setup};
 use snaps_proto::v1;
 use snaps_schema::Value;
 
@@ -416,4 +416,109 @@ async fn a_lookup_of_a_linked_patient_brings_the_other_records_before_the_contro
     .await;
     assert_eq!(rows, [[Some(cph_pno.to_string())]]);
     assert!(notices.is_empty(), "{notices:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_links_and_unlinks_in_sql_and_bad_calls_say_why() {
+    let mut net = setup(10).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    let (rows, _) = run(
+        &mut cph,
+        "SELECT pno, count(*) FROM visit GROUP BY pno ORDER BY count(*) DESC, pno LIMIT 1",
+    )
+    .await;
+    let cph_pno: i64 = rows[0][0].as_deref().unwrap().parse().unwrap();
+    let visits = rows[0][1].clone();
+    let stg_pno = common::patients(&net, "STG")[0];
+    let mut stg = connect(net.sites["STG"]).await;
+    let call = |f: &str| format!("SELECT {f}({stg_pno}, 'CPH', {cph_pno})");
+
+    // The link is made and kept at STG at once, and the CPH record comes
+    // along: with the controller gone, his visits are answered in full.
+    assert_eq!(
+        one(&mut stg, &call("snaps_link")).await.as_deref(),
+        Some("linked")
+    );
+    assert_eq!(
+        one(&mut stg, &call("snaps_link")).await.as_deref(),
+        Some("already linked")
+    );
+    assert_eq!(
+        one(
+            &mut stg,
+            &format!(
+                "SELECT other_site FROM snaps_link WHERE key = {stg_pno} AND other = {cph_pno}"
+            )
+        )
+        .await
+        .as_deref(),
+        Some("CPH")
+    );
+    let (rows, notices) = run(
+        &mut stg,
+        &format!("SELECT count(*) FROM visit WHERE pno = {cph_pno}"),
+    )
+    .await;
+    assert_eq!(rows, [[visits.clone()]]);
+    assert!(notices.is_empty(), "{notices:?}");
+
+    // Bad calls are refused with what was wrong, and change nothing.
+    let (code, message) = refused(&stg, &format!("SELECT snaps_link({stg_pno}, CPH)")).await;
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("the other site's code"), "{message}");
+    let (code, message) = refused(
+        &stg,
+        &format!("SELECT snaps_link({stg_pno}, 'GRC', {cph_pno})"),
+    )
+    .await;
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("is not a record of site GRC"), "{message}");
+    let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
+    admin
+        .grant(v1::AclRule {
+            relation: "patient".into(),
+            site: "STG".into(),
+            user: "clerk".into(),
+            right: v1::Right::None as i32,
+        })
+        .await
+        .unwrap();
+    let clerk = common::connect_as(net.sites["STG"], "clerk").await;
+    let (code, message) = refused(&clerk, &call("snaps_unlink")).await;
+    assert_eq!(code, "42501", "{message}");
+    assert!(
+        site_trail(&admin, "STG")
+            .await
+            .iter()
+            .any(|e| e.action == "unlink-denied" && e.user == "clerk")
+    );
+
+    // Unlinked, the site forgets the link at once.
+    assert_eq!(
+        one(&mut stg, &call("snaps_unlink")).await.as_deref(),
+        Some("unlinked")
+    );
+    assert_eq!(
+        one(&mut stg, "SELECT count(*) FROM snaps_link")
+            .await
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        one(&mut stg, &call("snaps_unlink")).await.as_deref(),
+        Some("not linked")
+    );
+
+    // With the controller down, the site says so.
+    net.global.take().unwrap().kill();
+    let (code, message) = refused(&stg, &call("snaps_link")).await;
+    assert_eq!(code, "08006", "{message}");
+    assert!(message.contains("snaps_link keeps links"), "{message}");
+    // The copies brought along are still answered.
+    let (rows, _) = run(
+        &mut stg,
+        &format!("SELECT count(*) FROM visit WHERE pno = {cph_pno}"),
+    )
+    .await;
+    assert_eq!(rows, [[visits]]);
 }

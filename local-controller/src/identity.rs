@@ -1,14 +1,19 @@
-//! `snaps_match(<pno>)` at the site: the records at other sites that may be
-//! the same person, graded by the global controller over the global
-//! snapshot (`snaps_global::matching`).
+//! The identity functions at the site, asked of the global controller:
+//! `snaps_match(<pno>)`, the records at other sites that may be the same
+//! person, graded over the global snapshot (`snaps_global::matching`); and
+//! `snaps_link(<pno>, '<SITE>', <other pno>)` / `snaps_unlink(...)`, a
+//! user's confirmation that the site's patient and another site's record
+//! are the same person (or are not).
 //!
-//! The function may stand wherever a table may in a query the site runs on
+//! `snaps_match` may stand wherever a table may in a query the site runs on
 //! SQLite (`SELECT site, pno, grade, score FROM snaps_match(10000022) WHERE
 //! grade = 'certain'`): the controller's answer is put into a temporary
 //! table of the session's connection, the call replaced by that table, the
-//! statement run, and the table dropped. The argument is the patient's
-//! number in the global snapshot (at the radiology sites, the same as the
-//! site's own `pno`).
+//! statement run, and the table dropped. `snaps_link` stands where a value
+//! may (`SELECT snaps_link(10000022, 'CPH', 20000001)`): the link is made
+//! first, and the call replaced by what it did (`linked`, `already
+//! linked`, `unlinked`, `not linked`). Patient numbers are the global
+//! snapshot's (at the radiology sites, the same as the site's own `pno`).
 
 use rusqlite::Connection;
 use snaps_proto::v1;
@@ -16,19 +21,45 @@ use snaps_schema::{Value, sql_ident};
 
 use crate::{Error, Result};
 
-/// One `snaps_match(...)` call in a statement text.
+/// One call of an identity function in a statement text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Call {
-    /// Byte range of the call, `snaps_match` to the closing parenthesis.
+    /// Byte range of the call, the name to the closing parenthesis.
     pub(crate) span: std::ops::Range<usize>,
-    /// The patient number asked about.
+    /// The patient number asked about (the site's own, for a link).
     pub(crate) key: i64,
+    /// For `snaps_link` and `snaps_unlink`: the other record.
+    pub(crate) link: Option<Link>,
 }
 
-const NAME: &str = "snaps_match";
+/// The other record of a `snaps_link` or `snaps_unlink` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Link {
+    /// The code of the site owning it.
+    pub(crate) site: String,
+    /// Its patient number.
+    pub(crate) other: i64,
+    /// `snaps_unlink`.
+    pub(crate) unlink: bool,
+}
 
-/// The calls of `snaps_match` in `text`, outside string literals, quoted
-/// identifiers and comments. A call whose argument is not one integer is an
+impl Call {
+    /// The function's name.
+    pub(crate) fn name(&self) -> &'static str {
+        match &self.link {
+            None => MATCH,
+            Some(l) if l.unlink => UNLINK,
+            Some(_) => LINK,
+        }
+    }
+}
+
+const MATCH: &str = "snaps_match";
+const LINK: &str = "snaps_link";
+const UNLINK: &str = "snaps_unlink";
+
+/// The calls of the identity functions in `text`, outside string literals,
+/// quoted identifiers and comments. A call whose arguments do not fit is an
 /// error naming the form it takes.
 pub(crate) fn calls(text: &str) -> Result<Vec<Call>> {
     let b = text.as_bytes();
@@ -68,18 +99,23 @@ pub(crate) fn calls(text: &str) -> Result<Vec<Call>> {
                 while i < b.len() && is_ident(b[i]) {
                     i += 1;
                 }
-                if text[start..i].eq_ignore_ascii_case(NAME) {
-                    let rest = &text[i..];
-                    let open = rest.len() - rest.trim_start().len();
-                    if rest[open..].starts_with('(') {
-                        let (key, len) = argument(&rest[open + 1..])?;
-                        let end = i + open + 1 + len;
-                        out.push(Call {
-                            span: start..end,
-                            key,
-                        });
-                        i = end;
-                    }
+                let word = &text[start..i];
+                let name = [MATCH, LINK, UNLINK]
+                    .into_iter()
+                    .find(|n| word.eq_ignore_ascii_case(n));
+                let rest = &text[i..];
+                let open = rest.len() - rest.trim_start().len();
+                if let Some(name) = name
+                    && rest[open..].starts_with('(')
+                {
+                    let (key, link, len) = arguments(name, &rest[open + 1..])?;
+                    let end = i + open + 1 + len;
+                    out.push(Call {
+                        span: start..end,
+                        key,
+                        link,
+                    });
+                    i = end;
                 }
             }
             _ => i += 1,
@@ -92,20 +128,51 @@ fn is_ident(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
 }
 
-/// The integer argument after `snaps_match(` and the length up to and
-/// including the closing parenthesis.
-fn argument(after: &str) -> Result<(i64, usize)> {
+/// The arguments after `name(` and the length up to and including the
+/// closing parenthesis.
+fn arguments(name: &str, after: &str) -> Result<(i64, Option<Link>, usize)> {
     let usage = || {
-        Error::Invalid(
+        Error::Invalid(if name == MATCH {
             "snaps_match takes one patient number, as in \
              SELECT site, pno, grade, score FROM snaps_match(10000022)"
-                .into(),
-        )
+                .to_string()
+        } else {
+            format!(
+                "{name} takes the site's patient number, the other site's code and its \
+                 patient number there, as in SELECT {name}(10000022, 'CPH', 20000001)"
+            )
+        })
     };
     let close = after.find(')').ok_or_else(usage)?;
-    let inner = after[..close].trim();
-    let key = inner.parse::<i64>().map_err(|_| usage())?;
-    Ok((key, close + 1))
+    let inner: Vec<&str> = after[..close].split(',').map(str::trim).collect();
+    let number = |s: &str| s.parse::<i64>().map_err(|_| usage());
+    match (name, inner.as_slice()) {
+        (MATCH, [key]) => Ok((number(key)?, None, close + 1)),
+        (LINK | UNLINK, [key, site, other]) => {
+            let site = site
+                .strip_prefix('\'')
+                .and_then(|s| s.strip_suffix('\''))
+                .filter(|s| !s.is_empty() && !s.contains('\''))
+                .ok_or_else(usage)?;
+            let link = Link {
+                site: site.to_string(),
+                other: number(other)?,
+                unlink: name == UNLINK,
+            };
+            Ok((number(key)?, Some(link), close + 1))
+        }
+        _ => Err(usage()),
+    }
+}
+
+/// What a link call did, as the statement reads it.
+pub(crate) fn said(link: &Link, changed: bool) -> &'static str {
+    match (link.unlink, changed) {
+        (false, true) => "linked",
+        (false, false) => "already linked",
+        (true, true) => "unlinked",
+        (true, false) => "not linked",
+    }
 }
 
 /// The temporary table holding the answer of call `n` of a statement.
@@ -113,19 +180,30 @@ fn table(n: usize) -> String {
     format!("snaps_match_{n}")
 }
 
-/// Creates the (empty) tables the calls stand for and returns `text` with
-/// every call replaced by its table.
-pub(crate) fn prepare(conn: &Connection, text: &str, calls: &[Call]) -> Result<String> {
+/// Creates the (empty) tables the match calls stand for and returns `text`
+/// with every match call replaced by its table and every link call by
+/// what it did (`said[n]` for call `n`, as an SQL string).
+pub(crate) fn prepare(
+    conn: &Connection,
+    text: &str,
+    calls: &[Call],
+    said: &[&str],
+) -> Result<String> {
     let mut rewritten = String::with_capacity(text.len());
     let mut at = 0;
     for (n, c) in calls.iter().enumerate() {
-        let t = table(n);
-        conn.execute_batch(&format!(
-            "DROP TABLE IF EXISTS temp.{t};
-             CREATE TEMP TABLE {t} (site TEXT, pno INTEGER, grade TEXT, score REAL);"
-        ))?;
         rewritten.push_str(&text[at..c.span.start]);
-        rewritten.push_str(&format!("temp.{t}"));
+        if c.link.is_some() {
+            let what = said.get(n).copied().unwrap_or_default();
+            rewritten.push_str(&format!("'{}'", what.replace('\'', "''")));
+        } else {
+            let t = table(n);
+            conn.execute_batch(&format!(
+                "DROP TABLE IF EXISTS temp.{t};
+                 CREATE TEMP TABLE {t} (site TEXT, pno INTEGER, grade TEXT, score REAL);"
+            ))?;
+            rewritten.push_str(&format!("temp.{t}"));
+        }
         at = c.span.end;
     }
     rewritten.push_str(&text[at..]);
@@ -167,9 +245,9 @@ pub(crate) fn clean(conn: &Connection, calls: &[Call]) {
     }
 }
 
-/// The site's error for a refused match: the controller's reason, with the
-/// SQLSTATE a client can act on.
-pub(crate) fn refused(e: Error) -> Error {
+/// The site's error for a refused call of `name`: the controller's reason,
+/// with the SQLSTATE a client can act on.
+pub(crate) fn refused(e: Error, name: &str) -> Error {
     match e {
         Error::Remote(s) if s.code() == tonic::Code::NotFound => {
             Error::Invalid(s.message().to_string())
@@ -180,15 +258,22 @@ pub(crate) fn refused(e: Error) -> Error {
         Error::Remote(s) if s.code() == tonic::Code::InvalidArgument => {
             Error::Invalid(s.message().to_string())
         }
-        Error::Remote(ref s) if !crate::site::is_request_error(&e) => unreachable(s.message()),
-        Error::Unreachable(why) => unreachable(&why),
+        Error::Remote(ref s) if !crate::site::is_request_error(&e) => {
+            unreachable(name, s.message())
+        }
+        Error::Unreachable(why) => unreachable(name, &why),
         other => other,
     }
 }
 
-fn unreachable(why: &str) -> Error {
+fn unreachable(name: &str, why: &str) -> Error {
+    let does = if name == MATCH {
+        "compares records"
+    } else {
+        "keeps links"
+    };
     Error::Unreachable(format!(
-        "snaps_match compares records at the global snapshot controller, which is \
+        "{name} {does} at the global snapshot controller, which is \
          unreachable ({why}); try again when it is back"
     ))
 }
@@ -232,11 +317,41 @@ mod tests {
     }
 
     #[test]
+    fn link_calls_name_the_other_record_and_become_what_they_did() {
+        let text = "SELECT snaps_link(10000022, 'CPH', 20000001), SNAPS_UNLINK(1,'GRC',2)";
+        let found = calls(text).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].key, 10000022);
+        assert_eq!(
+            found[0].link,
+            Some(Link {
+                site: "CPH".into(),
+                other: 20000001,
+                unlink: false
+            })
+        );
+        assert_eq!(found[1].name(), "snaps_unlink");
+        let conn = Connection::open_in_memory().unwrap();
+        let sql = prepare(&conn, text, &found, &["linked", "not linked"]).unwrap();
+        assert_eq!(sql, "SELECT 'linked', 'not linked'");
+        for bad in [
+            "SELECT snaps_link(1, 2)",
+            "SELECT snaps_link(1, CPH, 2)",
+            "SELECT snaps_link(1, '', 2)",
+            "SELECT snaps_unlink('1', 'CPH', 2)",
+            "SELECT snaps_link(1, 'CPH', 2, 3)",
+        ] {
+            let e = calls(bad).unwrap_err().to_string();
+            assert!(e.contains("the other site's code"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn calls_become_tables_the_statement_reads() {
         let conn = Connection::open_in_memory().unwrap();
         let text = "SELECT site, pno FROM snaps_match(5) WHERE grade = 'certain'";
         let found = calls(text).unwrap();
-        let sql = prepare(&conn, text, &found).unwrap();
+        let sql = prepare(&conn, text, &found, &[]).unwrap();
         assert_eq!(
             sql,
             "SELECT site, pno FROM temp.snaps_match_0 WHERE grade = 'certain'"

@@ -1636,30 +1636,68 @@ fn command_tag(sql: &str, changes: u64) -> String {
 }
 
 impl SiteSession {
-    /// Runs SQL text on the site's database exactly as SQLite would, one
-    /// statement after another; the status column never reaches the client.
-    /// Runs a statement that calls `snaps_match`: each call asked of the
-    /// global controller, its answer read as a table.
-    fn run_matches(&self, text: &str, calls: &[crate::identity::Call]) -> Result<Vec<Outcome>> {
-        let run = || -> Result<Vec<Outcome>> {
-            let sql = crate::identity::prepare(&self.conn, text, calls)?;
+    /// Runs a statement that calls the identity functions: each link made
+    /// (and kept here at once), each match asked of the global controller
+    /// and read as a table, then the statement. A link brings the other
+    /// record along, as a lookup of a linked patient does.
+    fn run_identity(
+        &mut self,
+        text: &str,
+        calls: &[crate::identity::Call],
+    ) -> Result<Vec<Outcome>> {
+        let mut said = vec![""; calls.len()];
+        let mut bring = Vec::new();
+        for (n, c) in calls.iter().enumerate() {
+            let Some(l) = &c.link else {
+                continue;
+            };
+            let user = self.user_code.clone();
+            let reply = self
+                .site
+                .remote(|client| async move {
+                    let other = Value::Int(l.other);
+                    client
+                        .link(&Value::Int(c.key), (&l.site, &other), &user, l.unlink)
+                        .await
+                })
+                .map_err(|e| crate::identity::refused(e, c.name()))?;
+            if let Some(link) = &reply.link
+                && self.site.identity().is_some()
+            {
+                crate::links::apply_one(&self.conn, link)?;
+            }
+            said[n] = crate::identity::said(l, reply.changed);
+            if !l.unlink {
+                bring.push(l.other);
+            }
+        }
+        let run = |this: &Self| -> Result<Vec<Outcome>> {
+            let sql = crate::identity::prepare(&this.conn, text, calls, &said)?;
             for (n, c) in calls.iter().enumerate() {
-                let user = self.user_code.clone();
-                let reply = self
+                if c.link.is_some() {
+                    continue;
+                }
+                let user = this.user_code.clone();
+                let reply = this
                     .site
                     .remote(|client| async move {
                         client.match_patient(&Value::Int(c.key), &user).await
                     })
-                    .map_err(crate::identity::refused)?;
-                crate::identity::fill(&self.conn, n, &reply)?;
+                    .map_err(|e| crate::identity::refused(e, c.name()))?;
+                crate::identity::fill(&this.conn, n, &reply)?;
             }
-            self.run_local(&sql)
+            this.run_local(&sql)
         };
-        let out = run();
+        let out = run(self);
         crate::identity::clean(&self.conn, calls);
+        if out.is_ok() && !bring.is_empty() {
+            self.bring_linked(&bring);
+        }
         out
     }
 
+    /// Runs SQL text on the site's database exactly as SQLite would, one
+    /// statement after another; the status column never reaches the client.
     pub(crate) fn run_local(&self, text: &str) -> Result<Vec<Outcome>> {
         let mut out = Vec::new();
         let mut batch = Batch::new(&self.conn, text);
@@ -2136,7 +2174,7 @@ impl SiteSession {
         let matches = crate::identity::calls(text)?;
         if !matches.is_empty() {
             self.reads.clear();
-            answer.outcomes = self.run_matches(text, &matches)?;
+            answer.outcomes = self.run_identity(text, &matches)?;
             return Ok(answer);
         }
         let (lang, parsed) = if looks_like_quel(text) {
@@ -2286,8 +2324,9 @@ impl Session for SiteSession {
         }
         let matches = crate::identity::calls(text).map_err(engine_error)?;
         if !matches.is_empty() {
-            // The tables the calls stand for, empty, tell the columns.
-            let sql = crate::identity::prepare(&self.conn, text, &matches);
+            // The tables the match calls stand for, empty, tell the
+            // columns; what a link did is text.
+            let sql = crate::identity::prepare(&self.conn, text, &matches, &[]);
             let described = sql.and_then(|sql| self.describe_local(&sql));
             crate::identity::clean(&self.conn, &matches);
             return described.map_err(engine_error);
