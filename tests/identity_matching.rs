@@ -37,6 +37,18 @@ async fn site_trail(admin: &snaps_local::remote::GlobalClient, site: &str) -> Ve
         .await
         .unwrap()
 }
+/// The access rules say `user` at `site` may not read patients.
+async fn deny_patients(admin: &snaps_local::remote::GlobalClient, site: &str, user: &str) {
+    admin
+        .grant(v1::AclRule {
+            relation: "patient".into(),
+            site: site.into(),
+            user: user.into(),
+            right: v1::Right::None as i32,
+        })
+        .await
+        .unwrap();
+}
 
 /// A CPH patient, female, with everything the match compares.
 fn cph_woman(net: &Net) -> Vec<Value> {
@@ -179,15 +191,7 @@ async fn refused_matches_say_why_and_change_nothing() {
     // The access rules apply: a user who may not read patients may not
     // match them, and the refusal is audited.
     let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
-    admin
-        .grant(v1::AclRule {
-            relation: "patient".into(),
-            site: "CPH".into(),
-            user: "clerk".into(),
-            right: v1::Right::None as i32,
-        })
-        .await
-        .unwrap();
+    deny_patients(&admin, "CPH", "clerk").await;
     let clerk = common::connect_as(net.sites["CPH"], "clerk").await;
     let (code, message) = refused(&clerk, &format!("SELECT * FROM snaps_match({pno})")).await;
     assert_eq!(code, "42501", "{message}");
@@ -294,15 +298,7 @@ async fn a_confirmed_link_is_graded_linked_checked_and_audited() {
 
     // A user who may not read patients may not link them.
     let admin = global.admin_client().await.unwrap();
-    admin
-        .grant(v1::AclRule {
-            relation: "patient".into(),
-            site: "STG".into(),
-            user: "clerk".into(),
-            right: v1::Right::None as i32,
-        })
-        .await
-        .unwrap();
+    deny_patients(&admin, "STG", "clerk").await;
     let s = status(stg.link(&stg_key, ("CPH", &cph_key), "clerk", true).await);
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
 
@@ -474,15 +470,7 @@ async fn a_user_links_and_unlinks_in_sql_and_bad_calls_say_why() {
     assert_eq!(code, "22023", "{message}");
     assert!(message.contains("is not a record of site GRC"), "{message}");
     let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
-    admin
-        .grant(v1::AclRule {
-            relation: "patient".into(),
-            site: "STG".into(),
-            user: "clerk".into(),
-            right: v1::Right::None as i32,
-        })
-        .await
-        .unwrap();
+    deny_patients(&admin, "STG", "clerk").await;
     let clerk = common::connect_as(net.sites["STG"], "clerk").await;
     let (code, message) = refused(&clerk, &call("snaps_unlink")).await;
     assert_eq!(code, "42501", "{message}");

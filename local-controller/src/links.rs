@@ -172,14 +172,7 @@ impl Identity {
 
 /// The version of the links in `conn` (0: none).
 pub(crate) fn version(conn: &Connection) -> Result<u64> {
-    let v: Option<String> = conn
-        .query_row(
-            "SELECT value FROM snaps_meta WHERE key = ?1",
-            [LINKS_VERSION],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    crate::refresh::meta_epoch(conn, LINKS_VERSION)
 }
 
 /// Applies the links of a Changes reply in the caller's transaction (the

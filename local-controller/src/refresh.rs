@@ -123,7 +123,8 @@ const REFETCH_STANDING: &str = "refetch_standing";
 /// The access rules' fingerprint at the last refetch.
 const REFETCH_ACCESS: &str = "refetch_access";
 
-fn meta_epoch(conn: &Connection, key: &str) -> Result<u64> {
+/// A number kept in `snaps_meta` under `key` (0 when there is none).
+pub(crate) fn meta_epoch(conn: &Connection, key: &str) -> Result<u64> {
     let v: Option<String> = conn
         .query_row("SELECT value FROM snaps_meta WHERE key = ?1", [key], |r| {
             r.get(0)

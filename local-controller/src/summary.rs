@@ -21,14 +21,7 @@ const MAX_COMBINATIONS: usize = 64;
 
 /// The version of the summaries in `conn` (0: none).
 pub(crate) fn version(conn: &Connection) -> Result<u64> {
-    let v: Option<String> = conn
-        .query_row(
-            "SELECT value FROM snaps_meta WHERE key = ?1",
-            [SUMMARY_VERSION],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
+    crate::refresh::meta_epoch(conn, SUMMARY_VERSION)
 }
 
 /// Applies the summaries of a Changes reply, in the caller's transaction
