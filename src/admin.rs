@@ -158,6 +158,36 @@ pub fn summary_text(s: &v1::RefreshSummary) -> String {
 }
 
 /// Prints the key conflicts awaiting an administrator, as a table or JSON.
+/// `snaps sync --site CODE --patient PNO`: brings the patient's changes
+/// at his owner to site CODE now; says what moved.
+pub async fn sync(opts: &AdminOptions, site: &str, patient: i64) -> Result<String> {
+    let client = opts.connect().await?;
+    let reply = client
+        .sync_patient(patient, "", site)
+        .await
+        .with_context(|| format!("sync patient {patient} to {site}"))?;
+    Ok(if reply.owner == site {
+        format!("{site} owns patient {patient}: its record there is current")
+    } else if reply.unknown {
+        format!(
+            "{} holds no patient {patient}: nothing changed",
+            reply.owner
+        )
+    } else if reply.pushed == 0 {
+        format!(
+            "nothing of patient {patient} changed at {} since the last epoch; {site} holds his \
+             records now ({} tuples new there)",
+            reply.owner, reply.brought
+        )
+    } else {
+        format!(
+            "patient {patient}: {} changed tuples from {} ({} new to the global snapshot) in \
+             epoch {}; {site} holds them now ({} tuples new there)",
+            reply.pushed, reply.owner, reply.inserted, reply.epoch, reply.brought
+        )
+    })
+}
+
 pub async fn conflicts(opts: &AdminOptions, json: bool) -> Result<String> {
     let client = opts.connect().await?;
     let list = client

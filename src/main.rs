@@ -102,6 +102,20 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Bring one patient's changes to a site now, ahead of the night: the
+    /// patient's owner pushes what it changed of his record, visits and
+    /// report lines since the last epoch, and the site receives them as at
+    /// a distribution. Audited; says so if the owner is offline.
+    Sync {
+        #[command(flatten)]
+        admin: snaps::admin::AdminOptions,
+        /// The site to bring the patient to, e.g. STG.
+        #[arg(long)]
+        site: String,
+        /// The patient's number in the global snapshot.
+        #[arg(long)]
+        patient: i64,
+    },
     /// List the key conflicts awaiting an administrator: tuples a site
     /// created with a key another site owns.
     Conflicts {
@@ -614,6 +628,18 @@ fn main() -> Result<()> {
             init_logging_quiet();
             let summary = runtime()?.block_on(snaps::admin::refresh(&admin))?;
             println!("{}", snaps::admin::summary_text(&summary));
+            Ok(())
+        }
+        Command::Sync {
+            admin,
+            site,
+            patient,
+        } => {
+            init_logging_quiet();
+            println!(
+                "{}",
+                runtime()?.block_on(snaps::admin::sync(&admin, &site, patient))?
+            );
             Ok(())
         }
         Command::Conflicts { admin, json } => {

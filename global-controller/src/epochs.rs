@@ -27,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use snaps_proto::v1;
 use snaps_schema::SiteNo;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
+use crate::acl::AuditRecord;
 use crate::config::GlobalConfig;
 use crate::error::{Error, Result};
-use crate::store::{CommitSummary, EpochState, GlobalStore, Phase};
+use crate::store::{CommitSummary, EpochState, GlobalStore, Phase, Push, SiteId};
 
 /// A point of an epoch at which a test may stop the controller, as a
 /// crash would (the point is durably recorded when it is reached).
@@ -119,6 +120,45 @@ pub struct Coordinator {
     closing: watch::Sender<bool>,
     /// This controller's name in the store's lease and subscriptions.
     me: String,
+    /// Sync asks on their way to one site's Subscribe stream.
+    asks: broadcast::Sender<(u32, v1::EpochNotice)>,
+    /// Asks sent and not yet answered, by request number.
+    pending: Mutex<BTreeMap<u64, Pending>>,
+    next_request: std::sync::atomic::AtomicU64,
+}
+
+/// How long a patient's sync waits for the site it asked.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A sync ask awaiting its site's report.
+pub struct Pending {
+    /// The site asked.
+    pub site: SiteNo,
+    /// Asked to bring (else to push).
+    pub bring: bool,
+    /// The audit record the sync's commit writes.
+    pub audit: AuditRecord,
+    answer: tokio::sync::oneshot::Sender<Result<SyncAnswer>>,
+}
+
+impl Pending {
+    /// Hands the outcome to the waiting caller.
+    pub fn answer(self, outcome: Result<SyncAnswer>) {
+        let _ = self.answer.send(outcome);
+    }
+}
+
+/// What a site's report to a sync ask came to.
+#[derive(Debug, Clone, Default)]
+pub struct SyncAnswer {
+    /// The epoch the owner's push was committed in.
+    pub epoch: u64,
+    /// The commit.
+    pub commit: CommitSummary,
+    /// The owner holds no such patient.
+    pub unknown: bool,
+    /// Tuples the bringing site stored.
+    pub brought: u64,
 }
 
 fn now_ms() -> i64 {
@@ -159,6 +199,7 @@ impl Coordinator {
             .map_or_else(v1::EpochNotice::default, |s| v1::EpochNotice {
                 epoch: s.epoch,
                 phase: wire_phase(s.phase) as i32,
+                sync: None,
             });
         Ok(Arc::new(Coordinator {
             store,
@@ -171,6 +212,9 @@ impl Coordinator {
             halt,
             closing: watch::channel(false).0,
             me: controller_name(&config),
+            asks: broadcast::channel(64).0,
+            pending: Mutex::new(BTreeMap::new()),
+            next_request: std::sync::atomic::AtomicU64::new(1),
             config,
         }))
     }
@@ -220,6 +264,107 @@ impl Coordinator {
         }
     }
 
+    /// Sync asks, each for one site's Subscribe stream (by site number).
+    pub fn asks(&self) -> broadcast::Receiver<(u32, v1::EpochNotice)> {
+        self.asks.subscribe()
+    }
+
+    /// Sends `ask` to `site` over its Subscribe stream and waits for its
+    /// report (see [`Coordinator::answered`]); refused when the site keeps
+    /// no stream open here, and given up after [`SYNC_TIMEOUT`].
+    pub async fn ask(
+        &self,
+        site: &SiteId,
+        mut ask: v1::SyncAsk,
+        audit: AuditRecord,
+    ) -> Result<SyncAnswer> {
+        if !self.connected_sites().contains(&site.number.0) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is offline (it keeps no connection to the global controller): try again \
+                 when it is back, or wait for the night's refresh",
+                site.code
+            )));
+        }
+        let request = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ask.request = request;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending_map().insert(
+            request,
+            Pending {
+                site: site.number,
+                bring: ask.bring,
+                audit,
+                answer: tx,
+            },
+        );
+        let (epoch, phase) = {
+            let n = self.notice.borrow();
+            (n.epoch, n.phase)
+        };
+        let notice = v1::EpochNotice {
+            epoch,
+            phase,
+            sync: Some(ask),
+        };
+        let _ = self.asks.send((site.number.0, notice));
+        let outcome = tokio::time::timeout(SYNC_TIMEOUT, rx).await;
+        self.pending_map().remove(&request);
+        match outcome {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(Error::Internal("the sync ask was dropped".into())),
+            Err(_) => Err(Error::FailedPrecondition(format!(
+                "{} did not answer within {} s (it may be busy or restarting): try again",
+                site.code,
+                SYNC_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// The ask numbered `request` that `site` answers, taken out of those
+    /// pending; `None` when no such ask awaits that site.
+    pub fn answered(&self, request: u64, site: SiteNo) -> Option<Pending> {
+        let mut pending = self.pending_map();
+        match pending.get(&request) {
+            Some(p) if p.site == site => pending.remove(&request),
+            _ => None,
+        }
+    }
+
+    fn pending_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits an owner's push of one patient as an epoch of its own
+    /// ([`GlobalStore::sync_epoch`]), holding the refresh lease meanwhile;
+    /// refused while an epoch runs.
+    pub async fn commit_sync(
+        &self,
+        site: &SiteId,
+        push: Push,
+        audit: AuditRecord,
+    ) -> Result<(u64, CommitSummary)> {
+        let Ok(_one) = self.running.try_lock() else {
+            return Err(Error::FailedPrecondition(
+                "the network is refreshing: the patient's changes come with the epoch under way"
+                    .into(),
+            ));
+        };
+        self.renew().await?;
+        let s = site.clone();
+        let out = self
+            .blocking(move |st| st.sync_epoch(&s, &push, &audit))
+            .await;
+        let me = self.me.clone();
+        if let Err(e) = self.blocking(move |s| s.release_lease(&me)).await {
+            tracing::warn!(error = %e, "giving up the refresh lease failed (it runs out by itself)");
+        }
+        let out = out?;
+        self.quietly_closed(out.0);
+        Ok(out)
+    }
+
     fn connected_sites(&self) -> BTreeSet<u32> {
         self.connected
             .lock()
@@ -254,9 +399,24 @@ impl Coordinator {
         let notice = v1::EpochNotice {
             epoch: state.epoch,
             phase: wire_phase(state.phase) as i32,
+            sync: None,
         };
         self.notice.send_replace(notice);
         self.wake();
+    }
+
+    /// Records `epoch` as the latest, closed, without telling the
+    /// subscribers: a site that connects hears of it, the others catch up
+    /// at the next epoch they take part in.
+    fn quietly_closed(&self, epoch: u64) {
+        self.notice.send_if_modified(|n| {
+            *n = v1::EpochNotice {
+                epoch,
+                phase: v1::EpochPhase::Closed as i32,
+                sync: None,
+            };
+            false
+        });
     }
 
     fn report_progress(&self, state: &EpochState, done: usize, of: usize) {
@@ -555,8 +715,14 @@ impl Coordinator {
                     continue;
                 }
             };
-            let shown = *self.notice.borrow();
-            if shown.epoch != state.epoch || shown.phase != wire_phase(state.phase) as i32 {
+            let shown = self.notice.borrow().clone();
+            let closed = v1::EpochPhase::Closed as i32;
+            if shown.phase == closed && state.phase == Phase::Closed && shown.epoch < state.epoch {
+                // A patient's sync epoch: the sites hear of it at night (an
+                // epoch of the night cannot pass unseen, its collect waits
+                // for the sites subscribed here).
+                self.quietly_closed(state.epoch);
+            } else if shown.epoch != state.epoch || shown.phase != wire_phase(state.phase) as i32 {
                 self.announce(&state);
             }
             if state.phase != Phase::Closed {

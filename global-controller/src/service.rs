@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::acl::{Acl, AuditFilter, AuditRecord, Right, Subject};
 use crate::config::GlobalConfig;
-use crate::epochs::Coordinator;
+use crate::epochs::{Coordinator, SyncAnswer};
 use crate::error::Error;
 use crate::matching::Grade;
 use crate::query::FetchQuery;
@@ -382,6 +382,60 @@ impl Service {
     }
 
     /// The administrator's name, for the audit trail.
+    /// The relation of people and every relation its include tree hangs
+    /// below it: what a patient's sync moves.
+    fn patient_tree(&self, root: &str) -> Vec<String> {
+        let mut out = vec![root.to_string()];
+        let mut i = 0;
+        while i < out.len() {
+            let at = out[i].clone();
+            for e in self.includes.iter().filter(|e| e.parent == at) {
+                if !out.contains(&e.child) {
+                    out.push(e.child.clone());
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// The site that owns the patient keyed `key`: the owner of its tuple
+    /// in the global snapshot, else the one site whose key range holds it
+    /// (a patient registered since the last epoch).
+    async fn patient_owner(&self, spec: &IdentitySpec, key: i64) -> Result<SiteId, Status> {
+        let (relation, attributes) = (spec.relation.clone(), vec![spec.key.clone()]);
+        let owners = self
+            .blocking(move |store| {
+                store.key_owners(&relation, &attributes, &[vec![Value::Int(key)]])
+            })
+            .await?;
+        let sites = &self.config.network.sites;
+        let owner = match owners.into_iter().next().flatten() {
+            Some(code) => sites.iter().find(|s| s.code.as_str() == code),
+            None => {
+                let mut ranged = sites.iter().filter(|s| {
+                    s.keys.contains(key) || s.key_ranges.values().any(|r| r.contains(key))
+                });
+                match (ranged.next(), ranged.next()) {
+                    (Some(s), None) => Some(s),
+                    _ => None,
+                }
+            }
+        };
+        owner
+            .map(|s| SiteId {
+                number: s.number,
+                code: s.code.to_string(),
+            })
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no site registers {} {key}: it is not in the global snapshot, and no \
+                     site's key range holds it",
+                    spec.relation
+                ))
+            })
+    }
+
     fn admin_name<T>(req: &Request<T>) -> String {
         match req.extensions().get::<Certified>().map(|c| &c.peer) {
             Some(Ok(Peer::Admin(name))) => format!("admin:{name}"),
@@ -1259,6 +1313,166 @@ impl GlobalSnapshot for Service {
         Box<dyn tokio_stream::Stream<Item = Result<v1::EpochNotice, Status>> + Send + 'static>,
     >;
 
+    async fn sync_patient(
+        &self,
+        req: Request<v1::SyncPatientRequest>,
+    ) -> Result<Response<v1::SyncPatientReply>, Status> {
+        let r = req.get_ref().clone();
+        let admin = !r.for_site.is_empty();
+        let (asker, user) = if admin {
+            self.admin(&req)?;
+            let s = self
+                .config
+                .network
+                .site(&r.for_site)
+                .map_err(|e| Status::invalid_argument(format!("snaps sync: {e}")))?;
+            let site = SiteId {
+                number: s.number,
+                code: s.code.to_string(),
+            };
+            (site, Self::admin_name(&req))
+        } else {
+            (self.site(&req)?, r.user.clone())
+        };
+        let spec = self.identity("snaps_sync_patient")?;
+        let tree = self.patient_tree(&spec.relation);
+        if !admin {
+            // Moving another site's changes ahead of the night takes the
+            // right to lock the relation of people; bringing them, the
+            // right to read the whole tree.
+            let people = vec![spec.relation.clone()];
+            self.check_access(&asker, &user, &people, Right::Write, "sync-denied")
+                .await?;
+            self.check_access(&asker, &user, &tree, Right::Read, "sync-denied")
+                .await?;
+        }
+        let owner = self.patient_owner(&spec, r.key).await?;
+        let mut reply = v1::SyncPatientReply {
+            owner: owner.code.clone(),
+            ..Default::default()
+        };
+        if owner.number != asker.number {
+            let mut audit = AuditRecord::new(&asker.code, &user, "sync");
+            audit.relations = tree.clone();
+            audit.patients = vec![r.key.to_string()];
+            audit.detail = format!("{} {} from {}", spec.key, r.key, owner.code);
+            let ask = v1::SyncAsk {
+                relation: spec.relation.clone(),
+                attribute: spec.key.clone(),
+                key: r.key,
+                asked_by: if user.is_empty() {
+                    asker.code.clone()
+                } else {
+                    format!("{} at {}", user, asker.code)
+                },
+                ..Default::default()
+            };
+            let answer = self.coordinator.ask(&owner, ask.clone(), audit).await?;
+            reply.epoch = answer.epoch;
+            reply.pushed = answer.commit.tuples_pushed;
+            reply.inserted = answer.commit.inserted;
+            reply.unknown = answer.unknown;
+            tracing::info!(site = %asker.code, owner = %owner.code, key = r.key, epoch = answer.epoch,
+                pushed = reply.pushed, "patient synced");
+            if admin && !answer.unknown {
+                let bring = v1::SyncAsk {
+                    bring: true,
+                    epoch: answer.epoch,
+                    ..ask
+                };
+                let unaudited = AuditRecord::new(&asker.code, &user, "sync");
+                reply.brought = self
+                    .coordinator
+                    .ask(&asker, bring, unaudited)
+                    .await?
+                    .brought;
+            }
+        }
+        if !admin {
+            self.count(&asker, req.get_ref().encoded_len(), reply.encoded_len());
+        }
+        Ok(respond(reply))
+    }
+
+    async fn sync_report(
+        &self,
+        req: Request<v1::SyncReportRequest>,
+    ) -> Result<Response<v1::SyncReportReply>, Status> {
+        let site = self.site(&req)?;
+        let size = req.get_ref().encoded_len();
+        let r = req.into_inner();
+        let pending = self
+            .coordinator
+            .answered(r.request, site.number)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no sync ask numbered {} awaits {} (it may have timed out)",
+                    r.request, site.code
+                ))
+            })?;
+        let mut reply = v1::SyncReportReply::default();
+        if !r.error.is_empty() {
+            pending.answer(Err(Error::FailedPrecondition(format!(
+                "{} could not do it: {}",
+                site.code, r.error
+            ))));
+        } else if pending.bring {
+            pending.answer(Ok(SyncAnswer {
+                brought: r.brought,
+                ..Default::default()
+            }));
+        } else {
+            let push = match Push::decode(&r.push.unwrap_or_default(), &self.config.catalog) {
+                Ok(p) => p,
+                Err(e) => {
+                    let message = format!("{}'s push of the patient: {e}", site.code);
+                    pending.answer(Err(Error::InvalidArgument(message.clone())));
+                    return Err(Status::invalid_argument(message));
+                }
+            };
+            let mut audit = pending.audit.clone();
+            if r.unknown || push.is_empty() {
+                // Nothing to commit: the global snapshot has the patient as
+                // the owner does (or neither has him); the call is audited.
+                audit.detail = format!(
+                    "{}: {}",
+                    audit.detail,
+                    if r.unknown {
+                        "no such patient there"
+                    } else {
+                        "nothing changed since the last epoch"
+                    }
+                );
+                self.blocking(move |store| store.append_audit(&[audit]))
+                    .await?;
+                pending.answer(Ok(SyncAnswer {
+                    unknown: r.unknown,
+                    ..Default::default()
+                }));
+            } else {
+                audit.tuples = push.len() as u64;
+                match self.coordinator.commit_sync(&site, push, audit).await {
+                    Ok((epoch, commit)) => {
+                        reply.epoch = epoch;
+                        pending.answer(Ok(SyncAnswer {
+                            epoch,
+                            commit,
+                            ..Default::default()
+                        }));
+                    }
+                    Err(e) => {
+                        let status = Status::from(e);
+                        pending
+                            .answer(Err(Error::FailedPrecondition(status.message().to_string())));
+                        return Err(status);
+                    }
+                }
+            }
+        }
+        self.count(&site, size, reply.encoded_len());
+        Ok(respond(reply))
+    }
+
     async fn subscribe(
         &self,
         req: Request<v1::SubscribeRequest>,
@@ -1267,6 +1481,14 @@ impl GlobalSnapshot for Service {
         tracing::info!(site = %site.code, "subscribed to refresh epochs");
         let connected = self.coordinator.connect(site.number);
         let notices = tokio_stream::wrappers::WatchStream::new(self.coordinator.notices());
+        // Sync asks for this site come between the epochs' notices.
+        let me = site.number.0;
+        let asks = tokio_stream::wrappers::BroadcastStream::new(self.coordinator.asks())
+            .filter_map(move |a| match a {
+                Ok((to, n)) if to == me => Some(n),
+                _ => None,
+            });
+        let notices = futures::stream::select(notices, asks);
         let certified = req.extensions().get::<Certified>().cloned();
         // The guard lives as long as the stream: the site counts as
         // connected until it goes away. A certificate revoked meanwhile

@@ -1086,6 +1086,15 @@ impl<D: Db> GlobalStore for SqlStore<D> {
         self.commit(epoch)
     }
 
+    fn sync_epoch(
+        &self,
+        site: &SiteId,
+        push: &Push,
+        audit: &AuditRecord,
+    ) -> Result<(u64, CommitSummary)> {
+        self.commit_sync(site, push, audit)
+    }
+
     fn changes(
         &self,
         site: &SiteId,

@@ -388,6 +388,21 @@ pub trait GlobalStore: Send + Sync {
     /// is committed already returns its summary.
     fn commit_epoch(&self, epoch: u64) -> Result<CommitSummary>;
 
+    /// Commits one site's push of a single patient (`snaps_sync_patient`)
+    /// as an epoch of its own, opened, committed and closed in one
+    /// transaction with its audit record: new and changed own tuples only
+    /// (`push` carries nothing else), logged for the holders like any
+    /// epoch's changes. Unlike a night's commit it releases no lock and
+    /// records no committed push: the site pushes the same tuples again at
+    /// night, and that push stays the one that clears its flags. Refused
+    /// while an epoch is under way. Returns the new epoch.
+    fn sync_epoch(
+        &self,
+        site: &SiteId,
+        push: &Push,
+        audit: &AuditRecord,
+    ) -> Result<(u64, CommitSummary)>;
+
     /// What changed after epoch `since` for the site, in the given parts
     /// (global relation, columns).
     /// With them, the summaries' changes since `summaries.version`, in the

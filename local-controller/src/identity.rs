@@ -3,7 +3,8 @@
 //! person, graded over the global snapshot (`snaps_global::matching`); and
 //! `snaps_link(<pno>, '<SITE>', <other pno>)` / `snaps_unlink(...)`, a
 //! user's confirmation that the site's patient and another site's record
-//! are the same person (or are not).
+//! are the same person (or are not); and `snaps_sync_patient(<pno>)`, the
+//! patient's changes at his owner brought here now (`crate::sync`).
 //!
 //! `snaps_match` may stand wherever a table may in a query the site runs on
 //! SQLite (`SELECT site, pno, grade, score FROM snaps_match(10000022) WHERE
@@ -28,8 +29,19 @@ pub(crate) struct Call {
     pub(crate) span: std::ops::Range<usize>,
     /// The patient number asked about (the site's own, for a link).
     pub(crate) key: i64,
-    /// For `snaps_link` and `snaps_unlink`: the other record.
-    pub(crate) link: Option<Link>,
+    /// Which function.
+    pub(crate) what: What,
+}
+
+/// The function a call is of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum What {
+    /// `snaps_match`: a table of candidates.
+    Match,
+    /// `snaps_link` or `snaps_unlink`, with the other record.
+    Link(Link),
+    /// `snaps_sync_patient`: the patient's changes now.
+    Sync,
 }
 
 /// The other record of a `snaps_link` or `snaps_unlink` call.
@@ -46,10 +58,11 @@ pub(crate) struct Link {
 impl Call {
     /// The function's name.
     pub(crate) fn name(&self) -> &'static str {
-        match &self.link {
-            None => MATCH,
-            Some(l) if l.unlink => UNLINK,
-            Some(_) => LINK,
+        match &self.what {
+            What::Match => MATCH,
+            What::Link(l) if l.unlink => UNLINK,
+            What::Link(_) => LINK,
+            What::Sync => SYNC,
         }
     }
 }
@@ -57,6 +70,7 @@ impl Call {
 const MATCH: &str = "snaps_match";
 const LINK: &str = "snaps_link";
 const UNLINK: &str = "snaps_unlink";
+const SYNC: &str = "snaps_sync_patient";
 
 /// The calls of the identity functions in `text`, outside string literals,
 /// quoted identifiers and comments. A call whose arguments do not fit is an
@@ -100,7 +114,7 @@ pub(crate) fn calls(text: &str) -> Result<Vec<Call>> {
                     i += 1;
                 }
                 let word = &text[start..i];
-                let name = [MATCH, LINK, UNLINK]
+                let name = [MATCH, LINK, UNLINK, SYNC]
                     .into_iter()
                     .find(|n| word.eq_ignore_ascii_case(n));
                 let rest = &text[i..];
@@ -108,12 +122,12 @@ pub(crate) fn calls(text: &str) -> Result<Vec<Call>> {
                 if let Some(name) = name
                     && rest[open..].starts_with('(')
                 {
-                    let (key, link, len) = arguments(name, &rest[open + 1..])?;
+                    let (key, what, len) = arguments(name, &rest[open + 1..])?;
                     let end = i + open + 1 + len;
                     out.push(Call {
                         span: start..end,
                         key,
-                        link,
+                        what,
                     });
                     i = end;
                 }
@@ -130,11 +144,15 @@ fn is_ident(c: u8) -> bool {
 
 /// The arguments after `name(` and the length up to and including the
 /// closing parenthesis.
-fn arguments(name: &str, after: &str) -> Result<(i64, Option<Link>, usize)> {
+fn arguments(name: &str, after: &str) -> Result<(i64, What, usize)> {
     let usage = || {
         Error::Invalid(if name == MATCH {
             "snaps_match takes one patient number, as in \
              SELECT site, pno, grade, score FROM snaps_match(10000022)"
+                .to_string()
+        } else if name == SYNC {
+            "snaps_sync_patient takes one patient number, as in \
+             SELECT snaps_sync_patient(20000199)"
                 .to_string()
         } else {
             format!(
@@ -147,7 +165,8 @@ fn arguments(name: &str, after: &str) -> Result<(i64, Option<Link>, usize)> {
     let inner: Vec<&str> = after[..close].split(',').map(str::trim).collect();
     let number = |s: &str| s.parse::<i64>().map_err(|_| usage());
     match (name, inner.as_slice()) {
-        (MATCH, [key]) => Ok((number(key)?, None, close + 1)),
+        (MATCH, [key]) => Ok((number(key)?, What::Match, close + 1)),
+        (SYNC, [key]) => Ok((number(key)?, What::Sync, close + 1)),
         (LINK | UNLINK, [key, site, other]) => {
             let site = site
                 .strip_prefix('\'')
@@ -159,7 +178,7 @@ fn arguments(name: &str, after: &str) -> Result<(i64, Option<Link>, usize)> {
                 other: number(other)?,
                 unlink: name == UNLINK,
             };
-            Ok((number(key)?, Some(link), close + 1))
+            Ok((number(key)?, What::Link(link), close + 1))
         }
         _ => Err(usage()),
     }
@@ -181,7 +200,7 @@ fn table(n: usize) -> String {
 }
 
 /// Creates the (empty) tables the match calls stand for and returns `text`
-/// with every match call replaced by its table and every link call by
+/// with every match call replaced by its table and every other call by
 /// what it did (`said[n]` for call `n`, as an SQL string).
 pub(crate) fn prepare(
     conn: &Connection,
@@ -193,7 +212,7 @@ pub(crate) fn prepare(
     let mut at = 0;
     for (n, c) in calls.iter().enumerate() {
         rewritten.push_str(&text[at..c.span.start]);
-        if c.link.is_some() {
+        if c.what != What::Match {
             let what = said.get(n).copied().unwrap_or_default();
             rewritten.push_str(&format!("'{}'", what.replace('\'', "''")));
         } else {
@@ -252,6 +271,11 @@ pub(crate) fn refused(e: Error, name: &str) -> Error {
         Error::Remote(s) if s.code() == tonic::Code::NotFound => {
             Error::Invalid(s.message().to_string())
         }
+        // An owner offline, or the network refreshing: the call may work
+        // later.
+        Error::Remote(s) if s.code() == tonic::Code::FailedPrecondition && name == SYNC => {
+            Error::Busy(s.message().to_string())
+        }
         Error::Remote(s) if s.code() == tonic::Code::FailedPrecondition => {
             Error::Unsupported(s.message().to_string())
         }
@@ -267,10 +291,10 @@ pub(crate) fn refused(e: Error, name: &str) -> Error {
 }
 
 fn unreachable(name: &str, why: &str) -> Error {
-    let does = if name == MATCH {
-        "compares records"
-    } else {
-        "keeps links"
+    let does = match name {
+        MATCH => "compares records",
+        SYNC => "asks the patient's owner",
+        _ => "keeps links",
     };
     Error::Unreachable(format!(
         "{name} {does} at the global snapshot controller, which is \
@@ -323,8 +347,8 @@ mod tests {
         assert_eq!(found.len(), 2);
         assert_eq!(found[0].key, 10000022);
         assert_eq!(
-            found[0].link,
-            Some(Link {
+            found[0].what,
+            What::Link(Link {
                 site: "CPH".into(),
                 other: 20000001,
                 unlink: false
@@ -343,6 +367,27 @@ mod tests {
         ] {
             let e = calls(bad).unwrap_err().to_string();
             assert!(e.contains("the other site's code"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_sync_call_takes_one_number_and_becomes_what_it_did() {
+        let text = "SELECT snaps_sync_patient( 20000199 )";
+        let found = calls(text).unwrap();
+        assert_eq!((found[0].key, &found[0].what), (20000199, &What::Sync));
+        let conn = Connection::open_in_memory().unwrap();
+        let sql = prepare(&conn, text, &found, &["synced: it's here"]).unwrap();
+        assert_eq!(sql, "SELECT 'synced: it''s here'");
+        for bad in [
+            "SELECT snaps_sync_patient()",
+            "SELECT snaps_sync_patient(1, 2)",
+            "SELECT snaps_sync_patient('x')",
+        ] {
+            let e = calls(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("snaps_sync_patient takes one patient number"),
+                "{bad}: {e}"
+            );
         }
     }
 

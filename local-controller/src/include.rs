@@ -463,3 +463,69 @@ fn in_expr(var: &str, attr: &str, values: &BTreeSet<Value>) -> Expr {
         negated: false,
     }
 }
+
+/// The rowids of the site's tuples, own and copies, of the patient keyed
+/// `key` in global relation `people` (key attribute `attribute`) and of
+/// the include tree below him, per local relation (the root's first).
+/// Empty when no local relation holds `people` alone with its key
+/// unconverted.
+pub(crate) fn patient_tree(
+    conn: &Connection,
+    mapping: &Active,
+    edges: &[IncludeEdge],
+    (people, attribute): (&str, &str),
+    key: i64,
+) -> Result<Vec<(String, Vec<i64>)>> {
+    let mut holders = mapping
+        .relations()
+        .filter_map(|rm| match rm.parts.as_slice() {
+            [part] if part.global == people => {
+                unconverted(rm, attribute).map(|a| (rm.local.name.clone(), a.to_string()))
+            }
+            _ => None,
+        });
+    let (Some((root, attr)), None) = (holders.next(), holders.next()) else {
+        return Ok(Vec::new());
+    };
+    let nodes = tree(mapping, edges, &root).unwrap_or_else(|| {
+        vec![Node {
+            relation: root.clone(),
+            parent: None,
+        }]
+    });
+    let mut rowids: Vec<Vec<i64>> = Vec::with_capacity(nodes.len());
+    for n in &nodes {
+        let sql = match &n.parent {
+            None => format!(
+                "SELECT rowid FROM {} WHERE {} = {key}",
+                sql_ident(&n.relation),
+                sql_ident(&attr)
+            ),
+            Some((p, parent_attr, child_attr)) => format!(
+                "SELECT rowid FROM {} WHERE {} IN (SELECT {} FROM {} WHERE rowid IN ({}))",
+                sql_ident(&n.relation),
+                sql_ident(child_attr),
+                sql_ident(parent_attr),
+                sql_ident(&nodes[*p].relation),
+                rowids[*p]
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut stmt = conn.prepare(&sql)?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rowids.push(ids);
+    }
+    let mut out: Vec<(String, Vec<i64>)> = Vec::new();
+    for (n, ids) in nodes.into_iter().zip(rowids) {
+        match out.iter_mut().find(|(r, _)| *r == n.relation) {
+            Some((_, held)) => held.extend(ids),
+            None => out.push((n.relation, ids)),
+        }
+    }
+    Ok(out)
+}

@@ -44,6 +44,7 @@ pub mod serve;
 pub mod site;
 pub mod store;
 mod summary;
+pub mod sync;
 pub mod users;
 pub mod value;
 mod write;

@@ -233,6 +233,12 @@ impl Site {
     ) -> Result<()> {
         while let Some(notice) = notices.message().await? {
             let site = self.clone();
+            if let Some(ask) = notice.sync {
+                // Answered aside: a sync may wait for this site's own
+                // notices (a catch-up), and the stream goes on meanwhile.
+                tokio::task::spawn_blocking(move || site.on_sync(&ask));
+                continue;
+            }
             let done = tokio::task::spawn_blocking(move || site.on_notice(&notice))
                 .await
                 .map_err(|e| Error::Invalid(format!("refresh task: {e}")))?;
@@ -247,6 +253,7 @@ impl Site {
 
     /// Acts on one notice; blocking (runs requests on the site's runtime).
     pub fn on_notice(&self, notice: &v1::EpochNotice) -> Result<SiteEpoch> {
+        let _turn = self.epoch_steps.lock().unwrap_or_else(|p| p.into_inner());
         let mut did = SiteEpoch::default();
         let epoch = notice.epoch;
         if epoch == 0 {
@@ -312,7 +319,7 @@ impl Site {
         Ok(())
     }
 
-    fn open_refresh_conn(&self) -> Result<Connection> {
+    pub(crate) fn open_refresh_conn(&self) -> Result<Connection> {
         let conn = Connection::open(self.path())?;
         conn.busy_timeout(Duration::from_secs(10))?;
         Ok(conn)
@@ -600,15 +607,9 @@ impl Site {
         for rm in self.mapping().relations() {
             let rel = &rm.local;
             let status = |mask: u8, want: u8| format!("({STATUS_COLUMN} & {mask}) = {want}");
-            let new = read_tuples(conn, rel, &status(SNAPSHOT | NEW, NEW), 0)?;
-            let changed = read_tuples(conn, rel, &status(SNAPSHOT | NEW | MODIFIED, MODIFIED), 0)?;
-            let as_origins = |t: Vec<(i64, Vec<Value>)>| -> Vec<(u64, Vec<Value>)> {
-                t.into_iter().map(|(o, v)| (o as u64, v)).collect()
-            };
-            push.inserted
-                .extend(export_batches(rm, &as_origins(new), 5_000)?);
-            push.updated
-                .extend(export_batches(rm, &as_origins(changed), 5_000)?);
+            let (new, changed) = own_changes(conn, rm, "1")?;
+            push.inserted.extend(new);
+            push.updated.extend(changed);
             let copies = read_tuples(
                 conn,
                 rel,
@@ -1212,6 +1213,29 @@ impl Site {
 /// A recorded group as a query over the site's own relations: the rowid of
 /// every table's tuple in each combination the group's mapped selections
 /// and joins select (NULL for an unmatched null-supplying side).
+/// The own tuples of `rm` that are new, and those changed, since they
+/// were last pushed, among those `only` (an SQL condition) picks: as the
+/// push's inserted and updated batches.
+pub(crate) fn own_changes(
+    conn: &Connection,
+    rm: &snaps_mapping::mapping::RelationMapping,
+    only: &str,
+) -> Result<(Vec<v1::LoadBatch>, Vec<v1::LoadBatch>)> {
+    let status = |mask: u8, want: u8| format!("({STATUS_COLUMN} & {mask}) = {want} AND ({only})");
+    let read = |filter: String| -> Result<Vec<(u64, Vec<Value>)>> {
+        Ok(read_tuples(conn, &rm.local, &filter, 0)?
+            .into_iter()
+            .map(|(o, v)| (o as u64, v))
+            .collect())
+    };
+    let new = read(status(SNAPSHOT | NEW, NEW))?;
+    let changed = read(status(SNAPSHOT | NEW | MODIFIED, MODIFIED))?;
+    Ok((
+        export_batches(rm, &new, 5_000)?,
+        export_batches(rm, &changed, 5_000)?,
+    ))
+}
+
 pub(crate) fn group_sql(group: &DefinedGroup) -> String {
     let mut from = String::new();
     let mut conds: Vec<String> = Vec::new();

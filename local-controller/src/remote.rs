@@ -601,6 +601,27 @@ impl GlobalClient {
         Ok(self.raw().link(req).await?.into_inner())
     }
 
+    /// Asks for one patient's changes now (`snaps_sync_patient`); with
+    /// `for_site` (the administrator's credential), for that site.
+    pub async fn sync_patient(
+        &self,
+        key: i64,
+        user: &str,
+        for_site: &str,
+    ) -> Result<v1::SyncPatientReply> {
+        let req = v1::SyncPatientRequest {
+            key,
+            user: user.to_string(),
+            for_site: for_site.to_string(),
+        };
+        Ok(self.raw().sync_patient(req).await?.into_inner())
+    }
+
+    /// Answers a sync ask the controller sent over Subscribe.
+    pub async fn sync_report(&self, report: v1::SyncReportRequest) -> Result<u64> {
+        Ok(self.raw().sync_report(report).await?.into_inner().epoch)
+    }
+
     /// The controller's counters.
     pub async fn status(&self) -> Result<v1::StatusReply> {
         Ok(self

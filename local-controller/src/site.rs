@@ -31,6 +31,7 @@ use snaps_schema::{Catalog, LocalRights, LocalStatus, SnapshotNo, TupleType, Val
 
 use crate::covered::{CoveredReads, Definitions, Stamp};
 use crate::engine::{Answer, ColumnKind, Engine, EngineError, Outcome, ResultColumn, Session};
+use crate::identity::What;
 use crate::include::Include;
 use crate::remote::{GlobalClient, LocalTuples, export_batches, map_back, semijoin};
 use crate::store::{CHANGED_BITS, NEW_BIT, STATUS_COLUMN, read_tuples};
@@ -129,6 +130,9 @@ pub struct Site {
     /// Join groups left out of a fetch because the summaries proved them
     /// empty, since open.
     summary_answers: std::sync::atomic::AtomicU64,
+    /// Held while the site applies an epoch: the Subscribe stream's
+    /// notices and a patient's sync take turns.
+    pub(crate) epoch_steps: Mutex<()>,
     /// The network's include trees as the controller last said (kept in
     /// `snaps_meta` for the fetches before the next connect).
     includes: RwLock<Arc<Vec<IncludeEdge>>>,
@@ -227,6 +231,7 @@ impl Site {
             subscribed: std::sync::atomic::AtomicBool::new(false),
             repeated_reads: std::sync::atomic::AtomicU64::new(0),
             summary_answers: std::sync::atomic::AtomicU64::new(0),
+            epoch_steps: Mutex::new(()),
         }))
     }
 
@@ -469,6 +474,15 @@ impl Site {
             .link
             .as_ref()
             .map_or(Duration::from_secs(10), |l| l.fetch_timeout);
+        self.remote_within(timeout, request)
+    }
+
+    /// [`Site::remote`] with its own timeout.
+    pub(crate) fn remote_within<T, F, Fut>(&self, timeout: Duration, request: F) -> Result<T>
+    where
+        F: FnOnce(GlobalClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         self.runtime.block_on(async {
             let client = self.client().await?;
             match tokio::time::timeout(timeout, request(client)).await {
@@ -746,7 +760,7 @@ impl Site {
     }
 
     /// The include trees in effect.
-    fn include_edges(&self) -> Arc<Vec<IncludeEdge>> {
+    pub(crate) fn include_edges(&self) -> Arc<Vec<IncludeEdge>> {
         self.includes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -1646,10 +1660,20 @@ impl SiteSession {
         calls: &[crate::identity::Call],
     ) -> Result<Vec<Outcome>> {
         let mut said = vec![""; calls.len()];
+        let mut texts = vec![String::new(); calls.len()];
         let mut bring = Vec::new();
         for (n, c) in calls.iter().enumerate() {
-            let Some(l) = &c.link else {
-                continue;
+            let l = match &c.what {
+                What::Link(l) => l,
+                What::Sync => {
+                    let synced = self
+                        .site
+                        .sync_patient(c.key, &self.user_code)
+                        .map_err(|e| crate::identity::refused(e, c.name()))?;
+                    texts[n] = synced.text();
+                    continue;
+                }
+                What::Match => continue,
             };
             let user = self.user_code.clone();
             let reply = self
@@ -1671,10 +1695,15 @@ impl SiteSession {
                 bring.push(l.other);
             }
         }
+        for (n, t) in texts.iter().enumerate() {
+            if !t.is_empty() {
+                said[n] = t;
+            }
+        }
         let run = |this: &Self| -> Result<Vec<Outcome>> {
             let sql = crate::identity::prepare(&this.conn, text, calls, &said)?;
             for (n, c) in calls.iter().enumerate() {
-                if c.link.is_some() {
+                if c.what != What::Match {
                     continue;
                 }
                 let user = this.user_code.clone();

@@ -235,6 +235,60 @@ impl<D: Db> SqlStore<D> {
         Ok(out)
     }
 
+    pub(super) fn commit_sync(
+        &self,
+        site: &SiteId,
+        push: &Push,
+        audit: &AuditRecord,
+    ) -> Result<(u64, CommitSummary)> {
+        if !push.copies.is_empty() || !push.deleted.is_empty() || !push.withdrawn.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a patient's sync carries new and changed own tuples only: copies, deletes \
+                 and withdrawn attributes wait for the night"
+                    .into(),
+            ));
+        }
+        let out = self.tx(|tx| {
+            let latest = Self::latest_epoch(tx)?;
+            if let Some(e) = &latest
+                && e.phase != Phase::Closed
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "the network is refreshing (epoch {} is in its {} phase): the patient's \
+                     changes come with it",
+                    e.epoch,
+                    e.phase.name()
+                )));
+            }
+            let epoch = latest.map_or(1, |e| e.epoch + 1);
+            let mut out = CommitSummary {
+                pushed_by: vec![site.code.clone()],
+                tuples_pushed: push.len() as u64,
+                ..CommitSummary::default()
+            };
+            self.apply_push(tx, epoch, site, push, &mut out)?;
+            let at = now();
+            tx.execute(
+                "INSERT INTO snaps_epochs (epoch, phase, participants, opened_at, committed_at, closed_at, summary)
+                 VALUES (?1, 'closed', ?2, ?3, ?3, ?3, ?4)",
+                &[
+                    epoch.into(),
+                    sites_json(&[site.number]).into(),
+                    at.into(),
+                    serde_json::to_string(&out)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                        .into(),
+                ],
+            )?;
+            let mut audit = audit.clone();
+            audit.detail = format!("{} (epoch {epoch})", audit.detail);
+            super::audit::insert(tx, &audit)?;
+            Ok((epoch, out))
+        })?;
+        tracing::info!(epoch = out.0, site = %site.code, summary = ?out.1, "patient sync committed");
+        Ok(out)
+    }
+
     pub(super) fn log_change(
         tx: &mut dyn Tx,
         epoch: u64,
@@ -360,12 +414,18 @@ impl<D: Db> SqlStore<D> {
                 }
             }
         }
+        // A new tuple already in the global snapshot came with a patient's
+        // sync (or a push whose reply was lost): it is applied as changed,
+        // so what the site changed since is not lost.
+        let mut again = Vec::new();
         for batch in &push.inserted {
-            let o = self.load_in(tx, site, batch, Some(epoch))?;
+            let (fresh, present) = self.split_present(tx, site, batch)?;
+            let o = self.load_in(tx, site, &fresh, Some(epoch))?;
             out.inserted += o.loaded;
             out.conflicts += o.conflicts.len() as u64;
+            again.extend(present);
         }
-        for batch in &push.updated {
+        for batch in push.updated.iter().chain(&again) {
             for (row, &origin) in batch.origins.iter().enumerate() {
                 let mut found = false;
                 for (pi, p) in batch.shape.parts.iter().enumerate() {
@@ -378,10 +438,20 @@ impl<D: Db> SqlStore<D> {
                     if sets.is_empty() {
                         continue;
                     }
+                    // A tuple pushed unchanged (again, after a sync) is
+                    // not a change: holders hear nothing of it.
+                    let same: Vec<String> = p
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!("{} IS NOT DISTINCT FROM ?{}", sql_ident(c), i + 3))
+                        .collect();
                     let sql = format!(
-                        "UPDATE {} SET {} WHERE snaps_owner = ?1 AND snaps_origin = ?2 RETURNING tuple_id",
+                        "UPDATE {} SET {} WHERE snaps_owner = ?1 AND snaps_origin = ?2 AND NOT ({})
+                         RETURNING tuple_id",
                         sql_ident(&p.relation),
-                        sets.join(", ")
+                        sets.join(", "),
+                        same.join(" AND ")
                     );
                     let mut args: Vec<Cell> = vec![me.into(), origin.into()];
                     args.extend(batch.parts[pi][row].iter().map(Cell::from));
@@ -438,6 +508,54 @@ impl<D: Db> SqlStore<D> {
             }
         }
         Ok(())
+    }
+
+    /// `batch` split into its tuples whose origin no tuple of the site
+    /// has yet, and those it has (`None` when there are none).
+    fn split_present(
+        &self,
+        tx: &mut dyn Tx,
+        site: &SiteId,
+        batch: &LoadBatch,
+    ) -> Result<(LoadBatch, Option<LoadBatch>)> {
+        let main = &batch.shape.parts[batch.shape.main()].relation;
+        let mut present: BTreeSet<u64> = BTreeSet::new();
+        for chunk in batch.origins.chunks(super::CHUNK) {
+            let mut args: Vec<Cell> = vec![i64::from(site.number.0).into()];
+            args.extend(chunk.iter().map(|o| Cell::from(*o)));
+            let sql = format!(
+                "SELECT snaps_origin FROM {} WHERE snaps_owner = ?1 AND snaps_origin IN ({})",
+                sql_ident(main),
+                marks(2, chunk.len())
+            );
+            for r in tx.query(&sql, &args)? {
+                present.insert(r.int(0)? as u64);
+            }
+        }
+        if present.is_empty() {
+            return Ok((batch.clone(), None));
+        }
+        let pick = |want: bool| LoadBatch {
+            shape: batch.shape.clone(),
+            origins: batch
+                .origins
+                .iter()
+                .filter(|o| present.contains(o) == want)
+                .copied()
+                .collect(),
+            parts: batch
+                .parts
+                .iter()
+                .map(|rows| {
+                    rows.iter()
+                        .zip(&batch.origins)
+                        .filter(|(_, o)| present.contains(o) == want)
+                        .map(|(r, _)| r.clone())
+                        .collect()
+                })
+                .collect(),
+        };
+        Ok((pick(false), Some(pick(true))))
     }
 
     pub(super) fn changes_for(
