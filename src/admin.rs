@@ -173,9 +173,9 @@ pub async fn sync(opts: &AdminOptions, site: &str, patient: i64) -> Result<Strin
             "{} holds no patient {patient}: nothing changed",
             reply.owner
         )
-    } else if reply.pushed == 0 {
+    } else if reply.inserted + reply.updated == 0 {
         format!(
-            "nothing of patient {patient} changed at {} since the last epoch; {site} holds his \
+            "nothing of patient {patient} changed at {} since the last epoch or sync; {site} holds his \
              records now ({} tuples new there)",
             reply.owner, reply.brought
         )
@@ -183,7 +183,11 @@ pub async fn sync(opts: &AdminOptions, site: &str, patient: i64) -> Result<Strin
         format!(
             "patient {patient}: {} changed tuples from {} ({} new to the global snapshot) in \
              epoch {}; {site} holds them now ({} tuples new there)",
-            reply.pushed, reply.owner, reply.inserted, reply.epoch, reply.brought
+            reply.inserted + reply.updated,
+            reply.owner,
+            reply.inserted,
+            reply.epoch,
+            reply.brought
         )
     })
 }

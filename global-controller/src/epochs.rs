@@ -361,7 +361,9 @@ impl Coordinator {
             tracing::warn!(error = %e, "giving up the refresh lease failed (it runs out by itself)");
         }
         let out = out?;
-        self.quietly_closed(out.0);
+        if out.0 > 0 {
+            self.quietly_closed(out.0);
+        }
         Ok(out)
     }
 

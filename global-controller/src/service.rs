@@ -1371,6 +1371,7 @@ impl GlobalSnapshot for Service {
             reply.epoch = answer.epoch;
             reply.pushed = answer.commit.tuples_pushed;
             reply.inserted = answer.commit.inserted;
+            reply.updated = answer.commit.updated;
             reply.unknown = answer.unknown;
             tracing::info!(site = %asker.code, owner = %owner.code, key = r.key, epoch = answer.epoch,
                 pushed = reply.pushed, "patient synced");

@@ -395,7 +395,9 @@ pub trait GlobalStore: Send + Sync {
     /// epoch's changes. Unlike a night's commit it releases no lock and
     /// records no committed push: the site pushes the same tuples again at
     /// night, and that push stays the one that clears its flags. Refused
-    /// while an epoch is under way. Returns the new epoch.
+    /// while an epoch is under way. Returns the new epoch, or 0 when the
+    /// push changes nothing (no epoch is opened; the audit record is
+    /// written all the same).
     fn sync_epoch(
         &self,
         site: &SiteId,

@@ -215,6 +215,11 @@ pub(crate) fn prepare(
         if c.what != What::Match {
             let what = said.get(n).copied().unwrap_or_default();
             rewritten.push_str(&format!("'{}'", what.replace('\'', "''")));
+            // A column of its own is named after the function, as
+            // PostgreSQL names a function's column.
+            if ends_a_column(&text[c.span.end..]) {
+                rewritten.push_str(&format!(" AS {}", c.name()));
+            }
         } else {
             let t = table(n);
             conn.execute_batch(&format!(
@@ -227,6 +232,17 @@ pub(crate) fn prepare(
     }
     rewritten.push_str(&text[at..]);
     Ok(rewritten)
+}
+
+/// Whether `rest`, the text after a call, ends the select-list item the
+/// call is alone in: the item has no alias of its own.
+fn ends_a_column(rest: &str) -> bool {
+    let rest = rest.trim_start();
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    rest.is_empty() || rest.starts_with([',', ';']) || word.eq_ignore_ascii_case("from")
 }
 
 /// Fills call `n`'s table with the controller's answer; the key column is
@@ -357,7 +373,14 @@ mod tests {
         assert_eq!(found[1].name(), "snaps_unlink");
         let conn = Connection::open_in_memory().unwrap();
         let sql = prepare(&conn, text, &found, &["linked", "not linked"]).unwrap();
-        assert_eq!(sql, "SELECT 'linked', 'not linked'");
+        assert_eq!(
+            sql,
+            "SELECT 'linked' AS snaps_link, 'not linked' AS snaps_unlink"
+        );
+        let text = "SELECT upper(snaps_link(1, 'CPH', 2)), snaps_link(1, 'CPH', 2) AS l";
+        let found = calls(text).unwrap();
+        let sql = prepare(&conn, text, &found, &["linked", "linked"]).unwrap();
+        assert_eq!(sql, "SELECT upper('linked'), 'linked' AS l");
         for bad in [
             "SELECT snaps_link(1, 2)",
             "SELECT snaps_link(1, CPH, 2)",
@@ -377,7 +400,7 @@ mod tests {
         assert_eq!((found[0].key, &found[0].what), (20000199, &What::Sync));
         let conn = Connection::open_in_memory().unwrap();
         let sql = prepare(&conn, text, &found, &["synced: it's here"]).unwrap();
-        assert_eq!(sql, "SELECT 'synced: it''s here'");
+        assert_eq!(sql, "SELECT 'synced: it''s here' AS snaps_sync_patient");
         for bad in [
             "SELECT snaps_sync_patient()",
             "SELECT snaps_sync_patient(1, 2)",

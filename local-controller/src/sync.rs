@@ -38,8 +38,9 @@ pub struct Synced {
     /// The epoch the owner's changes were committed in (0: there were
     /// none, or the asking site owns the patient).
     pub epoch: u64,
-    /// Tuples the owner pushed.
-    pub pushed: u64,
+    /// Tuples the sync changed in the global snapshot (new or changed at
+    /// the owner since the last epoch, and not synced before).
+    pub changed: u64,
     /// Tuples of the patient's records that are here now and were not
     /// before.
     pub brought: u64,
@@ -61,8 +62,11 @@ impl Synced {
         if self.unknown {
             return format!("{} holds no such patient: nothing changed", self.owner);
         }
-        let pushed = match self.pushed {
-            0 => format!("nothing changed at {} since the last epoch", self.owner),
+        let pushed = match self.changed {
+            0 => format!(
+                "nothing changed at {} since the last epoch or sync",
+                self.owner
+            ),
             n => format!(
                 "{n} changed tuples from {} (epoch {})",
                 self.owner, self.epoch
@@ -84,7 +88,7 @@ impl Site {
             own: reply.owner == self.code(),
             unknown: reply.unknown,
             epoch: reply.epoch,
-            pushed: reply.pushed,
+            changed: reply.inserted + reply.updated,
             owner: reply.owner,
             brought: 0,
         };

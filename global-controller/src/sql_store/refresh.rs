@@ -267,6 +267,14 @@ impl<D: Db> SqlStore<D> {
                 ..CommitSummary::default()
             };
             self.apply_push(tx, epoch, site, push, &mut out)?;
+            let mut audit = audit.clone();
+            if out.inserted + out.updated + out.conflicts == 0 {
+                // All of it is in the global snapshot already (synced
+                // before): no epoch for nothing.
+                audit.detail = format!("{}: nothing changed since the last sync", audit.detail);
+                super::audit::insert(tx, &audit)?;
+                return Ok((0, out));
+            }
             let at = now();
             tx.execute(
                 "INSERT INTO snaps_epochs (epoch, phase, participants, opened_at, committed_at, closed_at, summary)
@@ -280,7 +288,6 @@ impl<D: Db> SqlStore<D> {
                         .into(),
                 ],
             )?;
-            let mut audit = audit.clone();
             audit.detail = format!("{} (epoch {epoch})", audit.detail);
             super::audit::insert(tx, &audit)?;
             Ok((epoch, out))
