@@ -242,3 +242,36 @@ async fn a_sync_refused_says_why_and_changes_nothing() {
         "nothing reached the global snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_following_another_controller_on_the_store_is_asked_through_it() {
+    let mut net = common::setup_two_controllers(10, |_| {}).await;
+    let mut cph = connect(net.sites["CPH"]).await;
+    let mut stg = connect(net.sites["STG"]).await;
+    let (p, had) = cph_patient_with_visits(&mut cph).await;
+    for sql in [
+        format!("UPDATE patient SET add1 = '5 Second St' WHERE pno = {p}"),
+        format!(
+            "INSERT INTO visit (vno, pno, date, description) VALUES (1999003, {p}, 19880507, 'Seen at the other door')"
+        ),
+    ] {
+        run(&mut cph, &sql).await;
+    }
+    // CPH now keeps its stream at the second controller, STG at the first.
+    net.follow_second("CPH").await;
+    let said = one(&mut stg, &format!("SELECT snaps_sync_patient({p})"))
+        .await
+        .unwrap();
+    assert!(
+        said.starts_with("synced: 2 changed tuples from CPH"),
+        "{said}"
+    );
+    assert_eq!(address(&mut stg, p).await.as_deref(), Some("5 Second St"));
+    assert_eq!(visits(&mut stg, p).await, had + 1);
+    let asks = global_query(&net, "SELECT count(*) FROM snaps_sync_asks");
+    assert_eq!(
+        asks[0].int(0).unwrap(),
+        0,
+        "the answer was read and the ask dropped"
+    );
+}

@@ -168,7 +168,7 @@ impl Acl {
 }
 
 /// One entry of the audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
     /// Its number (assigned by the store).
     pub id: u64,

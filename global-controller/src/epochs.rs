@@ -29,10 +29,11 @@ use snaps_proto::v1;
 use snaps_schema::SiteNo;
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::acl::AuditRecord;
+mod sync;
 use crate::config::GlobalConfig;
 use crate::error::{Error, Result};
-use crate::store::{CommitSummary, EpochState, GlobalStore, Phase, Push, SiteId};
+use crate::store::{CommitSummary, EpochState, GlobalStore, Phase};
+pub use sync::{Pending, SYNC_TIMEOUT, SyncAnswer};
 
 /// A point of an epoch at which a test may stop the controller, as a
 /// crash would (the point is durably recorded when it is reached).
@@ -127,40 +128,6 @@ pub struct Coordinator {
     next_request: std::sync::atomic::AtomicU64,
 }
 
-/// How long a patient's sync waits for the site it asked.
-pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A sync ask awaiting its site's report.
-pub struct Pending {
-    /// The site asked.
-    pub site: SiteNo,
-    /// Asked to bring (else to push).
-    pub bring: bool,
-    /// The audit record the sync's commit writes.
-    pub audit: AuditRecord,
-    answer: tokio::sync::oneshot::Sender<Result<SyncAnswer>>,
-}
-
-impl Pending {
-    /// Hands the outcome to the waiting caller.
-    pub fn answer(self, outcome: Result<SyncAnswer>) {
-        let _ = self.answer.send(outcome);
-    }
-}
-
-/// What a site's report to a sync ask came to.
-#[derive(Debug, Clone, Default)]
-pub struct SyncAnswer {
-    /// The epoch the owner's push was committed in.
-    pub epoch: u64,
-    /// The commit.
-    pub commit: CommitSummary,
-    /// The owner holds no such patient.
-    pub unknown: bool,
-    /// Tuples the bringing site stored.
-    pub brought: u64,
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -214,7 +181,9 @@ impl Coordinator {
             me: controller_name(&config),
             asks: broadcast::channel(64).0,
             pending: Mutex::new(BTreeMap::new()),
-            next_request: std::sync::atomic::AtomicU64::new(1),
+            next_request: std::sync::atomic::AtomicU64::new(sync::first_request(&controller_name(
+                &config,
+            ))),
             config,
         }))
     }
@@ -262,109 +231,6 @@ impl Coordinator {
             coordinator: self.clone(),
             site,
         }
-    }
-
-    /// Sync asks, each for one site's Subscribe stream (by site number).
-    pub fn asks(&self) -> broadcast::Receiver<(u32, v1::EpochNotice)> {
-        self.asks.subscribe()
-    }
-
-    /// Sends `ask` to `site` over its Subscribe stream and waits for its
-    /// report (see [`Coordinator::answered`]); refused when the site keeps
-    /// no stream open here, and given up after [`SYNC_TIMEOUT`].
-    pub async fn ask(
-        &self,
-        site: &SiteId,
-        mut ask: v1::SyncAsk,
-        audit: AuditRecord,
-    ) -> Result<SyncAnswer> {
-        if !self.connected_sites().contains(&site.number.0) {
-            return Err(Error::FailedPrecondition(format!(
-                "{} is offline (it keeps no connection to the global controller): try again \
-                 when it is back, or wait for the night's refresh",
-                site.code
-            )));
-        }
-        let request = self
-            .next_request
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ask.request = request;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pending_map().insert(
-            request,
-            Pending {
-                site: site.number,
-                bring: ask.bring,
-                audit,
-                answer: tx,
-            },
-        );
-        let (epoch, phase) = {
-            let n = self.notice.borrow();
-            (n.epoch, n.phase)
-        };
-        let notice = v1::EpochNotice {
-            epoch,
-            phase,
-            sync: Some(ask),
-        };
-        let _ = self.asks.send((site.number.0, notice));
-        let outcome = tokio::time::timeout(SYNC_TIMEOUT, rx).await;
-        self.pending_map().remove(&request);
-        match outcome {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(Error::Internal("the sync ask was dropped".into())),
-            Err(_) => Err(Error::FailedPrecondition(format!(
-                "{} did not answer within {} s (it may be busy or restarting): try again",
-                site.code,
-                SYNC_TIMEOUT.as_secs()
-            ))),
-        }
-    }
-
-    /// The ask numbered `request` that `site` answers, taken out of those
-    /// pending; `None` when no such ask awaits that site.
-    pub fn answered(&self, request: u64, site: SiteNo) -> Option<Pending> {
-        let mut pending = self.pending_map();
-        match pending.get(&request) {
-            Some(p) if p.site == site => pending.remove(&request),
-            _ => None,
-        }
-    }
-
-    fn pending_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Commits an owner's push of one patient as an epoch of its own
-    /// ([`GlobalStore::sync_epoch`]), holding the refresh lease meanwhile;
-    /// refused while an epoch runs.
-    pub async fn commit_sync(
-        &self,
-        site: &SiteId,
-        push: Push,
-        audit: AuditRecord,
-    ) -> Result<(u64, CommitSummary)> {
-        let Ok(_one) = self.running.try_lock() else {
-            return Err(Error::FailedPrecondition(
-                "the network is refreshing: the patient's changes come with the epoch under way"
-                    .into(),
-            ));
-        };
-        self.renew().await?;
-        let s = site.clone();
-        let out = self
-            .blocking(move |st| st.sync_epoch(&s, &push, &audit))
-            .await;
-        let me = self.me.clone();
-        if let Err(e) = self.blocking(move |s| s.release_lease(&me)).await {
-            tracing::warn!(error = %e, "giving up the refresh lease failed (it runs out by itself)");
-        }
-        let out = out?;
-        if out.0 > 0 {
-            self.quietly_closed(out.0);
-        }
-        Ok(out)
     }
 
     fn connected_sites(&self) -> BTreeSet<u32> {
@@ -689,12 +555,16 @@ impl Coordinator {
                     .map(SiteNo)
                     .collect::<Vec<_>>(),
             );
+            let here = sites.clone();
             if let Err(e) = self
                 .blocking(move |s| s.record_subscribed(&me, &sites, now_ms()))
                 .await
             {
                 tracing::warn!(error = %e, "recording the subscribed sites failed");
                 continue;
+            }
+            if let Err(e) = self.forward_stored_asks(here).await {
+                tracing::warn!(error = %e, "taking the sync asks left for this controller failed");
             }
             // The audit records appended since the last tick join the
             // hash chain (a long trail from an older store, a batch a tick).

@@ -436,6 +436,43 @@ impl Service {
             })
     }
 
+    /// Commits an owner's report of a patient's sync: its push as an
+    /// epoch of its own, or — nothing to commit — the audit record alone.
+    async fn commit_report(
+        &self,
+        site: &SiteId,
+        r: v1::SyncReportRequest,
+        mut audit: AuditRecord,
+    ) -> Result<SyncAnswer, Status> {
+        let push =
+            Push::decode(&r.push.unwrap_or_default(), &self.config.catalog).map_err(|e| {
+                Status::invalid_argument(format!("{}'s push of the patient: {e}", site.code))
+            })?;
+        if r.unknown || push.is_empty() {
+            // The global snapshot has the patient as the owner does (or
+            // neither has him): the call is audited all the same.
+            let what = if r.unknown {
+                "no such patient there"
+            } else {
+                "nothing changed since the last epoch"
+            };
+            audit.detail = format!("{}: {what}", audit.detail);
+            self.blocking(move |store| store.append_audit(&[audit]))
+                .await?;
+            return Ok(SyncAnswer {
+                unknown: r.unknown,
+                ..Default::default()
+            });
+        }
+        audit.tuples = push.len() as u64;
+        let (epoch, commit) = self.coordinator.commit_sync(site, push, audit).await?;
+        Ok(SyncAnswer {
+            epoch,
+            commit,
+            ..Default::default()
+        })
+    }
+
     fn admin_name<T>(req: &Request<T>) -> String {
         match req.extensions().get::<Certified>().map(|c| &c.peer) {
             Some(Ok(Peer::Admin(name))) => format!("admin:{name}"),
@@ -1411,64 +1448,31 @@ impl GlobalSnapshot for Service {
                     r.request, site.code
                 ))
             })?;
-        let mut reply = v1::SyncReportReply::default();
-        if !r.error.is_empty() {
-            pending.answer(Err(Error::FailedPrecondition(format!(
-                "{} could not do it: {}",
-                site.code, r.error
-            ))));
-        } else if pending.bring {
-            pending.answer(Ok(SyncAnswer {
+        let (bring, audit) = (pending.1.bring, pending.1.audit.clone());
+        let (outcome, refused) = if !r.error.is_empty() {
+            let message = format!("{} could not do it: {}", site.code, r.error);
+            (Err(Error::FailedPrecondition(message)), None)
+        } else if bring {
+            let brought = SyncAnswer {
                 brought: r.brought,
                 ..Default::default()
-            }));
-        } else {
-            let push = match Push::decode(&r.push.unwrap_or_default(), &self.config.catalog) {
-                Ok(p) => p,
-                Err(e) => {
-                    let message = format!("{}'s push of the patient: {e}", site.code);
-                    pending.answer(Err(Error::InvalidArgument(message.clone())));
-                    return Err(Status::invalid_argument(message));
-                }
             };
-            let mut audit = pending.audit.clone();
-            if r.unknown || push.is_empty() {
-                // Nothing to commit: the global snapshot has the patient as
-                // the owner does (or neither has him); the call is audited.
-                audit.detail = format!(
-                    "{}: {}",
-                    audit.detail,
-                    if r.unknown {
-                        "no such patient there"
-                    } else {
-                        "nothing changed since the last epoch"
-                    }
-                );
-                self.blocking(move |store| store.append_audit(&[audit]))
-                    .await?;
-                pending.answer(Ok(SyncAnswer {
-                    unknown: r.unknown,
-                    ..Default::default()
-                }));
-            } else {
-                audit.tuples = push.len() as u64;
-                match self.coordinator.commit_sync(&site, push, audit).await {
-                    Ok((epoch, commit)) => {
-                        reply.epoch = epoch;
-                        pending.answer(Ok(SyncAnswer {
-                            epoch,
-                            commit,
-                            ..Default::default()
-                        }));
-                    }
-                    Err(e) => {
-                        let status = Status::from(e);
-                        pending
-                            .answer(Err(Error::FailedPrecondition(status.message().to_string())));
-                        return Err(status);
-                    }
-                }
+            (Ok(brought), None)
+        } else {
+            match self.commit_report(&site, r, audit).await {
+                Ok(answer) => (Ok(answer), None),
+                Err(status) => (
+                    Err(Error::FailedPrecondition(status.message().to_string())),
+                    Some(status),
+                ),
             }
+        };
+        let reply = v1::SyncReportReply {
+            epoch: outcome.as_ref().map_or(0, |a| a.epoch),
+        };
+        self.coordinator.answer(pending, outcome).await;
+        if let Some(status) = refused {
+            return Err(status);
         }
         self.count(&site, size, reply.encoded_len());
         Ok(respond(reply))

@@ -1095,6 +1095,22 @@ impl<D: Db> GlobalStore for SqlStore<D> {
         self.commit_sync(site, push, audit)
     }
 
+    fn post_sync_ask(&self, ask: &StoredAsk) -> Result<()> {
+        self.post_ask(ask)
+    }
+
+    fn take_sync_asks(&self, sites: &[SiteNo]) -> Result<Vec<StoredAsk>> {
+        self.take_asks(sites)
+    }
+
+    fn answer_sync_ask(&self, request: u64, answer: &str) -> Result<()> {
+        self.answer_ask(request, answer)
+    }
+
+    fn sync_answer(&self, request: u64) -> Result<Option<String>> {
+        self.ask_answer(request)
+    }
+
     fn changes(
         &self,
         site: &SiteId,

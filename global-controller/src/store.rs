@@ -405,6 +405,21 @@ pub trait GlobalStore: Send + Sync {
         audit: &AuditRecord,
     ) -> Result<(u64, CommitSummary)>;
 
+    /// Leaves a patient's sync ask for a site subscribed to another
+    /// controller on the store, which takes it (`take_sync_asks`) and
+    /// answers (`answer_sync_ask`); asks older than ten minutes are
+    /// dropped.
+    fn post_sync_ask(&self, ask: &StoredAsk) -> Result<()>;
+
+    /// The asks left for any of `sites` and not taken yet, now taken.
+    fn take_sync_asks(&self, sites: &[SiteNo]) -> Result<Vec<StoredAsk>>;
+
+    /// Records the answer (JSON) to ask `request`.
+    fn answer_sync_ask(&self, request: u64, answer: &str) -> Result<()>;
+
+    /// The answer to ask `request` once there (the ask is then dropped).
+    fn sync_answer(&self, request: u64) -> Result<Option<String>>;
+
     /// What changed after epoch `since` for the site, in the given parts
     /// (global relation, columns).
     /// With them, the summaries' changes since `summaries.version`, in the
@@ -812,6 +827,19 @@ pub struct CommitSummary {
     pub refused: u64,
     /// Tuples whose withdrawn attributes were set NULL.
     pub withdrawn: u64,
+}
+
+/// A patient's sync ask left in the store for another controller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredAsk {
+    /// Its number, unique across the store's controllers.
+    pub request: u64,
+    /// The site asked.
+    pub site: SiteNo,
+    /// The encoded `SyncAsk`.
+    pub ask: Vec<u8>,
+    /// The audit record its commit writes.
+    pub audit: AuditRecord,
 }
 
 /// New versions of one part's tuples for a site.

@@ -423,6 +423,46 @@ impl Net {
         self.handles.insert(code.to_string(), site);
     }
 
+    /// Stops site `code`'s part in the refresh and has it take part again
+    /// through the second controller on the store, as a site whose first
+    /// controller is out of its reach would (its SQL endpoint stays as it
+    /// is). Waits until the store records it subscribed there.
+    pub async fn follow_second(&mut self, code: &str) {
+        if let Some(p) = self.participants.remove(code) {
+            p.abort();
+        }
+        let (first, second) = (self.global.as_ref().unwrap(), self.second.as_ref().unwrap());
+        let link = GlobalLink {
+            addr: second.addr.clone(),
+            fallbacks: Vec::new(),
+            auth: first.site_auth(code).unwrap(),
+            compress: true,
+            fetch_timeout: Duration::from_secs(5),
+            retry_after: Duration::ZERO,
+        };
+        let path = self.dir.path().join(code).join("local.db");
+        let site = Site::open(&path, &self.network.global_catalog().unwrap(), Some(link)).unwrap();
+        self.participants
+            .insert(code.to_string(), tokio::spawn(site.clone().participate()));
+        let number = self.network.site(code).unwrap().number;
+        for _ in 0..500 {
+            let rows = global_query(
+                self,
+                &format!(
+                    "SELECT controller FROM snaps_subscribed WHERE site = {}",
+                    number.0
+                ),
+            );
+            let at: Vec<String> = rows.iter().map(|r| r.text(0).unwrap()).collect();
+            let port = |c: &String| format!(":{}", c.rsplit(':').next().unwrap_or_default());
+            if at.iter().any(|c| second.addr.ends_with(&port(c))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{code} did not subscribe to the second controller");
+    }
+
     /// Runs one refresh epoch through the administrator's interface and
     /// returns its summary.
     pub async fn refresh(&self) -> snaps_proto::v1::RefreshSummary {

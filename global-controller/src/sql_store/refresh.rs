@@ -19,7 +19,10 @@
 //!   (several controllers may share a PostgreSQL store);
 //! * `snaps_subscribed` — per site and controller, when the site was last
 //!   seen keeping its Subscribe stream open there: an epoch's participants
-//!   are the sites subscribed to any controller.
+//!   are the sites subscribed to any controller;
+//! * `snaps_sync_asks` — a patient's sync asked at one controller of a site
+//!   subscribed to another: the ask (and its audit record) until that
+//!   controller takes it, then its answer until the asking one reads it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -55,6 +58,9 @@ CREATE TABLE IF NOT EXISTS snaps_lease (
 CREATE TABLE IF NOT EXISTS snaps_subscribed (
     site INTEGER NOT NULL, controller TEXT NOT NULL, seen_at INTEGER NOT NULL,
     PRIMARY KEY (site, controller));
+CREATE TABLE IF NOT EXISTS snaps_sync_asks (
+    request INTEGER PRIMARY KEY, site INTEGER NOT NULL, ask BLOB NOT NULL, audit TEXT NOT NULL,
+    asked_at INTEGER NOT NULL, taken INTEGER NOT NULL DEFAULT 0, answer TEXT);
 ";
 
 fn sites_json(sites: &[SiteNo]) -> String {
@@ -848,6 +854,89 @@ impl<D: Db> SqlStore<D> {
                 })
             })
             .collect()
+        })
+    }
+
+    pub(super) fn post_ask(&self, ask: &StoredAsk) -> Result<()> {
+        let audit =
+            serde_json::to_string(&ask.audit).map_err(|e| Error::Internal(e.to_string()))?;
+        self.tx(|tx| {
+            // Asks nobody took or read within ten minutes are gone.
+            tx.execute(
+                "DELETE FROM snaps_sync_asks WHERE asked_at < ?1",
+                &[(now() - 600).into()],
+            )?;
+            tx.execute(
+                "INSERT INTO snaps_sync_asks (request, site, ask, audit, asked_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                &[
+                    (ask.request as i64).into(),
+                    ask.site.0.into(),
+                    ask.ask.as_slice().into(),
+                    audit.as_str().into(),
+                    now().into(),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn take_asks(&self, sites: &[SiteNo]) -> Result<Vec<StoredAsk>> {
+        if sites.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.tx(|tx| {
+            let list = sites
+                .iter()
+                .map(|s| s.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let rows = tx.query(
+                &format!(
+                    "UPDATE snaps_sync_asks SET taken = 1 WHERE taken = 0 AND site IN ({list})
+                     RETURNING request, site, ask, audit"
+                ),
+                &[],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(StoredAsk {
+                        request: r.int(0)? as u64,
+                        site: SiteNo(r.int(1)? as u32),
+                        ask: r.bytes(2)?,
+                        audit: serde_json::from_str(&r.text(3)?)
+                            .map_err(|e| Error::Internal(format!("a stored sync ask: {e}")))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    pub(super) fn answer_ask(&self, request: u64, answer: &str) -> Result<()> {
+        self.tx(|tx| {
+            tx.execute(
+                "UPDATE snaps_sync_asks SET answer = ?2 WHERE request = ?1",
+                &[(request as i64).into(), answer.into()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub(super) fn ask_answer(&self, request: u64) -> Result<Option<String>> {
+        self.tx(|tx| {
+            let answer = tx
+                .one(
+                    "SELECT answer FROM snaps_sync_asks WHERE request = ?1 AND answer IS NOT NULL",
+                    &[(request as i64).into()],
+                )?
+                .map(|r| r.text(0))
+                .transpose()?;
+            if answer.is_some() {
+                tx.execute(
+                    "DELETE FROM snaps_sync_asks WHERE request = ?1",
+                    &[(request as i64).into()],
+                )?;
+            }
+            Ok(answer)
         })
     }
 
