@@ -1,7 +1,9 @@
 //! `snaps demo` as a newcomer runs it: the network comes up, prints a psql
 //! line per site and `ready`; a site finds a patient registered at another
 //! site, through a PostgreSQL driver and through `psql`; SIGTERM stops it;
-//! a second run reuses the folder.
+//! a second run reuses the folder. As real processes on PostgreSQL, a
+//! controller SIGKILLed while sites look patients up, in a lock storm and
+//! in the middle of an epoch.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -380,4 +382,211 @@ async fn the_demo_as_processes_keeps_answering_when_a_controller_is_killed() {
     stop(child);
     // The demo stopped its processes with it.
     assert!(!std::path::Path::new(&format!("/proc/{cph_pid}")).exists());
+}
+
+/// A process the test started itself; killed when the test ends.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigkill(pid: u32) {
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -KILL {pid}");
+}
+
+/// The one value of a query on the PostgreSQL store.
+async fn store_value(store: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    store
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+            _ => None,
+        })
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controllers_killed_in_a_lock_storm_and_mid_epoch_grant_no_lock_twice_and_lose_nothing() {
+    let url = snaps::pg_server::PgServer::shared()
+        .expect("PostgreSQL server")
+        .create_database("demo_storm")
+        .expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_run(5);
+    let (child, lines) = start_with(
+        dir.path(),
+        port,
+        &["--processes", "--globals", "2", "--store", &url],
+    );
+    let pid_of = |name: &str| -> u32 {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{name}: pid ")))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid line for {name} in {lines:?}"))
+    };
+    let (store, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("the store");
+    tokio::spawn(conn);
+    let grc = connect(port + 4, "GRC").await;
+    let pnos: Vec<i64> = grc
+        .query(
+            "SELECT pno FROM patient WHERE pno >= 20000000 ORDER BY pno LIMIT 12",
+            &[],
+        )
+        .await
+        .expect("GRC patients")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // CPH and STG change the same GRC patients at once, three clients
+    // each, client k the patients k, k+3, ...: every change of another
+    // site's patient takes his lock, held until the night.
+    let storm_until = std::time::Instant::now() + Duration::from_secs(14);
+    let mut clients = Vec::new();
+    for (site, p) in [("CPH", port + 2), ("STG", port + 3)] {
+        for k in 0..3usize {
+            let mine: Vec<i64> = pnos.iter().skip(k).step_by(3).copied().collect();
+            clients.push(tokio::spawn(async move {
+                let c = connect(p, site).await;
+                // Per patient, the value of this client's last change that
+                // was granted.
+                let mut granted: std::collections::BTreeMap<i64, String> = Default::default();
+                let mut n = 0;
+                while std::time::Instant::now() < storm_until {
+                    for &pno in &mine {
+                        n += 1;
+                        let value = format!("{site}-{k}-{n}");
+                        let sql = format!("UPDATE patient SET add3 = '{value}' WHERE pno = {pno}");
+                        if let Ok(m) = c.simple_query(&sql).await
+                            && m.iter().any(|m| {
+                                matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(1))
+                            })
+                        {
+                            granted.insert(pno, value);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (site, granted)
+            }));
+        }
+    }
+    // The first controller dies in the middle of it; the sites go on
+    // through the second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sigkill(pid_of("global-1"));
+    let mut won: std::collections::BTreeMap<i64, (&str, String)> = Default::default();
+    for c in clients {
+        let (site, granted) = c.await.expect("a storm client");
+        for (pno, value) in granted {
+            if let Some((other, _)) = won.get(&pno) {
+                assert_eq!(
+                    *other, site,
+                    "patient {pno}'s lock was granted to {other} and {site}"
+                );
+            }
+            won.insert(pno, (site, value));
+        }
+    }
+    assert!(!won.is_empty(), "no change was granted at all");
+    for (pno, (site, _)) in &won {
+        let holder = store_value(
+            &store,
+            &format!(
+                "SELECT s.code FROM patient p JOIN snaps_sites s ON s.number = p.snaps_lock_site WHERE p.pno = {pno}"
+            ),
+        )
+        .await;
+        assert_eq!(
+            holder.as_deref(),
+            Some(*site),
+            "patient {pno}'s lock in the store"
+        );
+    }
+
+    // The first controller comes back, opens the night's epoch and dies
+    // again while the sites push; the second takes the epoch over when the
+    // lease runs out and finishes it.
+    let global_1 = Spawned(
+        Command::new(env!("CARGO_BIN_EXE_snaps"))
+            .args(["global", "serve", "--config"])
+            .arg(dir.path().join("global-1/global.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart global-1"),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _refresh = Spawned(
+        Command::new(env!("CARGO_BIN_EXE_snaps"))
+            .args([
+                "refresh",
+                "--global",
+                &format!("https://127.0.0.1:{port}"),
+                "--tls",
+            ])
+            .arg(dir.path().join("certs/admin"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("snaps refresh"),
+    );
+    let latest = "SELECT epoch || ' ' || phase FROM snaps_epochs ORDER BY epoch DESC LIMIT 1";
+    let mut opened = None;
+    for _ in 0..200 {
+        opened = store_value(&store, latest).await;
+        if opened.as_deref().is_some_and(|e| e.ends_with("collect")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let opened = opened.expect("an epoch opened");
+    assert!(opened.ends_with("collect"), "{opened}");
+    sigkill(global_1.0.id());
+    let epoch = opened.split(' ').next().unwrap().to_string();
+    let mut now = None;
+    for _ in 0..120 {
+        now = store_value(&store, latest).await;
+        if now.as_deref() == Some(&format!("{epoch} closed")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        now,
+        Some(format!("{epoch} closed")),
+        "the second controller finished the epoch"
+    );
+    // Every granted change is in the global snapshot, once, and the locks
+    // ended with the pushes.
+    for (pno, (site, value)) in &won {
+        let row = store_value(
+            &store,
+            &format!(
+                "SELECT add3 || ' ' || coalesce(snaps_lock_site::text, 'none') FROM patient WHERE pno = {pno}"
+            ),
+        )
+        .await;
+        assert_eq!(
+            row,
+            Some(format!("{value} none")),
+            "patient {pno}, changed by {site}"
+        );
+    }
+    stop(child);
 }
