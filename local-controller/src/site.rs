@@ -1659,8 +1659,8 @@ impl SiteSession {
         text: &str,
         calls: &[crate::identity::Call],
     ) -> Result<Vec<Outcome>> {
-        let mut said = vec![""; calls.len()];
-        let mut texts = vec![String::new(); calls.len()];
+        // What each link and sync call did, as the statement reads it.
+        let mut said = vec![String::new(); calls.len()];
         let mut bring = Vec::new();
         for (n, c) in calls.iter().enumerate() {
             let l = match &c.what {
@@ -1670,7 +1670,7 @@ impl SiteSession {
                         .site
                         .sync_patient(c.key, &self.user_code)
                         .map_err(|e| crate::identity::refused(e, c.name()))?;
-                    texts[n] = synced.text();
+                    said[n] = synced.text();
                     continue;
                 }
                 What::Match => continue,
@@ -1690,16 +1690,12 @@ impl SiteSession {
             {
                 crate::links::apply_one(&self.conn, link)?;
             }
-            said[n] = crate::identity::said(l, reply.changed);
+            said[n] = crate::identity::said(l, reply.changed).to_string();
             if !l.unlink {
                 bring.push(l.other);
             }
         }
-        for (n, t) in texts.iter().enumerate() {
-            if !t.is_empty() {
-                said[n] = t;
-            }
-        }
+        let said: Vec<&str> = said.iter().map(String::as_str).collect();
         let run = |this: &Self| -> Result<Vec<Outcome>> {
             let sql = crate::identity::prepare(&this.conn, text, calls, &said)?;
             for (n, c) in calls.iter().enumerate() {
