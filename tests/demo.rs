@@ -319,16 +319,7 @@ async fn the_demo_as_processes_keeps_answering_when_a_controller_is_killed() {
         port,
         &["--processes", "--globals", "2", "--store", &url],
     );
-    let pid_of = |name: &str| -> u32 {
-        let line = lines
-            .iter()
-            .find(|l| l.starts_with(&format!("{name}: pid ")))
-            .unwrap_or_else(|| panic!("no pid line for {name} in {lines:?}"));
-        line.split_whitespace()
-            .nth(2)
-            .and_then(|p| p.parse().ok())
-            .expect("pid")
-    };
+    let pid_of = |name: &str| pid_in(&lines, name);
     for k in 1..=2u16 {
         let line = format!(
             "global-{k}: pid {} https://127.0.0.1:{}",
@@ -384,6 +375,16 @@ async fn the_demo_as_processes_keeps_answering_when_a_controller_is_killed() {
     assert!(!std::path::Path::new(&format!("/proc/{cph_pid}")).exists());
 }
 
+/// The pid the demo printed for process `name` (`CPH: pid 4711`).
+fn pid_in(lines: &[String], name: &str) -> u32 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{name}: pid ")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid line for {name} in {lines:?}"))
+}
+
 /// A process the test started itself; killed when the test ends.
 struct Spawned(Child);
 
@@ -429,14 +430,7 @@ async fn controllers_killed_in_a_lock_storm_and_mid_epoch_grant_no_lock_twice_an
         port,
         &["--processes", "--globals", "2", "--store", &url],
     );
-    let pid_of = |name: &str| -> u32 {
-        lines
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("{name}: pid ")))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid line for {name} in {lines:?}"))
-    };
+    let pid_of = |name: &str| pid_in(&lines, name);
     let (store, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .expect("the store");

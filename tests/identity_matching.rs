@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Client, Net, connect, one, refused, run, setup};
+use common::{Client, Net, connect, one, refused, run, setup, site_trail};
 use snaps_proto::v1;
 use snaps_schema::Value;
 
@@ -27,16 +27,6 @@ async fn matches(c: &Client, pno: i64) -> Vec<(String, i64, String, f64)> {
         .collect()
 }
 
-/// The audit trail's records of `site`.
-async fn site_trail(admin: &snaps_local::remote::GlobalClient, site: &str) -> Vec<v1::AuditEntry> {
-    admin
-        .audit(v1::AuditRequest {
-            site: site.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
 /// The access rules say `user` at `site` may not read patients.
 async fn deny_patients(admin: &snaps_local::remote::GlobalClient, site: &str, user: &str) {
     admin

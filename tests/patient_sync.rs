@@ -46,13 +46,7 @@ fn global_visits(net: &Net, pno: i64) -> i64 {
 
 async fn trail(net: &Net, site: &str) -> Vec<v1::AuditEntry> {
     let admin = net.global.as_ref().unwrap().admin_client().await.unwrap();
-    admin
-        .audit(v1::AuditRequest {
-            site: site.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
+    common::site_trail(&admin, site).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -401,14 +401,32 @@ impl Net {
     /// its database, as a restarted process would (halting its refresh at
     /// `halt`, if given), taking part again.
     pub async fn restart_site(&mut self, code: &str, halt: Option<snaps_local::refresh::Halt>) {
+        let addr = self
+            .global
+            .as_ref()
+            .expect("a running controller")
+            .addr
+            .clone();
+        let site = self.rejoin(code, addr, halt);
+        self.handles.insert(code.to_string(), site);
+    }
+
+    /// Stops site `code`'s part in the refresh and opens the site afresh on
+    /// its database, taking part through the controller at `addr` (halting
+    /// its refresh at `halt`, if given).
+    fn rejoin(
+        &mut self,
+        code: &str,
+        addr: String,
+        halt: Option<snaps_local::refresh::Halt>,
+    ) -> Arc<Site> {
         if let Some(p) = self.participants.remove(code) {
             p.abort();
         }
-        let global = self.global.as_ref().expect("a running controller");
         let link = GlobalLink {
-            addr: global.addr.clone(),
+            addr,
             fallbacks: Vec::new(),
-            auth: global.site_auth(code).unwrap(),
+            auth: self.global.as_ref().unwrap().site_auth(code).unwrap(),
             compress: true,
             fetch_timeout: Duration::from_secs(5),
             retry_after: Duration::ZERO,
@@ -420,7 +438,7 @@ impl Net {
         }
         self.participants
             .insert(code.to_string(), tokio::spawn(site.clone().participate()));
-        self.handles.insert(code.to_string(), site);
+        site
     }
 
     /// Stops site `code`'s part in the refresh and has it take part again
@@ -428,22 +446,8 @@ impl Net {
     /// controller is out of its reach would (its SQL endpoint stays as it
     /// is). Waits until the store records it subscribed there.
     pub async fn follow_second(&mut self, code: &str) {
-        if let Some(p) = self.participants.remove(code) {
-            p.abort();
-        }
-        let (first, second) = (self.global.as_ref().unwrap(), self.second.as_ref().unwrap());
-        let link = GlobalLink {
-            addr: second.addr.clone(),
-            fallbacks: Vec::new(),
-            auth: first.site_auth(code).unwrap(),
-            compress: true,
-            fetch_timeout: Duration::from_secs(5),
-            retry_after: Duration::ZERO,
-        };
-        let path = self.dir.path().join(code).join("local.db");
-        let site = Site::open(&path, &self.network.global_catalog().unwrap(), Some(link)).unwrap();
-        self.participants
-            .insert(code.to_string(), tokio::spawn(site.clone().participate()));
+        let second = self.second.as_ref().unwrap().addr.clone();
+        self.rejoin(code, second.clone(), None);
         let number = self.network.site(code).unwrap().number;
         for _ in 0..500 {
             let rows = global_query(
@@ -455,7 +459,7 @@ impl Net {
             );
             let at: Vec<String> = rows.iter().map(|r| r.text(0).unwrap()).collect();
             let port = |c: &String| format!(":{}", c.rsplit(':').next().unwrap_or_default());
-            if at.iter().any(|c| second.addr.ends_with(&port(c))) {
+            if at.iter().any(|c| second.ends_with(&port(c))) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -618,4 +622,19 @@ pub fn global_table(net: &Net, sql: &str) -> Vec<String> {
         .collect();
     rows.sort();
     rows
+}
+
+/// The audit trail's records of `site`, read with the administrator's
+/// client.
+pub async fn site_trail(
+    admin: &snaps_local::remote::GlobalClient,
+    site: &str,
+) -> Vec<snaps_proto::v1::AuditEntry> {
+    admin
+        .audit(snaps_proto::v1::AuditRequest {
+            site: site.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
 }
